@@ -1,0 +1,294 @@
+"""Frozen configuration dataclasses.
+
+Owns: ``ModelConfig`` (parsed once from a Hugging Face ``config.json``),
+``SamplingParams`` (per request), ``ParallelConfig`` and ``RunConfig`` (what the
+CLI builds).  Nothing here touches MPI, torch devices or files other than the
+checkpoint's JSON files.  The model config is never rewritten for sharding:
+local sizes are derived by the layers from a ``Mesh``.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A checkpoint, option or layout that cannot be used. Raised before any compute."""
+
+
+# Architectures we implement, by the ``architectures[0]`` string of config.json.
+DENSE_ARCHS = {
+    "LlamaForCausalLM": "llama",
+    "MistralForCausalLM": "mistral",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+MOE_ARCHS = {
+    "MixtralForCausalLM": "mixtral",
+    "Qwen2MoeForCausalLM": "qwen2_moe",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
+}
+SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS}
+
+
+@dataclass(frozen=True)
+class RopeConfig:
+    theta: float = 10000.0
+    type: str = "default"  # "default" | "llama3" | "linear"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    arch: str                    # e.g. "LlamaForCausalLM"
+    family: str                  # e.g. "llama", "mixtral"
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    max_position_embeddings: int
+    rope: RopeConfig
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False      # q/k/v bias (Qwen2, Qwen2-MoE; Llama's attention_bias also sets o bias)
+    o_bias: bool = False
+    mlp_bias: bool = False
+    qk_norm: bool = False             # Qwen3, Qwen3-MoE
+    sliding_window: Optional[int] = None
+    hidden_act: str = "silu"
+    # MoE
+    num_experts: int = 0
+    num_experts_per_tok: int = 0
+    moe_intermediate_size: int = 0
+    shared_expert_intermediate_size: int = 0
+    norm_topk_prob: bool = False
+    decoder_sparse_step: int = 1
+    mlp_only_layers: tuple = ()
+    # dtype the checkpoint declares ("float32", "bfloat16", ...)
+    torch_dtype: str = "float32"
+    bos_token_id: Optional[int] = None
+    eos_token_ids: tuple = ()
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    def is_moe_layer(self, layer: int) -> bool:
+        """Which layers use the sparse MoE block (HF's rule for Qwen MoE; every layer for Mixtral)."""
+        if not self.is_moe:
+            return False
+        if layer in self.mlp_only_layers:
+            return False
+        step = max(1, self.decoder_sparse_step)
+        return (layer + 1) % step == 0
+
+    @property
+    def num_params(self) -> int:
+        """Parameter count derived from the shapes (used by `plan` and benchmarks)."""
+        h, hd = self.hidden_size, self.head_dim
+        attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
+        for layer in range(self.num_layers):
+            total += attn + 2 * h
+            if self.is_moe_layer(layer):
+                total += self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
+                if self.shared_expert_intermediate_size:
+                    total += 3 * h * self.shared_expert_intermediate_size + h
+            else:
+                total += 3 * h * self.intermediate_size
+        return total
+
+    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
+
+    @staticmethod
+    def from_dir(path: str) -> "ModelConfig":
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isdir(path):
+            raise ConfigError(f"model directory not found: {path}")
+        if not os.path.isfile(cfg_path):
+            raise ConfigError(f"{path} has no config.json: not a Hugging Face checkpoint directory")
+        try:
+            with open(cfg_path) as f:
+                raw = json.load(f)
+        except (OSError, json.JSONDecodeError) as e:
+            raise ConfigError(f"cannot read {cfg_path}: {e}") from None
+        gen = {}
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            try:
+                with open(gen_path) as f:
+                    gen = json.load(f)
+            except (OSError, json.JSONDecodeError) as e:
+                raise ConfigError(f"cannot read {gen_path}: {e}") from None
+        return ModelConfig.from_hf(raw, gen)
+
+    @staticmethod
+    def from_hf(raw: dict, gen: Optional[dict] = None) -> "ModelConfig":
+        gen = gen or {}
+        archs = raw.get("architectures") or []
+        arch = archs[0] if archs else None
+        if arch not in SUPPORTED_ARCHS:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
+        family = SUPPORTED_ARCHS[arch]
+
+        def need(key):
+            if key not in raw:
+                raise ConfigError(f"config.json lacks required field {key!r} for {arch}")
+            return raw[key]
+
+        hidden = int(need("hidden_size"))
+        heads = int(need("num_attention_heads"))
+        kv_heads = int(raw.get("num_key_value_heads") or heads)
+        head_dim = raw.get("head_dim") or hidden // heads
+        if heads % kv_heads:
+            raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        act = raw.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"unsupported hidden_act {act!r} (only silu)")
+
+        # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters.
+        rp = dict(raw.get("rope_parameters") or {})
+        rs = raw.get("rope_scaling") or {}
+        theta = float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))
+        scaling = {**rs, **{k: v for k, v in rp.items() if k != "rope_theta"}}
+        rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
+        if rtype not in ("default", "llama3", "linear"):
+            raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear)")
+        rope = RopeConfig(
+            theta=theta, type=rtype,
+            factor=float(scaling.get("factor", 1.0)),
+            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
+            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
+            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
+        )
+
+        attention_bias = bool(raw.get("attention_bias", False))
+        o_bias = attention_bias  # Llama's attention_bias covers o_proj too
+        if family in ("qwen2", "qwen2_moe"):
+            attention_bias = bool(raw.get("qkv_bias", True))
+            o_bias = False
+
+        sliding = None
+        if family == "mistral" or raw.get("use_sliding_window"):
+            sliding = raw.get("sliding_window") or None
+        if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
+            raise ConfigError("use_sliding_window=true is not supported for Qwen models")
+
+        eos = gen.get("eos_token_id", raw.get("eos_token_id"))
+        if eos is None:
+            eos = ()
+        elif isinstance(eos, int):
+            eos = (eos,)
+        else:
+            eos = tuple(int(e) for e in eos)
+
+        dtype = raw.get("torch_dtype") or raw.get("dtype") or "float32"
+
+        moe = {}
+        if family in MOE_ARCHS.values():
+            n_exp = raw.get("num_local_experts") if family == "mixtral" else raw.get("num_experts", raw.get("num_local_experts"))
+            if not n_exp:
+                raise ConfigError(f"config.json lacks the number of experts for {arch}")
+            moe = dict(
+                num_experts=int(n_exp),
+                num_experts_per_tok=int(need("num_experts_per_tok")),
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")),
+                shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0,
+                norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
+                decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
+                mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
+            )
+            if moe["num_experts_per_tok"] > moe["num_experts"]:
+                raise ConfigError("num_experts_per_tok exceeds the number of experts")
+
+        return ModelConfig(
+            arch=arch, family=family,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden,
+            intermediate_size=int(raw.get("intermediate_size") or 0),
+            num_layers=int(need("num_hidden_layers")),
+            num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            rope=rope,
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            attention_bias=attention_bias, o_bias=o_bias,
+            mlp_bias=bool(raw.get("mlp_bias", False)),
+            qk_norm=family in ("qwen3", "qwen3_moe"),
+            sliding_window=int(sliding) if sliding else None,
+            torch_dtype=str(dtype),
+            bos_token_id=raw.get("bos_token_id"),
+            eos_token_ids=eos,
+            **moe,
+        )
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation settings. Temperature 0 means greedy."""
+    max_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0            # 0 = disabled
+    seed: Optional[int] = None
+    stop: tuple = ()          # stop strings
+    stop_token_ids: tuple = ()
+    logprobs: bool = False
+    ignore_eos: bool = False
+
+    def validate(self) -> None:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if not (self.temperature >= 0.0):
+            raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
+        if not (0.0 < self.top_p <= 1.0):
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
+        if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
+            raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
+
+    def replace(self, **kw) -> "SamplingParams":
+        return dataclasses.replace(self, **kw)
+
+
+@dataclass(frozen=True)
+class ParallelConfig:
+    tp: int = 1
+    ep: int = 1
+    cp: int = 1
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How one replica's engine runs: device, dtype and memory."""
+    device: str = "cpu"
+    dtype: Optional[str] = None        # None: float32 on CPU, the checkpoint's dtype on GPU
+    max_batch: int = 64                # sequences decoding at once
+    kv_budget_bytes: Optional[int] = None  # None: a default fraction of free memory
+    max_seq_len: Optional[int] = None      # None: the model's max_position_embeddings, capped by the budget
+    prefill_chunk_tokens: int = 2048        # tokens per prefill step (bounds activation memory)
+    threads: Optional[int] = None
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str
+    inputs: tuple
+    output: str
+    defaults: SamplingParams = field(default_factory=SamplingParams)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    overwrite: bool = False
+    quiet: bool = False

@@ -1,0 +1,60 @@
+"""The small frozen messages that flow between readers, the engine and writers.
+
+``Request``: one parsed input record (exactly one of prompt / messages /
+prompt_token_ids is set).  ``Result``: what the engine produced for it, or an
+error.  Both are plain dataclasses so they pickle cheaply over MPI.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from .config import SamplingParams
+
+
+@dataclass(frozen=True)
+class Request:
+    index: int                       # 0-based position in the input stream (output order)
+    id: Any                          # user's id (or the 1-based line number when absent)
+    sampling: SamplingParams
+    prompt: Optional[str] = None
+    messages: Optional[list] = None
+    prompt_token_ids: Optional[list] = None
+    extra: dict = field(default_factory=dict)   # format-specific passthrough (e.g. OpenAI custom_id)
+
+
+@dataclass(frozen=True)
+class ErrorInfo:
+    type: str        # e.g. "invalid_json", "invalid_request", "prompt_too_long"
+    message: str
+
+
+@dataclass
+class Result:
+    index: int
+    id: Any
+    text: str = ""
+    token_ids: list = field(default_factory=list)
+    finish_reason: Optional[str] = None       # "stop" | "length"
+    prompt_tokens: int = 0
+    logprobs: Optional[list] = None
+    error: Optional[ErrorInfo] = None
+    extra: dict = field(default_factory=dict)
+    # timings (seconds) for the summary: time to first token and total
+    ttft: Optional[float] = None
+    latency: Optional[float] = None
+
+    def to_record(self) -> dict:
+        """The output JSONL record (the contract in README.md)."""
+        if self.error is not None:
+            return {"id": self.id, "error": {"type": self.error.type, "message": self.error.message}}
+        rec = {
+            "id": self.id,
+            "text": self.text,
+            "token_ids": list(self.token_ids),
+            "finish_reason": self.finish_reason,
+            "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": len(self.token_ids)},
+        }
+        if self.logprobs is not None:
+            rec["logprobs"] = list(self.logprobs)
+        return rec
