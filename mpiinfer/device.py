@@ -1,0 +1,97 @@
+"""The one place that knows about device kinds (CPU, CUDA).
+
+Owns: resolving ``--device`` (auto: CUDA when visible), binding a rank to a GPU
+by its node-local rank, the default compute dtype per device, synchronisation and
+free-memory queries.  Everything else receives a ``Device`` and uses its
+``torch.device``; no other module checks ``torch.cuda`` directly.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+
+from .config import ConfigError
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
+
+LOCAL_RANK_VARS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
+                   "MV2_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK")
+
+
+def local_rank_from_env():
+    for var in LOCAL_RANK_VARS:
+        v = os.environ.get(var)
+        if v is not None and v.isdigit():
+            return int(v)
+    return None
+
+
+@dataclass(frozen=True)
+class Device:
+    kind: str                # "cpu" | "cuda"
+    index: int = 0
+
+    @property
+    def torch(self) -> torch.device:
+        return torch.device("cpu") if self.kind == "cpu" else torch.device("cuda", self.index)
+
+    @staticmethod
+    def resolve(name: str = "auto", local_rank: int | None = None, local_size: int = 1,
+                allow_shared_gpu: bool = False) -> "Device":
+        name = (name or "auto").lower()
+        if name == "auto":
+            name = "cuda" if torch.cuda.is_available() else "cpu"
+        if name == "cpu":
+            return Device("cpu")
+        if name.startswith("cuda"):
+            if not torch.cuda.is_available():
+                raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to this process")
+            n = torch.cuda.device_count()
+            if ":" in name:
+                return Device("cuda", int(name.split(":", 1)[1]))
+            lr = local_rank if local_rank is not None else (local_rank_from_env() or 0)
+            if local_size > n and not allow_shared_gpu:
+                raise ConfigError(f"{local_size} ranks on this node but only {n} GPU(s) visible: launch one rank "
+                                  "per GPU, or pass --share-gpus to place several ranks on one GPU")
+            return Device("cuda", lr % n)
+        raise ConfigError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
+
+    def default_dtype(self, checkpoint_dtype: str) -> torch.dtype:
+        """float32 on CPU (bf16/fp16 matmuls are slow here); the checkpoint's dtype on GPU."""
+        if self.kind == "cpu":
+            return torch.float32
+        return DTYPES.get(checkpoint_dtype, torch.bfloat16)
+
+    def activate(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.set_device(self.index)
+
+    def synchronize(self) -> None:
+        if self.kind == "cuda":
+            torch.cuda.synchronize(self.index)
+
+    def free_memory(self) -> int:
+        """Bytes that can still be allocated on this device."""
+        if self.kind == "cuda":
+            free, _ = torch.cuda.mem_get_info(self.index)
+            return int(free)
+        try:
+            with open("/proc/meminfo") as f:
+                for line in f:
+                    if line.startswith("MemAvailable:"):
+                        return int(line.split()[1]) * 1024
+        except OSError:
+            pass
+        return 8 << 30
+
+
+def parse_dtype(name: str | None):
+    if name is None or name == "auto":
+        return None
+    try:
+        return DTYPES[name.lower()]
+    except KeyError:
+        raise ConfigError(f"unknown --dtype {name!r} (use float32, bfloat16 or float16)") from None

@@ -1,0 +1,78 @@
+"""Collectives on torch tensors over an mpi4py communicator.
+
+Owns: all_reduce / all_gather / broadcast of tensors with the buffer (uppercase)
+API.  A ``None`` communicator or one of size 1 makes every call the identity, so
+single-process code paths pay nothing.  CPU tensors are passed as NumPy views
+(zero copy); CUDA tensors go through the device backend's staging rules.
+"""
+from __future__ import annotations
+
+import torch
+
+_MPI = None
+
+
+def _mpi():
+    global _MPI
+    if _MPI is None:
+        from mpi4py import MPI
+        _MPI = MPI
+    return _MPI
+
+
+def _buf(t: torch.Tensor):
+    """A buffer spec for mpi4py from a contiguous CPU tensor (bfloat16 sent as raw 16-bit words)."""
+    if t.dtype == torch.bfloat16:
+        return t.view(torch.int16).numpy()
+    return t.numpy()
+
+
+def _is_trivial(comm) -> bool:
+    return comm is None or comm.Get_size() == 1
+
+
+def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
+    """Sum ``t`` over ``comm`` in place and return it."""
+    if _is_trivial(comm):
+        return t
+    if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
+        # MPI has no portable 16-bit float sum: reduce in float32 and cast back.
+        f = t.float().contiguous()
+        comm.Allreduce(_mpi().IN_PLACE, f.numpy(), op=_mpi().SUM)
+        t.copy_(f)
+        return t
+    assert t.is_contiguous()
+    comm.Allreduce(_mpi().IN_PLACE, _buf(t), op=_mpi().SUM)
+    return t
+
+
+def all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
+    """Concatenate equal-shaped ``t`` from every rank of ``comm`` along ``dim``."""
+    if _is_trivial(comm):
+        return t
+    n = comm.Get_size()
+    t = t.contiguous()
+    out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype)
+    comm.Allgather(_buf(t), _buf(out))
+    dim = dim % t.dim()
+    return torch.cat(out.unbind(0), dim=dim)
+
+
+def gather_to_root(t: torch.Tensor, comm, dim: int = -1, root: int = 0):
+    """Concatenate ``t`` along ``dim`` on ``root`` only (others get None)."""
+    if _is_trivial(comm):
+        return t
+    n = comm.Get_size()
+    t = t.contiguous()
+    out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype) if comm.Get_rank() == root else None
+    comm.Gather(_buf(t), _buf(out) if out is not None else None, root=root)
+    if out is None:
+        return None
+    return torch.cat(out.unbind(0), dim=dim % t.dim())
+
+
+def broadcast(t: torch.Tensor, comm, root: int = 0) -> torch.Tensor:
+    if _is_trivial(comm):
+        return t
+    comm.Bcast(_buf(t), root=root)
+    return t

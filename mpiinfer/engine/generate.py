@@ -1,0 +1,247 @@
+"""The replica leader's engine: requests in, results out, continuous batching.
+
+Owns: turning a ``Request`` into prompt ids (or an error ``Result``), admission
+into the KV cache (a contiguous region sized prompt + max new tokens, reserved up
+front), the per-step plan (every decoding sequence contributes one token, then
+prompt chunks fill the step's token budget), sampling, stop conditions and
+detokenisation.  A finished sequence frees its region at once, so the next
+waiting request starts in the very next step.
+
+Typical use::
+
+    engine = Engine(runner, tokenizer, default_seed=0)
+    for r in engine.generate(requests):   # or add() / step() for streaming
+        ...
+"""
+from __future__ import annotations
+
+import collections
+import time
+from dataclasses import dataclass, field
+from typing import Iterable, Iterator, Optional
+
+import numpy as np
+import torch
+
+from ..messages import ErrorInfo, Request, Result
+from .batch import StepBatch
+from .kv_cache import RegionAllocator
+from .runner import ModelRunner
+from .sampling import make_generator, sample
+
+
+@dataclass
+class Sequence:
+    req: Request
+    prompt: list
+    max_new: int
+    eos: frozenset
+    generator: Optional[torch.Generator]
+    kv_base: int = -1
+    kv_cap: int = 0
+    n_cached: int = 0                  # tokens whose K/V are in the cache
+    out: list = field(default_factory=list)
+    logprobs: list = field(default_factory=list)
+    t_added: float = 0.0
+    t_first: Optional[float] = None
+    finish_reason: Optional[str] = None
+    text: Optional[str] = None
+
+    @property
+    def in_prefill(self) -> bool:
+        return self.n_cached < len(self.prompt)
+
+    @property
+    def need(self) -> int:
+        """KV rows the sequence can ever use: prompt + all new tokens but the last one."""
+        return len(self.prompt) + self.max_new - 1
+
+
+class Engine:
+    def __init__(self, runner: ModelRunner, tokenizer, default_seed: int = 0, max_batch: Optional[int] = None,
+                 step_tokens: Optional[int] = None, max_seq_len: Optional[int] = None):
+        self.runner = runner
+        self.tok = tokenizer
+        self.cfg = runner.cfg
+        self.default_seed = default_seed
+        ec = runner.engine_cfg
+        self.max_batch = max_batch or ec.max_batch
+        self.step_tokens = step_tokens or ec.prefill_chunk_tokens
+        ctx = self.cfg.max_position_embeddings
+        self.max_seq_len = min(max_seq_len or ec.max_seq_len or ctx, ctx, runner.pool_tokens)
+        self.alloc = RegionAllocator(runner.pool_tokens)
+        self.waiting: collections.deque = collections.deque()
+        self.running: list = []
+        self.eos = frozenset(self.cfg.eos_token_ids)
+        self.steps = 0
+        self.tokens_generated = 0
+
+    # -------------------------------------------------------------- admission
+    def prepare(self, req: Request):
+        """A ``Sequence`` ready to queue, or an error ``Result`` (never raises for bad input)."""
+        try:
+            if req.prompt_token_ids is not None:
+                ids = list(req.prompt_token_ids)
+                bad = [t for t in ids if t >= self.cfg.vocab_size]
+                if bad:
+                    return self._error(req, "invalid_request",
+                                       f"prompt_token_ids contains id {bad[0]} >= vocab_size {self.cfg.vocab_size}")
+            elif req.messages is not None:
+                ids = self.tok.encode_messages(req.messages)
+            else:
+                ids = self.tok.encode(req.prompt)
+        except ValueError as e:   # chat template errors
+            return self._error(req, "invalid_request", str(e))
+        if not ids:
+            return self._error(req, "invalid_request", "the prompt encodes to zero tokens")
+        if len(ids) >= self.max_seq_len:
+            return self._error(req, "prompt_too_long",
+                               f"prompt has {len(ids)} tokens; this run allows at most {self.max_seq_len - 1} "
+                               f"(model context {self.cfg.max_position_embeddings}, KV cache "
+                               f"{self.runner.pool_tokens} tokens)")
+        sp = req.sampling
+        max_new = min(sp.max_tokens, self.max_seq_len - len(ids))
+        eos = frozenset() if sp.ignore_eos else self.eos
+        eos = eos | frozenset(sp.stop_token_ids)
+        gen = None
+        if sp.temperature > 0:
+            seed = sp.seed if sp.seed is not None else (self.default_seed * 1_000_003 + req.index)
+            gen = make_generator(seed, self.runner.device.torch)
+        return Sequence(req, ids, max_new, eos, gen, t_added=time.perf_counter())
+
+    def add(self, req: Request) -> Optional[Result]:
+        """Queue a request; returns an error Result right away when it cannot run."""
+        seq = self.prepare(req)
+        if isinstance(seq, Result):
+            return seq
+        self.waiting.append(seq)
+        return None
+
+    @staticmethod
+    def _error(req: Request, typ: str, msg: str) -> Result:
+        return Result(index=req.index, id=req.id, error=ErrorInfo(typ, msg), extra=req.extra)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def free_capacity(self) -> int:
+        """Sequences that could still start now (for pull-based work distribution)."""
+        return max(0, self.max_batch - len(self.running) - len(self.waiting))
+
+    def _admit(self) -> None:
+        while self.waiting and len(self.running) < self.max_batch:
+            seq = self.waiting[0]
+            base = self.alloc.alloc(seq.need)
+            if base is None:
+                break   # FIFO: wait for regions to free (no starvation of long prompts)
+            self.waiting.popleft()
+            seq.kv_base, seq.kv_cap = base, seq.need
+            self.running.append(seq)
+
+    # -------------------------------------------------------------- stepping
+    def _plan(self) -> tuple:
+        ids, pos, qs, ql, kb, kl, rows, sampled, planned = [], [], [], [], [], [], [], [], []
+        budget = self.step_tokens
+        t = 0
+        for seq in self.running:                          # decodes first: one token each
+            if not seq.in_prefill:
+                ids.append(seq.out[-1])
+                pos.append(seq.n_cached)
+                qs.append(t); ql.append(1); kb.append(seq.kv_base); kl.append(seq.n_cached + 1)
+                rows.append(t); sampled.append(seq); planned.append(seq)
+                t += 1
+                budget -= 1
+        for seq in self.running:                          # then prompt chunks
+            if seq.in_prefill and budget > 0:
+                n = min(budget, len(seq.prompt) - seq.n_cached)
+                chunk = seq.prompt[seq.n_cached:seq.n_cached + n]
+                ids.extend(chunk)
+                pos.extend(range(seq.n_cached, seq.n_cached + n))
+                qs.append(t); ql.append(n); kb.append(seq.kv_base); kl.append(seq.n_cached + n)
+                planned.append(seq)
+                t += n
+                budget -= n
+                if seq.n_cached + n == len(seq.prompt):
+                    rows.append(t - 1); sampled.append(seq)
+        batch = StepBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
+                          qs, ql, kb, kl, torch.tensor(rows, dtype=torch.int64))
+        return batch, planned, sampled
+
+    def step(self) -> list:
+        """Run one model step; return the Results of the sequences that finished."""
+        self._admit()
+        if not self.running:
+            return []
+        batch, planned, sampled = self._plan()
+        logits = self.runner.execute(batch)
+        # advance the cache counters of every sequence in the step
+        for seq, n in zip(planned, batch.q_len):
+            seq.n_cached += n
+        self.steps += 1
+        finished = []
+        if sampled:
+            toks, lps = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
+                               [s.req.sampling.logprobs for s in sampled])
+            now = time.perf_counter()
+            for seq, tok, lp in zip(sampled, toks, lps):
+                if seq.t_first is None:
+                    seq.t_first = now
+                seq.out.append(tok)
+                if lp is not None:
+                    seq.logprobs.append(lp)
+                self.tokens_generated += 1
+                if self._check_stop(seq, tok):
+                    finished.append(seq)
+        for seq in finished:
+            self.running.remove(seq)
+            self.alloc.free(seq.kv_base, seq.kv_cap)
+        return [self._result(s) for s in finished]
+
+    def _check_stop(self, seq: Sequence, tok: int) -> bool:
+        if tok in seq.eos:
+            seq.finish_reason = "stop"
+            return True
+        stops = seq.req.sampling.stop
+        if stops:
+            text = self.tok.decode(seq.out)
+            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            if cut >= 0:
+                seq.text = text[:cut]
+                seq.finish_reason = "stop"
+                return True
+        if len(seq.out) >= seq.max_new:
+            seq.finish_reason = "length"
+            return True
+        return False
+
+    def _result(self, seq: Sequence) -> Result:
+        text = seq.text if seq.text is not None else self.tok.decode(seq.out)
+        now = time.perf_counter()
+        return Result(index=seq.req.index, id=seq.req.id, text=text, token_ids=list(seq.out),
+                      finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
+                      logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
+                      extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
+                      latency=now - seq.t_added)
+
+    # -------------------------------------------------------------- convenience
+    def generate(self, requests: Iterable) -> Iterator[Result]:
+        """Run requests (or error Results passed through) to completion; yields Results as they finish."""
+        it = iter(requests)
+        exhausted = False
+        while True:
+            while not exhausted and len(self.waiting) < self.max_batch:
+                item = next(it, None)
+                if item is None:
+                    exhausted = True
+                    break
+                if isinstance(item, Result):
+                    yield item
+                    continue
+                err = self.add(item)
+                if err is not None:
+                    yield err
+            if not self.has_work():
+                if exhausted:
+                    return
+                continue
+            yield from self.step()

@@ -1,0 +1,77 @@
+"""Preallocated KV cache and the allocator of its rows.
+
+Owns: one ``(n_kv_local, pool_tokens, head_dim)`` key and value tensor per layer,
+allocated once from the memory budget, and ``RegionAllocator``, which gives each
+sequence one contiguous run of pool rows sized for its prompt plus its maximum
+new tokens (reserved at admission, so a running sequence can never run out of
+cache and nothing is ever preempted).  Contiguous per-sequence rows let attention
+read a plain strided view: no gather, no block table.
+"""
+from __future__ import annotations
+
+import bisect
+
+import torch
+
+
+class KVCache:
+    def __init__(self, num_layers: int, n_kv_local: int, head_dim: int, pool_tokens: int,
+                 dtype: torch.dtype, device: torch.device):
+        self.pool_tokens = pool_tokens
+        shape = (n_kv_local, pool_tokens, head_dim)
+        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+
+    @staticmethod
+    def bytes_per_token(num_layers: int, n_kv_local: int, head_dim: int, dtype_bytes: int) -> int:
+        return 2 * num_layers * n_kv_local * head_dim * dtype_bytes
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+
+class RegionAllocator:
+    """First-fit allocator of contiguous row ranges in ``[0, size)``; free ranges are coalesced."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self._starts = [0]          # sorted starts of free ranges
+        self._len = {0: size}       # start -> length
+
+    @property
+    def free_rows(self) -> int:
+        return sum(self._len.values())
+
+    @property
+    def largest_free(self) -> int:
+        return max(self._len.values(), default=0)
+
+    def alloc(self, n: int):
+        """Start row of a free run of ``n`` rows, or None when none is large enough."""
+        for s in self._starts:
+            ln = self._len[s]
+            if ln >= n:
+                i = bisect.bisect_left(self._starts, s)
+                del self._starts[i]
+                del self._len[s]
+                if ln > n:
+                    bisect.insort(self._starts, s + n)
+                    self._len[s + n] = ln - n
+                return s
+        return None
+
+    def free(self, start: int, n: int) -> None:
+        i = bisect.bisect_left(self._starts, start)
+        # merge with the next free range
+        if i < len(self._starts) and self._starts[i] == start + n:
+            nxt = self._starts.pop(i)
+            n += self._len.pop(nxt)
+        # merge with the previous free range
+        if i > 0:
+            prv = self._starts[i - 1]
+            if prv + self._len[prv] == start:
+                self._len[prv] += n
+                return
+            assert prv + self._len[prv] < start, "double free in RegionAllocator"
+        self._starts.insert(i, start)
+        self._len[start] = n

@@ -1,0 +1,120 @@
+"""Model runner: the part of the engine that every rank of a replica executes.
+
+Owns: validating the checkpoint against its config (before anything is read),
+building the model at shard size, loading this rank's weights, allocating the KV
+cache, and executing one ``StepBatch``.  On the replica leader, ``execute``
+first broadcasts the batch over ``mesh.replica_comm`` (lowercase pickle API, a few
+small arrays); followers sit in ``follow`` executing what they receive until the
+leader sends ``None``.
+"""
+from __future__ import annotations
+
+import logging
+import time
+
+import torch
+
+from ..config import ConfigError, EngineConfig, ModelConfig
+from ..device import Device, parse_dtype
+from ..dist.mesh import Mesh
+from ..models import registry
+from ..models.llama import CausalLM
+from ..weights.index import CheckpointIndex
+from ..weights.loader import WeightSource
+from ..weights.shard import kv_heads_for_rank
+from .batch import StepBatch
+from .kv_cache import KVCache
+
+log = logging.getLogger("mpiinfer")
+
+_DEFAULT_KV_FRACTION = 0.3
+_DEFAULT_KV_CAP = 8 << 30
+
+
+def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
+    """Refuse a layout the model cannot be split by (same message on every rank)."""
+    tp, ep = mesh_layout.tp, mesh_layout.ep
+    if cfg.num_heads % tp:
+        raise ConfigError(f"--tp {tp} does not divide num_attention_heads={cfg.num_heads}")
+    if tp > cfg.num_kv_heads and tp % cfg.num_kv_heads:
+        raise ConfigError(f"--tp {tp} is larger than num_key_value_heads={cfg.num_kv_heads} and not a multiple of it")
+    if tp <= cfg.num_kv_heads and cfg.num_kv_heads % tp:
+        raise ConfigError(f"--tp {tp} does not divide num_key_value_heads={cfg.num_kv_heads}")
+    inner = [("intermediate_size", cfg.intermediate_size)] if cfg.intermediate_size and not all(
+        cfg.is_moe_layer(i) for i in range(cfg.num_layers)) else []
+    if cfg.shared_expert_intermediate_size:
+        inner.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
+    for name, v in inner:
+        if v % tp:
+            raise ConfigError(f"--tp {tp} does not divide {name}={v}")
+    if ep > 1 and not cfg.is_moe:
+        raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
+    if cfg.is_moe:
+        if cfg.num_experts % ep:
+            raise ConfigError(f"--ep {ep} does not divide the number of experts ({cfg.num_experts})")
+        block = tp // ep if (ep <= tp and tp % ep == 0) else 1
+        if cfg.moe_intermediate_size % block:
+            raise ConfigError(f"tp/ep = {block} does not divide moe_intermediate_size={cfg.moe_intermediate_size}")
+
+
+class ModelRunner:
+    def __init__(self, model_dir: str, engine_cfg: EngineConfig, mesh: Mesh, device: Device):
+        self.mesh, self.device, self.engine_cfg = mesh, device, engine_cfg
+        self.cfg = ModelConfig.from_dir(model_dir)
+        validate_layout(self.cfg, mesh.layout)
+        index = CheckpointIndex(model_dir)
+        registry.check_checkpoint(self.cfg, index)
+        self.dtype = parse_dtype(engine_cfg.dtype) or device.default_dtype(self.cfg.torch_dtype)
+        t0 = time.perf_counter()
+        device.activate()
+        with torch.device(device.torch):
+            self.model = CausalLM(self.cfg, mesh, self.dtype, device.torch)
+        src = WeightSource(index)
+        self.model.load(src)
+        src.close()
+        self.weight_bytes_read = src.bytes_read
+        self.load_seconds = time.perf_counter() - t0
+        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, mesh.tp, mesh.tp_rank)
+        self.kv_dtype = self.dtype
+        per_tok = KVCache.bytes_per_token(self.cfg.num_layers, k1 - k0, self.cfg.head_dim,
+                                          torch.tensor([], dtype=self.kv_dtype).element_size())
+        budget = engine_cfg.kv_budget_bytes
+        if budget is None:
+            # enough for max_batch sequences of the longest allowed length, within a share of free memory
+            useful = engine_cfg.max_batch * (engine_cfg.max_seq_len or self.cfg.max_position_embeddings) * per_tok
+            budget = min(_DEFAULT_KV_CAP, int(device.free_memory() * _DEFAULT_KV_FRACTION), useful)
+        pool = budget // per_tok
+        if pool < 16:
+            raise ConfigError(f"--kv-budget {budget} bytes holds only {pool} tokens ({per_tok} bytes per token); "
+                              "raise it")
+        self.kv = KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, device.torch)
+        self.kv_bytes_per_token = per_tok
+        log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB)",
+                 mesh.rank, self.cfg.arch, str(self.dtype).replace("torch.", ""), self.weight_bytes / 1e9,
+                 self.load_seconds, pool, self.kv.nbytes() / 1e9)
+
+    @property
+    def pool_tokens(self) -> int:
+        return self.kv.pool_tokens
+
+    def execute(self, batch: StepBatch):
+        """Run one step; logits (S, vocab) float32 on the leader, None on followers."""
+        comm = self.mesh.replica_comm
+        if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
+            comm.bcast(batch.to_arrays(), root=0)
+        return self.model(batch, self.kv)
+
+    def follow(self) -> None:
+        """Follower loop: execute the leader's batches until it broadcasts None."""
+        comm = self.mesh.replica_comm
+        while True:
+            arrays = comm.bcast(None, root=0)
+            if arrays is None:
+                return
+            self.model(StepBatch.from_arrays(arrays), self.kv)
+
+    def release_followers(self) -> None:
+        comm = self.mesh.replica_comm
+        if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
+            comm.bcast(None, root=0)

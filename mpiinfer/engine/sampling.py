@@ -1,0 +1,54 @@
+"""Token selection from logits: greedy, temperature, top-k, top-p, per-request seeds.
+
+Owns: turning one step's float32 logits (S, vocab) into S token ids and their
+logprobs.  Every sampled request has its own ``torch.Generator`` seeded from its
+seed and draws exactly one sample per step, so its tokens do not depend on what
+else is in the batch.  Greedy rows are an argmax over the whole batch at once.
+Logprobs are those of the model's own distribution (log-softmax of the raw
+logits), whatever the temperature.
+"""
+from __future__ import annotations
+
+import torch
+
+
+def make_generator(seed: int, device) -> torch.Generator:
+    g = torch.Generator(device=device)
+    g.manual_seed(int(seed) & 0x7FFF_FFFF_FFFF_FFFF)
+    return g
+
+
+def filter_logits(x: torch.Tensor, temperature: float, top_k: int, top_p: float) -> torch.Tensor:
+    """Logits of one row after temperature, top-k and top-p (disallowed tokens -> -inf)."""
+    x = x / temperature
+    if top_k and top_k < x.shape[-1]:
+        kth = torch.topk(x, top_k).values[-1]
+        x = x.masked_fill(x < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_x, order = torch.sort(x, descending=True)
+        cum = torch.softmax(sorted_x, dim=-1).cumsum(-1)
+        # drop a token when the tokens ranked above it already reach top_p (the top one always stays)
+        drop = (cum - torch.softmax(sorted_x, dim=-1)) >= top_p
+        drop[0] = False
+        x = x.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+    return x
+
+
+def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list):
+    """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted)."""
+    S = logits.shape[0]
+    tokens = torch.argmax(logits, dim=-1)               # greedy for every row, overwritten below
+    for i in range(S):
+        p = params[i]
+        if p.temperature > 0:
+            x = filter_logits(logits[i], p.temperature, p.top_k, p.top_p)
+            probs = torch.softmax(x, dim=-1)
+            tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    lp = [None] * S
+    rows = [i for i in range(S) if want_logprobs[i]]
+    if rows:
+        r = torch.tensor(rows, device=logits.device)
+        chosen = torch.log_softmax(logits[r], dim=-1).gather(1, tokens[r][:, None])[:, 0]
+        for j, v in zip(rows, chosen.tolist()):
+            lp[j] = v
+    return tokens.tolist(), lp

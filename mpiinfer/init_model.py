@@ -1,0 +1,542 @@
+"""Write small random Hugging Face-format checkpoints with a real tokenizer.
+
+Owns: the synthetic checkpoints used by tests and benchmarks.  Everything is
+written offline and without ``transformers``: ``config.json`` and
+``generation_config.json`` with the field names real checkpoints of each family
+use, ``model.safetensors`` (or HF-style shards plus
+``model.safetensors.index.json``) with the real tensor names, and a byte-level
+BPE ``tokenizer.json`` trained with ``tokenizers`` on ``data/corpus.txt``
+together with a ``tokenizer_config.json`` (ChatML chat template) that
+``AutoTokenizer`` loads as ``PreTrainedTokenizerFast``.
+
+Determinism: the same (arch, preset, overrides, seed, dtype, tokenizer_vocab)
+gives byte-identical files.  Each tensor is drawn from its own
+``torch.Generator`` seeded from ``seed`` and the tensor's name, so a tensor's
+values do not depend on sharding or on which other tensors exist.
+
+Memory: the safetensors files are written by hand (header first, then data),
+tensor by tensor and in chunks of at most ``_CHUNK_ELEMS`` elements, so writing
+the ~1.2B-parameter "1b" preset needs well under a GiB of RAM.
+
+Tokenizer vs. model vocabulary: the tokenizer has the trained size (about
+``tokenizer_vocab``, 512 by default; at most ~1.8k with the built-in corpus),
+while ``config.json``'s ``vocab_size`` is that request rounded up to a multiple
+of 64 ("tiny") or the preset's own value (128256 for "1b").  Ids at or above the
+tokenizer size have no text: ``Tokenizer.decode`` skips them (no crash).
+Special tokens take the first ids: ``<|begin_of_text|>``=0 (bos),
+``<|end_of_text|>``=1 (eos), ``<|im_start|>``=2, ``<|im_end|>``=3;
+``generation_config.json`` lists eos ids [1, 3] so chats stop at ``<|im_end|>``.
+
+Usage::
+
+    from mpiinfer.init_model import init_model
+    init_model("/tmp/tiny-llama", arch="llama", preset="tiny", seed=0)
+
+    python -m mpiinfer.init_model /tmp/tiny-mixtral --arch mixtral --set num_local_experts=8
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import math
+import os
+import shutil
+import struct
+import sys
+import tempfile
+from typing import Iterator, Optional
+
+import torch
+
+from .config import ModelConfig
+
+__all__ = [
+    "ARCHS", "PRESETS", "SPECIAL_TOKENS", "BOS_ID", "EOS_ID", "IM_START_ID", "IM_END_ID",
+    "CHAT_TEMPLATE", "make_config", "weight_specs", "build_tokenizer", "init_model", "main",
+]
+
+# Short name -> architectures[0] of config.json.  The short name is also the model_type.
+ARCHS = {
+    "llama": "LlamaForCausalLM",
+    "mistral": "MistralForCausalLM",
+    "qwen2": "Qwen2ForCausalLM",
+    "qwen3": "Qwen3ForCausalLM",
+    "mixtral": "MixtralForCausalLM",
+    "qwen2_moe": "Qwen2MoeForCausalLM",
+    "qwen3_moe": "Qwen3MoeForCausalLM",
+}
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+
+SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
+BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3
+_MIN_TOKENIZER_VOCAB = len(SPECIAL_TOKENS) + 256 + 1  # specials + byte alphabet + one merge
+
+# ChatML.  Starts with bos_token like Llama 3's template: render with the template
+# and then tokenize with add_special_tokens=False (what apply_chat_template does).
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Named size presets.  Keys are generator knobs, not config.json fields: make_config
+# maps them to each family's field names (e.g. Mixtral's experts are
+# ``num_local_experts`` and their width is ``intermediate_size``).
+#   init_std:  std of linear / embedding weights (tiny uses a large one so random
+#              models give varied, non-degenerate logits).
+#   tokenizer_vocab: requested BPE vocabulary (specials + 256 bytes + merges).
+#   vocab_size: None -> tokenizer_vocab rounded up to a multiple of 64.
+#   rms_norm_eps: None -> the family's usual value (1e-5 Llama/Mistral/Mixtral, 1e-6 Qwen).
+PRESETS = {
+    "tiny": dict(
+        hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=16, intermediate_size=128, vocab_size=None, tokenizer_vocab=512,
+        max_position_embeddings=2048, rope_theta=10000.0, rope_scaling=None,
+        tie_word_embeddings=False, rms_norm_eps=None,
+        num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
+        shared_expert_intermediate_size=64, init_std=0.2,
+    ),
+    # Llama-3.2-1B shapes (1,235,814,400 parameters for the dense families).  For the
+    # MoE families: 8 experts of width 1024 (top-2), i.e. the same total expert width.
+    "1b": dict(
+        hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+        head_dim=64, intermediate_size=8192, vocab_size=128256, tokenizer_vocab=512,
+        max_position_embeddings=131072, rope_theta=500000.0,
+        rope_scaling={"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                      "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+        tie_word_embeddings=True, rms_norm_eps=1e-5,
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=1024,
+        shared_expert_intermediate_size=1024, init_std=0.02,
+    ),
+}
+# Knobs that are never config.json fields.
+_GEN_KNOBS = ("init_std", "tokenizer_vocab")
+
+_DTYPES = {
+    "float32": (torch.float32, "F32"), "fp32": (torch.float32, "F32"),
+    "bfloat16": (torch.bfloat16, "BF16"), "bf16": (torch.bfloat16, "BF16"),
+    "float16": (torch.float16, "F16"), "fp16": (torch.float16, "F16"), "half": (torch.float16, "F16"),
+}
+_CANON_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+
+_CHUNK_ELEMS = 1 << 24        # at most 16M elements (64 MiB of float32) generated at once
+_NORM_NOISE = 0.05            # RMSNorm weights: 1 + N(0, 0.05)
+_BIAS_STD = 0.05              # biases: small but nonzero
+_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
+
+
+def _canon_dtype(dtype) -> str:
+    if isinstance(dtype, torch.dtype):
+        if dtype not in _CANON_DTYPE:
+            raise ValueError(f"unsupported dtype {dtype}")
+        return _CANON_DTYPE[dtype]
+    key = str(dtype).lower().replace("torch.", "")
+    if key not in _DTYPES:
+        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
+    return _CANON_DTYPE[_DTYPES[key][0]]
+
+
+def _round_up(n: int, m: int) -> int:
+    return (n + m - 1) // m * m
+
+
+def _knobs(arch: str, preset, overrides: Optional[dict]) -> tuple[dict, dict]:
+    """(preset knobs with generator-knob overrides applied, remaining overrides)."""
+    if arch not in ARCHS:
+        raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
+    if isinstance(preset, dict):
+        knobs = {**PRESETS["tiny"], **copy.deepcopy(preset)}
+    elif preset in PRESETS:
+        knobs = copy.deepcopy(PRESETS[preset])
+    else:
+        raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
+    rest = dict(overrides or {})
+    for k in _GEN_KNOBS:
+        if k in rest:
+            knobs[k] = rest.pop(k)
+    return knobs, rest
+
+
+def make_config(arch: str = "llama", preset="tiny", overrides: Optional[dict] = None,
+                dtype="float32", tokenizer_vocab: Optional[int] = None) -> dict:
+    """The ``config.json`` dict for ``arch`` at ``preset`` size, without writing anything.
+
+    ``overrides`` maps config.json field names (as the family spells them, e.g.
+    ``num_local_experts`` for Mixtral, ``num_experts`` for Qwen MoE) to values and is
+    applied last; a value of ``None`` writes JSON null.  If ``hidden_size`` or
+    ``num_attention_heads`` is overridden without ``head_dim``, head_dim follows
+    hidden_size // num_attention_heads.  ``init_std`` and ``tokenizer_vocab`` in
+    ``overrides`` set the generator knobs of the same names.
+    """
+    knobs, rest = _knobs(arch, preset, overrides)
+    if tokenizer_vocab is not None:
+        knobs["tokenizer_vocab"] = tokenizer_vocab
+    tok_vocab = int(knobs["tokenizer_vocab"])
+    vocab = knobs["vocab_size"] or _round_up(tok_vocab, 64)
+    family = arch
+    h = knobs["hidden_size"]
+    llama_like = family in ("llama", "mistral", "mixtral")
+
+    cfg: dict = {"architectures": [ARCHS[arch]], "model_type": family}
+    if family in ("llama", "qwen3", "qwen3_moe"):
+        cfg["attention_bias"] = False
+    cfg["attention_dropout"] = 0.0
+    cfg["bos_token_id"] = BOS_ID
+    cfg["eos_token_id"] = EOS_ID
+    cfg["head_dim"] = knobs["head_dim"]
+    cfg["hidden_act"] = "silu"
+    cfg["hidden_size"] = h
+    cfg["initializer_range"] = 0.02
+    if family == "mixtral":
+        cfg["intermediate_size"] = knobs["moe_intermediate_size"]  # Mixtral's experts are "the" MLP
+    else:
+        cfg["intermediate_size"] = knobs["intermediate_size"]
+    cfg["max_position_embeddings"] = knobs["max_position_embeddings"]
+    if family == "llama":
+        cfg["mlp_bias"] = False
+    cfg["num_attention_heads"] = knobs["num_attention_heads"]
+    cfg["num_hidden_layers"] = knobs["num_hidden_layers"]
+    cfg["num_key_value_heads"] = knobs["num_key_value_heads"]
+    if family == "llama":
+        cfg["pretraining_tp"] = 1
+    eps = knobs["rms_norm_eps"]
+    cfg["rms_norm_eps"] = float(eps if eps is not None else (1e-5 if llama_like else 1e-6))
+    if knobs["rope_scaling"] is not None:
+        cfg["rope_scaling"] = copy.deepcopy(knobs["rope_scaling"])
+    elif family in ("qwen3", "qwen3_moe"):
+        cfg["rope_scaling"] = None  # Qwen3 checkpoints write an explicit null
+    cfg["rope_theta"] = float(knobs["rope_theta"])
+    if family in ("mistral", "mixtral"):
+        cfg["sliding_window"] = None  # full attention unless overridden
+    elif family.startswith("qwen"):
+        cfg["use_sliding_window"] = False
+        cfg["sliding_window"] = None
+        cfg["max_window_layers"] = knobs["num_hidden_layers"]
+    cfg["tie_word_embeddings"] = bool(knobs["tie_word_embeddings"])
+    cfg["torch_dtype"] = _canon_dtype(dtype)
+    cfg["use_cache"] = True
+    cfg["vocab_size"] = int(vocab)
+
+    if family == "mixtral":
+        cfg["num_local_experts"] = knobs["num_experts"]
+        cfg["num_experts_per_tok"] = knobs["num_experts_per_tok"]
+        cfg["output_router_logits"] = False
+        cfg["router_aux_loss_coef"] = 0.02
+    elif family in ("qwen2_moe", "qwen3_moe"):
+        cfg["decoder_sparse_step"] = 1
+        cfg["mlp_only_layers"] = []
+        cfg["moe_intermediate_size"] = knobs["moe_intermediate_size"]
+        cfg["norm_topk_prob"] = family == "qwen3_moe"  # as in Qwen1.5-MoE (false) / Qwen3-MoE (true)
+        cfg["num_experts"] = knobs["num_experts"]
+        cfg["num_experts_per_tok"] = knobs["num_experts_per_tok"]
+        cfg["output_router_logits"] = False
+        cfg["router_aux_loss_coef"] = 0.001
+        if family == "qwen2_moe":
+            cfg["shared_expert_intermediate_size"] = knobs["shared_expert_intermediate_size"]
+
+    for k, v in rest.items():
+        cfg[k] = copy.deepcopy(v)
+    if ("hidden_size" in rest or "num_attention_heads" in rest) and "head_dim" not in rest:
+        cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
+    if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and "max_window_layers" not in rest:
+        cfg["max_window_layers"] = cfg["num_hidden_layers"]
+
+    ModelConfig.from_hf(cfg)  # raises ConfigError on an inconsistent result
+    return cfg
+
+
+def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
+    """``(name, shape, kind)`` for every tensor of a checkpoint with this config.json.
+
+    Names are those of the real HF checkpoints (per-expert tensors for MoE).  ``kind``
+    is one of "embed", "linear", "norm", "bias", "router".
+    """
+    mc = ModelConfig.from_hf(config)
+    h, hd, V = mc.hidden_size, mc.head_dim, mc.vocab_size
+    q_out, kv_out = mc.num_heads * hd, mc.num_kv_heads * hd
+    specs: list[tuple[str, tuple, str]] = [("model.embed_tokens.weight", (V, h), "embed")]
+
+    def mlp(prefix: str, inter: int, bias: bool = False):
+        out = [(prefix + "gate_proj.weight", (inter, h), "linear"),
+               (prefix + "up_proj.weight", (inter, h), "linear"),
+               (prefix + "down_proj.weight", (h, inter), "linear")]
+        if bias:
+            out += [(prefix + "gate_proj.bias", (inter,), "bias"),
+                    (prefix + "up_proj.bias", (inter,), "bias"),
+                    (prefix + "down_proj.bias", (h,), "bias")]
+        return out
+
+    for i in range(mc.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        specs.append((p + "input_layernorm.weight", (h,), "norm"))
+        specs += [(a + "q_proj.weight", (q_out, h), "linear"),
+                  (a + "k_proj.weight", (kv_out, h), "linear"),
+                  (a + "v_proj.weight", (kv_out, h), "linear"),
+                  (a + "o_proj.weight", (h, q_out), "linear")]
+        if mc.attention_bias:
+            specs += [(a + "q_proj.bias", (q_out,), "bias"),
+                      (a + "k_proj.bias", (kv_out,), "bias"),
+                      (a + "v_proj.bias", (kv_out,), "bias")]
+        if mc.o_bias:
+            specs.append((a + "o_proj.bias", (h,), "bias"))
+        if mc.qk_norm:
+            specs += [(a + "q_norm.weight", (hd,), "norm"), (a + "k_norm.weight", (hd,), "norm")]
+        specs.append((p + "post_attention_layernorm.weight", (h,), "norm"))
+        E, I = mc.num_experts, mc.moe_intermediate_size
+        if mc.is_moe_layer(i) and mc.family == "mixtral":
+            m = p + "block_sparse_moe."
+            specs.append((m + "gate.weight", (E, h), "router"))
+            for e in range(E):
+                x = f"{m}experts.{e}."
+                specs += [(x + "w1.weight", (I, h), "linear"),   # gate
+                          (x + "w2.weight", (h, I), "linear"),   # down
+                          (x + "w3.weight", (I, h), "linear")]   # up
+        elif mc.is_moe_layer(i):
+            m = p + "mlp."
+            specs.append((m + "gate.weight", (E, h), "router"))
+            for e in range(E):
+                specs += mlp(f"{m}experts.{e}.", I)
+            if mc.family == "qwen2_moe":
+                specs += mlp(m + "shared_expert.", mc.shared_expert_intermediate_size)
+                specs.append((m + "shared_expert_gate.weight", (1, h), "router"))
+        else:
+            specs += mlp(p + "mlp.", mc.intermediate_size, mc.mlp_bias)
+    specs.append(("model.norm.weight", (h,), "norm"))
+    if not mc.tie_word_embeddings:
+        specs.append(("lm_head.weight", (V, h), "linear"))
+    return specs
+
+
+def _tensor_seed(seed: int, name: str) -> int:
+    d = hashlib.sha256(f"{int(seed)}:{name}".encode()).digest()
+    return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
+
+
+def _tensor_chunks(name: str, shape: tuple, kind: str, seed: int, std: float,
+                   tdtype: torch.dtype) -> Iterator[bytes]:
+    """The tensor's bytes (row-major, little-endian), generated a few rows at a time."""
+    g = torch.Generator().manual_seed(_tensor_seed(seed, name))
+    rows = shape[0]
+    row = math.prod(shape[1:]) if len(shape) > 1 else 1
+    step = max(1, _CHUNK_ELEMS // max(1, row))
+    for r0 in range(0, rows, step):
+        n = min(step, rows - r0)
+        t = torch.randn((n,) + tuple(shape[1:]), generator=g, dtype=torch.float32)
+        if kind == "norm":
+            t.mul_(_NORM_NOISE).add_(1.0)
+        elif kind == "bias":
+            t.mul_(_BIAS_STD)
+        else:
+            t.mul_(std)
+        t = t.to(tdtype).contiguous()
+        yield t.view(torch.uint8).numpy().tobytes()
+
+
+def _nbytes(shape: tuple, tdtype: torch.dtype) -> int:
+    return math.prod(shape) * torch.empty((), dtype=tdtype).element_size()
+
+
+def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dtype, st_dtype: str) -> int:
+    """Write one safetensors file tensor by tensor; returns the data size in bytes."""
+    header: dict = {"__metadata__": {"format": "pt"}}
+    off = 0
+    for name, shape, _ in specs:
+        n = _nbytes(shape, tdtype)
+        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        off += n
+    hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    hb += b" " * (-len(hb) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(hb)))
+        f.write(hb)
+        for name, shape, kind in specs:
+            for chunk in _tensor_chunks(name, shape, kind, seed, std, tdtype):
+                f.write(chunk)
+    return off
+
+
+def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: Optional[int]) -> None:
+    tdtype, st_dtype = _DTYPES[dtype]
+    shards: list[list] = [[]]
+    if shard_max_bytes is not None:
+        if shard_max_bytes <= 0:
+            raise ValueError("shard_max_bytes must be positive")
+        size = 0
+        for spec in specs:
+            n = _nbytes(spec[1], tdtype)
+            if shards[-1] and size + n > shard_max_bytes:
+                shards.append([])
+                size = 0
+            shards[-1].append(spec)
+            size += n
+    else:
+        shards = [list(specs)]
+    if len(shards) == 1:  # like save_pretrained: a single shard is plain model.safetensors
+        _write_safetensors(os.path.join(d, "model.safetensors"), shards[0], seed, std, tdtype, st_dtype)
+        return
+    weight_map, total = {}, 0
+    for k, shard in enumerate(shards):
+        fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
+        total += _write_safetensors(os.path.join(d, fname), shard, seed, std, tdtype, st_dtype)
+        for name, _, _ in shard:
+            weight_map[name] = fname
+    index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    _write_json(os.path.join(d, "model.safetensors.index.json"), index)
+
+
+def build_tokenizer(vocab_size: int = 512):
+    """A byte-level BPE ``tokenizers.Tokenizer`` trained on the built-in corpus.
+
+    Deterministic and fast (~10 ms).  The result may be smaller than ``vocab_size``
+    when the corpus runs out of merges (about 1.8k tokens at most).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+
+    if vocab_size < _MIN_TOKENIZER_VOCAB:
+        raise ValueError(f"tokenizer vocab must be >= {_MIN_TOKENIZER_VOCAB}, got {vocab_size}")
+    with open(_CORPUS, encoding="utf-8") as f:
+        text = f.read()
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=int(vocab_size), min_frequency=1, show_progress=False,
+        special_tokens=list(SPECIAL_TOKENS), initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    tok.train_from_iterator(paragraphs, trainer=trainer, length=len(paragraphs))
+    bos = SPECIAL_TOKENS[BOS_ID]
+    assert tok.token_to_id(bos) == BOS_ID and tok.token_to_id(SPECIAL_TOKENS[IM_END_ID]) == IM_END_ID
+    # Llama-3 style: prepend bos when encoding with special tokens.
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos} $A", pair=f"{bos} $A {bos}:1 $B:1", special_tokens=[(bos, BOS_ID)])
+    return tok
+
+
+def _tokenizer_config(max_len: int) -> dict:
+    return {
+        "add_bos_token": True,
+        "add_eos_token": False,
+        "added_tokens_decoder": {
+            str(i): {"content": t, "lstrip": False, "normalized": False, "rstrip": False,
+                     "single_word": False, "special": True}
+            for i, t in enumerate(SPECIAL_TOKENS)
+        },
+        "bos_token": SPECIAL_TOKENS[BOS_ID],
+        "chat_template": CHAT_TEMPLATE,
+        "clean_up_tokenization_spaces": False,
+        "eos_token": SPECIAL_TOKENS[EOS_ID],
+        "model_input_names": ["input_ids", "attention_mask"],
+        "model_max_length": int(max_len),
+        "tokenizer_class": "PreTrainedTokenizerFast",
+    }
+
+
+def _write_json(path: str, obj) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, ensure_ascii=False)
+        f.write("\n")
+
+
+def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: Optional[dict] = None,
+               seed: int = 0, dtype="float32", tokenizer_vocab: Optional[int] = None,
+               shard_max_bytes: Optional[int] = None, overwrite: bool = False) -> str:
+    """Write a random checkpoint of ``arch`` at ``preset`` size into ``out_dir``.
+
+    Returns the absolute path of ``out_dir``.  The directory is built in a temporary
+    directory beside it and renamed into place; an existing non-empty ``out_dir``
+    is refused (FileExistsError) unless ``overwrite=True``.  ``shard_max_bytes``
+    splits the weights into ``model-0000k-of-0000N.safetensors`` + index (a single
+    shard stays ``model.safetensors``).  ``dtype`` is float32, bfloat16 or float16.
+    See :func:`make_config` for ``overrides``.
+    """
+    dtype = _canon_dtype(dtype)
+    knobs, _ = _knobs(arch, preset, overrides)
+    tok_vocab = int(tokenizer_vocab if tokenizer_vocab is not None else knobs["tokenizer_vocab"])
+    cfg = make_config(arch, preset, overrides, dtype=dtype, tokenizer_vocab=tok_vocab)
+    tok = build_tokenizer(tok_vocab)
+    if tok.get_vocab_size() > cfg["vocab_size"]:
+        raise ValueError(f"vocab_size={cfg['vocab_size']} is smaller than the tokenizer "
+                         f"({tok.get_vocab_size()} tokens)")
+    specs = weight_specs(cfg)
+    std = float(knobs["init_std"])
+
+    out_dir = os.path.abspath(os.fspath(out_dir))
+    parent, base = os.path.split(out_dir)
+    os.makedirs(parent, exist_ok=True)
+    if os.path.lexists(out_dir):
+        if not os.path.isdir(out_dir) or os.path.islink(out_dir):
+            raise FileExistsError(f"{out_dir} exists and is not a directory")
+        if os.listdir(out_dir) and not overwrite:
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+
+    tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
+    try:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)
+        _write_json(os.path.join(tmp, "config.json"), cfg)
+        _write_json(os.path.join(tmp, "generation_config.json"),
+                    {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID]})
+        tok.save(os.path.join(tmp, "tokenizer.json"))
+        _write_json(os.path.join(tmp, "tokenizer_config.json"), _tokenizer_config(cfg["max_position_embeddings"]))
+        _write_json(os.path.join(tmp, "special_tokens_map.json"),
+                    {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID]})
+        _write_weights(tmp, specs, seed, std, dtype, shard_max_bytes)
+
+        if os.path.isdir(out_dir):
+            if os.listdir(out_dir):
+                old = tempfile.mkdtemp(prefix=f".{base}.old-", dir=parent)
+                os.rename(out_dir, os.path.join(old, base))
+                os.rename(tmp, out_dir)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.rmdir(out_dir)
+                os.rename(tmp, out_dir)
+        else:
+            os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _parse_set(items) -> dict:
+    out = {}
+    for item in items or ():
+        if "=" not in item:
+            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
+        k, v = item.split("=", 1)
+        try:
+            out[k] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k] = v
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m mpiinfer.init_model",
+                                 description="Write a random HF-format checkpoint with a real tokenizer.")
+    ap.add_argument("out_dir")
+    ap.add_argument("--arch", default="llama", choices=sorted(ARCHS))
+    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--tokenizer-vocab", type=int, default=None)
+    ap.add_argument("--shard-max-bytes", type=int, default=None)
+    ap.add_argument("--set", action="append", metavar="KEY=JSON", help="override a config.json field")
+    ap.add_argument("--overwrite", action="store_true")
+    a = ap.parse_args(argv)
+    path = init_model(a.out_dir, arch=a.arch, preset=a.preset, overrides=_parse_set(a.set), seed=a.seed,
+                      dtype=a.dtype, tokenizer_vocab=a.tokenizer_vocab, shard_max_bytes=a.shard_max_bytes,
+                      overwrite=a.overwrite)
+    print(path)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,247 @@
+"""Results -> the output JSONL, in input order, crash-safely.
+
+Owns the output side: ``JsonlWriter`` (append-only, buffered, ``os.fsync`` every
+N records / S seconds and on close), ``OrderedWriter`` (a bounded reorder
+buffer so results arriving in any order are written in ``index`` order) and
+``recover_jsonl`` (make an existing output resumable: drop a torn last line and
+count the complete records).  Each output line is exactly
+``json.dumps(result.to_record(), ensure_ascii=False)``.
+
+Because output is written strictly in input order and only whole lines are
+counted, ``recover_jsonl``'s count is the number of leading input items a
+resumed job can skip.  Open outputs for appending only after running
+``recover_jsonl`` on them (or removing them): appending after a torn line would
+glue two records together.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from typing import Dict, Optional, Tuple
+
+from ..messages import Result
+
+
+class ReorderOverflow(RuntimeError):
+    """More results pending in an OrderedWriter than it allows (a caller bug)."""
+
+
+def _encode(rec: dict) -> bytes:
+    try:
+        return (json.dumps(rec, ensure_ascii=False) + "\n").encode("utf-8")
+    except UnicodeEncodeError:
+        # A string with an unpaired surrogate (e.g. an id from a "\ud800" escape)
+        # cannot be UTF-8; escaped ASCII JSON round-trips it exactly.
+        return (json.dumps(rec, ensure_ascii=True) + "\n").encode("ascii")
+
+
+class JsonlWriter:
+    """Append results to a JSONL file; ``-`` writes to stdout (no fsync).
+
+    Lines are buffered in memory and written + flushed + fsynced when
+    ``flush_every_records`` are buffered, when a write finds the last flush
+    ``flush_every_seconds`` old, on ``flush()`` and on ``close()``.  A crash loses at
+    most the unflushed lines and leaves at worst one torn last line.
+    """
+
+    def __init__(self, path, flush_every_records: int = 100, flush_every_seconds: float = 5.0):
+        if flush_every_records < 1:
+            raise ValueError(f"flush_every_records must be >= 1, got {flush_every_records}")
+        if not flush_every_seconds > 0:
+            raise ValueError(f"flush_every_seconds must be > 0, got {flush_every_seconds}")
+        self.path = os.fspath(path)
+        self.flush_every_records = flush_every_records
+        self.flush_every_seconds = flush_every_seconds
+        self._buf: list = []
+        self._dirty = False
+        self.records_written = 0  # accepted by write() (buffered or on disk)
+        self.closed = False
+        if self.path == "-":
+            self._f = sys.stdout.buffer
+            self._owned = False
+            self._sync = False
+        else:
+            existed = os.path.exists(self.path)
+            self._f = open(self.path, "ab")
+            self._owned = True
+            self._sync = True
+            if not existed:
+                self._fsync_dir()
+        self._last_flush = time.monotonic()
+
+    def _fsync_dir(self) -> None:
+        """Make a newly created file's directory entry durable (best effort)."""
+        d = os.path.dirname(os.path.abspath(self.path))
+        try:
+            fd = os.open(d, os.O_RDONLY)
+        except OSError:
+            return
+        try:
+            os.fsync(fd)
+        except OSError:
+            pass
+        finally:
+            os.close(fd)
+
+    def write(self, result: Result) -> None:
+        if self.closed:
+            raise ValueError(f"write to closed JsonlWriter({self.path!r})")
+        self._buf.append(_encode(result.to_record()))
+        self.records_written += 1
+        if (len(self._buf) >= self.flush_every_records
+                or time.monotonic() - self._last_flush >= self.flush_every_seconds):
+            self.flush()
+
+    def flush(self) -> None:
+        """Write buffered lines, flush and fsync them."""
+        if self.closed:
+            return
+        if self._buf:
+            self._f.write(b"".join(self._buf))
+            self._buf.clear()
+            self._dirty = True
+        self._f.flush()
+        if self._dirty and self._sync:
+            os.fsync(self._f.fileno())
+        self._dirty = False
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            self.flush()
+        finally:
+            self.closed = True
+            if self._owned:
+                self._f.close()
+
+    def __enter__(self) -> "JsonlWriter":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class OrderedWriter:
+    """Accept results in any order; pass them to ``inner`` in ``index`` order.
+
+    Results wait in a reorder buffer until every lower index has been written.
+    More than ``max_pending`` waiting results raises ``ReorderOverflow`` (the
+    caller bounds its in-flight window, so this is a bug guard); a duplicate or
+    already-written index raises ValueError.  ``close()`` closes ``inner`` and
+    raises if results are still waiting on a missing index (those are not
+    written, so the output stays an exact prefix of the input).
+    """
+
+    def __init__(self, inner, start_index: int = 0, max_pending: int = 10000):
+        if max_pending < 0:
+            raise ValueError(f"max_pending must be >= 0, got {max_pending}")
+        self.inner = inner
+        self.next_index = start_index
+        self.max_pending = max_pending
+        self._pending: Dict[int, Result] = {}
+        self.closed = False
+
+    @property
+    def pending(self) -> int:
+        return len(self._pending)
+
+    def write(self, result: Result) -> None:
+        if self.closed:
+            raise ValueError("write to closed OrderedWriter")
+        i = result.index
+        if i < self.next_index or i in self._pending:
+            raise ValueError(f"OrderedWriter: duplicate result for index {i} (id {result.id!r})")
+        if i != self.next_index:
+            if len(self._pending) >= self.max_pending:
+                raise ReorderOverflow(
+                    f"OrderedWriter: {len(self._pending) + 1} results would be pending "
+                    f"(max_pending={self.max_pending}) while waiting for index {self.next_index}; "
+                    f"got index {i}. The caller's in-flight window is not bounded (bug).")
+            self._pending[i] = result
+            return
+        self.inner.write(result)
+        self.next_index += 1
+        pending = self._pending
+        while pending:
+            nxt = pending.pop(self.next_index, None)
+            if nxt is None:
+                break
+            self.inner.write(nxt)
+            self.next_index += 1
+
+    def flush(self) -> None:
+        self.inner.flush()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.inner.close()
+        if self._pending:
+            lo = min(self._pending)
+            raise RuntimeError(
+                f"OrderedWriter closed with {len(self._pending)} results pending: index "
+                f"{self.next_index} never arrived (pending from {lo} to {max(self._pending)}); "
+                f"they were not written")
+
+    def __enter__(self) -> "OrderedWriter":
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+        else:
+            try:
+                self.close()
+            except RuntimeError:
+                pass  # don't mask the original error
+
+
+def _complete_record(line: bytes) -> bool:
+    if not line.endswith(b"\n"):
+        return False
+    try:
+        rec = json.loads(line)
+    except ValueError:  # JSONDecodeError and UnicodeDecodeError
+        return False
+    return isinstance(rec, dict) and "id" in rec
+
+
+def recover_jsonl(path) -> Tuple[int, int]:
+    """Make an existing output resumable -> ``(complete_records, last_good_offset)``.
+
+    Every line is checked: a complete record ends with ``\\n`` and is a JSON
+    object with an ``id``.  A bad *last* line (torn write: no ``\\n``, or not
+    valid JSON) is truncated away and fsynced.  A bad line followed by more lines
+    is corruption this cannot explain, so it raises ValueError (nothing is
+    truncated).  A missing file is ``(0, 0)``.
+    """
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        return 0, 0
+    count = 0
+    offset = 0
+    bad_line: Optional[int] = None
+    with open(path, "r+b") as f:
+        line_no = 0
+        for line in f:
+            line_no += 1
+            if bad_line is not None:
+                raise ValueError(
+                    f"{path}: line {bad_line} (byte offset {offset}) is not a complete JSON record "
+                    f"but more lines follow it; the output is corrupt, not just torn. Inspect it "
+                    f"and truncate it by hand (e.g. `truncate -s {offset} {path}`) to resume.")
+            if _complete_record(line):
+                count += 1
+                offset += len(line)
+            else:
+                bad_line = line_no
+        if bad_line is not None:
+            f.truncate(offset)
+            f.flush()
+            os.fsync(f.fileno())
+    return count, offset

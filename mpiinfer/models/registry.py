@@ -1,0 +1,97 @@
+"""Architecture registry: checkpoint tensor names and shapes per family.
+
+Owns: the full list of tensors a checkpoint of a given ``ModelConfig`` must hold
+(``expected_tensors``), used to refuse a bad checkpoint before anything is read,
+the MoE naming differences between families, and the vocab split of the
+vocab-parallel embedding / LM head.
+"""
+from __future__ import annotations
+
+from ..config import ConfigError, ModelConfig
+
+# tensors some exporters add that carry no weights we need
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+
+
+def moe_names(cfg: ModelConfig, layer: int) -> dict:
+    p = f"model.layers.{layer}."
+    if cfg.family == "mixtral":
+        return {"router": p + "block_sparse_moe.gate", "expert": p + "block_sparse_moe.experts.{e}.{w}",
+                "w": ("w1", "w3", "w2")}
+    return {"router": p + "mlp.gate", "expert": p + "mlp.experts.{e}.{w}",
+            "w": ("gate_proj", "up_proj", "down_proj"),
+            "shared_prefix": p + "mlp.shared_expert.", "shared_gate": p + "mlp.shared_expert_gate"}
+
+
+def vocab_range(vocab: int, tp: int, tp_rank: int) -> tuple:
+    """Vocab rows [start, stop) of a TP rank: ceil(vocab / tp) per rank, the last ones shorter."""
+    per = -(-vocab // tp)
+    return min(vocab, tp_rank * per), min(vocab, (tp_rank + 1) * per)
+
+
+def expected_tensors(cfg: ModelConfig) -> dict:
+    """Every tensor name of the full checkpoint -> its shape (HF layout, (out, in) for linears)."""
+    h, hd = cfg.hidden_size, cfg.head_dim
+    t = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
+    if not cfg.tie_word_embeddings:
+        t["lm_head.weight"] = (cfg.vocab_size, h)
+    for i in range(cfg.num_layers):
+        p = f"model.layers.{i}."
+        a = p + "self_attn."
+        t[p + "input_layernorm.weight"] = (h,)
+        t[p + "post_attention_layernorm.weight"] = (h,)
+        t[a + "q_proj.weight"] = (cfg.num_heads * hd, h)
+        t[a + "k_proj.weight"] = (cfg.num_kv_heads * hd, h)
+        t[a + "v_proj.weight"] = (cfg.num_kv_heads * hd, h)
+        t[a + "o_proj.weight"] = (h, cfg.num_heads * hd)
+        if cfg.attention_bias:
+            t[a + "q_proj.bias"] = (cfg.num_heads * hd,)
+            t[a + "k_proj.bias"] = (cfg.num_kv_heads * hd,)
+            t[a + "v_proj.bias"] = (cfg.num_kv_heads * hd,)
+        if cfg.o_bias:
+            t[a + "o_proj.bias"] = (h,)
+        if cfg.qk_norm:
+            t[a + "q_norm.weight"] = (hd,)
+            t[a + "k_norm.weight"] = (hd,)
+        if cfg.is_moe_layer(i):
+            n = moe_names(cfg, i)
+            t[n["router"] + ".weight"] = (cfg.num_experts, h)
+            g, u, d = n["w"]
+            for e in range(cfg.num_experts):
+                t[n["expert"].format(e=e, w=g) + ".weight"] = (cfg.moe_intermediate_size, h)
+                t[n["expert"].format(e=e, w=u) + ".weight"] = (cfg.moe_intermediate_size, h)
+                t[n["expert"].format(e=e, w=d) + ".weight"] = (h, cfg.moe_intermediate_size)
+            if cfg.shared_expert_intermediate_size:
+                s, si = n["shared_prefix"], cfg.shared_expert_intermediate_size
+                t[s + "gate_proj.weight"] = (si, h)
+                t[s + "up_proj.weight"] = (si, h)
+                t[s + "down_proj.weight"] = (h, si)
+                t[n["shared_gate"] + ".weight"] = (1, h)
+        else:
+            for name, shape in (("gate_proj", (cfg.intermediate_size, h)), ("up_proj", (cfg.intermediate_size, h)),
+                                ("down_proj", (h, cfg.intermediate_size))):
+                t[p + "mlp." + name + ".weight"] = shape
+                if cfg.mlp_bias:
+                    t[p + "mlp." + name + ".bias"] = (shape[0],)
+    return t
+
+
+def check_checkpoint(cfg: ModelConfig, index) -> None:
+    """Refuse a checkpoint whose tensors do not match the config: missing, unexpected, mis-shaped."""
+    expected = expected_tensors(cfg)
+    have = index.names()
+    missing = sorted(set(expected) - have)
+    extra = sorted(n for n in have - set(expected) if not n.endswith(IGNORED_SUFFIXES)
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+    bad = [(n, index[n].shape, expected[n]) for n in sorted(set(expected) & have)
+           if tuple(index[n].shape) != tuple(expected[n])]
+    problems = []
+    if missing:
+        problems.append(f"missing {len(missing)} tensor(s): {', '.join(missing[:5])}" + (" ..." if len(missing) > 5 else ""))
+    if extra:
+        problems.append(f"unexpected {len(extra)} tensor(s): {', '.join(extra[:5])}" + (" ..." if len(extra) > 5 else ""))
+    for n, got, want in bad[:5]:
+        problems.append(f"tensor {n} has shape {list(got)}, config.json implies {list(want)}")
+    if problems:
+        raise ConfigError(f"checkpoint {index.model_dir} does not match its config.json ({cfg.arch}): "
+                          + "; ".join(problems))

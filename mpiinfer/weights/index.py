@@ -1,0 +1,109 @@
+"""Find and index the safetensors files of a Hugging Face checkpoint directory.
+
+Owns: which file holds which tensor, each tensor's full shape and dtype (read from
+the safetensors headers only, never the data), and the refusal of anything that is
+not safetensors.  Pickle-based checkpoints (.bin/.pt/.pth/.ckpt) are never opened.
+"""
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+
+from ..config import ConfigError
+
+_PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+
+_ST_DTYPES = {
+    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
+    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
+    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    file: str
+    shape: tuple
+    dtype: str
+
+
+def _read_header(path: str) -> dict:
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise ConfigError(f"{path} is not a safetensors file (truncated header)")
+            (n,) = struct.unpack("<Q", raw)
+            if n > 100 * 1024 * 1024:
+                raise ConfigError(f"{path} is not a safetensors file (header size {n})")
+            header = json.loads(f.read(n))
+            data_len = os.fstat(f.fileno()).st_size - 8 - n
+    except (OSError, ValueError, UnicodeDecodeError) as e:
+        if isinstance(e, ConfigError):
+            raise
+        raise ConfigError(f"cannot read safetensors header of {path}: {e}") from None
+    header.pop("__metadata__", None)
+    for name, meta in header.items():
+        start, stop = meta["data_offsets"]
+        if stop > data_len:
+            raise ConfigError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
+    return header
+
+
+class CheckpointIndex:
+    """Tensor name -> TensorInfo for every tensor of the checkpoint."""
+
+    def __init__(self, model_dir: str):
+        self.model_dir = model_dir
+        files = self._find_files(model_dir)
+        self.tensors: dict[str, TensorInfo] = {}
+        for path in files:
+            for name, meta in _read_header(path).items():
+                if name in self.tensors:
+                    raise ConfigError(f"tensor {name!r} appears in two files: {self.tensors[name].file} and {path}")
+                dt = _ST_DTYPES.get(meta["dtype"], meta["dtype"])
+                self.tensors[name] = TensorInfo(name, path, tuple(meta["shape"]), dt)
+
+    @staticmethod
+    def _find_files(model_dir: str) -> list:
+        if not os.path.isdir(model_dir):
+            raise ConfigError(f"model directory not found: {model_dir}")
+        names = sorted(os.listdir(model_dir))
+        index_path = os.path.join(model_dir, "model.safetensors.index.json")
+        if os.path.isfile(index_path):
+            try:
+                with open(index_path) as f:
+                    weight_map = json.load(f)["weight_map"]
+            except (OSError, ValueError, KeyError) as e:
+                raise ConfigError(f"cannot read {index_path}: {e}") from None
+            files = sorted(set(weight_map.values()))
+            missing = [f for f in files if not os.path.isfile(os.path.join(model_dir, f))]
+            if missing:
+                raise ConfigError(f"{index_path} names shard files that are missing: {', '.join(missing)}")
+            return [os.path.join(model_dir, f) for f in files]
+        st = [n for n in names if n.endswith(".safetensors")]
+        if st:
+            return [os.path.join(model_dir, n) for n in st]
+        pickled = [n for n in names if n.endswith(_PICKLE_SUFFIXES)]
+        if pickled:
+            raise ConfigError(
+                f"{model_dir} holds only pickle-format weights ({', '.join(pickled[:3])}); mpiinfer loads "
+                "safetensors only and never unpickles checkpoints. Convert them to safetensors first.")
+        raise ConfigError(f"{model_dir} has no *.safetensors weight files")
+
+    def __contains__(self, name: str) -> bool:
+        return name in self.tensors
+
+    def __getitem__(self, name: str) -> TensorInfo:
+        return self.tensors[name]
+
+    def names(self) -> set:
+        return set(self.tensors)
+
+    def total_bytes(self) -> int:
+        import math
+        sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4}
+        return sum(math.prod(t.shape) * sizes.get(t.dtype, 1) for t in self.tensors.values())
