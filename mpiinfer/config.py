@@ -180,7 +180,7 @@ class ModelConfig:
             o_bias = False
 
         sliding = None
-        if family == "mistral" or raw.get("use_sliding_window"):
+        if family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
             sliding = raw.get("sliding_window") or None
         if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
             raise ConfigError("use_sliding_window=true is not supported for Qwen models")

@@ -12,7 +12,9 @@ together with a ``tokenizer_config.json`` (ChatML chat template) that
 Determinism: the same (arch, preset, overrides, seed, dtype, tokenizer_vocab)
 gives byte-identical files.  Each tensor is drawn from its own
 ``torch.Generator`` seeded from ``seed`` and the tensor's name, so a tensor's
-values do not depend on sharding or on which other tensors exist.
+values do not depend on sharding or on which other tensors exist (and tensors of
+the same name are equal across archs: tiny llama and tiny mistral with the same
+seed are the same model).
 
 Memory: the safetensors files are written by hand (header first, then data),
 tensor by tensor and in chunks of at most ``_CHUNK_ELEMS`` elements, so writing

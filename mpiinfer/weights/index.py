@@ -39,8 +39,11 @@ def _read_header(path: str) -> dict:
             (n,) = struct.unpack("<Q", raw)
             if n > 100 * 1024 * 1024:
                 raise ConfigError(f"{path} is not a safetensors file (header size {n})")
+            size = os.fstat(f.fileno()).st_size
+            if size < 8 + n:
+                raise ConfigError(f"{path} is truncated: its header needs {8 + n} bytes, the file has {size}")
             header = json.loads(f.read(n))
-            data_len = os.fstat(f.fileno()).st_size - 8 - n
+            data_len = size - 8 - n
     except (OSError, ValueError, UnicodeDecodeError) as e:
         if isinstance(e, ConfigError):
             raise

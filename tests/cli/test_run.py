@@ -1,0 +1,174 @@
+"""`mpiinfer run` end to end: formats, bad input records, bad checkpoints, resume, env vars."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from click.testing import CliRunner
+
+from mpiinfer.cli import main
+
+
+def run_cli(args, env=None):
+    r = CliRunner().invoke(main, args, env=env, catch_exceptions=False)
+    return r.exit_code, r.output
+
+
+def read_jsonl(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    from mpiinfer.init_model import init_model
+    return init_model(str(tmp_path_factory.mktemp("m") / "llama"), arch="llama", preset="tiny")
+
+
+def write(path, lines):
+    with open(path, "wb") as f:
+        for line in lines:
+            f.write(line if isinstance(line, bytes) else line.encode() + b"\n")
+    return str(path)
+
+
+def test_formats_and_bad_records(tiny, tmp_path):
+    long_prompt = " ".join(["word"] * 3000)
+    inp = write(tmp_path / "in.jsonl", [
+        '{"id": "a", "prompt": "Hello there"}',
+        '{"prompt": "no id here", "max_tokens": 3}',
+        '{"id": 7, "messages": [{"role": "user", "content": "Hi"}]}',
+        '{"id": "tok", "prompt_token_ids": [5, 6, 7], "logprobs": true, "max_tokens": 4}',
+        '{"id": "bad json", "prompt": ',
+        '{"id": "missing"}',
+        '{"id": "empty", "prompt": ""}',
+        json.dumps({"id": "long", "prompt": long_prompt}),
+        '{"id": "neg", "prompt": "x", "max_tokens": -1}',
+        '{"id": "temp", "prompt": "x", "temperature": "hot"}',
+        '{"id": "typo", "prompt": "x", "temprature": 0.5}',
+        b'{"id": "utf8", "prompt": "\xff\xfe"}\n',
+        '{"id": "vocab", "prompt_token_ids": [99999999]}',
+        '',
+        '{"id": "last", "prompt": "The end"}',
+    ])
+    out = str(tmp_path / "out.jsonl")
+    code, text = run_cli(["run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens", "6", "--max-seq-len", "1024"])
+    assert code == 0, text
+    recs = read_jsonl(out)
+    ids = [r["id"] for r in recs]
+    assert ids == ["a", 2, 7, "tok", 5, "missing", "empty", "long", "neg", "temp", "typo", 12, "vocab", "last"]
+    by = {r["id"]: r for r in recs}
+    for k in ("a", 2, 7, "tok", "last"):
+        assert "error" not in by[k], by[k]
+        assert by[k]["finish_reason"] in ("stop", "length")
+        assert by[k]["usage"]["completion_tokens"] == len(by[k]["token_ids"]) > 0
+    assert by[2]["usage"]["completion_tokens"] <= 3
+    assert len(by["tok"]["logprobs"]) == len(by["tok"]["token_ids"])
+    assert by["tok"]["usage"]["prompt_tokens"] == 3
+    assert "logprobs" not in by["a"]
+    expect = {5: ("invalid_json", "JSON"), "missing": ("invalid_request", "prompt"),
+              "empty": ("invalid_request", "empty"), "long": ("prompt_too_long", "tokens"),
+              "neg": ("invalid_request", "max_tokens"), "temp": ("invalid_request", "temperature"),
+              "typo": ("invalid_request", "temprature"), 12: ("invalid_encoding", "UTF-8"),
+              "vocab": ("invalid_request", "vocab")}
+    for k, (typ, word) in expect.items():
+        assert by[k]["error"]["type"] == typ, by[k]
+        assert word.lower() in by[k]["error"]["message"].lower(), by[k]
+
+
+def test_resume_and_finished_noop(tiny, tmp_path):
+    inp = write(tmp_path / "in.jsonl", [json.dumps({"id": i, "prompt": f"prompt number {i}"}) for i in range(12)])
+    out = str(tmp_path / "out.jsonl")
+    code, _ = run_cli(["run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens", "5"])
+    assert code == 0
+    full = read_jsonl(out)
+    # simulate a crash: keep 5 records and a torn sixth line
+    with open(out) as f:
+        lines = f.readlines()
+    with open(out, "w") as f:
+        f.writelines(lines[:5])
+        f.write(lines[5][:10])
+    code, text = run_cli(["run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens", "5"])
+    assert code == 0, text
+    assert read_jsonl(out) == full
+    code, text = run_cli(["run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens", "5"])
+    assert code == 0 and "nothing to do" in text
+    assert read_jsonl(out) == full
+    code, _ = run_cli(["run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens", "2", "--overwrite"])
+    assert code == 0
+    assert all(len(r["token_ids"]) <= 2 for r in read_jsonl(out))
+
+
+def test_env_vars_set_options(tiny, tmp_path):
+    inp = write(tmp_path / "in.jsonl", ['{"prompt": "hello"}'])
+    out = str(tmp_path / "out.jsonl")
+    code, text = run_cli(["run", "-i", inp, "-o", out],
+                         env={"MPIINFER_MODEL": tiny, "MPIINFER_MAX_TOKENS": "3", "MPIINFER_IGNORE": "1"})
+    assert code == 0, text
+    assert read_jsonl(out)[0]["usage"]["completion_tokens"] <= 3
+
+
+def _bad_model(tiny, tmp_path, mutate):
+    d = tmp_path / "bad"
+    shutil.copytree(tiny, d)
+    mutate(d)
+    return str(d)
+
+
+def _rewrite_tensors(d, fn):
+    from safetensors.torch import load_file, save_file
+    t = load_file(str(d / "model.safetensors"))
+    fn(t)
+    save_file(t, str(d / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _set_cfg(d, **kw):
+    p = d / "config.json"
+    c = json.loads(p.read_text())
+    c.update(kw)
+    p.write_text(json.dumps(c))
+
+
+BAD_CHECKPOINTS = {
+    "pickle": (lambda d: (os.remove(d / "model.safetensors"), (d / "pytorch_model.bin").write_bytes(b"x")),
+               "never unpickles"),
+    "arch": (lambda d: _set_cfg(d, architectures=["GPT2LMHeadModel"]), "unsupported architecture 'GPT2LMHeadModel'"),
+    "missing": (lambda d: _rewrite_tensors(d, lambda t: t.pop("model.layers.1.mlp.up_proj.weight")),
+                "missing 1 tensor(s): model.layers.1.mlp.up_proj.weight"),
+    "shape": (lambda d: _rewrite_tensors(d, lambda t: t.__setitem__("model.norm.weight", t["model.norm.weight"][:-1])),
+              "model.norm.weight has shape"),
+    "unexpected": (lambda d: _rewrite_tensors(d, lambda t: t.__setitem__("model.extra.weight", t["model.norm.weight"].clone())),
+                   "unexpected 1 tensor(s): model.extra.weight"),
+    "no_config": (lambda d: os.remove(d / "config.json"), "has no config.json"),
+    "truncated": (lambda d: open(d / "model.safetensors", "r+b").truncate(1000), "truncated"),
+    "no_tokenizer": (lambda d: os.remove(d / "tokenizer.json"), "no tokenizer.json"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CHECKPOINTS))
+def test_bad_checkpoint_refused(case, tiny, tmp_path):
+    mutate, message = BAD_CHECKPOINTS[case]
+    d = _bad_model(tiny, tmp_path, mutate)
+    inp = write(tmp_path / "in.jsonl", ['{"prompt": "hello"}'])
+    out = tmp_path / "out.jsonl"
+    code, text = run_cli(["run", "-m", d, "-i", inp, "-o", str(out)])
+    assert code == 2, text
+    assert message in text, text
+    assert "Traceback" not in text
+    assert not out.exists() or out.read_text() == ""
+
+
+def test_real_console_script_and_mpiexec(tiny, tmp_path):
+    inp = write(tmp_path / "in.jsonl", ['{"id": 1, "prompt": "hello"}', '{"id": 2, "prompt": "world"}'])
+    outs = []
+    for launcher in ([], [shutil.which("mpiexec") or pytest.skip("no mpiexec"), "-n", "1"]):
+        out = tmp_path / f"out{len(outs)}.jsonl"
+        cmd = launcher + [sys.executable, "-m", "mpiinfer", "run", "-m", tiny, "-i", inp, "-o", str(out),
+                          "--max-tokens", "8"]
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+        assert p.returncode == 0, p.stderr
+        outs.append(read_jsonl(out))
+    assert outs[0] == outs[1]
+    assert [r["id"] for r in outs[0]] == [1, 2]
