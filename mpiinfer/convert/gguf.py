@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -412,7 +412,7 @@ def _fit_llama3(rf: np.ndarray, theta: float, dim: int, path: str) -> dict:
         for old_ctx in (8192.0, 4096.0, 2048.0, 16384.0):
             span = old_ctx / a
             low = -b * span
-            candidates.append((round(low, 6), round(low + span, 6), old_ctx))
+            candidates.append((float(round(low, 6)), float(round(low + span, 6)), old_ctx))
     for low, high, old_ctx in candidates:
         if not (0 < low < high):
             continue

@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..dist.collectives import gather_to_root
 from ..dist.mesh import Mesh
 from ..engine.batch import StepBatch
+from ..kernels import linear
 from ..parallel.linear import (ColumnParallelLinear, Part, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 from ..weights.shard import even_range, kv_heads_for_rank
@@ -228,7 +229,7 @@ class CausalLM(nn.Module):
             x = layer(x, batch, rope, kv.k[i], kv.v[i], write_index)
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
         w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-        logits = (x @ w).float()                                         # (S, vocab_local)
+        logits = linear(x, w).float()                                    # (S, vocab_local)
         if self.mesh.tp == 1:
             return logits
         per = -(-self.cfg.vocab_size // self.mesh.tp)                   # equal parts for the gather

@@ -18,6 +18,7 @@ from torch import nn
 from ..config import ModelConfig
 from ..dist.collectives import all_reduce
 from ..dist.mesh import Mesh
+from ..kernels import linear
 from ..weights.shard import Slice, even_range, experts_for_rank
 from . import registry
 
@@ -35,32 +36,32 @@ class SparseMoeBlock(nn.Module):
         self.i0, self.i1 = even_range(inter, mesh.tp_rank % block, block)
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
-        self.gate = nn.Parameter(torch.empty(h, cfg.num_experts, dtype=dtype), requires_grad=False)
-        self.w13 = nn.Parameter(torch.empty(n_local, h, 2 * il, dtype=dtype), requires_grad=False)  # gate | up
-        self.w2 = nn.Parameter(torch.empty(n_local, il, h, dtype=dtype), requires_grad=False)
+        self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
+        self.w13 = nn.Parameter(torch.empty(n_local, 2 * il, h, dtype=dtype), requires_grad=False)  # gate | up
+        self.w2 = nn.Parameter(torch.empty(n_local, h, il, dtype=dtype), requires_grad=False)
         self.shared = None
         if cfg.shared_expert_intermediate_size:
             from .llama import MLP
             self.shared = MLP(self.names["shared_prefix"], ("gate_proj", "up_proj", "down_proj"), h,
                               cfg.shared_expert_intermediate_size, mesh, dtype, reduce=False)
-            self.shared_gate = nn.Parameter(torch.empty(h, 1, dtype=dtype), requires_grad=False)
+            self.shared_gate = nn.Parameter(torch.empty(1, h, dtype=dtype), requires_grad=False)
 
     def load(self, src):
         cfg, h, inter = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size
         il = self.i1 - self.i0
-        self.gate.copy_(src.read(self.names["router"] + ".weight", (cfg.num_experts, h)).t())
+        self.gate.copy_(src.read(self.names["router"] + ".weight", (cfg.num_experts, h)))
         for j, e in enumerate(range(self.e0, self.e1)):
             g, u, d = (self.names["expert"].format(e=e, w=w) + ".weight" for w in self.names["w"])
-            self.w13[j, :, :il].copy_(src.read(g, (inter, h), Slice(0, self.i0, self.i1)).t())
-            self.w13[j, :, il:].copy_(src.read(u, (inter, h), Slice(0, self.i0, self.i1)).t())
-            self.w2[j].copy_(src.read(d, (h, inter), Slice(1, self.i0, self.i1)).t())
+            self.w13[j, :il].copy_(src.read(g, (inter, h), Slice(0, self.i0, self.i1)))
+            self.w13[j, il:].copy_(src.read(u, (inter, h), Slice(0, self.i0, self.i1)))
+            self.w2[j].copy_(src.read(d, (h, inter), Slice(1, self.i0, self.i1)))
         if self.shared is not None:
             self.shared.load(src)
-            self.shared_gate.copy_(src.read(self.names["shared_gate"] + ".weight", (1, h)).t())
+            self.shared_gate.copy_(src.read(self.names["shared_gate"] + ".weight", (1, h)))
 
     def route(self, x: torch.Tensor):
         """Top-k expert ids (T, k) and their weights (T, k) exactly as Hugging Face computes them."""
-        logits = x @ self.gate                                      # (T, E)
+        logits = linear(x, self.gate)                               # (T, E)
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
@@ -85,8 +86,8 @@ class SparseMoeBlock(nn.Module):
                 continue
             t = tok[start:start + n]
             xe = x[t]                                                # (n, hidden)
-            gu = xe @ self.w13[e]                                    # (n, 2 * il)
-            ye = (F.silu(gu[:, :il]) * gu[:, il:]) @ self.w2[e]      # (n, hidden)
+            gu = linear(xe, self.w13[e])                             # (n, 2 * il)
+            ye = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])  # (n, hidden)
             ye = ye * w[t, slot[start:start + n], None]
             out.index_add_(0, t, ye)
             start += n
@@ -96,5 +97,5 @@ class SparseMoeBlock(nn.Module):
         idx, w = self.route(x)
         y = self.experts(x, idx, w)
         if self.shared is not None:
-            y = y + torch.sigmoid(x @ self.shared_gate) * self.shared(x)
+            y = y + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
         return all_reduce(y, self.mesh.tp_comm)

@@ -4,10 +4,9 @@ Owns: ``ColumnParallelLinear`` (output features split over the TP group; several
 checkpoint tensors may be fused into one, e.g. q/k/v or gate/up),
 ``RowParallelLinear`` (input features split; one allreduce over ``comm`` in
 ``forward``), ``VocabParallelEmbedding`` / the vocab-parallel LM head, and
-``RMSNorm``.  Weights are stored transposed, ``(in_local, out_local)``, because
-``x @ W`` with that layout measured 15-35% faster than ``F.linear`` on this CPU's
-skinny decode matmuls (see benchmarks/).  Each layer's ``load`` reads only its
-slice of the checkpoint through a ``WeightSource``.
+``RMSNorm``.  Weights keep the checkpoint's ``(out_local, in_local)`` layout and
+go through ``kernels.linear``.  Each layer's ``load`` reads only its slice of the
+checkpoint through a ``WeightSource``.
 """
 from __future__ import annotations
 
@@ -17,6 +16,7 @@ import torch
 from torch import nn
 
 from ..dist.collectives import all_reduce
+from ..kernels import linear
 from ..weights.shard import Slice
 
 
@@ -39,24 +39,21 @@ class ColumnParallelLinear(nn.Module):
         self.in_features = in_features
         self.parts = list(parts)
         out_local = sum(p.size for p in self.parts)
-        self.weight = nn.Parameter(torch.empty(in_features, out_local, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_local, in_features, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_local, dtype=dtype), requires_grad=False) if bias else None
 
     def load(self, src) -> None:
         off = 0
         for p in self.parts:
             w = src.read(p.name + ".weight", (p.full_out, self.in_features), Slice(0, p.start, p.stop))
-            self.weight[:, off:off + p.size].copy_(w.t())
+            self.weight[off:off + p.size].copy_(w)
             if self.bias is not None:
                 b = src.read(p.name + ".bias", (p.full_out,), Slice(0, p.start, p.stop))
                 self.bias[off:off + p.size].copy_(b)
             off += p.size
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight                    # (T, out_local)
-        if self.bias is not None:
-            y += self.bias
-        return y
+        return linear(x, self.weight, self.bias)          # (T, out_local)
 
 
 class RowParallelLinear(nn.Module):
@@ -68,17 +65,17 @@ class RowParallelLinear(nn.Module):
         self.name, self.in_features, self.out_features = name, in_features, out_features
         self.start, self.stop = start, stop
         self.comm, self.reduce = comm, reduce
-        self.weight = nn.Parameter(torch.empty(stop - start, out_features, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(out_features, stop - start, dtype=dtype), requires_grad=False)
         self.bias = nn.Parameter(torch.empty(out_features, dtype=dtype), requires_grad=False) if bias else None
 
     def load(self, src) -> None:
         w = src.read(self.name + ".weight", (self.out_features, self.in_features), Slice(1, self.start, self.stop))
-        self.weight.copy_(w.t())
+        self.weight.copy_(w)
         if self.bias is not None:
             self.bias.copy_(src.read(self.name + ".bias", (self.out_features,)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = x @ self.weight                    # (T, out) partial sum over this rank's inputs
+        y = linear(x, self.weight)             # (T, out) partial sum over this rank's inputs
         if self.reduce:
             y = all_reduce(y, self.comm)
         if self.bias is not None:
@@ -106,24 +103,21 @@ class RMSNorm(nn.Module):
 
 class VocabParallelEmbedding(nn.Module):
     """Embedding rows [start, stop) of the vocabulary on this rank; lookups summed over ``comm``.
-
-    The table is stored as ``(hidden, vocab_local)`` so that a tied LM head is a plain
-    ``x @ W`` with the fast layout; the lookup gathers columns."""
+    A tied LM head uses the same ``(vocab_local, hidden)`` table."""
 
     def __init__(self, name: str, vocab: int, hidden: int, start: int, stop: int, dtype: torch.dtype, comm):
         super().__init__()
         self.name, self.vocab, self.hidden, self.start, self.stop, self.comm = name, vocab, hidden, start, stop, comm
-        self.weight = nn.Parameter(torch.empty(hidden, stop - start, dtype=dtype), requires_grad=False)
+        self.weight = nn.Parameter(torch.empty(stop - start, hidden, dtype=dtype), requires_grad=False)
 
     def load(self, src) -> None:
-        w = src.read(self.name + ".weight", (self.vocab, self.hidden), Slice(0, self.start, self.stop))
-        self.weight.copy_(w.t())
+        self.weight.copy_(src.read(self.name + ".weight", (self.vocab, self.hidden), Slice(0, self.start, self.stop)))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         if self.comm is None or self.comm.Get_size() == 1:
-            return self.weight[:, ids].t().contiguous()          # (T, hidden)
+            return self.weight[ids]                               # (T, hidden)
         local = ids - self.start
         mask = (local < 0) | (local >= self.stop - self.start)
-        out = self.weight[:, local.clamp(0, self.stop - self.start - 1)].t().contiguous()
+        out = self.weight[local.clamp(0, self.stop - self.start - 1)]
         out[mask] = 0
         return all_reduce(out, self.comm)
