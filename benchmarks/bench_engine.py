@@ -345,6 +345,7 @@ class HF:
         import transformers
         from transformers import AutoModelForCausalLM
         transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
         t = time.perf_counter()
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype)
         self.model.eval()
@@ -505,7 +506,7 @@ def run(a) -> dict:
             row["bandwidth_bound_tok_s"] = bound
             if ours_m["decode_tok_s"]:
                 row["mpiinfer_frac_of_bound"] = ours_m["decode_tok_s"] / bound
-                notes.append(f"{row['mpiinfer_frac_of_bound']:.0%} of bw bound {bound:.2f}")
+                notes.append(f"{row['mpiinfer_frac_of_bound']:.0%} of bw bound ({bound:.2f} tok/s)")
             if hf and hf[0]["decode_tok_s"]:
                 row["transformers_frac_of_bound"] = hf[0]["decode_tok_s"] / bound
         if hf:

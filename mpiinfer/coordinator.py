@@ -18,6 +18,7 @@ import time
 import traceback
 
 from .config import ConfigError, RunConfig
+from .faults import inject
 
 log = logging.getLogger("mpiinfer")
 
@@ -62,9 +63,10 @@ def run(cfg: RunConfig) -> int:
     try:
         return _run(cfg, world)
     except ConfigError as e:
-        # configuration errors are detected identically on every rank before compute
-        if rank == 0:
-            print(f"mpiinfer: error: {e}", file=sys.stderr, flush=True)
+        # only the leader raises these after set-up (e.g. an output that belongs to another input)
+        print(f"mpiinfer: error: {e}", file=sys.stderr, flush=True)
+        if world.Get_size() > 1:
+            world.Abort(2)
         return 2
     except BaseException as e:   # noqa: BLE001 - any failure must end every rank
         if isinstance(e, SystemExit) and not e.code:
@@ -78,27 +80,66 @@ def run(cfg: RunConfig) -> int:
         return 1
 
 
-def _run(cfg: RunConfig, world) -> int:
+class SetupFailed(Exception):
+    """Some rank could not set up; every rank raises this together (no rank is left waiting)."""
+
+    def __init__(self, message: str, config: bool):
+        super().__init__(message)
+        self.config = config
+
+
+def _agree(world, error):
+    """Collective: every rank reports its set-up error (or None); all raise the first one together."""
+    errors = world.allgather(error) if world.Get_size() > 1 else [error]
+    for r, e in enumerate(errors):
+        if e is not None:
+            kind, msg = e
+            where = f"rank {r}: " if world.Get_size() > 1 and kind != "config" else ""
+            raise SetupFailed(where + msg, config=kind == "config")
+
+
+def _setup(cfg: RunConfig, world):
+    """Mesh, device, output checks and this rank's model shard. Errors are agreed on by all ranks."""
     import torch
     from .device import Device
     from .dist.mesh import Mesh
     from .engine.runner import ModelRunner
 
-    p = cfg.parallel
-    mesh = Mesh.from_world(tp=p.tp, cp=p.cp, ep=p.ep, comm=world)
-    if mesh.dp > 1:
-        raise ConfigError(f"{mesh.world} ranks with tp x cp = {mesh.tp * mesh.cp} means dp={mesh.dp}: "
-                          "data-parallel replicas are not supported yet; launch tp x cp ranks")
-    if mesh.cp > 1:
-        raise ConfigError("--cp > 1 (context parallelism) is not supported yet")
-    if cfg.engine.threads:
-        torch.set_num_threads(cfg.engine.threads)
-    local_size = mesh.node_comm.Get_size() if mesh.node_comm is not None else 1
-    local_rank = mesh.node_comm.Get_rank() if mesh.node_comm is not None else 0
-    device = Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
-    if mesh.rank == 0:
-        _check_output(cfg)
-    runner = ModelRunner(cfg.model, cfg.engine, mesh, device)
+    error, runner, mesh = None, None, None
+    try:
+        p = cfg.parallel
+        mesh = Mesh.from_world(tp=p.tp, cp=p.cp, ep=p.ep, comm=world)
+        if mesh.dp > 1:
+            raise ConfigError(f"{mesh.world} ranks with tp x cp = {mesh.tp * mesh.cp} means dp={mesh.dp}: "
+                              "data-parallel replicas are not supported yet; launch tp x cp ranks")
+        if mesh.cp > 1:
+            raise ConfigError("--cp > 1 (context parallelism) is not supported yet")
+        if cfg.engine.threads:
+            torch.set_num_threads(cfg.engine.threads)
+        local_size = mesh.node_comm.Get_size() if mesh.node_comm is not None else 1
+        local_rank = mesh.node_comm.Get_rank() if mesh.node_comm is not None else 0
+        device = Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+        if mesh.rank == 0:
+            _check_output(cfg)
+        inject("load", mesh.rank)
+        runner = ModelRunner(cfg.model, cfg.engine, mesh, device)
+    except ConfigError as e:
+        error = ("config", str(e))
+    except Exception as e:  # noqa: BLE001 - reported by every rank together below
+        error = ("error", "".join(traceback.format_exception_only(type(e), e)).strip())
+        if os.environ.get("MPIINFER_DEBUG"):
+            traceback.print_exc()
+    _agree(world, error)
+    return mesh, runner
+
+
+def _run(cfg: RunConfig, world) -> int:
+    try:
+        mesh, runner = _setup(cfg, world)
+    except SetupFailed as e:
+        if world.Get_rank() == 0:
+            print(f"mpiinfer: error: {e}", file=sys.stderr, flush=True)
+        return 2 if e.config else 1
     if not mesh.is_replica_leader:
         runner.follow()
         return 0

@@ -17,6 +17,7 @@ import torch
 from ..config import ConfigError, EngineConfig, ModelConfig
 from ..device import Device, parse_dtype
 from ..dist.mesh import Mesh
+from ..faults import inject
 from ..models import registry
 from ..models.llama import CausalLM
 from ..weights.index import CheckpointIndex
@@ -103,6 +104,7 @@ class ModelRunner:
         comm = self.mesh.replica_comm
         if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
             comm.bcast(batch.to_arrays(), root=0)
+        inject("step", self.mesh.rank)
         return self.model(batch, self.kv)
 
     def follow(self) -> None:
@@ -112,6 +114,7 @@ class ModelRunner:
             arrays = comm.bcast(None, root=0)
             if arrays is None:
                 return
+            inject("step", self.mesh.rank)
             self.model(StepBatch.from_arrays(arrays), self.kv)
 
     def release_followers(self) -> None:

@@ -1,0 +1,125 @@
+"""Parallel layouts under mpiexec vs transformers and vs one rank: greedy tokens identical, logprobs within 1e-4.
+
+Each case is a real `mpiexec -n N python -m mpiinfer run ...` with a timeout, on a tiny checkpoint, threads=1 per
+rank (ranks beyond 2 oversubscribe this machine's cores: fine for correctness)."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from ..reference import hf_greedy
+
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+
+NEW = 24
+LENGTHS = (3, 17, 9, 30)
+TIMEOUT = 180
+
+# (arch, config overrides, ranks, extra flags) -- the layout matrix as data
+LAYOUTS = [
+    ("llama", {}, 2, ["--tp", "2"]),
+    ("llama", {}, 4, ["--tp", "4"]),                          # tp 4 > 2 KV heads: KV heads replicated
+    ("llama", {"num_key_value_heads": 1}, 2, ["--tp", "2"]),  # a model with 1 KV head
+    ("mistral", {}, 2, ["--tp", "2"]),
+    ("qwen2", {}, 2, ["--tp", "2"]),
+    ("qwen3", {}, 2, ["--tp", "2"]),
+    ("qwen3", {}, 4, ["--tp", "4"]),
+    ("mixtral", {}, 2, ["--tp", "2"]),
+    ("mixtral", {}, 2, ["--tp", "2", "--ep", "2"]),
+    ("qwen2_moe", {}, 2, ["--tp", "2", "--ep", "2"]),
+    ("qwen3_moe", {}, 2, ["--tp", "2", "--ep", "2"]),
+    ("qwen3_moe", {}, 4, ["--tp", "4", "--ep", "2"]),
+    ("qwen2_moe", {}, 4, ["--tp", "4", "--ep", "2"]),
+]
+
+
+def mpirun(n, args, timeout=TIMEOUT, env=None):
+    cmd = [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpiinfer", "run"] + args
+    e = dict(os.environ, OMP_NUM_THREADS="1", **(env or {}))
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=e)
+
+
+def prompts(vocab, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
+
+
+def write_input(path, ps):
+    with open(path, "w") as f:
+        for i, p in enumerate(ps):
+            f.write(json.dumps({"id": i, "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
+                                "ignore_eos": True}) + "\n")
+
+
+def read(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.mark.parametrize("arch,overrides,n,flags", LAYOUTS,
+                         ids=[f"{a}-{'-'.join(f[i] + f[i + 1] for i in range(0, len(f), 2))}"
+                              + ("-kv1" if o else "") for a, o, _, f in LAYOUTS])
+def test_layout_matches_reference(arch, overrides, n, flags, model_dirs, tmp_path):
+    d = model_dirs(arch, **overrides)
+    ps = prompts(512)
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, ps)
+    common = ["-m", d, "-i", str(inp), "--threads", "1", "--max-batch", "3", "--step-tokens", "8"]
+    p1 = mpirun(1, common + ["-o", str(tmp_path / "one.jsonl")])
+    assert p1.returncode == 0, p1.stderr
+    pn = mpirun(n, common + ["-o", str(tmp_path / "par.jsonl")] + flags)
+    assert pn.returncode == 0, pn.stderr
+    one, par = read(tmp_path / "one.jsonl"), read(tmp_path / "par.jsonl")
+    ref = hf_greedy(d, ps, NEW)
+    for (toks, lps), a, b in zip(ref, one, par):
+        assert a["token_ids"] == toks
+        assert b["token_ids"] == toks, f"{flags}: parallel tokens differ from transformers"
+        assert max(abs(x - y) for x, y in zip(b["logprobs"], lps)) < 1e-4
+        assert max(abs(x - y) for x, y in zip(b["logprobs"], a["logprobs"])) < 1e-4
+
+
+@pytest.mark.parametrize("where", ["load", "step"])
+@pytest.mark.parametrize("rank", [0, 1])
+def test_failure_on_one_rank_ends_the_job(where, rank, model_dirs, tmp_path):
+    d = model_dirs("llama")
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, prompts(512))
+    t0 = time.time()
+    p = mpirun(2, ["-m", d, "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--tp", "2", "--threads", "1"],
+               timeout=60, env={"MPIINFER_TEST_FAULT": f"{where}:{rank}"})
+    assert p.returncode != 0
+    assert f"injected fault at {where} on rank {rank}" in p.stderr
+    assert time.time() - t0 < 60
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--tp", "3"], "world size 2 is not divisible by tp x cp"),
+    (["--tp", "2", "--ep", "3"], "--ep 3 must divide --tp 2"),
+])
+def test_impossible_layout_refused_before_loading(flags, message, model_dirs, tmp_path):
+    d = model_dirs("llama")
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, prompts(512)[:1])
+    p = mpirun(2, ["-m", d, "-i", str(inp), "-o", str(tmp_path / "o.jsonl")] + flags, timeout=60)
+    assert p.returncode != 0
+    assert message in p.stderr
+    assert "loaded" not in p.stderr and "Traceback" not in p.stderr
+
+
+def test_model_not_divisible_refused(model_dirs, tmp_path):
+    d = model_dirs("mixtral")
+    inp = tmp_path / "in.jsonl"
+    write_input(inp, prompts(512)[:1])
+    p = mpirun(2, ["-m", d, "-i", str(inp), "-o", str(tmp_path / "o.jsonl"), "--tp", "2", "--ep", "2",
+                   "--kv-budget", "1MB"], timeout=60)
+    assert p.returncode == 0, p.stderr   # control: this layout is valid
+    d2 = model_dirs("llama", num_attention_heads=3, num_key_value_heads=1, head_dim=16)
+    p = mpirun(2, ["-m", d2, "-i", str(inp), "-o", str(tmp_path / "o2.jsonl"), "--tp", "2"], timeout=60)
+    assert p.returncode == 2
+    assert "--tp 2 does not divide num_attention_heads=3" in p.stderr
