@@ -60,7 +60,8 @@ class Device:
         raise ConfigError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
 
     def default_dtype(self, checkpoint_dtype: str) -> torch.dtype:
-        """float32 on CPU (bf16/fp16 matmuls are slow here); the checkpoint's dtype on GPU."""
+        """float32 on CPU (exact parity with the float32 reference; pass --dtype bfloat16 for speed where
+        the CPU has AVX-512 BF16); the checkpoint's dtype on GPU."""
         if self.kind == "cpu":
             return torch.float32
         return DTYPES.get(checkpoint_dtype, torch.bfloat16)

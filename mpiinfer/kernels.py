@@ -3,10 +3,12 @@
 Owns: ``linear(x, w, b)`` with ``w`` in Hugging Face layout ``(out, in)``.  On CPU
 it calls oneDNN's inner product (``torch.ops.mkldnn._linear_pointwise``) on the
 plain weight, which measured 2-3x faster than MKL's sgemm behind ``F.linear`` /
-``x @ w.t()`` for the skinny matmuls of decode on this machine's AVX2 CPU
-(2048x8192 weight, 2 threads: M=1 29 vs 9 GFLOP/s, M=16 116 vs 50, M=512 215 vs
-165; see benchmarks/bench_kernels.py).  Everywhere else (CUDA, or a torch built
-without oneDNN) it is ``F.linear``.
+``x @ w.t()`` for the skinny matmuls of decode on the 2-core AMD EPYC (Zen 4,
+AVX-512 with BF16) of our CI machines (2048x8192 weight, 2 threads: M=1 29 vs 9
+GFLOP/s, M=16 116 vs 50, M=512 215 vs 165; benchmarks/bench_kernels.py).
+bfloat16 goes through ``F.linear``, which on that CPU already uses AVX-512 BF16
+(M=16: ~230 GFLOP/s).  Everywhere else (CUDA, or a torch built without oneDNN)
+it is ``F.linear``.
 """
 from __future__ import annotations
 

@@ -68,7 +68,7 @@ class Engine:
         self.max_batch = max_batch or ec.max_batch
         self.step_tokens = step_tokens or ec.prefill_chunk_tokens
         ctx = self.cfg.max_position_embeddings
-        self.max_seq_len = min(max_seq_len or ec.max_seq_len or ctx, ctx, runner.pool_tokens)
+        self.max_seq_len = min(max_seq_len or ec.max_seq_len or ctx, ctx)
         self.alloc = RegionAllocator(runner.pool_tokens)
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
@@ -97,10 +97,15 @@ class Engine:
         if len(ids) >= self.max_seq_len:
             return self._error(req, "prompt_too_long",
                                f"prompt has {len(ids)} tokens; this run allows at most {self.max_seq_len - 1} "
-                               f"(model context {self.cfg.max_position_embeddings}, KV cache "
-                               f"{self.runner.pool_tokens} tokens)")
+                               f"(model context {self.cfg.max_position_embeddings}, --max-seq-len)")
         sp = req.sampling
+        # generation stops at the context length (finish_reason "length"), as in transformers
         max_new = min(sp.max_tokens, self.max_seq_len - len(ids))
+        if len(ids) + max_new - 1 > self.runner.pool_tokens:
+            return self._error(req, "prompt_too_long",
+                               f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) needs "
+                               f"{len(ids) + max_new - 1} KV-cache rows but the cache holds "
+                               f"{self.runner.pool_tokens}: raise --kv-budget or lower max_tokens")
         eos = frozenset() if sp.ignore_eos else self.eos
         eos = eos | frozenset(sp.stop_token_ids)
         gen = None

@@ -66,6 +66,8 @@ class ModelRunner:
         index = CheckpointIndex(model_dir)
         registry.check_checkpoint(self.cfg, index)
         self.dtype = parse_dtype(engine_cfg.dtype) or device.default_dtype(self.cfg.torch_dtype)
+        if engine_cfg.threads:
+            torch.set_num_threads(engine_cfg.threads)
         t0 = time.perf_counter()
         device.activate()
         with torch.device(device.torch):
