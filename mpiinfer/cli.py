@@ -104,6 +104,33 @@ def run(model, inputs, output, input_format, max_tokens, temperature, top_p, top
     sys.exit(run_job(cfg))
 
 
+@main.command()
+@click.option("-m", "--model", required=True, envvar=_env("MODEL"), show_envvar=True, help="Checkpoint directory.")
+@click.option("--world", type=click.IntRange(min=1), required=True, help="Number of ranks (mpiexec -n).")
+@click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True)
+@click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True)
+@click.option("--cp", type=click.IntRange(min=1), default=1, envvar=_env("CP"), show_envvar=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Default: the model's context.")
+@click.option("--max-batch", type=click.IntRange(min=1), default=64)
+@click.option("--kv-budget", default=None, help="KV-cache memory per rank (default: max-batch x max-seq-len).")
+@click.option("--memory-per-rank", default=None, help="Check that each rank fits in this much memory, e.g. 80GB.")
+@click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
+def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
+    """Print the mesh and per-rank memory of a layout, without loading weights."""
+    import json
+    from .plan import format_plan, make_plan
+    try:
+        p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
+                      kv_budget=parse_size(kv_budget) if kv_budget else None,
+                      memory_per_rank=parse_size(memory_per_rank) if memory_per_rank else None)
+    except ConfigError as e:
+        raise click.ClickException(str(e))
+    click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))
+    if memory_per_rank and not all(r["fits"] for r in p["ranks"]):
+        sys.exit(3)
+
+
 @main.command("init-model")
 @click.argument("out_dir")
 @click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]),

@@ -28,9 +28,11 @@ class TensorInfo:
     file: str
     shape: tuple
     dtype: str
+    offset: int = 0      # absolute byte offset of the tensor's data in the file
+    nbytes: int = 0
 
 
-def _read_header(path: str) -> dict:
+def _read_header(path: str) -> tuple:
     try:
         with open(path, "rb") as f:
             raw = f.read(8)
@@ -53,7 +55,7 @@ def _read_header(path: str) -> dict:
         start, stop = meta["data_offsets"]
         if stop > data_len:
             raise ConfigError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
-    return header
+    return header, 8 + n
 
 
 class CheckpointIndex:
@@ -64,11 +66,13 @@ class CheckpointIndex:
         files = self._find_files(model_dir)
         self.tensors: dict[str, TensorInfo] = {}
         for path in files:
-            for name, meta in _read_header(path).items():
+            header, data_start = _read_header(path)
+            for name, meta in header.items():
                 if name in self.tensors:
                     raise ConfigError(f"tensor {name!r} appears in two files: {self.tensors[name].file} and {path}")
                 dt = _ST_DTYPES.get(meta["dtype"], meta["dtype"])
-                self.tensors[name] = TensorInfo(name, path, tuple(meta["shape"]), dt)
+                a, b = meta["data_offsets"]
+                self.tensors[name] = TensorInfo(name, path, tuple(meta["shape"]), dt, data_start + a, b - a)
 
     @staticmethod
     def _find_files(model_dir: str) -> list:

@@ -1,36 +1,46 @@
 """Read exactly this rank's bytes of checkpoint tensors.
 
-Owns: opening safetensors files (``safe_open``, framework "pt"), reading a
-``Slice`` of a tensor with ``get_slice()[a:b]`` so that bytes a rank does not own
-are never materialised, casting to the target dtype, and loud failures on a
-missing or mis-shaped tensor.
+Owns: reading a ``Slice`` of a safetensors tensor with positioned reads
+(``os.preadv``) straight into the destination buffer, using the byte offsets of
+the file header.  Nothing is memory-mapped, so the bytes a rank does not own are
+never read and never count towards its resident memory: a slice along dim 0 is
+one read; a slice along dim 1 is one read per row of the owned columns.  Also
+owns the loud failure on a missing or mis-shaped tensor.
 """
 from __future__ import annotations
 
+import math
+import os
+
 import torch
-from safetensors import safe_open
 
 from ..config import ConfigError
 from .index import CheckpointIndex
 from .shard import Slice
 
+_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+                 "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
+
+_ROW_BATCH = 4096   # rows per preadv call for column slices
+
 
 class WeightSource:
     def __init__(self, index: CheckpointIndex):
         self.index = index
-        self._handles = {}
+        self._fds = {}
         self.bytes_read = 0
         self.names_read = set()
 
-    def _handle(self, path):
-        h = self._handles.get(path)
-        if h is None:
-            h = safe_open(path, framework="pt", device="cpu")
-            self._handles[path] = h
-        return h
+    def _fd(self, path):
+        fd = self._fds.get(path)
+        if fd is None:
+            fd = os.open(path, os.O_RDONLY)
+            self._fds[path] = fd
+        return fd
 
     def read(self, name: str, expected_shape: tuple, sl: Slice = Slice()) -> torch.Tensor:
-        """Return the slice ``sl`` of tensor ``name`` after checking its full shape."""
+        """Return the slice ``sl`` of tensor ``name`` (a new CPU tensor) after checking its full shape."""
         if name not in self.index:
             raise ConfigError(f"checkpoint {self.index.model_dir} is missing tensor {name!r}")
         info = self.index[name]
@@ -38,16 +48,49 @@ class WeightSource:
             raise ConfigError(
                 f"tensor {name!r} has shape {list(info.shape)} in {info.file}, expected {list(expected_shape)} "
                 "from config.json")
-        h = self._handle(info.file)
-        s = h.get_slice(name)
-        if sl.dim is None:
-            t = s[:]
+        dtype = _TORCH_DTYPES.get(info.dtype)
+        if dtype is None:
+            raise ConfigError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+        shape = list(info.shape)
+        esize = torch.tensor([], dtype=dtype).element_size()
+        fd = self._fd(info.file)
+        if sl.dim is None or (sl.start == 0 and sl.stop == shape[sl.dim]):
+            out = torch.empty(shape, dtype=dtype)
+            self._pread(fd, out, info.offset, info.name)
+        elif sl.dim == 0:
+            row = math.prod(shape[1:]) * esize
+            out = torch.empty([sl.stop - sl.start] + shape[1:], dtype=dtype)
+            self._pread(fd, out, info.offset + sl.start * row, info.name)
+        elif sl.dim == 1 and len(shape) == 2:
+            rows, cols = shape
+            width = sl.stop - sl.start
+            out = torch.empty(rows, width, dtype=dtype)
+            buf = out.view(torch.uint8).numpy().reshape(rows, width * esize)
+            base = info.offset + sl.start * esize
+            for r0 in range(0, rows, _ROW_BATCH):
+                r1 = min(rows, r0 + _ROW_BATCH)
+                for r in range(r0, r1):
+                    n = os.preadv(fd, [buf[r]], base + r * cols * esize)
+                    if n != width * esize:
+                        raise ConfigError(f"short read of tensor {name!r} in {info.file}")
         else:
-            idx = tuple([slice(None)] * sl.dim + [slice(sl.start, sl.stop)])
-            t = s[idx]
-        self.bytes_read += t.numel() * t.element_size()
+            raise ValueError(f"unsupported slice {sl} of a {len(shape)}-d tensor")
+        self.bytes_read += out.numel() * out.element_size()
         self.names_read.add(name)
-        return t
+        return out
+
+    @staticmethod
+    def _pread(fd, out: torch.Tensor, offset: int, name: str) -> None:
+        mv = memoryview(out.view(torch.uint8).numpy().reshape(-1)) if out.numel() else memoryview(b"")
+        done = 0
+        total = len(mv)
+        while done < total:
+            n = os.preadv(fd, [mv[done:]], offset + done)
+            if n <= 0:
+                raise ConfigError(f"short read of tensor {name!r} (file truncated?)")
+            done += n
 
     def close(self):
-        self._handles.clear()
+        for fd in self._fds.values():
+            os.close(fd)
+        self._fds.clear()

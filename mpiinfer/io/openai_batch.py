@@ -1,0 +1,322 @@
+"""OpenAI Batch API records: input lines -> ``Request``, ``Result`` -> output lines.
+
+Owns the OpenAI batch contract (the files ``vllm run-batch`` and the OpenAI
+Batch API read and write).  Nothing here opens files: ``readers.iter_openai``
+and ``writers.OpenAIBatchWriter`` call these per record.
+
+Input line::
+
+    {"custom_id": str, "method": "POST", "url": "/v1/chat/completions" | "/v1/completions",
+     "body": {"model", "messages" | "prompt", "max_tokens" | "max_completion_tokens",
+              "temperature", "top_p", "seed", "stop", "logprobs", "n", ...}}
+
+Rules:
+
+* ``custom_id`` (string) and ``url`` are required, ``method`` when present must
+  be ``"POST"``; other top-level keys are ignored.
+* Chat bodies need ``messages`` (string content, or a list of ``{"type": "text"}``
+  parts, joined); the ``developer`` role is read as ``system``.  Completion bodies
+  need ``prompt``: a string, a token-id list, or a one-element list of either.
+* Sampling: ``max_completion_tokens`` (wins over ``max_tokens``), ``temperature``,
+  ``top_p``, ``seed``, ``stop``, ``logprobs`` and the vLLM extensions ``top_k``,
+  ``stop_token_ids``, ``ignore_eos``.  Absent fields take the *run* defaults
+  (``--temperature`` etc.), not OpenAI's (temperature 1).  Type and range errors
+  are errors, as in JSONL.
+* Unsupported features are errors, not silently dropped: ``n``/``best_of`` > 1,
+  ``stream: true``, ``echo: true``, ``suffix``, top-k logprobs
+  (``top_logprobs`` > 0, or completion ``logprobs`` > 0), several prompts in one
+  completion request, non-text content parts.
+* Any other body field (``presence_penalty``, ``user``, ``response_format``...)
+  is ignored, as the OpenAI API ignores many.
+
+``Request.extra`` / ``Result.extra`` carry ``custom_id``, ``url`` and ``model``
+(body.model) so the writer can echo them.  A bad record becomes an error
+``Result`` whose ``id`` is the custom_id when valid, else the line number, and
+whose ``extra["custom_id"]`` is the custom_id or ``None`` (written as ``null``).
+
+Output lines (``batch_output_record``) follow OpenAI's batch output file::
+
+    {"id": "batch_req_<hex>", "custom_id": ..., "error": null,
+     "response": {"status_code": 200, "request_id": "req_<hex>",
+                  "body": <chat.completion | text_completion object>}}
+    {"id": "batch_req_<hex>", "custom_id": ..., "response": null,
+     "error": {"code": <error type>, "message": ...}}
+
+Every id is a hash of (index, custom_id), never random, so a resumed run
+writes the same bytes as an uninterrupted one.  (vLLM's run-batch writes random
+``vllm-<uuid>`` ids and, for failures, a 400 ``response`` without a body plus
+``error``; we use OpenAI's non-HTTP error shape, ``response: null``.)
+"""
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Callable, Optional, Union
+
+from ..config import SamplingParams
+from ..messages import ErrorInfo, Request, Result
+from .records import (INVALID_REQUEST, RecordError, _check_text, _got, _int_value, _is_int,
+                      _parse_token_list, decode_line, parse_messages, parse_sampling)
+
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+URLS = (CHAT_URL, COMPLETIONS_URL)
+
+
+def looks_like_openai(obj: Any) -> bool:
+    """Whether a parsed first record is an OpenAI batch request (has custom_id and body or url)."""
+    return isinstance(obj, dict) and "custom_id" in obj and ("body" in obj or "url" in obj)
+
+
+def _bad(message: str) -> RecordError:
+    return RecordError(INVALID_REQUEST, message)
+
+
+def _unsupported(message: str) -> RecordError:
+    return RecordError(INVALID_REQUEST, message + " is not supported by mpiinfer")
+
+
+# ----------------------------------------------------------------- input
+
+def _messages(msgs: Any) -> list:
+    if not isinstance(msgs, list):
+        raise _bad(f"body.messages must be an array of message objects, {_got(msgs)}")
+    out = []
+    for i, m in enumerate(msgs):
+        where = f"body.messages[{i}]"
+        if not isinstance(m, dict):
+            raise _bad(f"{where} must be an object, {_got(m)}")
+        content = m.get("content")
+        if isinstance(content, list):
+            parts = []
+            for j, part in enumerate(content):
+                if not isinstance(part, dict) or part.get("type") != "text":
+                    kind = part.get("type") if isinstance(part, dict) else None
+                    raise _unsupported(f"{where}.content[{j}]: content part of type {kind!r} "
+                                       f"(only text parts)")
+                text = part.get("text")
+                if not isinstance(text, str):
+                    raise _bad(f"{where}.content[{j}].text must be a string, {_got(text)}")
+                parts.append(text)
+            content = "".join(parts)
+        elif content is None and "content" in m:
+            raise _unsupported(f"{where}: a message without content (tool calls)")
+        role = m.get("role")
+        if role == "developer":
+            role = "system"
+        norm = {}
+        if "role" in m:
+            norm["role"] = role
+        if "content" in m:
+            norm["content"] = content
+        out.append(norm)
+    try:
+        return parse_messages(out)
+    except RecordError as e:
+        e.message = "body." + e.message
+        raise
+
+
+def _completion_prompt(p: Any) -> dict:
+    if isinstance(p, list) and p and not _is_int(p[0]):
+        if len(p) != 1:
+            raise _unsupported(f"body.prompt with {len(p)} prompts (one prompt per request)")
+        p = p[0]
+    if isinstance(p, str):
+        if not p:
+            raise _bad("body.prompt must not be an empty string")
+        _check_text("body.prompt", p)
+        return {"prompt": p}
+    if isinstance(p, list):
+        return {"prompt_token_ids": _parse_token_list("body.prompt", p, allow_empty=False)}
+    raise _bad(f"body.prompt must be a string or an array of token ids, {_got(p)}")
+
+
+def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParams:
+    s = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
+                                  "stop_token_ids", "ignore_eos")}
+    s["max_tokens"] = body.get("max_tokens")
+    if chat and body.get("max_completion_tokens") is not None:
+        s["max_tokens"] = _int_value("body.max_completion_tokens", body["max_completion_tokens"])
+    lp = body.get("logprobs")
+    if chat:
+        s["logprobs"] = lp
+        top = body.get("top_logprobs")
+        if top is not None and _int_value("body.top_logprobs", top) > 0:
+            raise _unsupported("body.top_logprobs > 0 (only the sampled token's logprob is returned)")
+    elif lp is not None:
+        if _int_value("body.logprobs", lp) > 0:
+            raise _unsupported("body.logprobs > 0 (top logprobs; use 0 for the sampled token's logprob)")
+        if lp < 0:
+            raise _bad(f"body.logprobs must be >= 0, got {lp}")
+        s["logprobs"] = True
+    try:
+        return parse_sampling(s, defaults)
+    except RecordError as e:
+        if not e.message.startswith("body."):
+            e.message = "body." + e.message
+        raise
+
+
+def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra: dict) -> Request:
+    if not isinstance(obj, dict):
+        raise _bad(f"record must be a JSON object, {_got(obj)}")
+    cid = obj.get("custom_id")
+    if cid is None:
+        raise _bad("record has no custom_id")
+    if not isinstance(cid, str):
+        raise _bad(f"custom_id must be a string, {_got(cid)}")
+    extra["custom_id"] = cid
+    url = obj.get("url")
+    if url is not None:
+        extra["url"] = url
+    method = obj.get("method")
+    if method is not None and method != "POST":
+        raise _bad(f"method must be \"POST\", {_got(method)}")
+    if url is None:
+        raise _bad("record has no url")
+    if url not in URLS:
+        raise _unsupported(f"url {url!r} (supported: {', '.join(URLS)})")
+    body = obj.get("body")
+    if not isinstance(body, dict):
+        raise _bad(f"body must be an object, {_got(body)}" if "body" in obj else "record has no body")
+    model = body.get("model")
+    if model is not None:
+        if not isinstance(model, str):
+            raise _bad(f"body.model must be a string, {_got(model)}")
+        extra["model"] = model
+    for key in ("n", "best_of"):
+        v = body.get(key)
+        if v is not None and _int_value(f"body.{key}", v) != 1:
+            raise _unsupported(f"body.{key}={v} (one choice per request)")
+    if body.get("stream") is not None and body["stream"] is not False:
+        raise _unsupported("body.stream")
+    chat = url == CHAT_URL
+    if chat:
+        if body.get("messages") is None:
+            raise _bad("chat completion body has no messages")
+        src = {"messages": _messages(body["messages"])}
+    else:
+        if body.get("prompt") is None:
+            raise _bad("completion body has no prompt")
+        if body.get("echo") not in (None, False):
+            raise _unsupported("body.echo")
+        if body.get("suffix") is not None:
+            raise _unsupported("body.suffix")
+        src = _completion_prompt(body["prompt"])
+    sampling = _sampling(body, chat, defaults)
+    return Request(index=index, id=cid, sampling=sampling, extra=extra, **src)
+
+
+def parse_openai_record(obj_or_line: Any, line_no: int, index: int,
+                        defaults: SamplingParams) -> Union[Request, Result]:
+    """Raw line bytes/str or a parsed value -> Request, or an error Result. Never raises."""
+    extra: dict = {"custom_id": None}
+    try:
+        if isinstance(obj_or_line, (bytes, bytearray, memoryview, str)):
+            obj = decode_line(obj_or_line)
+        else:
+            obj = obj_or_line
+        return _request(obj, line_no, index, defaults, extra)
+    except RecordError as e:
+        err = ErrorInfo(e.type, e.message)
+    except Exception as e:  # a record must never take the job down
+        err = ErrorInfo(INVALID_REQUEST, f"record could not be parsed: {type(e).__name__}: {e}")
+    cid = extra["custom_id"]
+    return Result(index=index, id=line_no if cid is None else cid, error=err, extra=extra)
+
+
+# ----------------------------------------------------------------- output
+
+def _hex(*parts: Any, n: int = 32) -> str:
+    h = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8", "surrogatepass"))
+    return h.hexdigest()[:n]
+
+
+def token_id_str(token_id: int) -> str:
+    """Default token string in logprobs when no tokenizer is given (vLLM's ``token_id:N`` form)."""
+    return f"token_id:{token_id}"
+
+
+def _chat_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) -> dict:
+    content = []
+    for t, lp in zip(ids, lps):
+        s = token_str(t)
+        content.append({"token": s, "logprob": lp,
+                        "bytes": list(s.encode("utf-8", "surrogatepass")), "top_logprobs": []})
+    return {"content": content}
+
+
+def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) -> dict:
+    tokens, offsets, pos = [], [], 0
+    for t in ids:
+        s = token_str(t)
+        tokens.append(s)
+        offsets.append(pos)
+        pos += len(s)
+    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": None,
+            "text_offset": offsets}
+
+
+def batch_output_record(result: Result, created: int, model: str = "",
+                        token_str: Optional[Callable[[int], str]] = None,
+                        default_url: str = COMPLETIONS_URL) -> dict:
+    """One OpenAI batch output record for ``result`` (see the module docstring).
+
+    ``extra`` supplies custom_id (else ``str(result.id)``), url (else
+    ``default_url``) and model (else ``model``).  ``token_str`` names tokens in
+    logprobs (default ``token_id:N``).
+    """
+    ex = result.extra or {}
+    cid = ex["custom_id"] if "custom_id" in ex else str(result.id)
+    rid = "batch_req_" + _hex("batch_req", result.index, cid)
+    if result.error is not None:
+        return {"id": rid, "custom_id": cid, "response": None,
+                "error": {"code": result.error.type, "message": result.error.message}}
+    url = ex.get("url") or default_url
+    chat = url == CHAT_URL
+    ids = list(result.token_ids)
+    lp = None
+    if result.logprobs is not None:
+        fn = token_str or token_id_str
+        lp = (_chat_logprobs if chat else _completion_logprobs)(ids, list(result.logprobs), fn)
+    choice: dict = {"index": 0}
+    if chat:
+        choice["message"] = {"role": "assistant", "content": result.text}
+    else:
+        choice["text"] = result.text
+    choice["logprobs"] = lp
+    choice["finish_reason"] = result.finish_reason
+    body = {
+        "id": ("chatcmpl-" if chat else "cmpl-") + _hex("body", result.index, cid),
+        "object": "chat.completion" if chat else "text_completion",
+        "created": int(created),
+        "model": ex.get("model") or model,
+        "choices": [choice],
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(ids),
+                  "total_tokens": result.prompt_tokens + len(ids)},
+    }
+    return {"id": rid, "custom_id": cid,
+            "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
+                         "body": body},
+            "error": None}
+
+
+def result_from_batch_output(rec: dict, index: int) -> Result:
+    """Read back an output record (tests and tools): the fields a Result can hold."""
+    cid = rec.get("custom_id")
+    extra = {"custom_id": cid}
+    if rec.get("error") is not None:
+        e = rec["error"]
+        return Result(index=index, id=cid, error=ErrorInfo(e.get("code"), e.get("message")), extra=extra)
+    body = rec["response"]["body"]
+    ch = body["choices"][0]
+    chat = body["object"] == "chat.completion"
+    extra["url"] = CHAT_URL if chat else COMPLETIONS_URL
+    extra["model"] = body.get("model")
+    lp = ch.get("logprobs")
+    if lp is not None:
+        lp = [c["logprob"] for c in lp["content"]] if chat else list(lp["token_logprobs"])
+    return Result(index=index, id=cid, text=ch["message"]["content"] if chat else ch["text"],
+                  finish_reason=ch["finish_reason"], prompt_tokens=body["usage"]["prompt_tokens"],
+                  logprobs=lp, extra=extra)
+

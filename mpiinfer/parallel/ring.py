@@ -1,0 +1,459 @@
+"""Context parallelism: exact attention over a sequence whose tokens are spread over the CP ranks.
+
+Owns the attention math of CP and its one communicator, ``mesh.cp_comm``:
+
+* load-balanced causal sharding (pure, no MPI): ``chunk_bounds``, ``shard_positions``,
+  ``shard_order``, ``gather_order``;
+* prefill, pass-KV ring attention: ``ring_attention`` (K/V blocks travel around the CP ring
+  with ``Isend``/``Irecv`` while the block already held is attended; partial results are
+  merged exactly with their log-sum-exp in float32); ``RingPlan`` is what every layer of one
+  forward step shares (block sizes, global positions and the per-step work list);
+* decode over a KV cache sharded across CP ranks: ``decode_attention_partial`` (one rank's
+  shard) and ``combine_across_ranks`` (one ``Allgather`` of small tensors, merged in fixed rank
+  order so every rank gets bitwise the same result);
+* ``merge_partials`` (the exact LSE merge) and ``causal_attention_reference`` (float64, one
+  process, for tests).
+
+Layouts follow ``models/llama.py``: queries ``(T, n_q, hd)``, keys/values ``(T, n_kv, hd)``
+for packed tokens of ONE sequence, GQA with ``group = n_q // n_kv`` (query head ``h`` reads KV
+head ``h // group``), causal mask ``kv_pos <= q_pos`` and, with a sliding window ``W``,
+``kv_pos > q_pos - W`` (as Mistral in HF).  All positions are GLOBAL positions in the sequence.
+
+Internally queries are regrouped to ``(n_kv, T * group, hd)`` (row ``t * group + g`` is token
+``t``, head ``kv * group + g``), as ``Attention._attend``'s decode path does, so K/V are never
+repeated for GQA.  Scores, softmax, partial outputs and LSEs are float32 whatever the input
+dtype; outputs are returned in the input dtype (or float32 for the partial/merge helpers).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from ..dist.collectives import _buf, _mpi
+
+# Scores of one (query chunk x KV block) matmul are at most this many float32 elements
+# (n_q * rows * kv_len), i.e. 32 MiB; queries are chunked to respect it.
+MAX_SCORE_ELEMS = 1 << 23
+# A run is a stretch of consecutive positions; positions split into more runs than this
+# are treated as one irregular run (classified by min/max, masked when it straddles).
+MAX_RUNS = 16
+_TAG = 7117
+
+
+# --------------------------------------------------------------------------- sharding (pure)
+
+def chunk_bounds(seq_len: int, n_chunks: int) -> np.ndarray:
+    """Start offsets (n_chunks + 1,) of ``n_chunks`` consecutive chunks whose lengths differ by
+    at most 1; the longer chunks are the LAST ones, so the final chunk is never empty."""
+    if n_chunks < 1 or seq_len < 0:
+        raise ValueError(f"bad chunking: seq_len={seq_len}, n_chunks={n_chunks}")
+    base, rem = divmod(seq_len, n_chunks)
+    lens = np.full(n_chunks, base, dtype=np.int64)
+    if rem:
+        lens[n_chunks - rem:] += 1
+    return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+
+
+def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
+    """Global positions (int64, ascending) owned by ``cp_rank``: chunks ``cp_rank`` and
+    ``2*cp - 1 - cp_rank`` of ``2*cp`` near-equal chunks, so every rank does the same causal
+    work.  The last position ``seq_len - 1`` is always owned by cp rank 0 (the replica leader),
+    which therefore holds the logits row of a prefill."""
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp_rank {cp_rank} out of range for cp={cp}")
+    b = chunk_bounds(seq_len, 2 * cp)
+    lo, hi = cp_rank, 2 * cp - 1 - cp_rank
+    return np.concatenate((np.arange(b[lo], b[lo + 1]), np.arange(b[hi], b[hi + 1]))).astype(np.int64)
+
+
+def shard_order(seq_len: int, cp: int) -> np.ndarray:
+    """Global positions of the concatenation of all ranks' shards (rank 0's first)."""
+    return np.concatenate([shard_positions(seq_len, cp, r) for r in range(cp)])
+
+
+def gather_order(seq_len: int, cp: int) -> np.ndarray:
+    """Permutation ``p`` such that ``concat(shards)[p]`` is in original order (the inverse of
+    ``shard_order``): ``full = torch.cat(per_rank_rows)[gather_order(L, cp)]``."""
+    return np.argsort(shard_order(seq_len, cp), kind="stable")
+
+
+# --------------------------------------------------------------------------- block planning (pure)
+
+@dataclass(frozen=True)
+class Rect:
+    """One matmul of the plan: query rows [qa, qb) against block rows [ka, kb)."""
+    qa: int
+    qb: int
+    ka: int
+    kb: int
+    masked: bool
+
+    @property
+    def elems(self) -> int:
+        return (self.qb - self.qa) * (self.kb - self.ka)
+
+
+def _runs(pos: np.ndarray):
+    """[(row_start, row_stop, pos_min, pos_max)] of runs of consecutive positions."""
+    n = len(pos)
+    if n == 0:
+        return []
+    cuts = np.flatnonzero(np.diff(pos) != 1) + 1
+    if len(cuts) + 1 > MAX_RUNS:
+        return [(0, n, int(pos.min()), int(pos.max()))]
+    edges = [0, *cuts.tolist(), n]
+    return [(a, b, int(pos[a]), int(pos[b - 1])) for a, b in zip(edges[:-1], edges[1:])]
+
+
+def _classify(q_run, kv_run, window) -> int:
+    """0: no pair can attend (future, or all outside the window); 1: every pair attends (no
+    mask); 2: some do (masked)."""
+    _, _, qmin, qmax = q_run
+    _, _, kmin, kmax = kv_run
+    if kmin > qmax or (window is not None and kmax <= qmin - window):
+        return 0
+    if kmax <= qmin and (window is None or kmin > qmax - window):
+        return 1
+    return 2
+
+
+def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: Optional[int] = None):
+    """The matmuls attending queries at ``q_pos`` to one K/V block at ``kv_pos``.
+
+    Both are split into runs of consecutive positions; each (q run, kv run) pair is skipped
+    (entirely in the future / out of the window: never computed), full (entirely in the past,
+    no mask) or masked (straddles the diagonal).  Adjacent non-skipped kv runs of one q run are
+    fused into one rectangle (masked if any part needs it), then q runs with identical
+    rectangles are fused.  Returns ``(rects, skipped_pairs)``."""
+    qr, kr = _runs(q_pos), _runs(kv_pos)
+    per_q, skipped = [], 0
+    for q in qr:
+        rects, cur = [], None
+        for kv in kr:
+            c = _classify(q, kv, window)
+            if c == 0:
+                skipped += 1
+                if cur is not None:
+                    rects.append(tuple(cur))
+                    cur = None
+            elif cur is None:
+                cur = [kv[0], kv[1], c == 2]
+            else:
+                cur[1], cur[2] = kv[1], cur[2] or c == 2
+        if cur is not None:
+            rects.append(tuple(cur))
+        per_q.append((q[0], q[1], rects))
+    out = []
+    i = 0
+    while i < len(per_q):
+        qa, qb, rects = per_q[i]
+        while i + 1 < len(per_q) and per_q[i + 1][2] == rects and per_q[i + 1][0] == qb:
+            qb = per_q[i + 1][1]
+            i += 1
+        out.extend(Rect(qa, qb, ka, kb, m) for ka, kb, m in rects)
+        i += 1
+    return out, skipped
+
+
+@dataclass
+class RingPlan:
+    """Everything about one ring pass that does not depend on the layer: the sizes and global
+    positions of every rank's K/V block and, per ring step, the matmuls to do.
+
+    Build it once per forward step (``RingPlan.build``: one ``Allgather`` and one
+    ``Allgatherv`` on ``comm``) and pass it to every layer's ``ring_attention``."""
+    cp: int
+    rank: int
+    sizes: list                      # K/V rows of each cp rank's block
+    kv_pos: list                     # np.int64 global positions of each rank's block
+    q_pos: np.ndarray
+    window: Optional[int]
+    steps: list                      # steps[t] = (source rank, [Rect]); step 0 is this rank's own block
+    skipped: int = 0                 # (q run, kv run) pairs skipped as future / out of window
+
+    @classmethod
+    def build(cls, q_pos, kv_pos, comm, window=None) -> "RingPlan":
+        qp = _np_pos(q_pos)
+        kp = _np_pos(kv_pos)
+        if comm is None or comm.Get_size() == 1:
+            cp, rank, sizes, allpos = 1, 0, [len(kp)], [kp]
+        else:
+            cp, rank = comm.Get_size(), comm.Get_rank()
+            n = np.zeros(cp, dtype=np.int64)
+            comm.Allgather(np.array([len(kp)], dtype=np.int64), n)
+            sizes = n.tolist()
+            flat = np.empty(int(n.sum()), dtype=np.int64)
+            comm.Allgatherv(kp, [flat, n])
+            offs = np.concatenate(([0], np.cumsum(n)))
+            allpos = [flat[offs[i]:offs[i + 1]] for i in range(cp)]
+        steps, skipped = [], 0
+        for t in range(cp):
+            src = (rank - t) % cp
+            rects, s = plan_block(qp, allpos[src], window)
+            steps.append((src, rects))
+            skipped += s
+        return cls(cp, rank, sizes, allpos, qp, window, steps, skipped)
+
+    @property
+    def pairs(self) -> int:
+        """Matmul rectangles this rank computes over the whole ring pass."""
+        return sum(len(r) for _, r in self.steps)
+
+    @property
+    def elems(self) -> int:
+        """(query, key) pairs this rank computes scores for, per head."""
+        return sum(x.elems for _, r in self.steps for x in r)
+
+
+def _np_pos(p) -> np.ndarray:
+    if isinstance(p, torch.Tensor):
+        p = p.detach().cpu().numpy()
+    return np.ascontiguousarray(np.asarray(p, dtype=np.int64).reshape(-1))
+
+
+# --------------------------------------------------------------------------- block attention (float32)
+
+def _group_q(q: torch.Tensor, n_kv: int, scale: float) -> torch.Tensor:
+    """(T, n_q, hd) -> (n_kv, T * group, hd) float32, pre-scaled."""
+    T, n_q, hd = q.shape
+    g = n_q // n_kv
+    qg = q.float().view(T, n_kv, g, hd).permute(1, 0, 2, 3).reshape(n_kv, T * g, hd)
+    return qg * scale
+
+
+def _ungroup(o: torch.Tensor, lse: torch.Tensor, T: int):
+    """(n_kv, T*g, hd), (n_kv, T*g) -> (T, n_q, hd), (T, n_q)."""
+    n_kv, _, hd = o.shape
+    g = o.shape[1] // T if T else 1
+    o = o.view(n_kv, T, g, hd).permute(1, 0, 2, 3).reshape(T, n_kv * g, hd)
+    lse = lse.view(n_kv, T, g).permute(1, 0, 2).reshape(T, n_kv * g)
+    return o, lse
+
+
+def _softmax_av(s: torch.Tensor, V: torch.Tensor):
+    """Scores s (n_kv, R, w) (masked entries -inf, consumed in place), V (n_kv, w, hd) ->
+    normalised output (n_kv, R, hd) and lse (n_kv, R); a row with no valid key gives 0 / -inf."""
+    m = s.amax(dim=-1, keepdim=True)
+    m = m.masked_fill(m == -math.inf, 0.0)
+    p = s.sub_(m).exp_()
+    l = p.sum(dim=-1, keepdim=True)                                    # (n_kv, R, 1)
+    o = torch.bmm(p, V)
+    o = o.div_(l.clamp_min(torch.finfo(torch.float32).tiny))          # l == 0 -> o == 0
+    lse = (l.log_() + m).squeeze(-1)                                   # log 0 = -inf
+    return o, lse
+
+
+def _merge_into(acc_o, acc_lse, o, lse):
+    """acc <- exact LSE merge of acc and (o, lse), in place (views allowed)."""
+    new = torch.logaddexp(acc_lse, lse)
+    safe = new.masked_fill(new == -math.inf, 0.0)
+    acc_o.mul_(torch.exp(acc_lse - safe).unsqueeze(-1)).add_(o * torch.exp(lse - safe).unsqueeze(-1))
+    acc_lse.copy_(new)
+
+
+def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse,
+                  max_elems=MAX_SCORE_ELEMS, poll=None):
+    """Attend grouped queries ``qg`` (n_kv, Tq*g, hd) to K/V (n_kv, Tk, hd) over ``rects``,
+    merging into the accumulators; ``poll()`` is called after every matmul chunk (to let MPI
+    progress the transfers in flight)."""
+    n_kv = qg.shape[0]
+    n_q = n_kv * group
+    for r in rects:
+        w = r.kb - r.ka
+        Kt = K[:, r.ka:r.kb].transpose(1, 2)                           # (n_kv, hd, w)
+        Vs = V[:, r.ka:r.kb]                                           # (n_kv, w, hd)
+        step = max(1, max_elems // max(1, n_q * w))
+        for a in range(r.qa, r.qb, step):
+            b = min(r.qb, a + step)
+            R = b - a
+            s = torch.bmm(qg[:, a * group:b * group], Kt)              # (n_kv, R*g, w)
+            if r.masked:
+                qp = qpos_t[a:b, None]
+                kp = kpos_t[None, r.ka:r.kb]
+                bad = kp > qp
+                if window is not None:
+                    bad |= kp <= qp - window
+                s.view(n_kv, R, group, w).masked_fill_(bad[None, :, None, :], -math.inf)
+            o, lse = _softmax_av(s, Vs)
+            _merge_into(acc_o[:, a * group:b * group], acc_lse[:, a * group:b * group], o, lse)
+            if poll is not None:
+                poll()
+
+
+# --------------------------------------------------------------------------- prefill: ring attention
+
+def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_pos, comm, scale: float,
+                   window: Optional[int] = None, *, plan: Optional[RingPlan] = None,
+                   stats: Optional[dict] = None, return_lse: bool = False,
+                   max_score_elems: int = MAX_SCORE_ELEMS):
+    """Exact causal attention of this rank's queries to the K/V of ALL ranks of ``comm``.
+
+    q (Tq, n_q, hd) and k, v (Tk, n_kv, hd) are this rank's tokens of one sequence (any of
+    Tq, Tk may be 0), with GLOBAL positions ``q_pos`` (Tq,), ``kv_pos`` (Tk,) (int64 tensors
+    or arrays).  K/V may be strided views (e.g. ``cache[:, a:b].transpose(0, 1)``).
+
+    Ring: step t attends the block of rank ``(rank - t) % cp``; before computing on it the
+    rank starts ``Isend`` of that block to ``rank + 1`` and ``Irecv`` of the next one from
+    ``rank - 1`` into the other of two buffers (K and V travel packed in one message in the
+    input dtype; bf16 as int16).  Pairs of runs entirely in the future are never computed;
+    those entirely in the past are computed without a mask.  Every rank of ``comm`` must call
+    this collectively (same n_kv, hd, dtype), even with no tokens.
+
+    ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window)`` reused across layers (saves two
+    small collectives per call).  ``stats``: a dict that gets accumulated ``wait_s`` (in
+    ``Waitall``), ``poll_s``, ``compute_s``, ``pairs``, ``elems``, ``skipped``, ``bytes_sent``.
+    Returns out (Tq, n_q, hd) in q's dtype, and with ``return_lse`` also lse (Tq, n_q) float32.
+    """
+    Tq, n_q, hd = q.shape
+    Tk, n_kv = k.shape[0], k.shape[1]
+    group = n_q // n_kv
+    if plan is None:
+        plan = RingPlan.build(q_pos, kv_pos, comm, window)
+    cp, rank = plan.cp, plan.rank
+    t_start = time.perf_counter()
+
+    qg = _group_q(q, n_kv, scale)                                      # (n_kv, Tq*g, hd)
+    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32)
+    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32)
+    qpos_t = torch.from_numpy(plan.q_pos)
+
+    # two flat buffers of the largest block; block of s rows = first 2*n_kv*s*hd elements
+    cap = 2 * n_kv * max(plan.sizes) * hd
+    bufs = [torch.empty(cap, dtype=k.dtype), torch.empty(cap if cp > 1 else 0, dtype=k.dtype)]
+    own = bufs[0][:2 * n_kv * Tk * hd].view(2, n_kv, Tk, hd)
+    own[0].copy_(k.transpose(0, 1))
+    own[1].copy_(v.transpose(0, 1))
+
+    MPI = _mpi() if cp > 1 else None
+    nxt, prv = (rank + 1) % cp, (rank - 1) % cp
+    wait_s = poll_s = 0.0
+    sent = 0
+    cur = 0
+    for t, (src, rects) in enumerate(plan.steps):
+        n_src = plan.sizes[src]
+        reqs = []
+        if t < cp - 1:
+            n_in = 2 * n_kv * plan.sizes[(rank - t - 1) % cp] * hd
+            n_out = 2 * n_kv * n_src * hd
+            reqs = [comm.Irecv(_buf(bufs[1 - cur][:n_in]), source=prv, tag=_TAG),
+                    comm.Isend(_buf(bufs[cur][:n_out]), dest=nxt, tag=_TAG)]
+            sent += n_out * bufs[cur].element_size()
+
+        poll = None
+        if reqs:
+            def poll(reqs=reqs):
+                nonlocal poll_s
+                t0 = time.perf_counter()
+                MPI.Request.Testall(reqs)
+                poll_s += time.perf_counter() - t0
+
+        if rects:
+            block = bufs[cur][:2 * n_kv * n_src * hd].view(2, n_kv, n_src, hd)
+            block = block.float() if block.dtype != torch.float32 else block   # reads only: safe while sending
+            kpos_t = torch.from_numpy(plan.kv_pos[src])
+            _attend_rects(qg, qpos_t, block[0], block[1], kpos_t, rects, group, plan.window,
+                          acc_o, acc_lse, max_score_elems, poll)
+        if reqs:
+            t0 = time.perf_counter()
+            MPI.Request.Waitall(reqs)
+            wait_s += time.perf_counter() - t0
+        cur = 1 - cur
+
+    out, lse = _ungroup(acc_o, acc_lse, Tq)
+    if stats is not None:
+        total = time.perf_counter() - t_start
+        for key, val in (("wait_s", wait_s), ("poll_s", poll_s), ("total_s", total),
+                         ("compute_s", total - wait_s - poll_s), ("pairs", plan.pairs),
+                         ("elems", plan.elems), ("skipped", plan.skipped), ("bytes_sent", sent)):
+            stats[key] = stats.get(key, 0) + val
+    out = out.to(q.dtype)
+    return (out, lse) if return_lse else out
+
+
+# --------------------------------------------------------------------------- decode: sharded KV
+
+def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                             q_pos=None, kv_pos=None, window: Optional[int] = None):
+    """Attention of queries q (Tq, n_q, hd) to one rank's local K/V shard k, v (Tk, n_kv, hd).
+
+    Without positions every key is visible (decode: the shard is all in the past).  With
+    ``q_pos``/``kv_pos`` the causal (and window) mask is applied, so several new tokens can be
+    attended at once.  Returns the partial (out (Tq, n_q, hd), lse (Tq, n_q)), both float32;
+    an empty shard gives (0, -inf), which merges as a no-op."""
+    Tq, n_q, hd = q.shape
+    Tk, n_kv = k.shape[0], k.shape[1]
+    group = n_q // n_kv
+    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32)
+    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32)
+    if Tq and Tk:
+        qg = _group_q(q, n_kv, scale)
+        K = k.transpose(0, 1).float()                                  # (n_kv, Tk, hd)
+        V = v.transpose(0, 1).float()
+        masked = q_pos is not None
+        if masked:
+            qp, kp = torch.from_numpy(_np_pos(q_pos)), torch.from_numpy(_np_pos(kv_pos))
+        else:
+            qp = kp = None
+        _attend_rects(qg, qp, K, V, kp, [Rect(0, Tq, 0, Tk, masked)], group, window, acc_o, acc_lse)
+    return _ungroup(acc_o, acc_lse, Tq)
+
+
+def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):
+    """Exact merge of partial attentions over disjoint key sets, in list order:
+    ``lse = logsumexp_i lse_i``, ``out = sum_i exp(lse_i - lse) * out_i`` (float32).
+    outs: (..., hd) each, lses: (...) each.  Rows where every lse is -inf give 0 / -inf."""
+    L = torch.stack([x.float() for x in lses])                         # (n, ...)
+    lse = torch.logsumexp(L, dim=0)
+    safe = lse.masked_fill(lse == -math.inf, 0.0)
+    out = torch.zeros_like(outs[0], dtype=torch.float32)
+    for o, l in zip(outs, L):
+        out += o.float() * torch.exp(l - safe).unsqueeze(-1)
+    return out, lse
+
+
+def combine_across_ranks(out: torch.Tensor, lse: torch.Tensor, comm, return_lse: bool = False):
+    """Merge every rank's partial (out (T, n_q, hd), lse (T, n_q)) over ``comm`` (the CP group):
+    one ``Allgather`` of the packed float32 (T, n_q, hd + 1) rows, then ``merge_partials`` in
+    rank order, so all ranks hold bitwise the same float32 result.  Batch all sequences of a
+    decode step into the rows of one call (one collective per layer)."""
+    out, lse = out.float(), lse.float()
+    if comm is None or comm.Get_size() == 1:
+        return (out, lse) if return_lse else out
+    n = comm.Get_size()
+    packed = torch.cat((out, lse.unsqueeze(-1)), dim=-1).contiguous()  # (T, n_q, hd+1)
+    allp = torch.empty((n,) + tuple(packed.shape), dtype=torch.float32)
+    comm.Allgather(packed.numpy(), allp.numpy())
+    merged, mlse = merge_partials([allp[i, ..., :-1] for i in range(n)], [allp[i, ..., -1] for i in range(n)])
+    return (merged, mlse) if return_lse else merged
+
+
+# --------------------------------------------------------------------------- reference
+
+def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
+                               window: Optional[int] = None, q_pos=None, kv_pos=None,
+                               return_lse: bool = False):
+    """Full causal (optionally sliding-window) attention in float64 on one process.
+    q (Tq, n_q, hd), k/v (Tk, n_kv, hd); positions default to ``arange``.  Returns out in q's
+    dtype (and lse float64 with ``return_lse``); rows with no visible key give 0."""
+    Tq, n_q, hd = q.shape
+    Tk, n_kv = k.shape[0], k.shape[1]
+    g = n_q // n_kv
+    qp = torch.arange(Tq) if q_pos is None else torch.as_tensor(np.asarray(_np_pos(q_pos)))
+    kp = torch.arange(Tk) if kv_pos is None else torch.as_tensor(np.asarray(_np_pos(kv_pos)))
+    K = k.double().repeat_interleave(g, dim=1)                         # (Tk, n_q, hd)
+    V = v.double().repeat_interleave(g, dim=1)
+    s = torch.einsum("qhd,khd->hqk", q.double(), K) * scale           # (n_q, Tq, Tk)
+    bad = kp[None, :] > qp[:, None]
+    if window is not None:
+        bad |= kp[None, :] <= qp[:, None] - window
+    s = s.masked_fill(bad[None], -math.inf)
+    lse = torch.logsumexp(s, dim=-1)                                   # (n_q, Tq)
+    p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])
+    out = torch.einsum("hqk,khd->qhd", p, V)
+    out = out.to(q.dtype)
+    return (out, lse.transpose(0, 1)) if return_lse else out

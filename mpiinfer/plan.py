@@ -1,0 +1,88 @@
+"""``mpiinfer plan``: the mesh and per-rank memory of a layout, without loading weights.
+
+Owns: nothing new -- it reuses the same validation as ``run`` (``Layout.validate``,
+``runner.validate_layout``) and builds each distinct rank's model on the ``meta``
+device, so the weight bytes it reports are exactly what ``run`` allocates.
+"""
+from __future__ import annotations
+
+import torch
+
+from .config import ModelConfig
+from .device import parse_dtype
+from .dist.mesh import Layout, Mesh
+from .engine.kv_cache import KVCache
+from .engine.runner import validate_layout
+from .weights.shard import kv_heads_for_rank
+
+RUNTIME_OVERHEAD = 600 << 20   # torch + MPI + Python per rank, measured on CPU (benchmarks/bench_parallel.py)
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1, dtype: str | None = None,
+              max_seq_len: int | None = None, max_batch: int = 64, kv_budget: int | None = None,
+              memory_per_rank: int | None = None) -> dict:
+    cfg = ModelConfig.from_dir(model_dir)
+    layout = Layout(world=world, tp=tp, cp=cp, ep=ep)
+    layout.validate()
+    validate_layout(cfg, layout)
+    tdtype = parse_dtype(dtype) or torch.float32
+    esize = torch.tensor([], dtype=tdtype).element_size()
+    seq = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
+    from .models.llama import CausalLM
+    ranks = []
+    cache = {}
+    for r in range(world):
+        mesh = Mesh(layout, r)
+        key = (mesh.tp_rank, mesh.ep_rank)
+        if key not in cache:
+            with torch.device("meta"):
+                model = CausalLM(cfg, mesh, tdtype, torch.device("meta"))
+            wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
+            k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, mesh.tp_rank)
+            per_tok = KVCache.bytes_per_token(cfg.num_layers, k1 - k0, cfg.head_dim, esize)
+            cache[key] = (wbytes, per_tok)
+        wbytes, per_tok = cache[key]
+        # with cp > 1 each rank holds 1/cp of a long sequence's KV
+        kv = kv_budget if kv_budget is not None else max_batch * seq * per_tok // cp
+        total = wbytes + kv + RUNTIME_OVERHEAD
+        ranks.append({"rank": r, "dp": mesh.dp_rank, "cp": mesh.cp_rank, "tp": mesh.tp_rank, "ep": mesh.ep_rank,
+                      "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "kv_bytes": kv,
+                      "kv_tokens": kv // per_tok * cp, "total_bytes": total,
+                      "fits": None if memory_per_rank is None else total <= memory_per_rank})
+    groups = {
+        "tp": sorted({tuple(layout.tp_group(r)) for r in range(world)}),
+        "cp": sorted({tuple(layout.cp_group(r)) for r in range(world)}),
+        "dp": sorted({tuple(layout.dp_group(r)) for r in range(world)}),
+        "replicas": sorted({tuple(layout.replica_group(r)) for r in range(world)}),
+    }
+    return {"model": model_dir, "arch": cfg.arch, "params": cfg.num_params, "dtype": str(tdtype).replace("torch.", ""),
+            "layout": {"world": world, "dp": layout.dp, "cp": cp, "tp": tp, "ep": ep}, "groups": groups,
+            "max_seq_len": seq, "max_batch": max_batch, "ranks": ranks, "memory_per_rank": memory_per_rank,
+            "runtime_overhead_bytes": RUNTIME_OVERHEAD}
+
+
+def format_plan(p: dict) -> str:
+    L = p["layout"]
+    lines = [f"{p['arch']} ({p['params'] / 1e9:.2f}B parameters, {p['dtype']}) from {p['model']}",
+             f"mesh: world={L['world']} = dp {L['dp']} x cp {L['cp']} x tp {L['tp']}; ep={L['ep']}"]
+    for axis in ("replicas", "tp", "cp", "dp"):
+        groups = p["groups"][axis]
+        shown = " ".join("[" + " ".join(map(str, g)) + "]" for g in groups[:8])
+        lines.append(f"  {axis + ' groups':16s} {shown}{' ...' if len(groups) > 8 else ''}")
+    lines.append(f"per rank (KV for {p['max_batch']} sequences x {p['max_seq_len']} tokens unless --kv-budget; "
+                 f"runtime overhead {_gib(p['runtime_overhead_bytes'])}):")
+    lines.append(f"  {'rank':>4} {'dp':>3} {'cp':>3} {'tp':>3} {'ep':>3} {'weights':>11} {'KV/token':>9} "
+                 f"{'KV':>11} {'total':>11}" + ("  fits" if p["memory_per_rank"] else ""))
+    for r in p["ranks"]:
+        lines.append(f"  {r['rank']:>4} {r['dp']:>3} {r['cp']:>3} {r['tp']:>3} {r['ep']:>3} "
+                     f"{_gib(r['weight_bytes']):>11} {r['kv_bytes_per_token'] / 1024:>7.1f}Ki "
+                     f"{_gib(r['kv_bytes']):>11} {_gib(r['total_bytes']):>11}"
+                     + (("  yes" if r["fits"] else "  NO") if p["memory_per_rank"] else ""))
+    if p["memory_per_rank"]:
+        ok = all(r["fits"] for r in p["ranks"])
+        lines.append(f"{'fits' if ok else 'does NOT fit'} in {_gib(p['memory_per_rank'])} per rank")
+    return "\n".join(lines)

@@ -1,0 +1,54 @@
+"""`mpiinfer plan`: mesh groups and per-rank weight bytes without loading; same refusals as `run`."""
+import json
+
+from click.testing import CliRunner
+
+from mpiinfer.cli import main
+
+
+def plan(args):
+    r = CliRunner().invoke(main, ["plan"] + args)
+    return r.exit_code, r.output
+
+
+def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
+    from mpiinfer.config import EngineConfig
+    from mpiinfer.device import Device
+    from mpiinfer.dist.mesh import Layout, Mesh
+    from mpiinfer.engine.runner import ModelRunner
+    for arch, tp, ep in (("llama", 2, 1), ("qwen2_moe", 2, 2), ("qwen3_moe", 4, 2), ("llama", 4, 1)):
+        d = model_dirs(arch)
+        code, out = plan(["-m", d, "--world", str(tp), "--tp", str(tp), "--ep", str(ep), "--json"])
+        assert code == 0, out
+        p = json.loads(out)
+        # build each rank's real shard (no MPI needed to construct and load) and compare bytes
+        for r in p["ranks"]:
+            mesh = Mesh(Layout(world=tp, tp=tp, ep=ep), r["rank"])
+            runner = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 20), mesh, Device("cpu"))
+            assert runner.weight_bytes == r["weight_bytes"]
+            assert runner.weight_bytes_read <= runner.weight_bytes
+        code1, out1 = plan(["-m", d, "--world", "1", "--json"])
+        full = json.loads(out1)["ranks"][0]["weight_bytes"]
+        total = sum(r["weight_bytes"] for r in p["ranks"])
+        assert total >= full and (arch == "llama" and tp == 4 or total <= full * 1.3)
+
+
+def test_plan_groups_and_fit(model_dirs):
+    d = model_dirs("llama")
+    code, out = plan(["-m", d, "--world", "8", "--tp", "2", "--memory-per-rank", "100GB"])
+    assert code == 0, out
+    assert "tp groups        [0 1] [2 3] [4 5] [6 7]" in out
+    assert "dp groups        [0 2 4 6] [1 3 5 7]" in out
+    assert "fits in" in out
+    code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--memory-per-rank", "1MB"])
+    assert code == 3 and "does NOT fit" in out
+
+
+def test_plan_refuses_like_run(model_dirs):
+    d = model_dirs("llama")
+    code, out = plan(["-m", d, "--world", "6", "--tp", "4"])
+    assert code != 0 and "world size 6 is not divisible by tp x cp = 4 x 1" in out
+    code, out = plan(["-m", d, "--world", "8", "--tp", "8"])
+    assert code != 0 and "--tp 8 does not divide num_attention_heads=4" in out
+    code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--ep", "2"])
+    assert code != 0 and "has no experts" in out

@@ -1,0 +1,40 @@
+"""The loader reads exactly the requested slice, byte for byte, for every dtype and slice direction."""
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from mpiinfer.config import ConfigError
+from mpiinfer.weights.index import CheckpointIndex
+from mpiinfer.weights.loader import WeightSource
+from mpiinfer.weights.shard import Slice, even_range, kv_heads_for_rank
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_slices_equal_full_tensor_slices(tmp_path, dtype):
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a": torch.randn(12, 10, generator=g).to(dtype), "b": torch.randn(7, generator=g).to(dtype),
+               "c": torch.randn(3, 5, 4, generator=g).to(dtype)}
+    save_file(tensors, str(tmp_path / "model.safetensors"))
+    src = WeightSource(CheckpointIndex(str(tmp_path)))
+    a = tensors["a"]
+    assert torch.equal(src.read("a", (12, 10)), a)
+    assert torch.equal(src.read("a", (12, 10), Slice(0, 3, 9)), a[3:9])
+    assert torch.equal(src.read("a", (12, 10), Slice(1, 2, 7)), a[:, 2:7])
+    assert torch.equal(src.read("b", (7,), Slice(0, 1, 4)), tensors["b"][1:4])
+    assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 1, 3)), tensors["c"][1:3])
+    assert src.bytes_read == (120 + 60 + 60 + 3 + 40) * a.element_size()
+    with pytest.raises(ConfigError, match="has shape"):
+        src.read("a", (10, 12))
+    with pytest.raises(ConfigError, match="missing tensor 'zzz'"):
+        src.read("zzz", (1,))
+    src.close()
+
+
+def test_shard_arithmetic():
+    assert [even_range(8, r, 4) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    # tp > kv heads: each KV head replicated on consecutive ranks
+    assert [kv_heads_for_rank(2, 4, r) for r in range(4)] == [(0, 1), (0, 1), (1, 2), (1, 2)]
+    assert [kv_heads_for_rank(1, 2, r) for r in range(2)] == [(0, 1), (0, 1)]
+    assert [kv_heads_for_rank(8, 2, r) for r in range(2)] == [(0, 4), (4, 8)]
+    with pytest.raises(ValueError):
+        kv_heads_for_rank(3, 4, 0)
