@@ -60,6 +60,10 @@ def run(cfg: RunConfig) -> int:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     setup_logging(rank, cfg.quiet)
+    # SIGTERM (Slurm's time limit, sent to every rank): only the coordinator acts on it -- it stops
+    # dispatching and tells the leaders to stop; other ranks keep going until told.
+    import signal
+    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
         return _run(cfg, world)
     except ConfigError as e:
@@ -109,9 +113,6 @@ def _setup(cfg: RunConfig, world):
     try:
         p = cfg.parallel
         mesh = Mesh.from_world(tp=p.tp, cp=p.cp, ep=p.ep, comm=world)
-        if mesh.dp > 1:
-            raise ConfigError(f"{mesh.world} ranks with tp x cp = {mesh.tp * mesh.cp} means dp={mesh.dp}: "
-                              "data-parallel replicas are not supported yet; launch tp x cp ranks")
         if mesh.cp > 1:
             raise ConfigError("--cp > 1 (context parallelism) is not supported yet")
         if cfg.engine.threads:
@@ -144,7 +145,10 @@ def _run(cfg: RunConfig, world) -> int:
         runner.follow()
         return 0
     try:
-        return _lead(cfg, mesh, runner)
+        if mesh.rank == 0:
+            return _coordinate(cfg, mesh, runner)
+        from .replica import serve
+        return serve(cfg, mesh, runner)
     finally:
         runner.release_followers()
 
@@ -163,13 +167,42 @@ def _check_output(cfg: RunConfig) -> None:
             raise ConfigError("--output must not be one of the inputs")
 
 
-def _lead(cfg: RunConfig, mesh, runner) -> int:
+class _Source:
+    """The input stream with a bounded window: items taken but not yet written never exceed ``window``."""
+
+    def __init__(self, items, window: int):
+        self.items = items
+        self.window = window
+        self.in_flight = 0
+        self.exhausted = False
+        self.stopped = False
+
+    def take(self, n: int) -> list:
+        out = []
+        while not self.exhausted and not self.stopped and len(out) < n and self.in_flight < self.window:
+            item = next(self.items, None)
+            if item is None:
+                self.exhausted = True
+                break
+            out.append(item)
+            self.in_flight += 1
+        return out
+
+
+def _coordinate(cfg: RunConfig, mesh, runner) -> int:
+    """World rank 0: read inputs, feed its own engine and the other replica leaders, write results in order."""
+    import signal
+
+    from mpi4py import MPI
     from tqdm import tqdm
 
     from .engine.generate import Engine
     from .io.writers import JsonlWriter, OrderedWriter, recover_jsonl
+    from .messages import TAG, Done, Result, Stop, Want, Work
     from .tokenizer import Tokenizer
 
+    world = mesh.world_comm
+    leaders = [mesh.layout.replica_leader(d) for d in range(1, mesh.dp)]
     tok = Tokenizer(cfg.model)
     engine = Engine(runner, tok, default_seed=cfg.seed)
     done = 0
@@ -184,36 +217,101 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
             raise ConfigError(f"{cfg.output} already has {done} records but the input has only {skipped}: "
                               "it belongs to another input; pass --overwrite to start over")
         log.info("resuming: %d records already in %s", done, cfg.output)
-    # peek to tell a finished job from one with work left
     first = next(items, None)
     if first is None:
         log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
+        for r in leaders:
+            world.send(Stop(), dest=r, tag=TAG)
         return 0
     items = itertools.chain([first], items)
+
+    # window: enough to keep every replica's batch full plus its prefetch, bounded for memory
+    window = max(256, 4 * engine.max_batch * mesh.dp)
+    src = _Source(items, window)
+    stop_signal = []
+
+    def on_term(signum, frame):
+        stop_signal.append(signum)
+        src.stopped = True
+    old_term = signal.signal(signal.SIGTERM, on_term)
 
     show_bar = not cfg.quiet and sys.stderr.isatty()
     bar = tqdm(total=None, initial=done, unit="rec", disable=not show_bar, dynamic_ncols=True)
     t0 = time.perf_counter()
-    n = errors = 0
-    last_log = t0
+    stats = {"n": 0, "errors": 0, "tokens": 0}
+    last_log = [t0]
+    wants = {r: 0 for r in leaders}
     inner = JsonlWriter(cfg.output, flush_every_records=cfg.flush_every, flush_every_seconds=5.0)
-    with OrderedWriter(inner, start_index=done) as writer:
-        for res in engine.generate(items):
-            writer.write(res)
-            n += 1
-            if res.error is not None:
-                errors += 1
-                if cfg.max_errors is not None and errors > cfg.max_errors:
-                    raise RuntimeError(f"more than --max-errors {cfg.max_errors} records failed "
-                                       f"(last: {res.error.type}: {res.error.message})")
-            bar.update(1)
-            now = time.perf_counter()
-            if not show_bar and not cfg.quiet and now - last_log > cfg.log_every:
-                last_log = now
-                log.info("%d records done (%d errors), %.1f generated tok/s", done + n, errors,
-                         engine.tokens_generated / (now - t0))
-    bar.close()
+    writer = OrderedWriter(inner, start_index=done, max_pending=window + 16)
+
+    def emit(res: Result) -> None:
+        writer.write(res)
+        src.in_flight -= 1
+        stats["n"] += 1
+        stats["tokens"] += len(res.token_ids)
+        if res.error is not None:
+            stats["errors"] += 1
+            if cfg.max_errors is not None and stats["errors"] > cfg.max_errors:
+                raise RuntimeError(f"more than --max-errors {cfg.max_errors} records failed "
+                                   f"(last: {res.error.type}: {res.error.message})")
+        bar.update(1)
+        now = time.perf_counter()
+        if not show_bar and not cfg.quiet and now - last_log[0] > cfg.log_every:
+            last_log[0] = now
+            log.info("%d records done (%d errors), %.1f generated tok/s", done + stats["n"], stats["errors"],
+                     stats["tokens"] / (now - t0))
+
+    def service(block: bool) -> None:
+        status = MPI.Status()
+        while world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status) or block:
+            msg = world.recv(source=MPI.ANY_SOURCE, tag=TAG, status=status)
+            block = False
+            if isinstance(msg, Want):
+                wants[status.Get_source()] += msg.n
+            elif isinstance(msg, Done):
+                for res in msg.results:
+                    emit(res)
+
+    try:
+        while True:
+            service(block=False)
+            for r in leaders:
+                if wants[r] > 0:
+                    batch = src.take(wants[r])
+                    if batch:
+                        wants[r] -= len(batch)
+                        world.send(Work(batch), dest=r, tag=TAG)
+            for item in src.take(engine.free_capacity()):
+                err = item if isinstance(item, Result) else engine.add(item)
+                if err is not None:
+                    emit(err)
+            if src.stopped:
+                break
+            if engine.has_work():
+                for res in engine.step():
+                    emit(res)
+            elif src.exhausted and src.in_flight == 0:
+                break
+            else:
+                service(block=True)   # nothing to compute here: wait for a leader's message
+    finally:
+        signal.signal(signal.SIGTERM, old_term)
+        abandon = bool(stop_signal) or sys.exc_info()[0] is not None
+        for r in leaders:
+            world.send(Stop(abandon=abandon), dest=r, tag=TAG)
+        bar.close()
+        if abandon:
+            try:
+                writer.close()     # flushes what is in order; results after a gap are dropped (redone on resume)
+            except RuntimeError:
+                pass
+        else:
+            writer.close()
     dt = time.perf_counter() - t0
+    if stop_signal:
+        log.warning("stopped by signal %d: %d records are in %s; re-run the same command to resume",
+                    stop_signal[0], writer.next_index, cfg.output)
+        return 0
     log.info("done: %d records (%d errors) in %.1fs, %d tokens generated (%.1f tok/s) -> %s",
-             n, errors, dt, engine.tokens_generated, engine.tokens_generated / max(dt, 1e-9), cfg.output)
+             stats["n"], stats["errors"], dt, stats["tokens"], stats["tokens"] / max(dt, 1e-9), cfg.output)
     return 0

@@ -58,3 +58,32 @@ class Result:
         if self.logprobs is not None:
             rec["logprobs"] = list(self.logprobs)
         return rec
+
+
+# ----------------------------------------------------------------- coordinator <-> replica leaders
+# Sent with mpi4py's lowercase (pickle) API on the world communicator, tag TAG.
+TAG = 77
+
+
+@dataclass(frozen=True)
+class Want:
+    """A replica leader has room for ``n`` more requests."""
+    n: int
+
+
+@dataclass(frozen=True)
+class Work:
+    """Requests (or already-failed records, as error Results) for a replica leader."""
+    items: list
+
+
+@dataclass(frozen=True)
+class Done:
+    """Finished results from a replica leader (any order; the coordinator reorders)."""
+    results: list
+
+
+@dataclass(frozen=True)
+class Stop:
+    """No more work. ``abandon``: drop what is in flight (SIGTERM); it is redone on resume."""
+    abandon: bool = False

@@ -32,9 +32,19 @@ def _is_trivial(comm) -> bool:
 
 
 def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
-    """Sum ``t`` over ``comm`` in place and return it."""
+    """Sum ``t`` over ``comm`` in place and return it.
+
+    A communicator object with an ``all_reduce_tensor`` method (``dist.dda.DDAComm``)
+    does the work itself; an mpi4py communicator gets MPI's Allreduce."""
     if _is_trivial(comm):
         return t
+    if hasattr(comm, "all_reduce_tensor"):
+        return comm.all_reduce_tensor(t)
+    return _mpi_all_reduce(t, comm)
+
+
+def _mpi_all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
+    """MPI Allreduce in place (16-bit floats summed in float32)."""
     if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
         # MPI has no portable 16-bit float sum: reduce in float32 and cast back.
         f = t.float().contiguous()
@@ -47,9 +57,17 @@ def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
 
 
 def all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
-    """Concatenate equal-shaped ``t`` from every rank of ``comm`` along ``dim``."""
+    """Concatenate equal-shaped ``t`` from every rank of ``comm`` along ``dim``.
+
+    Delegates to ``comm.all_gather_tensor`` when the communicator object has one."""
     if _is_trivial(comm):
         return t
+    if hasattr(comm, "all_gather_tensor"):
+        return comm.all_gather_tensor(t, dim)
+    return _mpi_all_gather(t, comm, dim)
+
+
+def _mpi_all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
     n = comm.Get_size()
     t = t.contiguous()
     out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype)

@@ -1,23 +1,32 @@
 """Input files -> a lazy stream of ``Request`` / error ``Result`` items.
 
-Owns opening inputs (paths, ``-`` for stdin, binary streams), choosing the
-reader by format (``open_input``), streaming JSONL line by line without loading
-the file (``iter_jsonl``) and cheap line counts for progress (``count_lines``).
-Record validation lives in ``records``.
+Owns opening inputs (paths, ``-`` for stdin, binary streams), telling formats
+apart (``detect_format``: directories, ``.h5``/``.hdf5``, and JSONL vs OpenAI
+batch by peeking at the first non-blank line), choosing the reader
+(``open_input``), streaming JSONL line by line without loading the file
+(``iter_jsonl``, ``iter_openai``) and cheap line counts for progress
+(``count_lines``).  Record validation lives in ``records`` / ``openai_batch``;
+the HDF5 and text-directory readers live in ``hdf5`` / ``textdir``.
+
+Formats: ``jsonl``, ``openai`` (OpenAI batch JSONL), ``hdf5``, ``text``.
 
 Indexing: items get consecutive ``index`` values from ``start_index``; blank
 (whitespace-only) lines are skipped and do not consume an index; every other
-line yields exactly one item (a Request, or a Result carrying an error).
+line (HDF5 row, text file) yields exactly one item (a Request, or a Result
+carrying an error).  Every reader takes ``skip=n``: the first ``n`` items are
+passed over cheaply (not parsed) but still consume their indices (resume).
 """
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 from typing import BinaryIO, Callable, Dict, Iterator, Optional, Union
 
 from ..config import SamplingParams
 from ..messages import Request, Result
+from .openai_batch import looks_like_openai, parse_openai_record
 from .records import parse_record
 
 Item = Union[Request, Result]
@@ -61,10 +70,20 @@ def iter_jsonl(path_or_stream: Source, defaults: SamplingParams = SamplingParams
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
     f, owned = _open_binary(path_or_stream)
-    return _jsonl_items(f, owned, defaults, start_index, skip)
+    return _line_items(f, owned, parse_record, defaults, start_index, skip)
 
 
-def _jsonl_items(f, owned: bool, defaults: SamplingParams, index: int, skip: int) -> Iterator[Item]:
+def iter_openai(path_or_stream: Source, defaults: SamplingParams = SamplingParams(),
+                start_index: int = 0, *, skip: int = 0) -> Iterator[Item]:
+    """Stream an OpenAI batch JSONL input lazily (as ``iter_jsonl``; records per ``openai_batch``)."""
+    defaults.validate()
+    if skip < 0:
+        raise ValueError(f"skip must be >= 0, got {skip}")
+    f, owned = _open_binary(path_or_stream)
+    return _line_items(f, owned, parse_openai_record, defaults, start_index, skip)
+
+
+def _line_items(f, owned: bool, parse, defaults: SamplingParams, index: int, skip: int) -> Iterator[Item]:
     try:
         readline = f.readline
         line_no = 0
@@ -81,7 +100,7 @@ def _jsonl_items(f, owned: bool, defaults: SamplingParams, index: int, skip: int
                 skip -= 1
                 index += 1
                 continue
-            yield parse_record(raw, line_no, index, defaults)
+            yield parse(raw, line_no, index, defaults)
             index += 1
     finally:
         if owned:
@@ -114,39 +133,135 @@ def count_lines(path: Union[str, "os.PathLike[str]"]) -> Optional[int]:
     return n
 
 
-# Format name -> reader(path_or_stream, defaults, start_index, **kw).
+def _iter_hdf5(path, defaults=SamplingParams(), start_index=0, **kw):
+    from .hdf5 import iter_hdf5
+    return iter_hdf5(path, defaults, start_index, **kw)
+
+
+def _iter_textdir(path, defaults=SamplingParams(), start_index=0, **kw):
+    from .textdir import iter_textdir
+    return iter_textdir(path, defaults, start_index, **kw)
+
+
+# Format name -> reader(path_or_stream, defaults, start_index, *, skip=0, **options).
 READERS: Dict[str, Callable[..., Iterator[Item]]] = {
     "jsonl": iter_jsonl,
+    "openai": iter_openai,
+    "hdf5": _iter_hdf5,
+    "text": _iter_textdir,
 }
-# File extension (lower case) -> format name.
+# Format-specific options open_input passes on; an option meant for another format is ignored.
+OPTIONS: Dict[str, tuple] = {
+    "jsonl": (),
+    "openai": (),
+    "hdf5": ("dataset", "ids_dataset", "chunk_rows"),
+    "text": ("prompt_template", "recursive"),
+}
+_ALL_OPTIONS = frozenset(o for opts in OPTIONS.values() for o in opts)
+# File extension (lower case) -> format name; JSONL extensions are sniffed for OpenAI batch records.
 EXTENSIONS: Dict[str, str] = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".ndjson": "jsonl",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
 }
+_SNIFF_LINES = 1000   # blank lines looked through before giving up (then: plain JSONL)
+
+
+def sniff_jsonl(first_line: Optional[bytes]) -> str:
+    """``openai`` when the first non-blank line is an OpenAI batch request, else ``jsonl``."""
+    if not first_line:
+        return "jsonl"
+    if first_line.startswith(_BOM):
+        first_line = first_line[len(_BOM):]
+    try:
+        obj = json.loads(first_line)
+    except ValueError:
+        return "jsonl"
+    return "openai" if looks_like_openai(obj) else "jsonl"
+
+
+def _first_nonblank(readline) -> tuple:
+    """-> (consumed lines, the first non-blank line or None)."""
+    seen = []
+    for _ in range(_SNIFF_LINES):
+        raw = readline()
+        if not raw:
+            return seen, None
+        seen.append(raw)
+        if raw.strip():
+            return seen, raw
+    return seen, None
+
+
+class _Prefixed:
+    """A binary stream whose first lines were already read (stdin after sniffing)."""
+
+    def __init__(self, lines: list, f):
+        self._lines = lines
+        self._f = f
+
+    def readline(self, *a):
+        if self._lines:
+            return self._lines.pop(0)
+        return self._f.readline(*a)
 
 
 def detect_format(path: Union[str, "os.PathLike[str]"]) -> str:
-    """The format name for a path by its extension (``-`` is JSONL). Raises ValueError."""
+    """The input format of a path: a directory is ``text``, ``.h5``/``.hdf5`` is ``hdf5``,
+    ``.jsonl``/``.json``/``.ndjson`` is ``openai`` when its first non-blank line is an
+    OpenAI batch request (``custom_id`` with ``body`` or ``url``) else ``jsonl``.
+    ``-`` (stdin) is ``jsonl`` here; ``open_input`` sniffs stdin itself.  Raises ValueError.
+    """
     path = os.fspath(path)
     if path == "-":
         return "jsonl"
+    if os.path.isdir(path):
+        return "text"
     ext = os.path.splitext(path)[1].lower()
     fmt = EXTENSIONS.get(ext)
     if fmt is None:
         raise ValueError(
-            f"cannot read {path!r}: input extension {ext or '(none)'!r} is not supported for now "
-            f"(supported: {', '.join(sorted(EXTENSIONS))}); pass the format explicitly if the "
-            f"file is JSONL under another name")
+            f"cannot read {path!r}: input extension {ext or '(none)'!r} is not supported "
+            f"(supported: {', '.join(sorted(EXTENSIONS))}, or a directory of .txt/.md files); "
+            f"pass the format explicitly (jsonl, openai, hdf5, text) if the file is one of them "
+            f"under another name")
+    if fmt == "jsonl" and os.path.isfile(path):
+        with open(path, "rb") as f:
+            fmt = sniff_jsonl(_first_nonblank(f.readline)[1])
     return fmt
 
 
 def open_input(path: Union[str, "os.PathLike[str]"], fmt: Optional[str] = None,
-               defaults: SamplingParams = SamplingParams(), start_index: int = 0,
-               **kw) -> Iterator[Item]:
-    """Open an input by format (given, or from the extension) and return its item iterator."""
+               defaults: SamplingParams = SamplingParams(), start_index: int = 0, *,
+               skip: int = 0, **options) -> Iterator[Item]:
+    """Open an input and return its lazy item iterator.
+
+    ``fmt``: ``jsonl``, ``openai``, ``hdf5``, ``text`` or None (``detect_format``;
+    for ``-`` the first non-blank stdin line is sniffed).  ``skip``: see the
+    module docstring (first yielded index is ``start_index + skip`` when the
+    input is long enough).  ``options``: ``prompt_template``, ``recursive``
+    (text), ``dataset``, ``ids_dataset``, ``chunk_rows`` (hdf5); options of
+    other formats are ignored (so one set can be passed for every input), a
+    name no format knows raises TypeError.  The input is opened (and checked)
+    here, so a missing file raises now, not on first ``next``.
+    """
+    unknown = set(options) - _ALL_OPTIONS
+    if unknown:
+        raise TypeError(f"open_input got unknown option(s) {', '.join(sorted(unknown))}; "
+                        f"known: {', '.join(sorted(_ALL_OPTIONS))}")
+    source = path
+    if fmt is None and not isinstance(path, (str, os.PathLike)):
+        fmt = "jsonl"
+    if fmt is None and os.fspath(path) == "-":
+        f, _ = _open_binary("-")
+        seen, first = _first_nonblank(f.readline)
+        fmt = sniff_jsonl(first)
+        source = _Prefixed(seen, f)
     fmt = detect_format(path) if fmt is None else fmt.lower()
     reader = READERS.get(fmt)
     if reader is None:
-        raise ValueError(f"input format {fmt!r} is not supported for now (supported: {', '.join(sorted(READERS))})")
-    return reader(path, defaults, start_index, **kw)
+        raise ValueError(f"input format {fmt!r} is not supported (supported: {', '.join(sorted(READERS))})")
+    kw = {k: v for k, v in options.items() if k in OPTIONS[fmt] and v is not None}
+    return reader(source, defaults, start_index, skip=skip, **kw)

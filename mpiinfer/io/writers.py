@@ -1,11 +1,18 @@
-"""Results -> the output JSONL, in input order, crash-safely.
+"""Results -> the output file, in input order, crash-safely.
 
 Owns the output side: ``JsonlWriter`` (append-only, buffered, ``os.fsync`` every
-N records / S seconds and on close), ``OrderedWriter`` (a bounded reorder
-buffer so results arriving in any order are written in ``index`` order) and
-``recover_jsonl`` (make an existing output resumable: drop a torn last line and
-count the complete records).  Each output line is exactly
-``json.dumps(result.to_record(), ensure_ascii=False)``.
+N records / S seconds and on close), ``OpenAIBatchWriter`` (the same, writing
+OpenAI batch output records), ``hdf5.Hdf5Writer`` (rows of HDF5 datasets),
+``OrderedWriter`` (a bounded reorder buffer so results arriving in any order are
+written in ``index`` order), ``recover_jsonl`` (make an existing output
+resumable: drop a torn last line and count the complete records), and the
+per-format dispatch ``open_output`` / ``recover_output`` /
+``detect_output_format`` / ``default_output_format``.  Each JSONL output line is
+exactly ``json.dumps(result.to_record(), ensure_ascii=False)``.
+
+Output formats: ``jsonl`` (``.jsonl``/``.json``/``.ndjson``, ``-``), ``openai``
+(JSONL too: chosen by flag, or by ``default_output_format`` for OpenAI batch
+inputs) and ``hdf5`` (``.h5``/``.hdf5``).
 
 Because output is written strictly in input order and only whole lines are
 counted, ``recover_jsonl``'s count is the number of leading input items a
@@ -19,9 +26,10 @@ import json
 import os
 import sys
 import time
-from typing import Dict, Optional, Tuple
+from typing import Callable, Dict, Optional, Tuple
 
 from ..messages import Result
+from .openai_batch import COMPLETIONS_URL, batch_output_record
 
 
 class ReorderOverflow(RuntimeError):
@@ -88,11 +96,15 @@ class JsonlWriter:
     def write(self, result: Result) -> None:
         if self.closed:
             raise ValueError(f"write to closed JsonlWriter({self.path!r})")
-        self._buf.append(_encode(result.to_record()))
+        self._buf.append(_encode(self.record(result)))
         self.records_written += 1
         if (len(self._buf) >= self.flush_every_records
                 or time.monotonic() - self._last_flush >= self.flush_every_seconds):
             self.flush()
+
+    def record(self, result: Result) -> dict:
+        """The JSON object written for ``result`` (subclasses change the record format)."""
+        return result.to_record()
 
     def flush(self) -> None:
         """Write buffered lines, flush and fsync them."""
@@ -123,6 +135,31 @@ class JsonlWriter:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class OpenAIBatchWriter(JsonlWriter):
+    """``JsonlWriter`` writing OpenAI batch output records (``openai_batch.batch_output_record``).
+
+    ``model``: the model name echoed when a request had no ``body.model``;
+    ``created``: the ``created`` timestamp of every response (default: when the
+    writer was opened; pass a stable value, e.g. the input file's mtime, to make
+    a resumed output byte-identical to an uninterrupted one); ``token_str``:
+    token id -> string for logprobs (default ``token_id:N``); ``default_url``:
+    the endpoint assumed for results that did not come from an OpenAI input.
+    """
+
+    def __init__(self, path, flush_every_records: int = 100, flush_every_seconds: float = 5.0, *,
+                 model: str = "", created: Optional[int] = None,
+                 token_str: Optional[Callable[[int], str]] = None,
+                 default_url: str = COMPLETIONS_URL):
+        super().__init__(path, flush_every_records, flush_every_seconds)
+        self.model = model or ""
+        self.created = int(time.time()) if created is None else int(created)
+        self.token_str = token_str
+        self.default_url = default_url
+
+    def record(self, result: Result) -> dict:
+        return batch_output_record(result, self.created, self.model, self.token_str, self.default_url)
 
 
 class OrderedWriter:
@@ -245,3 +282,93 @@ def recover_jsonl(path) -> Tuple[int, int]:
             f.flush()
             os.fsync(f.fileno())
     return count, offset
+
+
+# ----------------------------------------------------------------- format dispatch
+
+OUTPUT_EXTENSIONS: Dict[str, str] = {
+    ".jsonl": "jsonl",
+    ".json": "jsonl",
+    ".ndjson": "jsonl",
+    ".h5": "hdf5",
+    ".hdf5": "hdf5",
+}
+OUTPUT_FORMATS = ("jsonl", "openai", "hdf5")
+# Writer options only some formats take; open_output drops them for the others.
+_FORMAT_OPTIONS = {"openai": ("model", "created", "token_str", "default_url")}
+_ALL_FORMAT_OPTIONS = frozenset(o for opts in _FORMAT_OPTIONS.values() for o in opts)
+
+
+def detect_output_format(path) -> str:
+    """``hdf5`` for ``.h5``/``.hdf5``, ``jsonl`` for ``.jsonl``/``.json``/``.ndjson`` and ``-``."""
+    path = os.fspath(path)
+    if path == "-":
+        return "jsonl"
+    ext = os.path.splitext(path)[1].lower()
+    fmt = OUTPUT_EXTENSIONS.get(ext)
+    if fmt is None:
+        raise ValueError(f"cannot write {path!r}: output extension {ext or '(none)'!r} is not supported "
+                         f"(supported: {', '.join(sorted(OUTPUT_EXTENSIONS))}); pass the output format "
+                         f"explicitly ({', '.join(OUTPUT_FORMATS)})")
+    return fmt
+
+
+def default_output_format(input_format: Optional[str], path=None) -> str:
+    """The output format when none is given: HDF5 for a ``.h5``/``.hdf5`` path, else
+    ``openai`` when the input is an OpenAI batch file, else by the path's extension
+    (``jsonl`` when there is no path)."""
+    by_ext = detect_output_format(path) if path is not None else "jsonl"
+    if by_ext == "hdf5":
+        return "hdf5"
+    if input_format == "openai":
+        return "openai"
+    return by_ext
+
+
+def open_output(path, fmt: Optional[str] = None, **kw):
+    """A writer for ``path`` with ``write(Result)``, ``flush()``, ``close()`` (and a context manager).
+
+    ``fmt``: ``jsonl``, ``openai``, ``hdf5`` or None (``detect_output_format``).
+    ``kw``: ``flush_every_records``, ``flush_every_seconds`` for all; ``model``,
+    ``created``, ``token_str``, ``default_url`` for ``openai`` (dropped for the
+    other formats, so one set can be passed).  Appends to an existing output:
+    run ``recover_output`` on it first.  Wrap it in ``OrderedWriter`` for order.
+    """
+    fmt = detect_output_format(path) if fmt is None else fmt.lower()
+    if fmt not in OUTPUT_FORMATS:
+        raise ValueError(f"output format {fmt!r} is not supported (supported: {', '.join(OUTPUT_FORMATS)})")
+    own = _FORMAT_OPTIONS.get(fmt, ())
+    kw = {k: v for k, v in kw.items() if k in own or k not in _ALL_FORMAT_OPTIONS}
+    if fmt == "jsonl":
+        return JsonlWriter(path, **kw)
+    if fmt == "openai":
+        return OpenAIBatchWriter(path, **kw)
+    from .hdf5 import Hdf5Writer
+    return Hdf5Writer(path, **kw)
+
+
+def _recover_hdf5(path) -> int:
+    from .hdf5 import recover_hdf5
+    return recover_hdf5(path)
+
+
+# Format -> recover(path) -> number of complete records (0 for a missing file); the
+# output is left ready for appending (torn tail removed).
+RECOVERY: Dict[str, Callable[..., int]] = {
+    "jsonl": lambda path: recover_jsonl(path)[0],
+    "openai": lambda path: recover_jsonl(path)[0],
+    "hdf5": _recover_hdf5,
+}
+
+
+def recover_output(path, fmt: Optional[str] = None) -> int:
+    """Make an existing output resumable -> its count of complete records (see ``RECOVERY``).
+
+    ``-`` (stdout) is 0.  Raises ValueError on corruption recovery cannot explain.
+    """
+    if os.fspath(path) == "-":
+        return 0
+    fmt = detect_output_format(path) if fmt is None else fmt.lower()
+    if fmt not in RECOVERY:
+        raise ValueError(f"output format {fmt!r} is not supported (supported: {', '.join(OUTPUT_FORMATS)})")
+    return RECOVERY[fmt](path)

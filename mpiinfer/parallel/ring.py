@@ -42,6 +42,8 @@ MAX_SCORE_ELEMS = 1 << 23
 # A run is a stretch of consecutive positions; positions split into more runs than this
 # are treated as one irregular run (classified by min/max, masked when it straddles).
 MAX_RUNS = 16
+# Diagonal blocks are cut into masked tiles no longer than this many rows (see default_tile).
+MIN_TILE = 32
 _TAG = 7117
 
 
@@ -99,22 +101,25 @@ class Rect:
 
 
 def _runs(pos: np.ndarray):
-    """[(row_start, row_stop, pos_min, pos_max)] of runs of consecutive positions."""
+    """[(row_start, row_stop, regular)] of runs of consecutive ascending positions; more than
+    ``MAX_RUNS`` of them collapse into one irregular run (classified by min/max)."""
     n = len(pos)
     if n == 0:
         return []
     cuts = np.flatnonzero(np.diff(pos) != 1) + 1
     if len(cuts) + 1 > MAX_RUNS:
-        return [(0, n, int(pos.min()), int(pos.max()))]
+        return [(0, n, False)]
     edges = [0, *cuts.tolist(), n]
-    return [(a, b, int(pos[a]), int(pos[b - 1])) for a, b in zip(edges[:-1], edges[1:])]
+    return [(a, b, True) for a, b in zip(edges[:-1], edges[1:])]
 
 
-def _classify(q_run, kv_run, window) -> int:
+def _minmax(pos, a, b, regular):
+    return (int(pos[a]), int(pos[b - 1])) if regular else (int(pos[a:b].min()), int(pos[a:b].max()))
+
+
+def _classify(qmin, qmax, kmin, kmax, window) -> int:
     """0: no pair can attend (future, or all outside the window); 1: every pair attends (no
     mask); 2: some do (masked)."""
-    _, _, qmin, qmax = q_run
-    _, _, kmin, kmax = kv_run
     if kmin > qmax or (window is not None and kmax <= qmin - window):
         return 0
     if kmax <= qmin and (window is None or kmin > qmax - window):
@@ -122,42 +127,68 @@ def _classify(q_run, kv_run, window) -> int:
     return 2
 
 
-def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: Optional[int] = None):
+def default_tile(*positions) -> int:
+    """Side of the masked diagonal tiles: 1/16 of the shortest regular run of any block, at
+    least ``MIN_TILE`` but at most half that run (so that the two adjacent zigzag chunks of
+    the middle rank are always cut apart, as the other ranks' are)."""
+    shortest = min((b - a for p in positions for a, b, reg in _runs(_np_pos(p)) if reg), default=0)
+    return max(1, min(max(MIN_TILE, shortest // 16), shortest // 2))
+
+
+def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: Optional[int] = None,
+               tile: Optional[int] = None):
     """The matmuls attending queries at ``q_pos`` to one K/V block at ``kv_pos``.
 
     Both are split into runs of consecutive positions; each (q run, kv run) pair is skipped
-    (entirely in the future / out of the window: never computed), full (entirely in the past,
-    no mask) or masked (straddles the diagonal).  Adjacent non-skipped kv runs of one q run are
-    fused into one rectangle (masked if any part needs it), then q runs with identical
-    rectangles are fused.  Returns ``(rects, skipped_pairs)``."""
-    qr, kr = _runs(q_pos), _runs(kv_pos)
-    per_q, skipped = [], 0
-    for q in qr:
-        rects, cur = [], None
-        for kv in kr:
-            c = _classify(q, kv, window)
-            if c == 0:
-                skipped += 1
-                if cur is not None:
-                    rects.append(tuple(cur))
-                    cur = None
-            elif cur is None:
-                cur = [kv[0], kv[1], c == 2]
+    (entirely in the future / out of the window: never computed), full (entirely in the past:
+    no mask) or straddling the diagonal, which is halved recursively (a quadtree: full
+    squares plus masked tiles of side <= ``tile``) so that little work is masked away.
+    Adjacent rectangles of the same kind are then fused.  Returns ``(rects, skipped)``, the
+    number of sub-blocks skipped."""
+    q_pos, kv_pos = _np_pos(q_pos), _np_pos(kv_pos)
+    if tile is None:
+        tile = default_tile(q_pos, kv_pos)
+    rects, skipped = [], 0
+
+    def visit(qa, qb, qreg, ka, kb, kreg):
+        nonlocal skipped
+        c = _classify(*_minmax(q_pos, qa, qb, qreg), *_minmax(kv_pos, ka, kb, kreg), window)
+        if c == 0:
+            skipped += 1
+            return
+        if c == 1 or (qb - qa <= tile and kb - ka <= tile):
+            rects.append(Rect(qa, qb, ka, kb, c == 2))
+            return
+        qs = [(qa, qb)] if qb - qa <= tile else [(qa, (qa + qb) // 2), ((qa + qb) // 2, qb)]
+        ks = [(ka, kb)] if kb - ka <= tile else [(ka, (ka + kb) // 2), ((ka + kb) // 2, kb)]
+        for a, b in qs:
+            for c_, d in ks:
+                visit(a, b, qreg, c_, d, kreg)
+
+    for qa, qb, qreg in _runs(q_pos):
+        for ka, kb, kreg in _runs(kv_pos):
+            visit(qa, qb, qreg, ka, kb, kreg)
+    return _fuse(rects), skipped
+
+
+def _fuse(rects):
+    """Fuse rectangles of the same kind that share a q range and touch along kv, then those that
+    share a kv range and touch along q."""
+    def one_pass(rs, key, same, touch, join):
+        out = []
+        for r in sorted(rs, key=key):
+            if out and same(out[-1], r) and touch(out[-1], r):
+                out[-1] = join(out[-1], r)
             else:
-                cur[1], cur[2] = kv[1], cur[2] or c == 2
-        if cur is not None:
-            rects.append(tuple(cur))
-        per_q.append((q[0], q[1], rects))
-    out = []
-    i = 0
-    while i < len(per_q):
-        qa, qb, rects = per_q[i]
-        while i + 1 < len(per_q) and per_q[i + 1][2] == rects and per_q[i + 1][0] == qb:
-            qb = per_q[i + 1][1]
-            i += 1
-        out.extend(Rect(qa, qb, ka, kb, m) for ka, kb, m in rects)
-        i += 1
-    return out, skipped
+                out.append(r)
+        return out
+    rs = one_pass(rects, lambda r: (r.qa, r.qb, r.masked, r.ka),
+                  lambda x, y: (x.qa, x.qb, x.masked) == (y.qa, y.qb, y.masked),
+                  lambda x, y: x.kb == y.ka, lambda x, y: Rect(x.qa, x.qb, x.ka, y.kb, x.masked))
+    rs = one_pass(rs, lambda r: (r.ka, r.kb, r.masked, r.qa),
+                  lambda x, y: (x.ka, x.kb, x.masked) == (y.ka, y.kb, y.masked),
+                  lambda x, y: x.qb == y.qa, lambda x, y: Rect(x.qa, y.qb, x.ka, x.kb, x.masked))
+    return sorted(rs, key=lambda r: (r.qa, r.ka))
 
 
 @dataclass
@@ -174,10 +205,10 @@ class RingPlan:
     q_pos: np.ndarray
     window: Optional[int]
     steps: list                      # steps[t] = (source rank, [Rect]); step 0 is this rank's own block
-    skipped: int = 0                 # (q run, kv run) pairs skipped as future / out of window
+    skipped: int = 0                 # sub-blocks skipped as future / out of window
 
     @classmethod
-    def build(cls, q_pos, kv_pos, comm, window=None) -> "RingPlan":
+    def build(cls, q_pos, kv_pos, comm, window=None, tile: Optional[int] = None) -> "RingPlan":
         qp = _np_pos(q_pos)
         kp = _np_pos(kv_pos)
         if comm is None or comm.Get_size() == 1:
@@ -192,12 +223,18 @@ class RingPlan:
             offs = np.concatenate(([0], np.cumsum(n)))
             allpos = [flat[offs[i]:offs[i + 1]] for i in range(cp)]
         steps, skipped = [], 0
+        tile = default_tile(*allpos) if tile is None else tile
         for t in range(cp):
             src = (rank - t) % cp
-            rects, s = plan_block(qp, allpos[src], window)
+            rects, s = plan_block(qp, allpos[src], window, tile)
             steps.append((src, rects))
             skipped += s
         return cls(cp, rank, sizes, allpos, qp, window, steps, skipped)
+
+    @property
+    def blocks(self) -> int:
+        """Ring steps whose K/V block is attended at all (the others are entirely in the future)."""
+        return sum(1 for _, r in self.steps if r)
 
     @property
     def pairs(self) -> int:
@@ -226,10 +263,9 @@ def _group_q(q: torch.Tensor, n_kv: int, scale: float) -> torch.Tensor:
     return qg * scale
 
 
-def _ungroup(o: torch.Tensor, lse: torch.Tensor, T: int):
+def _ungroup(o: torch.Tensor, lse: torch.Tensor, T: int, g: int):
     """(n_kv, T*g, hd), (n_kv, T*g) -> (T, n_q, hd), (T, n_q)."""
     n_kv, _, hd = o.shape
-    g = o.shape[1] // T if T else 1
     o = o.view(n_kv, T, g, hd).permute(1, 0, 2, 3).reshape(T, n_kv * g, hd)
     lse = lse.view(n_kv, T, g).permute(1, 0, 2).reshape(T, n_kv * g)
     return o, lse
@@ -306,7 +342,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
 
     ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window)`` reused across layers (saves two
     small collectives per call).  ``stats``: a dict that gets accumulated ``wait_s`` (in
-    ``Waitall``), ``poll_s``, ``compute_s``, ``pairs``, ``elems``, ``skipped``, ``bytes_sent``.
+    ``Waitall``), ``poll_s``, ``compute_s``, ``total_s``, ``blocks``, ``pairs``, ``elems``, ``skipped``, ``bytes_sent``.
     Returns out (Tq, n_q, hd) in q's dtype, and with ``return_lse`` also lse (Tq, n_q) float32.
     """
     Tq, n_q, hd = q.shape
@@ -364,11 +400,11 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
             wait_s += time.perf_counter() - t0
         cur = 1 - cur
 
-    out, lse = _ungroup(acc_o, acc_lse, Tq)
+    out, lse = _ungroup(acc_o, acc_lse, Tq, group)
     if stats is not None:
         total = time.perf_counter() - t_start
         for key, val in (("wait_s", wait_s), ("poll_s", poll_s), ("total_s", total),
-                         ("compute_s", total - wait_s - poll_s), ("pairs", plan.pairs),
+                         ("compute_s", total - wait_s - poll_s), ("blocks", plan.blocks), ("pairs", plan.pairs),
                          ("elems", plan.elems), ("skipped", plan.skipped), ("bytes_sent", sent)):
             stats[key] = stats.get(key, 0) + val
     out = out.to(q.dtype)
@@ -394,13 +430,15 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         qg = _group_q(q, n_kv, scale)
         K = k.transpose(0, 1).float()                                  # (n_kv, Tk, hd)
         V = v.transpose(0, 1).float()
-        masked = q_pos is not None
-        if masked:
-            qp, kp = torch.from_numpy(_np_pos(q_pos)), torch.from_numpy(_np_pos(kv_pos))
+        if q_pos is not None:
+            qp, kp = _np_pos(q_pos), _np_pos(kv_pos)
+            rects = plan_block(qp, kp, window)[0]
+            qp, kp = torch.from_numpy(qp), torch.from_numpy(kp)
         else:
             qp = kp = None
-        _attend_rects(qg, qp, K, V, kp, [Rect(0, Tq, 0, Tk, masked)], group, window, acc_o, acc_lse)
-    return _ungroup(acc_o, acc_lse, Tq)
+            rects = [Rect(0, Tq, 0, Tk, False)]
+        _attend_rects(qg, qp, K, V, kp, rects, group, window, acc_o, acc_lse)
+    return _ungroup(acc_o, acc_lse, Tq, group)
 
 
 def merge_partials(outs: Sequence[torch.Tensor], lses: Sequence[torch.Tensor]):

@@ -1,0 +1,519 @@
+"""Direct-data-access (DDA) collectives on CPU: an MPI-3 shared-memory window per node.
+
+Owns: ``DDAComm`` (allreduce / allgather of torch tensors through shared memory, with
+MPI's Allreduce as the large-message path and the inter-node step), the pure choice
+and slicing arithmetic (``choose_algo``, ``split_bounds``, ``load_thresholds``) and a
+row-based ``alltoallv`` wrapper for EP.  Communicator: the one passed in (typically
+the TP communicator); inside it a node communicator (``Split_type(COMM_TYPE_SHARED)``,
+or fake nodes of k consecutive ranks with ``MPIINFER_FAKE_NODE_SIZE=k``) and, when the
+group spans several nodes, a communicator of node leaders.
+
+Shared memory
+    Every rank of a node allocates one segment of ``MPI.Win.Allocate_shared`` and maps
+    its peers' segments with ``win.Shared_query``.  A segment is a 256-byte header of
+    int64 flags (one per 64-byte cache line) followed by two data slots of
+    ``max_bytes`` each::
+
+        [ARRIVE | SLICE | BCAST | pad]  [slot 0: max_bytes]  [slot 1: max_bytes]
+
+    Flags hold epochs: call number e (1, 2, ...; the same on every rank because every
+    rank makes the same sequence of collective calls) uses slot ``e % 2`` and sets the
+    flags to ``e``.  Flags only grow, they are never reset.
+
+Protocol for call e (slot b = e % 2)
+    one-shot  copy input into my slot b; ARRIVE = e; wait ARRIVE >= e on every peer;
+              sum slot b of ranks 0, 1, ..., n-1 into the output.
+    two-shot  copy input into my slot b; ARRIVE = e; wait all ARRIVE >= e; sum my 1/n
+              slice over ranks 0..n-1 and store it back into my slot b (only I read my
+              own slice there); SLICE = e; wait all SLICE >= e; copy every peer's slice.
+    hierarchical  copy input; ARRIVE = e; the node leader waits, sums its node in rank
+              order, Allreduces among leaders with MPI, stores the result into its slot
+              b; BCAST = e; the others wait for it and copy it out.
+
+Why two slots are enough (no "done reading" flags needed)
+    Before rank p overwrites slot b at call e+2 it has waited, in call e+1, for every
+    peer's ARRIVE >= e+1.  A peer sets ARRIVE = e+1 only after it has returned from call
+    e, i.e. after it finished reading every slot of call e.  So nobody can still be
+    reading slot b of call e when p writes it again.  The same holds for the SLICE and
+    BCAST reads, which also finish inside call e.  A separate per-rank "done" flag
+    would add a wait to every call without adding safety.
+
+Memory ordering
+    Data is written with NumPy / torch (C loops) *before* the flag store, and the flag
+    is read *before* the data.  On x86-64 (TSO) stores become visible in program order
+    and loads are not reordered with older loads, so a peer that sees the flag sees the
+    data.  The flags are aligned int64 (single-copy atomic).  On other architectures
+    (ARM, POWER) we call ``MPI_Win_sync`` (a full memory barrier in MPICH and Open MPI)
+    after the data writes and after the flag reads; that path needs a passive-target
+    epoch, opened with ``Lock_all(MODE_NOCHECK)`` at construction.
+
+Sum order and determinism
+    One-shot and two-shot compute every element as ``((x0 + x1) + x2) + ...`` in rank
+    order 0..n-1, in float32 (bfloat16 / float16 inputs are widened exactly, summed in
+    float32 and rounded once at the end).  So every rank gets bitwise-identical results,
+    and one-shot and two-shot give the same bits.  The MPI path (large messages) uses
+    MPI's own order (identical on all ranks with MPICH / Open MPI, not equal to ours
+    bit for bit).  Hierarchical: node sums in node-rank order, then MPI's order across
+    node leaders, then a copy: identical on every rank.
+
+Waiting
+    Flags are read as int64 NumPy views.  A waiter spins ``SPIN`` times, then yields the
+    CPU (``os.sched_yield``) between reads and, after ``BACKOFF_S`` of waiting, sleeps
+    ~50 us between reads (ranks may be oversubscribed; pure spinning starves the peer we
+    wait for).  After ``timeout`` seconds it raises ``DDATimeout`` naming the peer:
+    "rank 1 did not reach allreduce epoch 42 within 30 s".  After a timeout the object is
+    unusable (the peers are out of step); the usual response is to abort the job.
+
+Lifetime
+    ``close()`` (collective over the node) frees the window and the sub-communicators.
+    MPICH maps the segment from a ``/dev/shm`` file that it unlinks as soon as every rank
+    has mapped it, so nothing is left there even when a rank is killed (see the tests).
+"""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from .collectives import _mpi_all_gather, _mpi_all_reduce
+
+HEADER = 256                  # bytes before the first slot
+ARRIVE, SLICE, BCAST = 0, 8, 16   # int64 indices into the header (64 bytes apart)
+ALIGN = 64                    # slot size and two-shot slice boundaries are multiples of 64 bytes
+SPIN = 200                    # flag reads before the first yield
+BACKOFF_S = 2e-3              # waiting longer than this sleeps between reads
+DEFAULT_TIMEOUT_S = float(os.environ.get("MPIINFER_DDA_TIMEOUT", "30"))
+DEFAULT_MAX_BYTES = 8 << 20
+THRESHOLDS_FILE = Path(__file__).with_name("dda_thresholds.json")
+ALGOS = ("auto", "dda", "1shot", "2shot", "mpi")
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+# used when the thresholds file has no entry for a world size (measured on a 2-core box)
+FALLBACK_THRESHOLDS = {"oneshot_max_bytes": 32 << 10, "twoshot_max_bytes": 1 << 20}
+
+
+class DDATimeout(RuntimeError):
+    """A peer did not reach a DDA epoch in time (it died, hangs, or the ranks diverged)."""
+
+
+# ---------------------------------------------------------------- pure logic
+
+def split_bounds(numel: int, n: int, elem_size: int, align: int = ALIGN) -> list:
+    """Boundaries ``b[0]=0 <= b[1] <= ... <= b[n]=numel`` of the n two-shot slices.
+
+    Slices are as equal as possible with every inner boundary on a multiple of ``align``
+    bytes, so ranks writing neighbouring slices never share a cache line.  Trailing
+    slices may be empty for small ``numel``."""
+    step = max(1, align // elem_size)
+    chunks = -(-numel // step)
+    out = [min(numel, (chunks * r // n) * step) for r in range(n)]
+    return out + [numel]
+
+
+def load_thresholds(path=THRESHOLDS_FILE) -> dict:
+    """{world size (int): {"oneshot_max_bytes": .., "twoshot_max_bytes": ..}} from the tuned file."""
+    try:
+        with open(path) as f:
+            raw = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return {int(k): dict(v) for k, v in raw.get("world", {}).items()}
+
+
+def thresholds_for(n: int, table: dict) -> dict:
+    """The entry for world size n, else the nearest smaller measured size, else the fallback."""
+    if n in table:
+        return table[n]
+    smaller = [k for k in table if k < n]
+    if smaller:
+        return table[max(smaller)]
+    return dict(FALLBACK_THRESHOLDS)
+
+
+def choose_algo(nbytes: int, algo: str, thresholds: dict, capacity: int) -> str:
+    """Which path a message of ``nbytes`` takes: "1shot", "2shot" or "mpi".
+
+    ``algo``: "1shot"/"2shot" force that algorithm, "mpi" forces MPI, "dda" picks the
+    faster shared-memory algorithm and never MPI, "auto" also hands large messages to
+    MPI.  Whatever is asked, a message larger than a slot (``capacity``) goes to MPI."""
+    if algo not in ALGOS:
+        raise ValueError(f"allreduce algorithm must be one of {ALGOS}, got {algo!r}")
+    if algo == "mpi" or nbytes > capacity:
+        return "mpi"
+    if algo in ("1shot", "2shot"):
+        return algo
+    if nbytes <= thresholds["oneshot_max_bytes"]:
+        return "1shot"
+    if algo == "dda" or nbytes <= thresholds["twoshot_max_bytes"]:
+        return "2shot"
+    return "mpi"
+
+
+def fake_node_size() -> int:
+    v = os.environ.get("MPIINFER_FAKE_NODE_SIZE", "")
+    return int(v) if v.strip() else 0
+
+
+# ---------------------------------------------------------------- the communicator
+
+class _Plan:
+    """Precomputed views for one (dtype, shape): no per-call allocation on the hot path."""
+    __slots__ = ("algo", "slots", "own", "bounds", "slices", "acc", "nbytes")
+
+
+class DDAComm:
+    """Allreduce / allgather over shared memory for the ranks of ``comm``.
+
+    ``DDAComm(comm, max_bytes=8 << 20, algo="auto", thresholds=None, timeout=30.0)``
+
+    - ``comm``: an mpi4py intra-communicator (e.g. ``mesh.tp_comm``); not freed by us.
+    - ``max_bytes``: size of each of the two slots per rank; larger messages use MPI.
+    - ``algo``: "auto" | "dda" | "1shot" | "2shot" | "mpi" (see ``choose_algo``).
+    - ``thresholds``: {"oneshot_max_bytes", "twoshot_max_bytes"}; default: the entry for
+      this world size in ``dda_thresholds.json`` (``mpiinfer bench comm --tune``).
+    - ``timeout``: seconds a waiter spins before ``DDATimeout``.
+
+    Any other attribute (``Bcast``, ``Allgather``, ``Split``...) is the wrapped
+    communicator's, so the object can stand where the communicator stood.  Collective:
+    every rank of ``comm`` constructs it and calls ``close()``."""
+
+    def __init__(self, comm, max_bytes: int = DEFAULT_MAX_BYTES, algo: str = "auto",
+                 thresholds: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT_S):
+        from mpi4py import MPI
+        if algo not in ALGOS:
+            raise ValueError(f"allreduce algorithm must be one of {ALGOS}, got {algo!r}")
+        self.comm = comm
+        self.algo = algo
+        self.timeout = float(timeout)
+        self._MPI = MPI
+        self._size = comm.Get_size()
+        self._rank = comm.Get_rank()
+        self.thresholds = dict(thresholds) if thresholds else thresholds_for(self._size, load_thresholds())
+        self.capacity = -(-int(max_bytes) // ALIGN) * ALIGN
+        self._plans: dict = {}
+        self._epoch = 0
+        self._closed = False
+
+        shared = comm.Split_type(MPI.COMM_TYPE_SHARED, key=self._rank)
+        k = fake_node_size()
+        if k > 0:
+            node = shared.Split(color=self._rank // k, key=self._rank)
+            shared.Free()
+        else:
+            node = shared
+        self.node = node
+        self._n = node.Get_size()
+        self._me = node.Get_rank()
+        self.hierarchical = self._n < self._size
+        is_leader = self._me == 0
+        self.leaders = comm.Split(color=0 if is_leader else MPI.UNDEFINED, key=self._rank) \
+            if self.hierarchical else None
+        if self.leaders == MPI.COMM_NULL:
+            self.leaders = None
+        self._comm_rank_of = node.allgather(self._rank)   # node rank -> rank in ``comm``
+
+        seg = HEADER + 2 * self.capacity
+        self.win = MPI.Win.Allocate_shared(seg, 1, comm=node)
+        self._mems = []
+        for r in range(self._n):
+            buf, _ = self.win.Shared_query(r)
+            self._mems.append(np.frombuffer(buf, dtype=np.uint8, count=seg))
+        self._flags = [m[:HEADER].view(np.int64) for m in self._mems]
+        self._flags[self._me][:] = 0
+        self._myflags = self._flags[self._me]
+        self._peer_flags = [(self._flags[r], self._comm_rank_of[r]) for r in range(self._n) if r != self._me]
+        self._sync = None
+        if platform.machine().lower() not in ("x86_64", "amd64", "i686", "i386"):
+            self.win.Lock_all(MPI.MODE_NOCHECK)
+            self._sync = self.win.Sync
+        node.Barrier()
+
+    # ------------------------------------------------------------ comm-like surface
+    def Get_size(self) -> int:
+        return self._size
+
+    def Get_rank(self) -> int:
+        return self._rank
+
+    def __getattr__(self, name):
+        # only called for attributes not found normally: delegate to the MPI communicator
+        if name == "comm":
+            raise AttributeError(name)
+        return getattr(self.comm, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        """Free the shared window and sub-communicators (collective over ``comm``)."""
+        if self._closed:
+            return
+        self._closed = True
+        self._plans.clear()
+        self._mems = self._flags = self._peer_flags = self._myflags = None
+        if self._sync is not None:
+            self.win.Unlock_all()
+        self.win.Free()
+        if self.leaders is not None:
+            self.leaders.Free()
+        self.node.Free()
+
+    # ------------------------------------------------------------ waiting
+    def _wait(self, idx: int, e: int, peers, what: str) -> None:
+        for f, who in peers:
+            if f[idx] < e:
+                self._spin(f, idx, e, who, what)
+        if self._sync is not None:
+            self._sync()
+
+    def _spin(self, f, idx, e, who, what):
+        for _ in range(SPIN):
+            if f[idx] >= e:
+                return
+        start = time.monotonic()
+        backoff = start + BACKOFF_S
+        deadline = start + self.timeout
+        yield_ = os.sched_yield
+        n = 0
+        while f[idx] < e:
+            n += 1
+            if n & 15:
+                yield_()
+                continue
+            now = time.monotonic()
+            if now > deadline:
+                raise DDATimeout(
+                    f"rank {who} did not reach {what} epoch {e} within {self.timeout:g} s "
+                    f"(waiting on rank {self._rank}; the peer died, hangs, or the ranks "
+                    f"made different collective calls)")
+            if now > backoff:
+                time.sleep(5e-5)
+            else:
+                yield_()
+
+    def _complete(self, req, e: int) -> None:
+        """Wait for an MPI request with the same yield / timeout policy as the flags."""
+        if req.Test():
+            return
+        start = time.monotonic()
+        while not req.Test():
+            now = time.monotonic()
+            if now > start + self.timeout:
+                raise DDATimeout(
+                    f"node leaders' allreduce epoch {e} did not complete within {self.timeout:g} s "
+                    f"(waiting on rank {self._rank}; a node leader died or hangs)")
+            if now > start + BACKOFF_S:
+                time.sleep(5e-5)
+            else:
+                os.sched_yield()
+
+    def _publish(self, idx: int, e: int) -> None:
+        if self._sync is not None:
+            self._sync()
+        self._myflags[idx] = e
+
+    # ------------------------------------------------------------ plans
+    def _plan(self, t: torch.Tensor, gather: bool = False) -> _Plan:
+        key = (t.dtype, t.shape, gather)
+        p = self._plans.get(key)
+        if p is not None:
+            return p
+        p = _Plan()
+        numel = t.numel()
+        esize = t.element_size()
+        p.nbytes = numel * esize
+        if gather:
+            p.algo = "mpi" if (self.hierarchical or p.nbytes > self.capacity or self.algo == "mpi") else "1shot"
+        else:
+            p.algo = choose_algo(p.nbytes, self.algo, self.thresholds, self.capacity)
+        if p.algo != "mpi":
+            f32 = t.dtype == torch.float32
+            p.slots = []
+            for b in range(2):
+                row = []
+                for r in range(self._n):
+                    raw = self._mems[r][HEADER + b * self.capacity: HEADER + b * self.capacity + p.nbytes]
+                    if f32 and not gather:
+                        row.append(raw.view(np.float32).reshape(t.shape))
+                    else:
+                        row.append(torch.from_numpy(raw).view(t.dtype).view(t.shape))
+                p.slots.append(row)
+            p.own = [p.slots[b][self._me] for b in range(2)]
+            p.bounds = split_bounds(numel, self._n, esize)
+            lo, hi = p.bounds[self._me], p.bounds[self._me + 1]
+            if p.algo == "2shot":
+                flat = [[s.reshape(-1) for s in p.slots[b]] for b in range(2)]
+                # slices[b] = (my slice of every rank's slot, [(peer's slice in its slot, lo, hi)])
+                p.slices = [([fs[lo:hi] for fs in flat[b]],
+                             [(flat[b][r][p.bounds[r]:p.bounds[r + 1]], p.bounds[r], p.bounds[r + 1])
+                              for r in range(self._n) if r != self._me and p.bounds[r] < p.bounds[r + 1]])
+                            for b in range(2)]
+            p.acc = None if f32 else torch.empty(
+                (hi - lo,) if p.algo == "2shot" else tuple(t.shape), dtype=torch.float32)
+        if len(self._plans) > 256:
+            self._plans.clear()
+        self._plans[key] = p
+        return p
+
+    # ------------------------------------------------------------ allreduce
+    def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum ``t`` over the communicator in place and return it."""
+        if self._size == 1:
+            return t
+        if t.dtype not in DTYPES or t.device.type != "cpu":
+            return _mpi_all_reduce(t, self.comm)
+        if not t.is_contiguous():
+            return t.copy_(self.all_reduce_tensor(t.contiguous()))
+        p = self._plan(t)
+        if p.algo == "mpi":
+            return _mpi_all_reduce(t, self.comm)
+        self._epoch += 1
+        e = self._epoch
+        b = e & 1
+        if self.hierarchical:
+            return self._hier(t, p, e, b)
+        if t.dtype == torch.float32:
+            if p.algo == "1shot":
+                out = t.numpy()
+                np.copyto(p.own[b], out)
+                self._publish(ARRIVE, e)
+                self._wait(ARRIVE, e, self._peer_flags, "allreduce")
+                s = p.slots[b]
+                np.add(s[0], s[1], out=out)
+                for i in range(2, self._n):
+                    np.add(out, s[i], out=out)
+                return t
+            out = t.view(-1).numpy()
+            np.copyto(p.own[b], t.numpy())
+            self._publish(ARRIVE, e)
+            self._wait(ARRIVE, e, self._peer_flags, "allreduce")
+            mine, peers = p.slices[b]
+            lo, hi = p.bounds[self._me], p.bounds[self._me + 1]
+            if hi > lo:
+                acc = out[lo:hi]
+                np.add(mine[0], mine[1], out=acc)
+                for i in range(2, self._n):
+                    np.add(acc, mine[i], out=acc)
+                np.copyto(mine[self._me], acc)
+            self._publish(SLICE, e)
+            self._wait(SLICE, e, self._peer_flags, "allreduce")
+            for src, plo, phi in peers:
+                np.copyto(out[plo:phi], src)
+            return t
+        # bfloat16 / float16: widen exactly, sum in float32 in rank order, round once
+        p.own[b].copy_(t)
+        self._publish(ARRIVE, e)
+        self._wait(ARRIVE, e, self._peer_flags, "allreduce")
+        acc = p.acc
+        if p.algo == "1shot":
+            s = p.slots[b]
+            acc.copy_(s[0])
+            for i in range(1, self._n):
+                acc.add_(s[i])
+            t.copy_(acc)
+            return t
+        mine, peers = p.slices[b]
+        lo, hi = p.bounds[self._me], p.bounds[self._me + 1]
+        out = t.view(-1)
+        if hi > lo:
+            acc.copy_(mine[0])
+            for i in range(1, self._n):
+                acc.add_(mine[i])
+            out[lo:hi].copy_(acc)
+            mine[self._me].copy_(out[lo:hi])
+        self._publish(SLICE, e)
+        self._wait(SLICE, e, self._peer_flags, "allreduce")
+        for src, plo, phi in peers:
+            out[plo:phi].copy_(src)
+        return t
+
+    def _hier(self, t, p, e, b):
+        """Node reduce on the leader (shared memory), leaders' MPI Allreduce, node broadcast."""
+        MPI = self._MPI
+        own = p.own[b]
+        f32 = t.dtype == torch.float32
+        tt = (lambda a: torch.from_numpy(a)) if f32 else (lambda a: a)
+        tt(own).copy_(t)
+        self._publish(ARRIVE, e)
+        if self._me == 0:
+            self._wait(ARRIVE, e, self._peer_flags, "allreduce")
+            s = p.slots[b]
+            acc = t if f32 else torch.empty(t.shape, dtype=torch.float32)
+            acc.copy_(tt(s[0]))
+            for i in range(1, self._n):
+                acc.add_(tt(s[i]))
+            # non-blocking + polled, so a dead node leader gives a timeout, not a hang
+            self._complete(self.leaders.Iallreduce(MPI.IN_PLACE, acc.numpy(), op=MPI.SUM), e)
+            if not f32:
+                t.copy_(acc)
+            tt(own).copy_(t)
+            self._publish(BCAST, e)
+        else:
+            lead = self._peer_flags[0]   # node rank 0 is the first peer
+            self._wait(BCAST, e, (lead,), "allreduce")
+            t.copy_(tt(p.slots[b][0]))
+        return t
+
+    # ------------------------------------------------------------ allgather
+    def all_gather_tensor(self, t: torch.Tensor, dim: int = -1) -> torch.Tensor:
+        """Concatenate equal-shaped ``t`` from every rank along ``dim`` (rank order)."""
+        if self._size == 1:
+            return t
+        t = t.contiguous()
+        p = self._plan(t, gather=True)
+        if p.algo == "mpi" or t.device.type != "cpu":
+            return _mpi_all_gather(t, self.comm, dim)
+        self._epoch += 1
+        e = self._epoch
+        b = e & 1
+        p.own[b].copy_(t)
+        self._publish(ARRIVE, e)
+        self._wait(ARRIVE, e, self._peer_flags, "allgather")
+        out = torch.empty((self._n,) + tuple(t.shape), dtype=t.dtype)
+        for r, s in enumerate(p.slots[b]):
+            out[r].copy_(s)
+        return torch.cat(out.unbind(0), dim=dim % t.dim()) if t.dim() else out
+
+
+# ---------------------------------------------------------------- EP
+
+def alltoallv(rows, send_counts: Sequence[int], comm):
+    """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank r; return (received rows, recv counts).
+
+    ``rows``: a contiguous CPU torch tensor or NumPy array of shape (N, ...), rows grouped by
+    destination rank in rank order.  Counts are exchanged first (``Alltoall``), then the
+    payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
+    from mpi4py import MPI
+    comm = getattr(comm, "comm", comm)
+    is_torch = isinstance(rows, torch.Tensor)
+    arr = rows
+    if is_torch:
+        arr = (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).contiguous().numpy()
+    n = comm.Get_size()
+    send_counts = np.asarray(send_counts, dtype=np.int64)
+    if send_counts.shape != (n,) or send_counts.sum() != arr.shape[0]:
+        raise ValueError(f"send_counts must have {n} entries summing to {arr.shape[0]} rows, got {send_counts.tolist()}")
+    recv_counts = np.empty(n, dtype=np.int64)
+    comm.Alltoall(send_counts, recv_counts)
+    row = int(np.prod(arr.shape[1:], dtype=np.int64))
+    out = np.empty((int(recv_counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+    sc, rc = send_counts * row, recv_counts * row
+    sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
+    rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
+    mt = MPI._typedict[arr.dtype.char]
+    comm.Alltoallv([arr, (sc, sd), mt], [out, (rc, rd), mt])
+    if is_torch:
+        res = torch.from_numpy(out)
+        if rows.dtype == torch.bfloat16:
+            res = res.view(torch.bfloat16)
+        return res, recv_counts.tolist()
+    return out, recv_counts.tolist()

@@ -1,0 +1,146 @@
+"""The bulk pipeline under mpiexec: data-parallel replicas, kill/resume, SIGTERM. Every launch has a timeout."""
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+MPIEXEC = shutil.which("mpiexec")
+pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
+WORDS = ["the", "sea", "old", "man", "sky", "blue", "ship", "wind", "salt", "night"]
+
+
+def make_input(path, n, seed=0, max_tokens=(1, 24)):
+    rng = random.Random(seed)
+    with open(path, "w") as f:
+        for i in range(n):
+            rec = {"id": f"r{i}", "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 40))),
+                   "max_tokens": rng.randint(*max_tokens)}
+            if i % 7 == 3:
+                rec.update(temperature=0.9, seed=i)     # sampled records must also resume identically
+            f.write(json.dumps(rec) + "\n")
+        f.write("{not json\n")                          # one malformed line among them
+    return str(path)
+
+
+def cmd(n, model, inp, out, *flags):
+    return [MPIEXEC, "-n", str(n), sys.executable, "-m", "mpiinfer", "run", "-m", model, "-i", inp, "-o", out,
+            "--threads", "1"] + list(flags)
+
+
+def run(args, timeout=240):
+    p = subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert p.returncode == 0, p.stderr
+    return p
+
+
+def lines(path):
+    with open(path) as f:
+        return f.read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def tiny(model_dirs):
+    return model_dirs("llama")
+
+
+@pytest.fixture(scope="module")
+def reference(tiny, tmp_path_factory):
+    d = tmp_path_factory.mktemp("ref")
+    inp = make_input(d / "in.jsonl", 400)
+    out = str(d / "one.jsonl")
+    run(cmd(1, tiny, inp, out, "--max-batch", "8"))
+    return inp, lines(out)
+
+
+@pytest.mark.parametrize("n,flags", [(2, []), (4, ["--tp", "2"]), (3, [])])
+def test_data_parallel_equals_one_rank(n, flags, tiny, reference, tmp_path):
+    inp, want = reference
+    out = str(tmp_path / "dp.jsonl")
+    p = run(cmd(n, tiny, inp, out, "--max-batch", "8", *flags))
+    got = lines(out)
+    assert got == want
+    assert json.loads(got[-1])["error"]["type"] == "invalid_json"
+    assert len(got) == 401
+
+
+def _ranks_of(root):
+    """PIDs of the mpiinfer rank processes under a launcher process (what Slurm signals)."""
+    info = {}
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                ppid = int(open(f"/proc/{d}/stat").read().rsplit(")", 1)[1].split()[1])
+                cmdline = open(f"/proc/{d}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            info[int(d)] = (ppid, cmdline)
+
+    def under(pid):
+        while pid > 1:
+            if pid == root:
+                return True
+            pid = info.get(pid, (0,))[0]
+        return False
+    return [pid for pid, (_, c) in info.items() if under(pid) and c[1:3] == [b"-m", b"mpiinfer"]]
+
+
+def _start_and_wait_for(args, out, min_bytes, timeout=120):
+    p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while not (os.path.exists(out) and os.path.getsize(out) >= min_bytes):
+        if p.poll() is not None or time.time() - t0 > timeout:
+            break
+        time.sleep(0.01)
+    return p
+
+
+def test_sigkill_at_random_points_then_resume(tiny, reference, tmp_path):
+    inp, want = reference
+    out = str(tmp_path / "killed.jsonl")
+    total = sum(len(x) + 1 for x in want)
+    rng = random.Random(42)
+    # kill points spread over the run, as byte sizes of the output; --flush-every 1 keeps a flush
+    # (write + fsync) in progress most of the time, so some kills land inside one
+    points = sorted(rng.uniform(0.02, 0.95) * total for _ in range(6))
+    kills = 0
+    for pt in points:
+        args = cmd(2, tiny, inp, out, "--max-batch", "8", "--flush-every", "1")
+        p = _start_and_wait_for(args, out, pt)
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)       # the whole job: launcher and every rank (node loss)
+            kills += 1
+        p.communicate(timeout=60)
+        # what is on disk is always a prefix of the uninterrupted output, except a torn last line
+        got = open(out).read().split("\n") if os.path.exists(out) else [""]
+        assert got[:-1] == want[:len(got) - 1]
+    assert kills >= 5
+    run(cmd(2, tiny, inp, out, "--max-batch", "8"))
+    assert lines(out) == want
+    ids = [json.loads(x)["id"] for x in lines(out)]
+    assert len(ids) == len(set(ids)) == 401
+
+
+def test_sigterm_exits_cleanly_and_resumes(tiny, reference, tmp_path):
+    inp, want = reference
+    out = str(tmp_path / "term.jsonl")
+    args = cmd(2, tiny, inp, out, "--max-batch", "8", "--flush-every", "1")
+    p = _start_and_wait_for(args, out, 3000)
+    assert p.poll() is None, "job finished before it could be signalled"
+    ranks = _ranks_of(p.pid)
+    assert len(ranks) == 2
+    for pid in ranks:                               # Slurm signals every task of the step
+        os.kill(pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "re-run the same command to resume" in err
+    partial = lines(out)
+    assert 0 < len(partial) < len(want) and partial == want[:len(partial)]
+    p = run(args)
+    assert lines(out) == want

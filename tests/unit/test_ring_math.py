@@ -1,0 +1,219 @@
+"""Context-parallel attention math without MPI: sharding helpers, block planning, the exact LSE
+merge, the decode partial + merge, and a single-process simulation of the ring (every rank's
+plan applied to every rank's block) against full causal attention."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from mpiinfer.parallel import ring
+from mpiinfer.parallel.ring import (RingPlan, causal_attention_reference, chunk_bounds, combine_across_ranks,
+                                    decode_attention_partial, default_tile, gather_order, merge_partials,
+                                    plan_block, ring_attention, shard_order, shard_positions)
+
+LENS = [0, 1, 2, 3, 5, 7, 8, 9, 16, 37, 64, 101, 1000, 1001]
+CPS = [1, 2, 3, 4, 5, 8]
+
+
+def qkv(T, n_q=8, n_kv=2, hd=16, seed=0, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    return (torch.randn(T, n_q, hd, generator=g).to(dtype), torch.randn(T, n_kv, hd, generator=g).to(dtype),
+            torch.randn(T, n_kv, hd, generator=g).to(dtype))
+
+
+# --------------------------------------------------------------------------- sharding
+
+@pytest.mark.parametrize("L", LENS)
+@pytest.mark.parametrize("cp", CPS)
+def test_shards_cover_every_position_once(L, cp):
+    shards = [shard_positions(L, cp, r) for r in range(cp)]
+    allp = np.concatenate(shards)
+    assert sorted(allp.tolist()) == list(range(L))
+    assert all(s.dtype == np.int64 and np.all(np.diff(s) > 0) for s in shards)
+    sizes = [len(s) for s in shards]
+    assert max(sizes) - min(sizes) <= 1
+    b = chunk_bounds(L, 2 * cp)
+    lens = np.diff(b)
+    assert lens.max() - lens.min() <= 1 and b[-1] == L
+    for r in range(cp):   # rank r owns exactly chunks r and 2cp-1-r
+        want = list(range(b[r], b[r + 1])) + list(range(b[2 * cp - 1 - r], b[2 * cp - r]))
+        assert shards[r].tolist() == want
+    if L:
+        assert L - 1 in shards[0]          # the logits row of a prefill is on cp rank 0
+
+
+@pytest.mark.parametrize("L", LENS)
+@pytest.mark.parametrize("cp", CPS)
+def test_gather_order_restores_sequence(L, cp):
+    x = torch.arange(L) * 10
+    cat = torch.cat([x[torch.from_numpy(shard_positions(L, cp, r))] for r in range(cp)])
+    assert torch.equal(cat[torch.from_numpy(gather_order(L, cp))], x)
+    assert np.array_equal(shard_order(L, cp)[gather_order(L, cp)], np.arange(L))
+
+
+def test_bad_shard_args():
+    with pytest.raises(ValueError):
+        shard_positions(10, 2, 2)
+    with pytest.raises(ValueError):
+        chunk_bounds(10, 0)
+
+
+# --------------------------------------------------------------------------- planning
+
+def _covered(q_pos, kv_pos, rects):
+    m = np.zeros((len(q_pos), len(kv_pos)), dtype=np.int64)
+    for r in rects:
+        m[r.qa:r.qb, r.ka:r.kb] += 1
+    return m
+
+
+@pytest.mark.parametrize("window", [None, 7, 64])
+@pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (1000, 4), (64, 8), (9, 4)])
+def test_plan_covers_exactly_the_visible_pairs(L, cp, window):
+    """Every visible (q, kv) pair is computed exactly once, no unmasked rectangle contains an
+    invisible pair, and blocks entirely in the future produce no rectangle at all."""
+    shards = [shard_positions(L, cp, r) for r in range(cp)]
+    tile = default_tile(*shards)
+    for qp in shards:
+        for kp in shards:
+            rects, _ = plan_block(qp, kp, window, tile)
+            cov = _covered(qp, kp, rects)
+            vis = kp[None, :] <= qp[:, None]
+            if window is not None:
+                vis &= kp[None, :] > qp[:, None] - window
+            assert cov.max(initial=0) <= 1
+            assert np.all(cov[vis] == 1)
+            for r in rects:
+                if not r.masked:
+                    assert vis[r.qa:r.qb, r.ka:r.kb].all()
+            if len(qp) and len(kp) and kp.min() > qp.max():
+                assert rects == []
+
+
+def test_future_block_is_skipped_and_past_block_unmasked():
+    rects, skipped = plan_block(np.arange(0, 10), np.arange(10, 20))
+    assert rects == [] and skipped == 1
+    rects, skipped = plan_block(np.arange(10, 20), np.arange(0, 10))
+    assert [(r.qa, r.qb, r.ka, r.kb, r.masked) for r in rects] == [(0, 10, 0, 10, False)]
+
+
+@pytest.mark.parametrize("L,cp", [(1000, 2), (1000, 3), (1000, 4), (4096, 4), (1001, 8), (32768, 2)])
+def test_load_balance(L, cp):
+    """Zigzag sharding: every rank attends every block, computes the same number of matmul
+    rectangles (+-1 / +-2 when chunk lengths differ) and the same work within 2%, and the total is
+    within 4% of the causal triangle; contiguous sharding would be badly unbalanced."""
+    shards = [shard_positions(L, cp, r) for r in range(cp)]
+    tile = default_tile(*shards)
+    pairs, elems, blocks = [], [], []
+    for qp in shards:
+        plans = [plan_block(qp, kp, None, tile)[0] for kp in shards]
+        blocks.append(sum(1 for p in plans if p))
+        pairs.append(sum(len(p) for p in plans))
+        elems.append(sum(r.elems for p in plans for r in p))
+    assert blocks == [cp] * cp
+    assert max(pairs) - min(pairs) <= (1 if L % (2 * cp) == 0 or L == 1000 else 2), pairs
+    assert max(elems) / min(elems) < 1.02, elems
+    assert sum(elems) < 1.04 * L * (L + 1) / 2
+    contiguous = [np.arange(r * L // cp, (r + 1) * L // cp) for r in range(cp)]
+    work = [sum(r.elems for kp in contiguous for r in plan_block(qp, kp)[0]) for qp in contiguous]
+    assert max(work) / min(work) > 2
+
+
+# --------------------------------------------------------------------------- merge and decode
+
+@pytest.mark.parametrize("n_q,n_kv", [(8, 2), (4, 4), (6, 1)])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_merge_of_arbitrary_kv_split_equals_full(n_q, n_kv, seed):
+    T = 53
+    q, k, v = qkv(T, n_q, n_kv, seed=seed)
+    scale = 16 ** -0.5
+    ref, ref_lse = causal_attention_reference(q, k, v, scale, return_lse=True)
+    g = torch.Generator().manual_seed(100 + seed)
+    owner = torch.randint(0, 4, (T,), generator=g)           # arbitrary, interleaved split of K/V
+    pos = torch.arange(T)
+    outs, lses = [], []
+    for part in range(4):
+        idx = torch.nonzero(owner == part).flatten()
+        o, l = decode_attention_partial(q, k[idx], v[idx], scale, q_pos=pos, kv_pos=pos[idx])
+        outs.append(o)
+        lses.append(l)
+    out, lse = merge_partials(outs, lses)
+    assert (out - ref).abs().max() < 1e-5
+    assert (lse - ref_lse.float()).abs().max() < 1e-5
+
+
+def test_decode_partial_plus_merge_equals_full():
+    """One new query per sequence against a KV cache spread round-robin over 3 'ranks'."""
+    T, n_q, n_kv, hd = 200, 8, 2, 32
+    q, k, v = qkv(T + 1, n_q, n_kv, hd, seed=3)
+    scale = hd ** -0.5
+    ref = causal_attention_reference(q, k, v, scale)[-1:]       # the last token's attention
+    parts = [decode_attention_partial(q[-1:], k[r::3], v[r::3], scale) for r in range(3)]
+    out, _ = merge_partials([p[0] for p in parts], [p[1] for p in parts])
+    assert (out - ref).abs().max() < 1e-5
+
+
+def test_empty_shard_and_fully_masked_rows_merge_as_noop():
+    q, k, v = qkv(4)
+    o0, l0 = decode_attention_partial(q, k[:0], v[:0], 0.25)
+    assert torch.all(o0 == 0) and torch.all(l0 == -math.inf)
+    o1, l1 = decode_attention_partial(q, k, v, 0.25)
+    out, lse = merge_partials([o0, o1, o0], [l0, l1, l0])
+    assert torch.equal(out, o1) and torch.equal(lse, l1)
+    out, lse = merge_partials([o0], [l0])
+    assert torch.all(out == 0) and not torch.isnan(out).any()
+    # every kv after every query: masked away entirely -> (0, -inf), no NaN
+    o2, l2 = decode_attention_partial(q, k, v, 0.25, q_pos=torch.arange(4), kv_pos=torch.arange(10, 14))
+    assert torch.all(o2 == 0) and torch.all(l2 == -math.inf)
+
+
+def test_combine_without_comm_is_identity():
+    q, k, v = qkv(3)
+    o, l = decode_attention_partial(q, k, v, 0.25)
+    assert torch.equal(combine_across_ranks(o, l, None), o)
+
+
+# --------------------------------------------------------------------------- ring (single process)
+
+@pytest.mark.parametrize("window", [None, 10])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_ring_without_comm_equals_reference(window, dtype, tol):
+    T = 77
+    q, k, v = qkv(T, seed=5, dtype=dtype)
+    ref = causal_attention_reference(q.float(), k.float(), v.float(), 0.25, window=window)
+    out = ring_attention(q, k, v, torch.arange(T), torch.arange(T), None, 0.25, window=window)
+    assert out.dtype == dtype
+    assert (out.float() - ref).abs().max() < tol
+
+
+@pytest.mark.parametrize("window", [None, 13])
+@pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (300, 4), (5, 4), (1, 3)])
+def test_simulated_ring_equals_reference(L, cp, window):
+    """Each rank's plan applied to each rank's block, merged in ring order, equals full attention
+    restricted to the rank's positions (the MPI transport is tested in tests/mpi/test_ring.py)."""
+    n_q, n_kv, hd = 8, 2, 16
+    q, k, v = qkv(L, n_q, n_kv, hd, seed=L)
+    scale = hd ** -0.5
+    ref = causal_attention_reference(q, k, v, scale, window=window)
+    shards = [shard_positions(L, cp, r) for r in range(cp)]
+    tile = default_tile(*shards)
+    for r in range(cp):
+        qp = torch.from_numpy(shards[r])
+        acc_o = torch.zeros(n_kv, len(qp) * 4, hd)
+        acc_l = torch.full((n_kv, len(qp) * 4), -math.inf)
+        qg = ring._group_q(q[qp], n_kv, scale)
+        for t in range(cp):
+            s = (r - t) % cp
+            kp = torch.from_numpy(shards[s])
+            rects, _ = plan_block(shards[r], shards[s], window, tile)
+            ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, 4, window,
+                               acc_o, acc_l, max_elems=200)          # tiny chunks: exercise query chunking
+        out, _ = ring._ungroup(acc_o, acc_l, len(qp), 4)
+        assert (out - ref[qp]).abs().max().item() < 1e-5 if len(qp) else out.shape == (0, n_q, hd)
+
+
+def test_ring_plan_single_process():
+    p = RingPlan.build(torch.arange(10), torch.arange(10), None)
+    assert p.cp == 1 and p.blocks == 1 and p.sizes == [10]
+    assert p.elems == 75 and p.pairs == 3      # 10 rows cut in two: 2 masked 5x5 tiles + 1 full 5x5
