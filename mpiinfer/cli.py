@@ -41,11 +41,21 @@ def main():
 @click.option("-m", "--model", required=True, envvar=_env("MODEL"), show_envvar=True,
               help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).")
 @click.option("-i", "--input", "inputs", multiple=True, required=True, envvar=_env("INPUT"), show_envvar=True,
-              help="Input file (JSONL); repeatable; '-' reads stdin.")
+              help="Input: JSONL, OpenAI batch JSONL, HDF5 (.h5) or a directory of .txt/.md documents; "
+                   "repeatable; '-' reads JSONL from stdin.")
 @click.option("-o", "--output", required=True, envvar=_env("OUTPUT"), show_envvar=True,
-              help="Output JSONL file; an existing one is resumed ('-' writes stdout).")
-@click.option("--input-format", envvar=_env("INPUT_FORMAT"), show_envvar=True, default=None,
-              help="Input format when the extension does not tell (jsonl).")
+              help="Output file (JSONL, OpenAI batch output, or HDF5 for .h5); an existing one is resumed "
+                   "('-' writes stdout). A summary goes to OUTPUT.summary.json.")
+@click.option("--input-format", type=click.Choice(["jsonl", "openai", "hdf5", "text"]), envvar=_env("INPUT_FORMAT"),
+              show_envvar=True, default=None,
+              help="Input format (default: from the extension; OpenAI batch files are recognised by content).")
+@click.option("--output-format", type=click.Choice(["jsonl", "openai", "hdf5"]), envvar=_env("OUTPUT_FORMAT"),
+              show_envvar=True, default=None,
+              help="Output format (default: hdf5 for .h5, openai for OpenAI batch input, else jsonl).")
+@click.option("--prompt-template", envvar=_env("PROMPT_TEMPLATE"), show_envvar=True, default=None,
+              help="Text-directory inputs: wrap each document, e.g. 'Summarize:\\n{document}'.")
+@click.option("--dataset", envvar=_env("DATASET"), show_envvar=True, default=None,
+              help="HDF5 inputs: the dataset of token-id arrays (default input_ids).")
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, envvar=_env("MAX_TOKENS"), show_envvar=True,
               help="Default max new tokens for records that give none.")
 @click.option("--temperature", type=click.FloatRange(min=0), default=0.0, envvar=_env("TEMPERATURE"),
@@ -86,13 +96,14 @@ def main():
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, envvar=_env("MAX_ERRORS"),
               show_envvar=True, help="Stop the job when more than N records fail.")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
-def run(model, inputs, output, input_format, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
+def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .coordinator import run as run_job
     cfg = RunConfig(
-        model=model, inputs=tuple(inputs), output=output, input_format=input_format,
+        model=model, inputs=tuple(inputs), output=output, input_format=input_format, output_format=output_format,
+        prompt_template=prompt_template.replace("\\n", "\n") if prompt_template else None, dataset=dataset,
         defaults=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k),
         seed=seed,
         engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,

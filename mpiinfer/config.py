@@ -292,6 +292,9 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     input_format: Optional[str] = None
+    output_format: Optional[str] = None
+    prompt_template: Optional[str] = None   # text-dir inputs: "Summarize:\n{document}"
+    dataset: Optional[str] = None           # HDF5 inputs: dataset of token arrays
     seed: int = 0                      # base seed for sampled requests that give none
     overwrite: bool = False
     quiet: bool = False

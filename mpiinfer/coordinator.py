@@ -42,15 +42,29 @@ def setup_logging(rank: int, quiet: bool) -> None:
     log.propagate = False
 
 
-def _inputs(cfg: RunConfig):
-    """All input records as one stream with consecutive indices across files."""
+def _input_options(cfg: RunConfig) -> dict:
+    return {"prompt_template": cfg.prompt_template, "dataset": cfg.dataset}
+
+
+def _inputs(cfg: RunConfig, done: int):
+    """All input records after the first ``done`` as one stream, with consecutive indices across files."""
     from .io.readers import open_input
     index = 0
-    for path in cfg.inputs:
+    skip = done
+    for n, path in enumerate(cfg.inputs):
+        fmt = cfg.input_format
         last = index - 1
-        for item in open_input(path, cfg.input_format, defaults=cfg.defaults, start_index=index):
+        # a single input skips cheaply inside its reader; with several, skipped records are counted
+        inner_skip = skip if len(cfg.inputs) == 1 else 0
+        for item in open_input(path, fmt, defaults=cfg.defaults, start_index=index, skip=inner_skip,
+                               **_input_options(cfg)):
             last = item.index
+            if skip and not inner_skip:
+                skip -= 1
+                continue
             yield item
+        if inner_skip:
+            skip = 0
         index = last + 1
 
 
@@ -165,6 +179,12 @@ def _check_output(cfg: RunConfig) -> None:
             raise ConfigError(f"input {path} does not exist")
         if path != "-" and os.path.abspath(path) == os.path.abspath(out):
             raise ConfigError("--output must not be one of the inputs")
+        if path != "-" and cfg.input_format is None:
+            from .io.readers import detect_format
+            try:
+                detect_format(path)
+            except ValueError as e:
+                raise ConfigError(str(e)) from None
 
 
 class _Source:
@@ -197,7 +217,9 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
     from tqdm import tqdm
 
     from .engine.generate import Engine
-    from .io.writers import JsonlWriter, OrderedWriter, recover_jsonl
+    from .io.readers import detect_format
+    from .io.summary import Summary, summary_path
+    from .io.writers import OrderedWriter, default_output_format, open_output, recover_output
     from .messages import TAG, Done, Result, Stop, Want, Work
     from .tokenizer import Tokenizer
 
@@ -205,25 +227,32 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
     leaders = [mesh.layout.replica_leader(d) for d in range(1, mesh.dp)]
     tok = Tokenizer(cfg.model)
     engine = Engine(runner, tok, default_seed=cfg.seed)
-    done = 0
-    if cfg.output != "-":
-        if cfg.overwrite and os.path.exists(cfg.output):
-            os.remove(cfg.output)
-        done, _ = recover_jsonl(cfg.output)
-    items = _inputs(cfg)
-    if done:
-        skipped = sum(1 for _ in itertools.islice(items, done))
-        if skipped < done:
-            raise ConfigError(f"{cfg.output} already has {done} records but the input has only {skipped}: "
-                              "it belongs to another input; pass --overwrite to start over")
-        log.info("resuming: %d records already in %s", done, cfg.output)
+    in_fmt = cfg.input_format or (detect_format(cfg.inputs[0]) if cfg.inputs[0] != "-" else "jsonl")
+    out_fmt = cfg.output_format or default_output_format(in_fmt, cfg.output if cfg.output != "-" else None)
+    if cfg.overwrite and cfg.output != "-" and os.path.exists(cfg.output):
+        os.remove(cfg.output)
+    done = recover_output(cfg.output, out_fmt)
+    items = _inputs(cfg, done)
     first = next(items, None)
     if first is None:
-        log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
+        if done:
+            log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
+        else:
+            log.info("the input has no records")
         for r in leaders:
             world.send(Stop(), dest=r, tag=TAG)
         return 0
+    if first.index != done:
+        raise ConfigError(f"{cfg.output} already has {done} records but the input has only {first.index}: "
+                          "it belongs to another input; pass --overwrite to start over")
+    if done:
+        log.info("resuming: %d records already in %s", done, cfg.output)
     items = itertools.chain([first], items)
+    created = int(os.path.getmtime(cfg.inputs[0])) if cfg.inputs[0] != "-" else None
+    inner = open_output(cfg.output, out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
+                        model=os.path.basename(os.path.normpath(cfg.model)), created=created,
+                        token_str=lambda t: tok.decode([t], skip_special_tokens=False))
+    summary = Summary(mesh=mesh.describe(), resumed=done)
 
     # window: enough to keep every replica's batch full plus its prefetch, bounded for memory
     window = max(256, 4 * engine.max_batch * mesh.dp)
@@ -241,11 +270,11 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
     stats = {"n": 0, "errors": 0, "tokens": 0}
     last_log = [t0]
     wants = {r: 0 for r in leaders}
-    inner = JsonlWriter(cfg.output, flush_every_records=cfg.flush_every, flush_every_seconds=5.0)
     writer = OrderedWriter(inner, start_index=done, max_pending=window + 16)
 
     def emit(res: Result) -> None:
         writer.write(res)
+        summary.add(res)
         src.in_flight -= 1
         stats["n"] += 1
         stats["tokens"] += len(res.token_ids)
@@ -307,6 +336,10 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
                 pass
         else:
             writer.close()
+        summary.finish()
+        sp = summary_path(cfg.output)
+        if sp:
+            summary.write(sp)
     dt = time.perf_counter() - t0
     if stop_signal:
         log.warning("stopped by signal %d: %d records are in %s; re-run the same command to resume",

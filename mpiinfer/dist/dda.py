@@ -234,6 +234,16 @@ class DDAComm:
             self._sync = self.win.Sync
         node.Barrier()
 
+    def set_algo(self, algo: str, thresholds: Optional[dict] = None) -> None:
+        """Change the algorithm (and thresholds) for later calls; collective in effect: every
+        rank must switch at the same point of its call sequence."""
+        if algo not in ALGOS:
+            raise ValueError(f"allreduce algorithm must be one of {ALGOS}, got {algo!r}")
+        self.algo = algo
+        if thresholds:
+            self.thresholds = dict(thresholds)
+        self._plans.clear()
+
     # ------------------------------------------------------------ comm-like surface
     def Get_size(self) -> int:
         return self._size

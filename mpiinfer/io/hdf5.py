@@ -44,6 +44,11 @@ from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
 from .records import INVALID_REQUEST
 
+def _no_nul(s: str) -> str:
+    """HDF5 variable-length strings cannot hold NUL: it is stored as U+FFFD (token_ids stay exact)."""
+    return s.replace("\x00", "\ufffd") if "\x00" in s else s
+
+
 STR_FIELDS = ("ids", "text", "finish_reason", "error_type", "error_message")
 INT_FIELDS = ("prompt_tokens", "completion_tokens")
 OUTPUT_DATASETS = ("ids", "token_ids", "logprobs", "finish_reason", "prompt_tokens",
@@ -247,11 +252,11 @@ class Hdf5Writer:
         cols = {k: [] for k in OUTPUT_DATASETS}
         for r in rs:
             err = r.error
-            cols["ids"].append(str(r.id))
-            cols["text"].append(r.text if err is None else "")
+            cols["ids"].append(_no_nul(str(r.id)))
+            cols["text"].append(_no_nul(r.text) if err is None else "")
             cols["finish_reason"].append((r.finish_reason or "") if err is None else "")
             cols["error_type"].append(err.type if err is not None else "")
-            cols["error_message"].append(err.message if err is not None else "")
+            cols["error_message"].append(_no_nul(err.message) if err is not None else "")
             cols["token_ids"].append(np.asarray(r.token_ids if err is None else [], dtype=np.int32))
             cols["logprobs"].append(np.asarray(r.logprobs if (err is None and r.logprobs) else [],
                                                dtype=np.float32))

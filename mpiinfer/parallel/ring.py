@@ -326,7 +326,7 @@ def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_pos, comm, scale: float,
                    window: Optional[int] = None, *, plan: Optional[RingPlan] = None,
                    stats: Optional[dict] = None, return_lse: bool = False,
-                   max_score_elems: int = MAX_SCORE_ELEMS):
+                   max_score_elems: int = MAX_SCORE_ELEMS, progress: bool = True):
     """Exact causal attention of this rank's queries to the K/V of ALL ranks of ``comm``.
 
     q (Tq, n_q, hd) and k, v (Tk, n_kv, hd) are this rank's tokens of one sequence (any of
@@ -341,7 +341,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     this collectively (same n_kv, hd, dtype), even with no tokens.
 
     ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window)`` reused across layers (saves two
-    small collectives per call).  ``stats``: a dict that gets accumulated ``wait_s`` (in
+    small collectives per call).  ``progress``: call ``Testall`` on the transfers in flight after
+    every matmul chunk, so that MPI libraries without an asynchronous progress thread (MPICH's
+    default) move the block while we compute rather than inside ``Waitall``.  ``stats``: a dict that gets accumulated ``wait_s`` (in
     ``Waitall``), ``poll_s``, ``compute_s``, ``total_s``, ``blocks``, ``pairs``, ``elems``, ``skipped``, ``bytes_sent``.
     Returns out (Tq, n_q, hd) in q's dtype, and with ``return_lse`` also lse (Tq, n_q) float32.
     """
@@ -381,7 +383,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
             sent += n_out * bufs[cur].element_size()
 
         poll = None
-        if reqs:
+        if reqs and progress:
             def poll(reqs=reqs):
                 nonlocal poll_s
                 t0 = time.perf_counter()

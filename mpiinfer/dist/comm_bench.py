@@ -1,0 +1,224 @@
+"""Allreduce latency and bus bandwidth under mpiexec: DDA one-shot / two-shot / auto, MPI, gloo.
+
+Owns: ``bench_allreduce`` (the measurement), ``tune`` (writes ``dda_thresholds.json``,
+read by ``DDAComm(algo="auto"|"dda")``) and ``main(argv)`` for
+``mpiexec -n 2 python -m mpiinfer.dist.comm_bench [--json F] [--tune]``.
+Communicator: ``MPI.COMM_WORLD`` (or the one passed in); gloo is initialised on a TCPStore
+at 127.0.0.1 with the MPI rank and size.
+
+Method: float32 zeros (no overflow, no denormals), ``warmup`` untimed calls, a barrier,
+then ``iters`` back-to-back calls (no barrier in between, as in decode), each timed on its
+own; a rank's figure is the median, the reported figure the maximum over ranks.
+busbw = 2 (n-1)/n * bytes / latency (GB/s, 1e9), as nccl-tests define it.
+Rows: {"op": "allreduce", "algo": ..., "bytes": N, "ranks": R, "latency_us": .., "busbw_gbps": ..}
+with algo "dda-1shot", "dda-2shot", "dda" (the shared-memory variant auto would pick),
+"auto" (what ``--allreduce auto`` does, MPI included), "mpi", "gloo".
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import time
+from typing import Optional, Sequence
+
+import torch
+
+from .dda import ALGOS, THRESHOLDS_FILE, DDAComm, load_thresholds
+from .collectives import _mpi_all_reduce
+
+DEFAULT_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "mpi", "gloo")
+DDA_MODE = {"dda-1shot": "1shot", "dda-2shot": "2shot", "dda": "dda", "auto": "auto"}
+
+
+def default_sizes(lo: int = 8, hi: int = 64 << 20, factor: int = 2) -> list:
+    out, s = [], lo
+    while s <= hi:
+        out.append(s)
+        s *= factor
+    return out
+
+
+def iters_for(nbytes: int, iters: int) -> int:
+    """Fewer iterations for large messages (at least 10)."""
+    return max(10, min(iters, iters * (256 << 10) // max(nbytes, 1)))
+
+
+def _init_gloo(comm):
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return dist
+    port = None
+    if comm.Get_rank() == 0:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+    port = comm.bcast(port, root=0)
+    store = dist.TCPStore("127.0.0.1", port, comm.Get_size(), comm.Get_rank() == 0, timeout=__import__("datetime").timedelta(seconds=60))
+    dist.init_process_group("gloo", store=store, rank=comm.Get_rank(), world_size=comm.Get_size())
+    return dist
+
+
+def _time(op, x, iters: int, warmup: int, comm) -> float:
+    """Median seconds of one call on this rank, max over ranks."""
+    for _ in range(warmup):
+        op(x)
+    comm.Barrier()
+    ts = []
+    clock = time.perf_counter
+    for _ in range(iters):
+        t0 = clock()
+        op(x)
+        ts.append(clock() - t0)
+    from mpi4py import MPI
+    return comm.allreduce(statistics.median(ts), op=MPI.MAX)
+
+
+def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] = DEFAULT_ALGOS,
+                    iters: int = 200, json_path: Optional[str] = None, comm=None,
+                    thresholds: Optional[dict] = None, quiet: bool = False) -> list:
+    """Measure every (size, algo); print a table on rank 0; write JSON rows there; return the rows."""
+    from mpi4py import MPI
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    sizes = list(sizes or default_sizes())
+    n = comm.Get_size()
+    bad = [a for a in algos if a not in DEFAULT_ALGOS]
+    if bad:
+        raise ValueError(f"unknown algorithms {bad}; choose from {DEFAULT_ALGOS}")
+    dda = None
+    if any(a in DDA_MODE for a in algos):
+        dda = DDAComm(comm, max_bytes=max(sizes), thresholds=thresholds)
+    dist = _init_gloo(comm) if "gloo" in algos else None
+    rows = []
+    for nbytes in sizes:
+        numel = max(1, nbytes // 4)
+        x = torch.zeros(numel, dtype=torch.float32)
+        it = iters_for(nbytes, iters)
+        for a in algos:
+            if a in DDA_MODE:
+                dda.set_algo(DDA_MODE[a])
+                op = dda.all_reduce_tensor
+            elif a == "mpi":
+                op = lambda t: _mpi_all_reduce(t, comm)  # noqa: E731
+            else:
+                op = lambda t: dist.all_reduce(t)  # noqa: E731
+            lat = _time(op, x, it, min(10, it), comm)
+            rows.append({"op": "allreduce", "algo": a, "bytes": numel * 4, "ranks": n,
+                         "latency_us": round(lat * 1e6, 3),
+                         "busbw_gbps": round(2 * (n - 1) / n * numel * 4 / lat / 1e9, 4)})
+    if dda is not None:
+        dda.close()
+    if comm.Get_rank() == 0:
+        if not quiet:
+            print(format_table(rows, algos), flush=True)
+        if json_path:
+            with open(json_path, "w") as f:
+                json.dump(rows, f, indent=1)
+    return rows
+
+
+def _fmt_size(b: int) -> str:
+    for unit, k in (("MiB", 20), ("KiB", 10)):
+        if b >= 1 << k and b % (1 << k) == 0:
+            return f"{b >> k} {unit}"
+    return f"{b} B"
+
+
+def format_table(rows: list, algos: Sequence[str]) -> str:
+    by = {(r["bytes"], r["algo"]): r for r in rows}
+    sizes = sorted({r["bytes"] for r in rows})
+    ranks = rows[0]["ranks"] if rows else 0
+    head = f"allreduce, {ranks} ranks: median latency us (busbw GB/s)"
+    cols = ["size"] + list(algos) + (["mpi/auto"] if "auto" in algos and "mpi" in algos else [])
+    lines = [head, " | ".join(f"{c:>18}" for c in cols)]
+    for s in sizes:
+        cells = [f"{_fmt_size(s):>18}"]
+        for a in algos:
+            r = by.get((s, a))
+            cells.append(f"{r['latency_us']:>9.1f} ({r['busbw_gbps']:>6.3f})" if r else f"{'-':>18}")
+        if len(cols) > len(algos) + 1:
+            cells.append(f"{by[(s, 'mpi')]['latency_us'] / by[(s, 'auto')]['latency_us']:>18.2f}")
+        lines.append(" | ".join(cells))
+    return "\n".join(lines)
+
+
+def pick_thresholds(rows: list) -> dict:
+    """{"oneshot_max_bytes", "twoshot_max_bytes"} from rows of dda-1shot / dda-2shot / mpi.
+
+    one-shot up to the largest size where it is the fastest of the three; two-shot up to
+    the largest size where the faster DDA variant beats MPI; MPI beyond."""
+    by = {(r["bytes"], r["algo"]): r["latency_us"] for r in rows}
+    sizes = sorted({r["bytes"] for r in rows})
+    one = two = 0
+    for s in sizes:
+        l1, l2, lm = by[(s, "dda-1shot")], by[(s, "dda-2shot")], by[(s, "mpi")]
+        if l1 <= min(l2, lm):
+            one = s
+        if min(l1, l2) < lm:
+            two = s
+    return {"oneshot_max_bytes": one, "twoshot_max_bytes": max(one, two)}
+
+
+def tune(sizes: Optional[Sequence[int]] = None, iters: int = 200, path=THRESHOLDS_FILE, comm=None) -> dict:
+    """Measure and merge this world size's thresholds into ``path`` (rank 0 writes)."""
+    from mpi4py import MPI
+    comm = comm if comm is not None else MPI.COMM_WORLD
+    rows = bench_allreduce(sizes or default_sizes(hi=16 << 20), ("dda-1shot", "dda-2shot", "mpi"),
+                           iters, None, comm, quiet=True)
+    th = pick_thresholds(rows)
+    if comm.Get_rank() == 0:
+        try:
+            with open(path) as f:
+                doc = json.load(f)
+        except (OSError, ValueError):
+            doc = {}
+        doc.setdefault("about", "max message bytes for DDA one-shot and two-shot per world size; "
+                                 "written by `mpiinfer bench comm --tune`")
+        doc.setdefault("world", {})[str(comm.Get_size())] = dict(
+            th, measured=time.strftime("%Y-%m-%d"), host=socket.gethostname(), cpus=os.cpu_count())
+        with open(path, "w") as f:
+            json.dump(doc, f, indent=1, sort_keys=True)
+            f.write("\n")
+        print(f"thresholds for {comm.Get_size()} ranks: {th} -> {path}", flush=True)
+    return th
+
+
+def parse_sizes(spec: str) -> list:
+    """"8:64M" (powers of 2), "8:64M:4" (powers of 4) or "8,1K,64K"."""
+    def num(s):
+        s = s.strip().upper().rstrip("B")
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(s[-1:], 1)
+        return int(s[:-1] if mult > 1 else s) * mult
+    if ":" in spec:
+        parts = spec.split(":")
+        return default_sizes(num(parts[0]), num(parts[1]), int(parts[2]) if len(parts) > 2 else 2)
+    return [num(s) for s in spec.split(",")]
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    ap = argparse.ArgumentParser(prog="mpiinfer bench comm", description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", default="8:64M", help='"8:64M" powers of 2, "8:64M:4" powers of 4, or a list "8,1K,64K"')
+    ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))
+    ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--json", dest="json_path", default=None)
+    ap.add_argument("--tune", action="store_true", help=f"measure and write {THRESHOLDS_FILE.name}")
+    ap.add_argument("--thresholds-file", default=str(THRESHOLDS_FILE))
+    a = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    if a.tune:
+        tune(parse_sizes(a.sizes) if a.sizes != "8:64M" else None, a.iters, a.thresholds_file)
+        return 0
+    from mpi4py import MPI
+    th = None
+    if a.thresholds_file != str(THRESHOLDS_FILE):
+        from .dda import thresholds_for
+        th = thresholds_for(MPI.COMM_WORLD.Get_size(), load_thresholds(a.thresholds_file))
+    bench_allreduce(parse_sizes(a.sizes), [s.strip() for s in a.algos.split(",") if s.strip()],
+                    a.iters, a.json_path, thresholds=th)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
