@@ -9,9 +9,12 @@ with one thread per rank.  Reported per cp:
   time        median over ``--repeat`` runs of the slowest rank's ring_attention time
   efficiency  t(cp=1) / (cp * t(cp))
   GFLOP/s     4 * head_dim * n_q * (score elements computed) / time, per rank
-  wait        share of the time spent blocked in ``Waitall`` (+ ``Testall`` polls)
+  wait        share of the time the slowest-waiting rank spent blocked in ``Waitall``
+              (+ ``Testall`` polls); this includes skew between ranks, not only transfers
   comm        time of the same ring transfers alone (no compute), per rank
-  hidden      share of that communication hidden behind compute: 1 - wait / comm
+  hidden      share of that communication hidden behind compute: 1 - w / comm, with w the
+              wait of the LEAST-waiting rank (the last to arrive waits only for what is left of
+              the transfer, not for a slower peer)
 
 Usage::
 
@@ -143,11 +146,13 @@ def drive(a):
             if cp == 1:
                 t1 = t
             wait = max(r["wait_s"] for r in ranks)
+            wait_min = min(r["wait_s"] for r in ranks)
             comm_s = max(r["comm_s"] for r in ranks)
             flops = max(4 * a.hd * a.n_q * r["elems"] / r["total_s"] for r in ranks) / 1e9
             row = dict(seq_len=L, cp=cp, progress=not a.no_progress, time_s=t, efficiency=(t1 / (cp * t)) if t1 else None,
                        gflops_per_rank=flops, wait_share=wait / t if cp > 1 else 0.0, comm_s=comm_s,
-                       hidden_share=(max(0.0, 1 - wait / comm_s) if cp > 1 and comm_s > 0 else None),
+                       wait_s=[r["wait_s"] for r in ranks],
+                       hidden_share=(max(0.0, 1 - wait_min / comm_s) if cp > 1 and comm_s > 0 else None),
                        bytes_sent_per_rank=max(r["bytes_sent"] for r in ranks),
                        elems=[r["elems"] for r in ranks], tokens=[r["tokens"] for r in ranks])
             rows.append(row)

@@ -144,3 +144,46 @@ def test_sigterm_exits_cleanly_and_resumes(tiny, reference, tmp_path):
     assert 0 < len(partial) < len(want) and partial == want[:len(partial)]
     p = run(args)
     assert lines(out) == want
+
+
+def test_five_percent_malformed_lines(tiny, tmp_path):
+    rng = random.Random(5)
+    bad = [b'{"id": "b%d", "prompt": ', b'{"id": "b%d", "prompt": 5}', b'{"id": "b%d", "prompt": ""}',
+           b'{"id": "b%d", "prompt": "' + b"sea " * 3000 + b'"}', b'{"id": "b%d", "prompt": "x", "colour": 1}',
+           b'{"id": "b%d", "prompt": "\xff\xfe bad bytes"}', b'{"id": "b%d", "prompt": "x", "top_p": 2}',
+           b'[1, 2, 3]']
+    good_lines, bad_ids = [], []
+    with open(tmp_path / "mixed.jsonl", "wb") as f:
+        for i in range(400):
+            if i % 20 == 7:
+                line = bad[(i // 20) % len(bad)]
+                line = line.replace(b"%d", str(i).encode()) if b"%d" in line else line
+                bad_ids.append(i)
+            else:
+                line = json.dumps({"id": f"g{i}", "prompt": " ".join(rng.choice(WORDS) for _ in range(5)),
+                                   "max_tokens": 4}).encode()
+                good_lines.append(line)
+            f.write(line + b"\n")
+    with open(tmp_path / "good.jsonl", "wb") as f:
+        f.write(b"\n".join(good_lines) + b"\n")
+    run(cmd(2, tiny, str(tmp_path / "mixed.jsonl"), str(tmp_path / "mixed_out.jsonl"), "--max-seq-len", "1024"))
+    run(cmd(1, tiny, str(tmp_path / "good.jsonl"), str(tmp_path / "good_out.jsonl"), "--max-seq-len", "1024"))
+    out = [json.loads(x) for x in lines(tmp_path / "mixed_out.jsonl")]
+    assert len(out) == 400
+    errors = [i for i, r in enumerate(out) if "error" in r]
+    assert errors == bad_ids                     # one error record per bad line, in place
+    assert len(bad_ids) == 20                    # 5%
+    good = [r for r in out if "error" not in r]
+    assert good == [json.loads(x) for x in lines(tmp_path / "good_out.jsonl")]
+    types = {r["error"]["type"] for r in out if "error" in r}
+    assert types == {"invalid_json", "invalid_request", "prompt_too_long", "invalid_encoding"}
+
+
+def test_max_errors_stops_the_job(tiny, tmp_path):
+    with open(tmp_path / "in.jsonl", "w") as f:
+        for i in range(50):
+            f.write('{"prompt": ""}\n' if i % 3 == 0 else json.dumps({"prompt": "the sea", "max_tokens": 2}) + "\n")
+    p = subprocess.run(cmd(2, tiny, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--max-errors", "3"),
+                       capture_output=True, text=True, timeout=120)
+    assert p.returncode != 0
+    assert "more than --max-errors 3 records failed" in p.stderr
