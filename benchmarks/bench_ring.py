@@ -10,10 +10,13 @@ with one thread per rank.  Reported per cp:
   efficiency  t(cp=1) / (cp * t(cp))
   GFLOP/s     4 * head_dim * n_q * (score elements computed) / time, per rank
   wait        share of the time the slowest-waiting rank spent blocked in ``Waitall``
-              (+ ``Testall`` polls); this includes skew between ranks, not only transfers
+              (includes skew between ranks, not only transfers)
+  poll        share of the time spent in the ``Testall`` progress polls between matmul chunks
+              (with MPICH's shared-memory transport this is where the block is copied: CPU
+              work that no overlap can remove on a CPU-only rank)
   comm        time of the same ring transfers alone (no compute), per rank
-  hidden      share of that communication hidden behind compute: 1 - w / comm, with w the
-              wait of the LEAST-waiting rank (the last to arrive waits only for what is left of
+  hidden      share of that communication not waited for: 1 - w / comm, with w the Waitall
+              time of the LEAST-waiting rank (the last to arrive waits only for what is left of
               the transfer, not for a slower peer)
 
 Usage::
@@ -61,7 +64,6 @@ def parse_args(argv=None):
 # --------------------------------------------------------------------------- worker (under mpiexec)
 
 def worker(a):
-    import numpy as np
     import torch
     from mpi4py import MPI
 
@@ -109,7 +111,8 @@ def worker(a):
 
     mine = dict(rank=rank, tokens=T, elems=plan.elems, pairs=plan.pairs,
                 total_s=statistics.median(r["total_s"] for r in runs),
-                wait_s=statistics.median(r["wait_s"] + r["poll_s"] for r in runs),
+                wait_s=statistics.median(r["wait_s"] for r in runs),
+                poll_s=statistics.median(r["poll_s"] for r in runs),
                 comm_s=statistics.median(comm_times), bytes_sent=runs[0]["bytes_sent"],
                 totals=[r["total_s"] for r in runs])
     every = comm.gather(mine, root=0)
@@ -147,10 +150,13 @@ def drive(a):
                 t1 = t
             wait = max(r["wait_s"] for r in ranks)
             wait_min = min(r["wait_s"] for r in ranks)
+            poll = max(r["poll_s"] for r in ranks)
             comm_s = max(r["comm_s"] for r in ranks)
             flops = max(4 * a.hd * a.n_q * r["elems"] / r["total_s"] for r in ranks) / 1e9
-            row = dict(seq_len=L, cp=cp, progress=not a.no_progress, time_s=t, efficiency=(t1 / (cp * t)) if t1 else None,
-                       gflops_per_rank=flops, wait_share=wait / t if cp > 1 else 0.0, comm_s=comm_s,
+            row = dict(seq_len=L, cp=cp, progress=not a.no_progress, time_s=t,
+                       efficiency=(t1 / (cp * t)) if t1 else None,
+                       gflops_per_rank=flops, wait_share=wait / t if cp > 1 else 0.0,
+                       poll_share=poll / t, comm_s=comm_s,
                        wait_s=[r["wait_s"] for r in ranks],
                        hidden_share=(max(0.0, 1 - wait_min / comm_s) if cp > 1 and comm_s > 0 else None),
                        bytes_sent_per_rank=max(r["bytes_sent"] for r in ranks),
@@ -159,7 +165,8 @@ def drive(a):
             eff = f"{row['efficiency']:.2f}" if row["efficiency"] is not None else "  - "
             hid = f"{row['hidden_share']:.2f}" if row["hidden_share"] is not None else "  - "
             print(f"L={L:6d} cp={cp} time {t:8.3f} s  eff {eff}  {flops:6.1f} GFLOP/s/rank  "
-                  f"wait {row['wait_share']:.3f}  comm alone {comm_s * 1e3:7.1f} ms  hidden {hid}", flush=True)
+                  f"wait {row['wait_share']:.4f}  poll {row['poll_share']:.4f}  "
+                  f"comm alone {comm_s * 1e3:7.1f} ms  hidden {hid}", flush=True)
     out = dict(when=time.strftime("%Y-%m-%dT%H:%M:%S"), args={k: v for k, v in vars(a).items() if k != "worker"},
                cpu_count=os.cpu_count(), rows=rows)
     Path(a.json).parent.mkdir(parents=True, exist_ok=True)

@@ -142,6 +142,35 @@ def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, mem
         sys.exit(3)
 
 
+@main.command(context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.option("--nodes", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--tasks-per-node", type=click.IntRange(min=1), default=1, show_default=True,
+              help="MPI ranks per node (one per GPU on GPU nodes).")
+@click.option("--cpus-per-task", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--gpus-per-node", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--time", "time_limit", default="04:00:00", show_default=True, help="Time limit of each allocation.")
+@click.option("--grace", type=click.IntRange(min=10), default=300, show_default=True,
+              help="Seconds before the time limit at which the job stops cleanly and re-submits itself.")
+@click.option("--partition", default=None)
+@click.option("--account", default=None)
+@click.option("--job-name", default="mpiinfer", show_default=True)
+@click.option("--max-resubmits", type=click.IntRange(min=0), default=20, show_default=True)
+@click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
+def slurm(nodes, tasks_per_node, cpus_per_task, gpus_per_node, time_limit, grace, partition, account, job_name,
+          max_resubmits, run_args):
+    """Print an sbatch script that runs `mpiinfer run RUN_ARGS` and re-submits itself before the time limit.
+
+    Example: mpiinfer slurm --nodes 2 --tasks-per-node 4 --gpus-per-node 4 -- -m /models/llama -i in.jsonl
+    -o out.jsonl --tp 4 > job.sbatch && sbatch job.sbatch"""
+    from .slurm import render
+    if not run_args:
+        raise click.UsageError("give the options of `mpiinfer run` after --, e.g. -- -m MODEL -i IN -o OUT")
+    click.echo(render(list(run_args), nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+                      gpus_per_node=gpus_per_node, time=time_limit, grace=grace, job_name=job_name,
+                      partition=partition, account=account, max_resubmits=max_resubmits,
+                      render_args=sys.argv[2:] if len(sys.argv) > 2 else []), nl=False)
+
+
 @main.command("init-model")
 @click.argument("out_dir")
 @click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]),

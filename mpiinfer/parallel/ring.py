@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import numpy as np
@@ -341,10 +341,12 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     this collectively (same n_kv, hd, dtype), even with no tokens.
 
     ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window)`` reused across layers (saves two
-    small collectives per call).  ``progress``: call ``Testall`` on the transfers in flight after
-    every matmul chunk, so that MPI libraries without an asynchronous progress thread (MPICH's
-    default) move the block while we compute rather than inside ``Waitall``.  ``stats``: a dict that gets accumulated ``wait_s`` (in
-    ``Waitall``), ``poll_s``, ``compute_s``, ``total_s``, ``blocks``, ``pairs``, ``elems``, ``skipped``, ``bytes_sent``.
+    small collectives per call; its window wins over ``window``).  ``progress``: call
+    ``Testall`` on the transfers in flight after every matmul chunk, so that MPI libraries
+    without an asynchronous progress thread (MPICH's default) move the block while we compute
+    rather than inside ``Waitall``.  ``stats``: a dict that gets accumulated ``wait_s`` (in
+    ``Waitall``), ``poll_s``, ``compute_s``, ``total_s``, ``blocks``, ``pairs``, ``elems``,
+    ``skipped``, ``bytes_sent``.
     Returns out (Tq, n_q, hd) in q's dtype, and with ``return_lse`` also lse (Tq, n_q) float32.
     """
     Tq, n_q, hd = q.shape
@@ -353,6 +355,9 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     if plan is None:
         plan = RingPlan.build(q_pos, kv_pos, comm, window)
     cp, rank = plan.cp, plan.rank
+    if Tk != plan.sizes[rank] or Tq != len(plan.q_pos) or n_q % n_kv:
+        raise ValueError(f"ring_attention: q {tuple(q.shape)} / k {tuple(k.shape)} do not match the plan "
+                         f"({len(plan.q_pos)} queries, {plan.sizes[rank]} keys) or n_q % n_kv != 0")
     t_start = time.perf_counter()
 
     qg = _group_q(q, n_kv, scale)                                      # (n_kv, Tq*g, hd)

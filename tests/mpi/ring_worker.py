@@ -12,7 +12,6 @@ import argparse
 import json
 import sys
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
