@@ -301,6 +301,7 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
                 for res in msg.results:
                     emit(res)
 
+    lock = mesh.wide_ep   # replicas step together: one MAX-allreduce of a state code per step among leaders
     try:
         while True:
             service(block=False)
@@ -314,6 +315,13 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
                 err = item if isinstance(item, Result) else engine.add(item)
                 if err is not None:
                     emit(err)
+            if lock:
+                code = 2 if src.stopped else int(engine.has_work() or not src.exhausted or src.in_flight > 0)
+                if mesh.dp_comm.allreduce(code, op=MPI.MAX) != 1:
+                    break
+                for res in engine.step():
+                    emit(res)
+                continue
             if src.stopped:
                 break
             if engine.has_work():
@@ -326,8 +334,9 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
     finally:
         signal.signal(signal.SIGTERM, old_term)
         abandon = bool(stop_signal) or sys.exc_info()[0] is not None
-        for r in leaders:
-            world.send(Stop(abandon=abandon), dest=r, tag=TAG)
+        if not lock:
+            for r in leaders:
+                world.send(Stop(abandon=abandon), dest=r, tag=TAG)
         bar.close()
         if abandon:
             try:

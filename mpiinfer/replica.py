@@ -21,13 +21,14 @@ def serve(cfg: RunConfig, mesh, runner) -> int:
     engine = Engine(runner, Tokenizer(cfg.model), default_seed=cfg.seed)
     asked = 0                     # requests asked for and not yet received
     finishing = False
+    lock = mesh.wide_ep           # replicas step together (see coordinator._coordinate)
     while True:
         room = 2 * engine.max_batch - len(engine.running) - len(engine.waiting) - asked
         if not finishing and room > 0:
             world.send(Want(room), dest=0, tag=TAG)
             asked += room
-        # block for a message only when there is nothing to compute
-        while world.iprobe(source=0, tag=TAG) or not (engine.has_work() or finishing):
+        # block for a message only when there is nothing to compute (never in lockstep)
+        while world.iprobe(source=0, tag=TAG) or not (engine.has_work() or finishing or lock):
             msg = world.recv(source=0, tag=TAG)
             if isinstance(msg, Stop):
                 if msg.abandon:
@@ -42,6 +43,13 @@ def serve(cfg: RunConfig, mesh, runner) -> int:
                         errors.append(err)
                 if errors:
                     world.send(Done(errors), dest=0, tag=TAG)
+        if lock:
+            if mesh.dp_comm.allreduce(int(engine.has_work()), op=MPI.MAX) != 1:
+                return 0
+            results = engine.step()
+            if results:
+                world.send(Done(results), dest=0, tag=TAG)
+            continue
         if engine.has_work():
             results = engine.step()
             if results:

@@ -101,11 +101,16 @@ class Mesh:
         return self.tp_rank == 0 and self.cp_rank == 0
 
     @property
+    def wide_ep(self) -> bool:
+        """Experts spread over all dp x tp ranks (data-parallel attention + EP); replicas step together."""
+        return self.ep > 1 and self.dp > 1 and self.ep == self.dp * self.tp
+
+    @property
     def ep_rank(self) -> int:
         """Rank inside the EP group (EP inside a replica: a block of tp ranks; wide EP: dp x tp)."""
         if self.ep == 1:
             return 0
-        if self.ep == self.dp * self.tp and self.ep != self.tp:
+        if self.wide_ep:
             return self.dp_rank * self.tp + self.tp_rank
         return self.tp_rank // (self.tp // self.ep)
 
@@ -127,7 +132,7 @@ class Mesh:
         replica_comm = world.Split(color=d, key=c * layout.tp + t)
         if ep == 1:
             ep_comm = None
-        elif ep == layout.dp * layout.tp and ep != tp:
+        elif ep == layout.dp * layout.tp and layout.dp > 1:
             # wide EP: all ranks with the same cp coordinate
             ep_comm = world.Split(color=c, key=d * layout.tp + t)
         else:

@@ -75,6 +75,8 @@ class Engine:
         self.eos = frozenset(self.cfg.eos_token_ids)
         self.steps = 0
         self.tokens_generated = 0
+        # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
+        self.lockstep = runner.mesh.wide_ep
 
     # -------------------------------------------------------------- admission
     def prepare(self, req: Request):
@@ -175,7 +177,7 @@ class Engine:
     def step(self) -> list:
         """Run one model step; return the Results of the sequences that finished."""
         self._admit()
-        if not self.running:
+        if not self.running and not self.lockstep:
             return []
         batch, planned, sampled = self._plan()
         logits = self.runner.execute(batch)

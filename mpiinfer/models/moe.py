@@ -8,6 +8,16 @@ the ``tp / ep`` ranks of its block.  Every rank routes all tokens (the router is
 replicated), computes only the tokens routed to its own experts, and the partial
 outputs of all ranks are summed by one allreduce over ``mesh.tp_comm`` (the shared
 expert's row-parallel output joins the same allreduce).
+
+Wide EP (``ep == dp x tp``, dp > 1: data-parallel attention, experts over every rank):
+each rank owns whole experts ``experts_for_rank(E, ep, ep_rank)``.  A replica's
+tokens are split over its TP ranks, so each token leaves its replica once; each
+rank sends its (token, expert) rows to the experts' owners with one
+``Alltoallv`` over ``mesh.ep_comm`` (counts first, then rows and expert ids),
+the owners run their experts, a second ``Alltoallv`` brings the rows back, the
+rank combines them with the routing weights, and an all-gather over
+``mesh.tp_comm`` rebuilds the replica's full activations.  All replicas step
+together (a replica with no work joins with zero tokens).
 """
 from __future__ import annotations
 
@@ -28,12 +38,17 @@ class SparseMoeBlock(nn.Module):
         super().__init__()
         self.cfg, self.mesh = cfg, mesh
         self.names = registry.moe_names(cfg, layer)
-        ep = mesh.ep if mesh.ep <= mesh.tp and mesh.tp % mesh.ep == 0 else 1
-        block = mesh.tp // ep                       # TP ranks sharing each expert
-        ep_rank = mesh.tp_rank // block
+        self.wide = mesh.wide_ep
+        if self.wide:
+            ep, block, ep_rank = mesh.ep, 1, mesh.ep_rank
+        else:
+            ep = mesh.ep if mesh.ep <= mesh.tp and mesh.tp % mesh.ep == 0 else 1
+            block = mesh.tp // ep                       # TP ranks sharing each expert
+            ep_rank = mesh.tp_rank // block
+        self.ep = ep
         self.e0, self.e1 = experts_for_rank(cfg.num_experts, ep, ep_rank)
         inter = cfg.moe_intermediate_size
-        self.i0, self.i1 = even_range(inter, mesh.tp_rank % block, block)
+        self.i0, self.i1 = even_range(inter, 0 if self.wide else mesh.tp_rank % block, block)
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
@@ -95,7 +110,100 @@ class SparseMoeBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         idx, w = self.route(x)
+        if self.wide:
+            return self._forward_wide(x, idx, w)
         y = self.experts(x, idx, w)
         if self.shared is not None:
             y = y + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
         return all_reduce(y, self.mesh.tp_comm)
+
+    def _forward_wide(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        mesh = self.mesh
+        T, h = x.shape
+        # this TP rank's share of the replica's tokens
+        t0, t1 = _share(T, mesh.tp, mesh.tp_rank)
+        xs, idx_s, w_s = x[t0:t1], idx[t0:t1], w[t0:t1]
+        per = -(-self.cfg.num_experts // self.ep)            # experts per EP rank (even split)
+        tok, slot = torch.nonzero(torch.ones_like(idx_s, dtype=torch.bool), as_tuple=True)
+        eid = idx_s[tok, slot]
+        dest = eid // per
+        order = torch.argsort(dest, stable=True)
+        tok, slot, eid, dest = tok[order], slot[order], eid[order], dest[order]
+        send_counts = torch.bincount(dest, minlength=self.ep)
+        rows = xs[tok].contiguous()                                   # (n_send, hidden)
+        recv_rows, recv_eid, recv_counts = alltoallv_rows(rows, eid, send_counts, mesh.ep_comm)
+        # run this rank's experts on the rows it received
+        out = torch.empty_like(recv_rows)
+        if recv_rows.shape[0]:
+            local = recv_eid - self.e0
+            o2 = torch.argsort(local, stable=True)
+            counts = torch.bincount(local, minlength=self.e1 - self.e0).tolist()
+            il, start = self.i1 - self.i0, 0
+            for e, n in enumerate(counts):
+                if n:
+                    sel = o2[start:start + n]
+                    gu = linear(recv_rows[sel], self.w13[e])
+                    out[sel] = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])
+                    start += n
+        back, _, _ = alltoallv_rows(out, None, recv_counts, mesh.ep_comm)   # rows return in send order
+        y_s = torch.zeros_like(xs)
+        y_s.index_add_(0, tok, back * w_s[tok, slot, None])
+        y = all_gather_rows(y_s, [_share(T, mesh.tp, r) for r in range(mesh.tp)], mesh.tp_comm)
+        if self.shared is not None:
+            shared = torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
+            y = y + all_reduce(shared, mesh.tp_comm)
+        return y
+
+
+def _share(T: int, n: int, r: int) -> tuple:
+    """Rows [a, b) of T split over n ranks as evenly as possible."""
+    base, extra = divmod(T, n)
+    a = r * base + min(r, extra)
+    return a, a + base + (1 if r < extra else 0)
+
+
+def alltoallv_rows(rows: torch.Tensor, ids, send_counts: torch.Tensor, comm):
+    """Exchange row blocks (and optional int64 ids) with every rank of ``comm``: block i goes to rank i.
+
+    Returns (received rows, received ids or None, receive counts) with blocks in source-rank order."""
+    from mpi4py import MPI
+    n = comm.Get_size()
+    sc = send_counts.to(torch.int64).numpy().astype("int64")
+    rc = sc.copy()
+    comm.Alltoall(sc, rc)
+    h = rows.shape[1]
+    recv = torch.empty(int(rc.sum()), h, dtype=rows.dtype)
+
+    def displs(c):
+        d = c.cumsum() - c
+        return d
+    word = rows.element_size()
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
+    mtype = {2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}[word]
+    sb = rows.contiguous().view(view).numpy()
+    rb = recv.view(view).numpy()
+    comm.Alltoallv([sb, (sc * h, displs(sc) * h), mtype], [rb, (rc * h, displs(rc) * h), mtype])
+    rid = None
+    if ids is not None:
+        si = ids.to(torch.int64).contiguous().numpy()
+        ri = torch.empty(int(rc.sum()), dtype=torch.int64)
+        comm.Alltoallv([si, (sc, displs(sc)), MPI.INT64_T], [ri.numpy(), (rc, displs(rc)), MPI.INT64_T])
+        rid = ri
+    assert n == len(sc)
+    return recv, rid, torch.from_numpy(rc)
+
+
+def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
+    """Concatenate each rank's rows (rank r holds rows shares[r]) over ``comm``."""
+    if comm is None or comm.Get_size() == 1:
+        return t
+    from mpi4py import MPI
+    h = t.shape[1]
+    counts = [(b - a) * h for a, b in shares]
+    displs = [a * h for a, _ in shares]
+    out = torch.empty(shares[-1][1], h, dtype=t.dtype)
+    word = t.element_size()
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
+    mtype = {2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}[word]
+    comm.Allgatherv(t.contiguous().view(view).numpy(), [out.view(view).numpy(), (counts, displs), mtype])
+    return out

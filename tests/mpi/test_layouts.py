@@ -36,6 +36,10 @@ LAYOUTS = [
     ("qwen3_moe", {}, 2, ["--tp", "2", "--ep", "2"]),
     ("qwen3_moe", {}, 4, ["--tp", "4", "--ep", "2"]),
     ("qwen2_moe", {}, 4, ["--tp", "4", "--ep", "2"]),
+    # wide EP: data-parallel attention, experts over all dp x tp ranks, all-to-all dispatch
+    ("qwen3_moe", {}, 2, ["--ep", "2"]),
+    ("mixtral", {}, 4, ["--ep", "4"]),
+    ("qwen2_moe", {}, 4, ["--tp", "2", "--ep", "4"]),
 ]
 
 
