@@ -87,6 +87,9 @@ def main():
               help="Expert-parallel ranks (MoE models).")
 @click.option("--cp", type=click.IntRange(min=1), default=1, envvar=_env("CP"), show_envvar=True,
               help="Context-parallel ranks per replica.")
+@click.option("--cp-min-tokens", type=click.IntRange(min=1), default=1024, envvar=_env("CP_MIN_TOKENS"),
+              show_envvar=True, help="With --cp > 1: prompts at least this long are split over the CP ranks "
+                                     "(ring attention); shorter ones run on the first CP rank.")
 @click.option("--share-gpus", is_flag=True, envvar=_env("SHARE_GPUS"), show_envvar=True,
               help="Allow more ranks than GPUs on a node.")
 @click.option("--overwrite", is_flag=True, envvar=_env("OVERWRITE"), show_envvar=True,
@@ -97,7 +100,7 @@ def main():
               show_envvar=True, help="Stop the job when more than N records fail.")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
-        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, share_gpus, overwrite, flush_every, max_errors,
+        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, cp_min_tokens, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .coordinator import run as run_job
@@ -109,7 +112,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
         engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
-                            share_gpus=share_gpus),
+                            share_gpus=share_gpus, cp_min_tokens=cp_min_tokens),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp),
         overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)
     sys.exit(run_job(cfg))

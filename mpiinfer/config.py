@@ -281,6 +281,7 @@ class EngineConfig:
     prefill_chunk_tokens: int = 2048        # tokens per prefill step (bounds activation memory)
     threads: Optional[int] = None
     share_gpus: bool = False               # allow several ranks on one GPU
+    cp_min_tokens: int = 1024              # with --cp > 1: prompts at least this long are split over CP ranks
 
 
 @dataclass(frozen=True)

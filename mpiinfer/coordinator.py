@@ -127,8 +127,6 @@ def _setup(cfg: RunConfig, world):
     try:
         p = cfg.parallel
         mesh = Mesh.from_world(tp=p.tp, cp=p.cp, ep=p.ep, comm=world)
-        if mesh.cp > 1:
-            raise ConfigError("--cp > 1 (context parallelism) is not supported yet")
         if cfg.engine.threads:
             torch.set_num_threads(cfg.engine.threads)
         local_size = mesh.node_comm.Get_size() if mesh.node_comm is not None else 1

@@ -390,8 +390,9 @@ class DDAComm:
         self._plans[key] = p
         if (p.algo == "1shot" and not gather and t.dtype == torch.float32 and not self.hierarchical
                 and self._sync is None and self._n >= 2 and t.device.type == "cpu"):
-            self._fast[(t.dtype, t.shape)] = tuple(
-                (p.own[b], p.slots[b][0], p.slots[b][1], tuple(p.slots[b][2:])) for b in range(2))
+            # shape -> (views for slot 0, views for slot 1, dtype); one dtype per shape is cached
+            self._fast[t.shape] = tuple(
+                (p.own[b], p.slots[b][0], p.slots[b][1], tuple(p.slots[b][2:])) for b in range(2)) + (t.dtype,)
         return p
 
     # ------------------------------------------------------------ allreduce
@@ -399,26 +400,29 @@ class DDAComm:
         """Sum ``t`` over the communicator in place and return it."""
         # fast path: float32 one-shot on one node, for (dtype, shape)s seen before.  Kept
         # flat on purpose (no helper calls): at 8 bytes every 100 ns is a few percent.
-        p = self._fast.get((t.dtype, t.shape))
-        if p is not None and t.is_cpu and t.is_contiguous():
+        p = self._fast.get(t.shape)
+        if p is not None and p[2] is t.dtype and t.is_contiguous() and t.is_cpu:
             e = self._epoch + 1
             self._epoch = e
             own, s0, s1, rest = p[e & 1]
             out = t.numpy()
             np.copyto(own, out)
-            self._myflags[ARRIVE] = e          # data first, flag last (x86 TSO; see module doc)
+            self._myflags[0] = e               # ARRIVE: data first, flag last (x86 TSO; module doc)
             for f, who in self._peer_flags:
-                if f[ARRIVE] < e:
+                if f[0] < e:
                     self._spin(f, ARRIVE, e, who, "allreduce")
             np.add(s0, s1, out=out)            # ((x0 + x1) + x2) + ...
-            for s in rest:
-                np.add(out, s, out=out)
+            if rest:
+                for s in rest:
+                    np.add(out, s, out=out)
             return t
         return self._all_reduce(t)
 
     def _all_reduce(self, t: torch.Tensor) -> torch.Tensor:
         if self._size == 1:
             return t
+        if self._closed:
+            raise RuntimeError("DDAComm used after close()")
         if t.dtype not in DTYPES or t.device.type != "cpu":
             return _mpi_all_reduce(t, self.comm)
         if not t.is_contiguous():
@@ -518,6 +522,8 @@ class DDAComm:
         """Concatenate equal-shaped ``t`` from every rank along ``dim`` (rank order)."""
         if self._size == 1:
             return t
+        if self._closed:
+            raise RuntimeError("DDAComm used after close()")
         t = t.contiguous()
         p = self._plan(t, gather=True)
         if p.algo == "mpi" or t.device.type != "cpu":

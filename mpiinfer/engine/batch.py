@@ -4,14 +4,40 @@
 builds it, followers receive its arrays).  Tokens of all sequences are packed in
 one ``(T,)`` array; sequence ``i`` owns rows ``q_start[i] : q_start[i] + q_len[i]``
 and its KV cache lives at pool rows ``kv_base[i] : kv_base[i] + kv_len[i]``
-(``kv_len`` counts the tokens cached after this step, these included).
+(``kv_len`` counts the tokens cached on this rank after this step, these included).
+
+Context parallelism (cp > 1) gives each CP rank its own batch.  ``mode[i]``:
+0 = an ordinary sequence (only on CP rank 0), 1 = prefill of a CP sequence (each
+rank holds its load-balanced shard of the prompt; ring attention), 2 = decode of a
+CP sequence (every rank holds the new token; only the owner of its position,
+``position % cp``, writes its K/V; partial attentions are merged across ranks).
+The cache rows of a CP sequence on rank r hold, in order, the prompt positions
+``shard_positions(prompt_len, cp, r)`` and then the generated positions p with
+``p % cp == r`` -- so every rank derives its rows' positions from ``prompt_len``
+and the sequence's global length ``glen``.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
+
+
+def cp_local_positions(prompt_len: int, glen: int, cp: int, cp_rank: int) -> np.ndarray:
+    """Global positions of a CP sequence's cache rows on ``cp_rank`` when it has ``glen`` tokens cached."""
+    from ..parallel.ring import shard_positions
+    pre = shard_positions(prompt_len, cp, cp_rank)
+    first = prompt_len + ((cp_rank - prompt_len) % cp)
+    gen = np.arange(first, glen, cp, dtype=np.int64)
+    return np.concatenate([pre, gen]) if gen.size else pre
+
+
+def cp_local_count(prompt_len: int, glen: int, cp: int, cp_rank: int) -> int:
+    from ..parallel.ring import shard_positions
+    n = len(shard_positions(prompt_len, cp, cp_rank))
+    first = prompt_len + ((cp_rank - prompt_len) % cp)
+    return n + (len(range(first, glen, cp)) if glen > first else 0)
 
 
 @dataclass
@@ -23,30 +49,56 @@ class StepBatch:
     kv_base: list
     kv_len: list
     logits_rows: torch.Tensor    # (S,) rows of the packed tokens whose logits are wanted
+    # context parallelism (empty lists / defaults when cp == 1)
+    mode: list = field(default_factory=list)
+    prompt_len: list = field(default_factory=list)
+    glen: list = field(default_factory=list)
+    write: list = field(default_factory=list)
+    cp: int = 1
+    cp_rank: int = 0
+    scratch_row: int = -1
 
     @property
     def num_tokens(self) -> int:
         return int(self.input_ids.shape[0])
 
+    def seq_mode(self, i: int) -> int:
+        return self.mode[i] if self.mode else 0
+
     @property
     def write_index(self) -> torch.Tensor:
-        """Pool row of every packed token (where its K/V are written)."""
+        """Pool row of every packed token (where its K/V are written; a scratch row when not written)."""
         idx = np.empty(self.num_tokens, dtype=np.int64)
-        for qs, ql, base, kl in zip(self.q_start, self.q_len, self.kv_base, self.kv_len):
-            idx[qs:qs + ql] = np.arange(base + kl - ql, base + kl)
+        for i, (qs, ql, base, kl) in enumerate(zip(self.q_start, self.q_len, self.kv_base, self.kv_len)):
+            if self.write and not self.write[i]:
+                idx[qs:qs + ql] = self.scratch_row
+            else:
+                idx[qs:qs + ql] = np.arange(base + kl - ql, base + kl)
         return torch.from_numpy(idx)
 
+    def kv_positions(self, i: int) -> torch.Tensor:
+        """Global positions of sequence i's cache rows on this rank (CP sequences)."""
+        return torch.from_numpy(cp_local_positions(self.prompt_len[i], self.glen[i], self.cp, self.cp_rank))
+
     def to_arrays(self) -> dict:
-        """Plain numpy arrays, for broadcasting the plan to the other ranks of a replica."""
+        """Plain numpy arrays, for sending the plan to the other ranks of a replica."""
         return {
             "input_ids": self.input_ids.numpy(), "positions": self.positions.numpy(),
             "seq": np.array([self.q_start, self.q_len, self.kv_base, self.kv_len], dtype=np.int64).reshape(4, -1),
             "logits_rows": self.logits_rows.numpy(),
+            "cp": np.array([self.mode, self.prompt_len, self.glen, self.write], dtype=np.int64).reshape(4, -1)
+            if self.mode else None,
+            "cp_meta": (self.cp, self.cp_rank, self.scratch_row),
         }
 
     @staticmethod
     def from_arrays(a: dict) -> "StepBatch":
         seq = a["seq"]
-        return StepBatch(torch.from_numpy(a["input_ids"]), torch.from_numpy(a["positions"]),
-                         seq[0].tolist(), seq[1].tolist(), seq[2].tolist(), seq[3].tolist(),
-                         torch.from_numpy(a["logits_rows"]))
+        b = StepBatch(torch.from_numpy(a["input_ids"]), torch.from_numpy(a["positions"]),
+                      seq[0].tolist(), seq[1].tolist(), seq[2].tolist(), seq[3].tolist(),
+                      torch.from_numpy(a["logits_rows"]))
+        if a.get("cp") is not None:
+            c = a["cp"]
+            b.mode, b.prompt_len, b.glen, b.write = c[0].tolist(), c[1].tolist(), c[2].tolist(), c[3].tolist()
+        b.cp, b.cp_rank, b.scratch_row = a.get("cp_meta", (1, 0, -1))
+        return b

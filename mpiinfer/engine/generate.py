@@ -24,8 +24,9 @@ import numpy as np
 import torch
 
 from ..messages import ErrorInfo, Request, Result
-from .batch import StepBatch
+from .batch import StepBatch, cp_local_count
 from .kv_cache import RegionAllocator
+from ..parallel.ring import shard_positions
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 
@@ -37,8 +38,9 @@ class Sequence:
     max_new: int
     eos: frozenset
     generator: Optional[torch.Generator]
-    kv_base: int = -1
-    kv_cap: int = 0
+    cp: bool = False                   # context-parallel: prompt and KV spread over the CP ranks
+    kv_base: list = field(default_factory=list)   # per CP rank (one entry when not CP)
+    kv_cap: list = field(default_factory=list)
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -51,15 +53,18 @@ class Sequence:
     def in_prefill(self) -> bool:
         return self.n_cached < len(self.prompt)
 
-    @property
-    def need(self) -> int:
-        """KV rows the sequence can ever use: prompt + all new tokens but the last one."""
-        return len(self.prompt) + self.max_new - 1
+    def need(self, cp: int = 1) -> list:
+        """KV rows the sequence can ever use on each CP rank: prompt + all new tokens but the last one."""
+        total = len(self.prompt) + self.max_new - 1
+        if not self.cp:
+            return [total]
+        return [cp_local_count(len(self.prompt), total, cp, r) for r in range(cp)]
 
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, default_seed: int = 0, max_batch: Optional[int] = None,
-                 step_tokens: Optional[int] = None, max_seq_len: Optional[int] = None):
+                 step_tokens: Optional[int] = None, max_seq_len: Optional[int] = None,
+                 cp_min_tokens: Optional[int] = None):
         self.runner = runner
         self.tok = tokenizer
         self.cfg = runner.cfg
@@ -69,7 +74,13 @@ class Engine:
         self.step_tokens = step_tokens or ec.prefill_chunk_tokens
         ctx = self.cfg.max_position_embeddings
         self.max_seq_len = min(max_seq_len or ec.max_seq_len or ctx, ctx)
-        self.alloc = RegionAllocator(runner.pool_tokens)
+        self.cp = runner.mesh.cp
+        self.cp_min_tokens = cp_min_tokens if cp_min_tokens is not None else ec.cp_min_tokens
+        # with CP every rank keeps its last pool row as scratch for K/V a non-owner must not store
+        self.scratch_row = runner.pool_tokens - 1 if self.cp > 1 else -1
+        usable = runner.pool_tokens - (1 if self.cp > 1 else 0)
+        self.allocs = [RegionAllocator(usable) for _ in range(self.cp)]
+        self.usable_rows = usable
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.eos = frozenset(self.cfg.eos_token_ids)
@@ -103,18 +114,23 @@ class Engine:
         sp = req.sampling
         # generation stops at the context length (finish_reason "length"), as in transformers
         max_new = min(sp.max_tokens, self.max_seq_len - len(ids))
-        if len(ids) + max_new - 1 > self.runner.pool_tokens:
+        use_cp = self.cp > 1 and len(ids) >= self.cp_min_tokens
+        total = len(ids) + max_new - 1
+        need = max(cp_local_count(len(ids), total, self.cp, r) for r in range(self.cp)) if use_cp else total
+        if need > self.usable_rows:
+            where = (f"{need} KV-cache rows on each of the {self.cp} CP ranks" if use_cp else
+                     f"{need} KV-cache rows")
+            hint = "" if self.cp > 1 else " or split the document over ranks with --cp"
             return self._error(req, "prompt_too_long",
-                               f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) needs "
-                               f"{len(ids) + max_new - 1} KV-cache rows but the cache holds "
-                               f"{self.runner.pool_tokens}: raise --kv-budget or lower max_tokens")
+                               f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) needs {where} but the cache "
+                               f"of a rank holds {self.usable_rows}: raise --kv-budget, lower max_tokens{hint}")
         eos = frozenset() if sp.ignore_eos else self.eos
         eos = eos | frozenset(sp.stop_token_ids)
         gen = None
         if sp.temperature > 0:
             seed = sp.seed if sp.seed is not None else (self.default_seed * 1_000_003 + req.index)
             gen = make_generator(seed, self.runner.device.torch)
-        return Sequence(req, ids, max_new, eos, gen, t_added=time.perf_counter())
+        return Sequence(req, ids, max_new, eos, gen, cp=use_cp, t_added=time.perf_counter())
 
     def add(self, req: Request) -> Optional[Result]:
         """Queue a request; returns an error Result right away when it cannot run."""
@@ -138,41 +154,63 @@ class Engine:
     def _admit(self) -> None:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            base = self.alloc.alloc(seq.need)
-            if base is None:
+            need = seq.need(self.cp)
+            bases = []
+            for r, n in enumerate(need):
+                b = self.allocs[r].alloc(n)
+                if b is None:
+                    break
+                bases.append(b)
+            if len(bases) < len(need):
+                for r, b in enumerate(bases):
+                    self.allocs[r].free(b, need[r])
                 break   # FIFO: wait for regions to free (no starvation of long prompts)
             self.waiting.popleft()
-            seq.kv_base, seq.kv_cap = base, seq.need
+            seq.kv_base, seq.kv_cap = bases, need
             self.running.append(seq)
 
     # -------------------------------------------------------------- stepping
     def _plan(self) -> tuple:
-        ids, pos, qs, ql, kb, kl, rows, sampled, planned = [], [], [], [], [], [], [], [], []
+        """This step's batch (a list of one batch per CP rank when cp > 1), the sequences in it and how many
+        cached tokens each gains, and the sequences that sample a token."""
+        cp = self.cp
+        P = [_RankPlan() for _ in range(cp)]
+        planned, sampled = [], []
         budget = self.step_tokens
-        t = 0
         for seq in self.running:                          # decodes first: one token each
-            if not seq.in_prefill:
-                ids.append(seq.out[-1])
-                pos.append(seq.n_cached)
-                qs.append(t); ql.append(1); kb.append(seq.kv_base); kl.append(seq.n_cached + 1)
-                rows.append(t); sampled.append(seq); planned.append(seq)
-                t += 1
-                budget -= 1
-        for seq in self.running:                          # then prompt chunks
-            if seq.in_prefill and budget > 0:
-                n = min(budget, len(seq.prompt) - seq.n_cached)
-                chunk = seq.prompt[seq.n_cached:seq.n_cached + n]
-                ids.extend(chunk)
-                pos.extend(range(seq.n_cached, seq.n_cached + n))
-                qs.append(t); ql.append(n); kb.append(seq.kv_base); kl.append(seq.n_cached + n)
-                planned.append(seq)
-                t += n
-                budget -= n
-                if seq.n_cached + n == len(seq.prompt):
-                    rows.append(t - 1); sampled.append(seq)
-        batch = StepBatch(torch.tensor(ids, dtype=torch.int64), torch.tensor(pos, dtype=torch.int64),
-                          qs, ql, kb, kl, torch.tensor(rows, dtype=torch.int64))
-        return batch, planned, sampled
+            if seq.in_prefill:
+                continue
+            p = seq.n_cached                              # position of the token fed in
+            if not seq.cp:
+                P[0].add([seq.out[-1]], [p], seq.kv_base[0], p + 1, sample=True)
+            else:
+                for r in range(cp):
+                    kl = cp_local_count(len(seq.prompt), p + 1, cp, r)
+                    P[r].add([seq.out[-1]], [p], seq.kv_base[r], kl, sample=(r == 0), mode=2,
+                             plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r))
+            planned.append((seq, 1)); sampled.append(seq)
+            budget -= 1
+        for seq in self.running:                          # then prompts: chunks, or whole CP shards
+            if not seq.in_prefill or budget <= 0:
+                continue
+            L = len(seq.prompt)
+            if seq.cp:
+                for r in range(cp):
+                    pos = shard_positions(L, cp, r).tolist()
+                    P[r].add([seq.prompt[j] for j in pos], pos, seq.kv_base[r], len(pos), sample=(r == 0), mode=1,
+                             plen=L, glen=L, write=1)
+                budget -= -(-L // cp)
+                planned.append((seq, L)); sampled.append(seq)
+                continue
+            n = min(budget, L - seq.n_cached)
+            P[0].add(seq.prompt[seq.n_cached:seq.n_cached + n], range(seq.n_cached, seq.n_cached + n),
+                     seq.kv_base[0], seq.n_cached + n, sample=(seq.n_cached + n == L))
+            budget -= n
+            planned.append((seq, n))
+            if seq.n_cached + n == L:
+                sampled.append(seq)
+        batches = [pl.batch(cp, r, self.scratch_row) for r, pl in enumerate(P)]
+        return (batches[0] if cp == 1 else batches), planned, sampled
 
     def step(self) -> list:
         """Run one model step; return the Results of the sequences that finished."""
@@ -182,7 +220,7 @@ class Engine:
         batch, planned, sampled = self._plan()
         logits = self.runner.execute(batch)
         # advance the cache counters of every sequence in the step
-        for seq, n in zip(planned, batch.q_len):
+        for seq, n in planned:
             seq.n_cached += n
         self.steps += 1
         finished = []
@@ -201,7 +239,8 @@ class Engine:
                     finished.append(seq)
         for seq in finished:
             self.running.remove(seq)
-            self.alloc.free(seq.kv_base, seq.kv_cap)
+            for r, (b, n) in enumerate(zip(seq.kv_base, seq.kv_cap)):
+                self.allocs[r].free(b, n)
         return [self._result(s) for s in finished]
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
@@ -252,3 +291,29 @@ class Engine:
                     return
                 continue
             yield from self.step()
+
+
+class _RankPlan:
+    """Accumulates one CP rank's part of a step."""
+
+    def __init__(self):
+        self.ids, self.pos, self.qs, self.ql, self.kb, self.kl, self.rows = [], [], [], [], [], [], []
+        self.mode, self.plen, self.glen, self.write = [], [], [], []
+
+    def add(self, ids, pos, kv_base, kv_len, sample, mode=0, plen=0, glen=0, write=1):
+        t = len(self.ids)
+        self.ids.extend(ids)
+        self.pos.extend(pos)
+        n = len(self.ids) - t
+        self.qs.append(t); self.ql.append(n); self.kb.append(kv_base); self.kl.append(kv_len)
+        self.mode.append(mode); self.plen.append(plen); self.glen.append(glen); self.write.append(write)
+        if sample:
+            self.rows.append(t + n - 1)
+
+    def batch(self, cp: int, cp_rank: int, scratch: int) -> StepBatch:
+        b = StepBatch(torch.tensor(self.ids, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64),
+                      self.qs, self.ql, self.kb, self.kl, torch.tensor(self.rows, dtype=torch.int64))
+        if cp > 1:
+            b.mode, b.prompt_len, b.glen, b.write = self.mode, self.plen, self.glen, self.write
+            b.cp, b.cp_rank, b.scratch_row = cp, cp_rank, scratch
+        return b

@@ -104,7 +104,10 @@ class ModelRunner:
     def execute(self, batch: StepBatch):
         """Run one step; logits (S, vocab) float32 on the leader, None on followers."""
         comm = self.mesh.replica_comm
-        if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
+        if isinstance(batch, list):          # context parallelism: one batch per CP rank
+            comm.scatter([batch[j // self.mesh.tp].to_arrays() for j in range(comm.Get_size())], root=0)
+            batch = batch[0]
+        elif comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
             comm.bcast(batch.to_arrays(), root=0)
         inject("step", self.mesh.rank)
         return self.model(batch, self.kv)
@@ -113,7 +116,7 @@ class ModelRunner:
         """Follower loop: execute the leader's batches until it broadcasts None."""
         comm = self.mesh.replica_comm
         while True:
-            arrays = comm.bcast(None, root=0)
+            arrays = comm.scatter(None, root=0) if self.mesh.cp > 1 else comm.bcast(None, root=0)
             if arrays is None:
                 return
             inject("step", self.mesh.rank)
@@ -122,4 +125,7 @@ class ModelRunner:
     def release_followers(self) -> None:
         comm = self.mesh.replica_comm
         if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
-            comm.bcast(None, root=0)
+            if self.mesh.cp > 1:
+                comm.scatter([None] * comm.Get_size(), root=0)
+            else:
+                comm.bcast(None, root=0)

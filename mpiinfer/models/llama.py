@@ -23,6 +23,7 @@ from ..engine.batch import StepBatch
 from ..kernels import linear
 from ..parallel.linear import (ColumnParallelLinear, Part, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
+from ..parallel.ring import RingPlan, combine_across_ranks, decode_attention_partial, ring_attention
 from ..weights.shard import even_range, kv_heads_for_rank
 from . import registry
 
@@ -71,6 +72,15 @@ class Rotary:
         return x * cos + rot * sin
 
 
+def batch_plan(batch: StepBatch, i: int, attn) -> RingPlan:
+    """The ring plan of CP sequence i, built once per step (a small collective) and reused by every layer."""
+    plans = batch.__dict__.setdefault("_ring_plans", {})
+    if i not in plans:
+        qs, ql = batch.q_start[i], batch.q_len[i]
+        plans[i] = RingPlan.build(batch.positions[qs:qs + ql], batch.kv_positions(i), attn.cp_comm, attn.window)
+    return plans[i]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -82,6 +92,7 @@ class Attention(nn.Module):
         self.group = self.n_q // self.n_kv
         self.scale = hd ** -0.5
         self.window = cfg.sliding_window
+        self.cp_comm = mesh.cp_comm
         self.qkv = ColumnParallelLinear(cfg.hidden_size, [
             Part(p + "q_proj", cfg.num_heads * hd, q0 * hd, q1 * hd),
             Part(p + "k_proj", cfg.num_kv_heads * hd, k0 * hd, k1 * hd),
@@ -110,10 +121,28 @@ class Attention(nn.Module):
         k_cache.index_copy_(1, write_index, k.transpose(0, 1))          # cache: (n_kv, pool, hd)
         v_cache.index_copy_(1, write_index, v.transpose(0, 1))
         out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
-        for qs, ql, base, kl in zip(batch.q_start, batch.q_len, batch.kv_base, batch.kv_len):
+        cp_decode = []                                                  # (rows, partial out, partial lse)
+        for i, (qs, ql, base, kl) in enumerate(zip(batch.q_start, batch.q_len, batch.kv_base, batch.kv_len)):
             K = k_cache[:, base:base + kl]                              # (n_kv, kl, hd)
             V = v_cache[:, base:base + kl]
-            out[qs:qs + ql] = self._attend(q[qs:qs + ql], K, V, kl)
+            mode = batch.seq_mode(i)
+            if mode == 0:
+                out[qs:qs + ql] = self._attend(q[qs:qs + ql], K, V, kl)
+            elif mode == 1:   # CP prefill: K/V blocks travel the ring of CP ranks
+                out[qs:qs + ql] = ring_attention(
+                    q[qs:qs + ql], K.transpose(0, 1), V.transpose(0, 1), batch.positions[qs:qs + ql],
+                    batch.kv_positions(i), self.cp_comm, self.scale, self.window, plan=batch_plan(batch, i, self))
+            else:             # CP decode: attend to the local shard, merge partials across CP ranks below
+                o, lse = decode_attention_partial(q[qs:qs + ql], K.transpose(0, 1), V.transpose(0, 1), self.scale,
+                                                  batch.positions[qs:qs + ql], batch.kv_positions(i), self.window)
+                cp_decode.append((qs, ql, o, lse))
+        if cp_decode:
+            merged = combine_across_ranks(torch.cat([c[2] for c in cp_decode]), torch.cat([c[3] for c in cp_decode]),
+                                          self.cp_comm)
+            r = 0
+            for qs, ql, _, _ in cp_decode:
+                out[qs:qs + ql] = merged[r:r + ql].to(out.dtype)
+                r += ql
         return self.o(out.view(T, self.n_q * hd))
 
     def _attend(self, q, K, V, kl):
