@@ -1,8 +1,7 @@
 #!/usr/bin/env bash
-# Long-document job: every .txt/.md file of DOCS is one request, wrapped by a summarisation prompt.
+# Long-document job: every .txt/.md file of DOCS is one request, wrapped by a summarisation prompt; with NP > 1
+# each document of at least CP_MIN tokens is split over the NP ranks (context parallelism, ring attention).
 #   DOCS=path/to/docs NP=2 bash jobs/long_docs.sh
-# Context parallelism (--cp, one document split over ranks) is not available yet: each document runs on one
-# replica, so it must fit --max-seq-len and the KV budget of one rank.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 MODEL=${MODEL:-models/smollm2-135m-instruct}
@@ -16,6 +15,7 @@ if [ -z "${DOCS:-}" ]; then
   for f in README.md data/README.md benchmarks/README.md; do cp "$f" "$DOCS/$(echo "$f" | tr / _)"; done
 fi
 mpiexec -n "$NP" mpiinfer run -m "$MODEL" -i "$DOCS" -o "$OUT" --overwrite --max-tokens 128 \
+  --cp "$NP" --cp-min-tokens "${CP_MIN:-1024}" \
   --prompt-template 'Summarize the following document in three sentences.\n\n{document}'
 python - "$OUT" <<'PY'
 import json, sys

@@ -6,9 +6,11 @@ read by ``DDAComm(algo="auto"|"dda")``) and ``main(argv)`` for
 Communicator: ``MPI.COMM_WORLD`` (or the one passed in); gloo is initialised on a TCPStore
 at 127.0.0.1 with the MPI rank and size.
 
-Method: float32 zeros (no overflow, no denormals), ``warmup`` untimed calls, a barrier,
-then ``iters`` back-to-back calls (no barrier in between, as in decode), each timed on its
-own; a rank's figure is the median, the reported figure the maximum over ranks.
+Method: float32 zeros (no overflow, no denormals).  For each size the algorithms take
+turns in ``rounds`` chunks (so a shift in a shared machine's load hits every column
+alike); a chunk is 5 untimed calls, a barrier, then back-to-back calls (no barrier in
+between, as in decode), each timed on its own.  A rank's figure is the median over all
+its chunks, the reported figure the maximum over ranks.
 busbw = 2 (n-1)/n * bytes / latency (GB/s, 1e9), as nccl-tests define it.
 Rows: {"op": "allreduce", "algo": ..., "bytes": N, "ranks": R, "latency_us": .., "busbw_gbps": ..}
 with algo "dda-1shot", "dda-2shot", "dda" (the shared-memory variant auto would pick),
@@ -61,28 +63,26 @@ def _init_gloo(comm):
     return dist
 
 
-def _time(op, x, iters: int, warmup: int, comm) -> float:
-    """Median seconds of one call on this rank, max over ranks."""
+def _time(op, x, iters: int, warmup: int, comm, ts: list) -> None:
+    """Append the seconds of ``iters`` back-to-back calls (after ``warmup`` untimed ones) to ``ts``."""
     for _ in range(warmup):
         op(x)
     comm.Barrier()
-    ts = []
     clock = time.perf_counter
     for _ in range(iters):
         t0 = clock()
         op(x)
         ts.append(clock() - t0)
-    from mpi4py import MPI
-    return comm.allreduce(statistics.median(ts), op=MPI.MAX)
 
 
 def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] = DEFAULT_ALGOS,
                     iters: int = 200, json_path: Optional[str] = None, comm=None,
-                    thresholds: Optional[dict] = None, quiet: bool = False) -> list:
+                    thresholds: Optional[dict] = None, quiet: bool = False, rounds: int = 5) -> list:
     """Measure every (size, algo); print a table on rank 0; write JSON rows there; return the rows."""
     from mpi4py import MPI
     comm = comm if comm is not None else MPI.COMM_WORLD
     sizes = list(sizes or default_sizes())
+    algos = list(dict.fromkeys(algos))
     n = comm.Get_size()
     bad = [a for a in algos if a not in DEFAULT_ALGOS]
     if bad:
@@ -96,15 +96,22 @@ def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] 
         numel = max(1, nbytes // 4)
         x = torch.zeros(numel, dtype=torch.float32)
         it = iters_for(nbytes, iters)
+        chunk = max(2, -(-it // rounds))
+        samples = {a: [] for a in algos}
+        # algorithms take turns in ``rounds`` chunks, so a change in the machine's load
+        # (shared machines) hits all of them alike instead of one column
+        for _ in range(rounds):
+            for a in algos:
+                if a in DDA_MODE:
+                    dda.set_algo(DDA_MODE[a])
+                    op = dda.all_reduce_tensor
+                elif a == "mpi":
+                    op = lambda t: _mpi_all_reduce(t, comm)  # noqa: E731
+                else:
+                    op = lambda t: dist.all_reduce(t)  # noqa: E731
+                _time(op, x, chunk, min(5, chunk), comm, samples[a])
         for a in algos:
-            if a in DDA_MODE:
-                dda.set_algo(DDA_MODE[a])
-                op = dda.all_reduce_tensor
-            elif a == "mpi":
-                op = lambda t: _mpi_all_reduce(t, comm)  # noqa: E731
-            else:
-                op = lambda t: dist.all_reduce(t)  # noqa: E731
-            lat = _time(op, x, it, min(10, it), comm)
+            lat = comm.allreduce(statistics.median(samples[a]), op=MPI.MAX)
             rows.append({"op": "allreduce", "algo": a, "bytes": numel * 4, "ranks": n,
                          "latency_us": round(lat * 1e6, 3),
                          "busbw_gbps": round(2 * (n - 1) / n * numel * 4 / lat / 1e9, 4)})
@@ -202,6 +209,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--sizes", default="8:64M", help='"8:64M" powers of 2, "8:64M:4" powers of 4, or a list "8,1K,64K"')
     ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))
     ap.add_argument("--iters", type=int, default=200)
+    ap.add_argument("--rounds", type=int, default=5, help="algorithms take turns this many times per size")
     ap.add_argument("--json", dest="json_path", default=None)
     ap.add_argument("--tune", action="store_true", help=f"measure and write {THRESHOLDS_FILE.name}")
     ap.add_argument("--thresholds-file", default=str(THRESHOLDS_FILE))
@@ -216,7 +224,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         from .dda import thresholds_for
         th = thresholds_for(MPI.COMM_WORLD.Get_size(), load_thresholds(a.thresholds_file))
     bench_allreduce(parse_sizes(a.sizes), [s.strip() for s in a.algos.split(",") if s.strip()],
-                    a.iters, a.json_path, thresholds=th)
+                    a.iters, a.json_path, thresholds=th, rounds=a.rounds)
     return 0
 
 

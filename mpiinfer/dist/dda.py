@@ -67,8 +67,11 @@ Waiting
 
 Lifetime
     ``close()`` (collective over the node) frees the window and the sub-communicators.
-    MPICH maps the segment from a ``/dev/shm`` file that it unlinks as soon as every rank
-    has mapped it, so nothing is left there even when a rank is killed (see the tests).
+    MPICH (5.0) maps the window from a ``/dev/shm/mpich_shar_tmp*`` file that it unlinks as
+    soon as every rank has mapped it, so the window never outlives the processes, even
+    under kill -9 (tests/mpi/test_dda.py checks this in a private /dev/shm).  MPICH's own
+    per-job segment ``mpich_shm_<hash>_0`` (2 MiB, made by MPI_Init) is removed only by
+    MPI_Finalize: any MPI job that dies leaves it behind, with or without DDA.
 """
 from __future__ import annotations
 
