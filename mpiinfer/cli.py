@@ -90,6 +90,9 @@ def main():
 @click.option("--cp-min-tokens", type=click.IntRange(min=1), default=1024, envvar=_env("CP_MIN_TOKENS"),
               show_envvar=True, help="With --cp > 1: prompts at least this long are split over the CP ranks "
                                      "(ring attention); shorter ones run on the first CP rank.")
+@click.option("--allreduce", type=click.Choice(["auto", "dda", "mpi"]), default="auto", envvar=_env("ALLREDUCE"),
+              show_envvar=True, help="TP allreduce: direct data access over shared memory (dda), MPI's, or "
+                                     "auto (by message size, from measured thresholds).")
 @click.option("--share-gpus", is_flag=True, envvar=_env("SHARE_GPUS"), show_envvar=True,
               help="Allow more ranks than GPUs on a node.")
 @click.option("--overwrite", is_flag=True, envvar=_env("OVERWRITE"), show_envvar=True,
@@ -100,7 +103,7 @@ def main():
               show_envvar=True, help="Stop the job when more than N records fail.")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
-        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, cp_min_tokens, share_gpus, overwrite, flush_every, max_errors,
+        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, cp_min_tokens, allreduce, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .coordinator import run as run_job
@@ -113,7 +116,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
                             share_gpus=share_gpus, cp_min_tokens=cp_min_tokens),
-        parallel=ParallelConfig(tp=tp, ep=ep, cp=cp),
+        parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)
     sys.exit(run_job(cfg))
 
@@ -172,6 +175,22 @@ def slurm(nodes, tasks_per_node, cpus_per_task, gpus_per_node, time_limit, grace
                       gpus_per_node=gpus_per_node, time=time_limit, grace=grace, job_name=job_name,
                       partition=partition, account=account, max_resubmits=max_resubmits,
                       render_args=sys.argv[2:] if len(sys.argv) > 2 else []), nl=False)
+
+
+@main.group()
+def bench():
+    """Benchmarks (run under mpiexec)."""
+
+
+@bench.command("comm", context_settings={"ignore_unknown_options": True, "allow_extra_args": True,
+                                         "help_option_names": []})
+@click.argument("args", nargs=-1, type=click.UNPROCESSED)
+def bench_comm(args):
+    """Allreduce latency and bus bandwidth: dda one-shot / two-shot / auto, MPI, gloo (mpiexec -n N ...).
+
+    Options: --sizes 8:64M --algos ... --iters N --rounds N --json FILE --tune (use --help for all)."""
+    from .dist.comm_bench import main as comm_main
+    sys.exit(comm_main(list(args)))
 
 
 @main.command("init-model")

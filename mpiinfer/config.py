@@ -293,6 +293,7 @@ class RunConfig:
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
     input_format: Optional[str] = None
+    allreduce: str = "auto"                 # TP allreduce: auto | dda | mpi
     output_format: Optional[str] = None
     prompt_template: Optional[str] = None   # text-dir inputs: "Summarize:\n{document}"
     dataset: Optional[str] = None           # HDF5 inputs: dataset of token arrays

@@ -132,6 +132,7 @@ def _setup(cfg: RunConfig, world):
         local_size = mesh.node_comm.Get_size() if mesh.node_comm is not None else 1
         local_rank = mesh.node_comm.Get_rank() if mesh.node_comm is not None else 0
         device = Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+        mesh.use_direct_allreduce(cfg.allreduce, device.kind)
         if mesh.rank == 0:
             _check_output(cfg)
         inject("load", mesh.rank)
@@ -155,14 +156,18 @@ def _run(cfg: RunConfig, world) -> int:
         return 2 if e.config else 1
     if not mesh.is_replica_leader:
         runner.follow()
+        mesh.close()
         return 0
     try:
         if mesh.rank == 0:
-            return _coordinate(cfg, mesh, runner)
-        from .replica import serve
-        return serve(cfg, mesh, runner)
+            rc = _coordinate(cfg, mesh, runner)
+        else:
+            from .replica import serve
+            rc = serve(cfg, mesh, runner)
     finally:
         runner.release_followers()
+    mesh.close()
+    return rc
 
 
 def _check_output(cfg: RunConfig) -> None:

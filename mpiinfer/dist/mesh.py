@@ -141,6 +141,26 @@ class Mesh:
         node_comm = world.Split_type(MPI.COMM_TYPE_SHARED, key=rank)
         return Mesh(layout, rank, world, tp_comm, cp_comm, dp_comm, replica_comm, ep_comm, node_comm)
 
+    def use_direct_allreduce(self, algo: str = "auto", device_kind: str = "cpu", timeout: float = 30.0) -> None:
+        """Replace the TP communicator by a direct-data-access one (shared memory on CPU, CuPy IPC on GPU).
+
+        Collective over each TP group; call before any layer is built (layers keep the communicator they
+        are given). ``close()`` releases it."""
+        if self.tp_comm is None or self.tp_comm.Get_size() == 1 or algo == "mpi":
+            return
+        if device_kind == "cuda":
+            from .dda_cuda import CudaDDAComm
+            self.tp_comm = CudaDDAComm(self.tp_comm, algo=algo, timeout=timeout)
+        else:
+            from .dda import DDAComm
+            self.tp_comm = DDAComm(self.tp_comm, algo=algo, timeout=timeout)
+
+    def close(self) -> None:
+        """Release direct-access buffers (collective over each TP group)."""
+        close = getattr(self.tp_comm, "close", None)
+        if close is not None:
+            close()
+
     def describe(self) -> str:
         L = self.layout
         return f"world={L.world} dp={L.dp} cp={L.cp} tp={L.tp} ep={L.ep}"
