@@ -17,6 +17,7 @@
 #   VLLM_CPU_KVCACHE_SPACE        [4]     GiB of KV cache
 #   LOG_FILE                      [OUTPUT.log]  full timestamped vLLM log
 #   EXTRA_VLLM_ARGS               []      appended to the vllm command line
+#   PRELOAD_IOMP             [0]     1: LD_PRELOAD the venv's libiomp5.so
 #
 # Prints: wall time (start-up included), start-up time (launch -> engine
 # ready, i.e. vLLM's "Reading batch from" line), batch time (engine ready ->
@@ -41,6 +42,12 @@ export VLLM_CPU_OMP_THREADS_BIND=${VLLM_CPU_OMP_THREADS_BIND:-0-1}
 export VLLM_CPU_NUM_OF_RESERVED_CPU=${VLLM_CPU_NUM_OF_RESERVED_CPU:-0}
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-4}
 export PYTHONUNBUFFERED=1
+
+# Opt-in: preload the Intel OpenMP runtime that vllm-cpu installs into the
+# venv (vLLM warns "libiomp is not found in LD_PRELOAD" without it).
+if [[ ${PRELOAD_IOMP:-0} == 1 && -f $VLLM_VENV/lib/libiomp5.so ]]; then
+    export LD_PRELOAD="$VLLM_VENV/lib/libiomp5.so${LD_PRELOAD:+:$LD_PRELOAD}"
+fi
 
 [[ -d $MODEL_DIR ]] || { echo "no model dir: $MODEL_DIR" >&2; exit 2; }
 [[ -f $INPUT ]] || { echo "no input file: $INPUT" >&2; exit 2; }
@@ -69,6 +76,7 @@ echo "env: VLLM_CPU_OMP_THREADS_BIND=$VLLM_CPU_OMP_THREADS_BIND" \
      "VLLM_CPU_KVCACHE_SPACE=$VLLM_CPU_KVCACHE_SPACE"
 echo "command: ${CMD[*]}"
 echo "log: $LOG_FILE"
+[[ -n ${LD_PRELOAD:-} ]] && echo "LD_PRELOAD=$LD_PRELOAD"
 
 TIME_FILE=$(mktemp)
 trap 'rm -f "$TIME_FILE"' EXIT
@@ -126,9 +134,11 @@ if t_ready and t_done:
               f"{(prompt_toks + completion_toks) / batch:.2f} total tok/s")
 else:
     print("engine-ready / outputs-written markers not found in log")
+# Only the wall clock is reliable here: vLLM force-kills its EngineCore and
+# worker processes at shutdown, so their CPU time and RSS are not reaped
+# into /usr/bin/time's totals.
 for line in open(time_file):
     line = line.strip()
-    if line.startswith(("Elapsed (wall clock)", "Maximum resident set size",
-                        "User time", "System time", "Percent of CPU")):
+    if line.startswith("Elapsed (wall clock)"):
         print(f"/usr/bin/time: {line}")
 EOF

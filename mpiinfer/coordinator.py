@@ -177,6 +177,12 @@ def _check_output(cfg: RunConfig) -> None:
     d = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(d):
         raise ConfigError(f"output directory {d} does not exist")
+    if cfg.output_format is None:
+        from .io.writers import detect_output_format
+        try:
+            detect_output_format(out)
+        except ValueError as e:
+            raise ConfigError(str(e)) from None
     for path in cfg.inputs:
         if path != "-" and not os.path.exists(path):
             raise ConfigError(f"input {path} does not exist")
