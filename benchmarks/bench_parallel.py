@@ -45,6 +45,7 @@ def worker(args) -> None:
     world = MPI.COMM_WORLD
     torch.set_num_threads(args.threads)
     mesh = Mesh.from_world(tp=world.Get_size(), comm=world)
+    mesh.use_direct_allreduce(args.allreduce)
     base_rss = vm_hwm()
     # count time inside the allreduces of the layers (the only communication of a TP decode step)
     comm_time = [0.0]
@@ -72,7 +73,7 @@ def worker(args) -> None:
     world.Barrier()
     load_s = time.perf_counter() - t0
     rss_after_load = vm_hwm()
-    rows = {"tp": mesh.tp, "threads_per_rank": args.threads, "load_s": load_s,
+    rows = {"tp": mesh.tp, "allreduce": args.allreduce, "threads_per_rank": args.threads, "load_s": load_s,
             "weight_bytes": runner.weight_bytes, "bytes_read": runner.weight_bytes_read,
             "peak_rss_after_load": rss_after_load, "runtime_rss_before_load": base_rss}
     steps = {}
@@ -104,6 +105,7 @@ def worker(args) -> None:
             runner.follow()
     rows["decode"] = steps
     all_rows = world.gather(rows, root=0)
+    mesh.close()
     if world.Get_rank() == 0:
         print(json.dumps(all_rows))
 
@@ -115,6 +117,8 @@ def main(argv=None) -> int:
     ap.add_argument("--threads-total", type=int, default=2)
     ap.add_argument("--steps", type=int, default=16, help="decode steps timed per batch size (0: memory only)")
     ap.add_argument("--json", default="benchmarks/results/parallel.json")
+    ap.add_argument("--allreduce", default="mpi", help="comma list of TP allreduce algorithms to compare "
+                                                     "(mpi, dda, auto); tp=1 runs once")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--threads", type=int, default=1, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -126,15 +130,16 @@ def main(argv=None) -> int:
     for tp in [int(x) for x in args.tps.split(",")]:
         threads = max(1, args.threads_total // tp)
         steps = args.steps if tp <= args.threads_total else 0
-        cmd = [mpiexec, "-n", str(tp), sys.executable, __file__, "--worker", "--model", args.model,
-               "--threads", str(threads), "--steps", str(steps)]
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads))
-        p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
-        if p.returncode != 0:
-            print(p.stderr, file=sys.stderr)
-            return 1
-        rows = json.loads(p.stdout.strip().splitlines()[-1])
-        results.append(rows)
+        for algo in (args.allreduce.split(",") if tp > 1 else ["mpi"]):
+            cmd = [mpiexec, "-n", str(tp), sys.executable, __file__, "--worker", "--model", args.model,
+                   "--threads", str(threads), "--steps", str(steps), "--allreduce", algo]
+            env = dict(os.environ, OMP_NUM_THREADS=str(threads))
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=1800, env=env)
+            if p.returncode != 0:
+                print(p.stderr, file=sys.stderr)
+                return 1
+            rows = json.loads(p.stdout.strip().splitlines()[-1])
+            results.append(rows)
     full = results[0][0]["weight_bytes"] * results[0][0]["tp"] if results else 0
     print(f"{'tp':>3} {'rank':>4} {'weights GB':>10} {'read GB':>8} {'peak RSS GB':>11} {'runtime GB':>10} "
           f"{'RSS-runtime / (W/tp)':>20} {'load s':>7}")
@@ -145,11 +150,12 @@ def main(argv=None) -> int:
                   f"{row['peak_rss_after_load'] / 1e9:>11.3f} {row['runtime_rss_before_load'] / 1e9:>10.3f} "
                   f"{(row['peak_rss_after_load'] - row['runtime_rss_before_load']) / share:>20.3f} "
                   f"{row['load_s']:>7.1f}")
-    print(f"\n{'tp':>3} {'threads/rank':>12} {'batch':>5} {'step ms':>8} {'tok/s':>7} {'comm share':>10}")
+    print(f"\n{'tp':>3} {'allreduce':>9} {'threads/rank':>12} {'batch':>5} {'step ms':>8} {'tok/s':>7} "
+          f"{'comm share':>10}")
     for rows in results:
         for b, d in sorted(rows[0]["decode"].items(), key=lambda kv: int(kv[0])):
-            print(f"{rows[0]['tp']:>3} {rows[0]['threads_per_rank']:>12} {b:>5} {d['median_step_ms']:>8.1f} "
-                  f"{d['tok_s']:>7.2f} {d['comm_share']:>10.1%}")
+            print(f"{rows[0]['tp']:>3} {rows[0]['allreduce']:>9} {rows[0]['threads_per_rank']:>12} {b:>5} "
+                  f"{d['median_step_ms']:>8.1f} {d['tok_s']:>7.2f} {d['comm_share']:>10.1%}")
     os.makedirs(os.path.dirname(args.json) or ".", exist_ok=True)
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "model": args.model, "results": results}, f, indent=1)

@@ -70,3 +70,22 @@ def test_document_beyond_one_ranks_kv_budget_needs_cp(setup, tmp_path):
     assert p.returncode == 0, p.stderr
     recs = {r["id"]: r for r in map(json.loads, out2.read_text().splitlines())}
     assert recs["doc"]["token_ids"] == ref["doc"][0]
+
+
+def test_cp_with_moe_model(model_dirs, tmp_path):
+    """CP composes with MoE layers (experts see only this rank's tokens) and with in-replica EP."""
+    d = model_dirs("qwen2_moe", max_position_embeddings=8192)
+    rng = random.Random(3)
+    prompt = [rng.randrange(4, 500) for _ in range(2501)]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "doc", "prompt_token_ids": prompt, "max_tokens": NEW, "logprobs": True,
+                               "ignore_eos": True}) + "\n")
+    (toks, lps), = hf_greedy(d, [prompt], NEW)
+    for n, flags in ((2, ["--cp", "2"]), (4, ["--cp", "2", "--tp", "2", "--ep", "2"])):
+        out = tmp_path / f"o{n}.jsonl"
+        p = mpirun(n, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"]
+                   + flags)
+        assert p.returncode == 0, p.stderr
+        r = json.loads(out.read_text())
+        assert r["token_ids"] == toks
+        assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4

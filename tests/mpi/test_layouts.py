@@ -30,6 +30,10 @@ LAYOUTS = [
     ("qwen2", {}, 2, ["--tp", "2"]),
     ("qwen3", {}, 2, ["--tp", "2"]),
     ("qwen3", {}, 4, ["--tp", "4"]),
+    ("mistral", {}, 4, ["--tp", "4"]),
+    ("qwen2", {}, 4, ["--tp", "4"]),
+    ("mixtral", {}, 4, ["--tp", "4"]),
+    ("mixtral", {}, 4, ["--tp", "4", "--ep", "2"]),
     ("mixtral", {}, 2, ["--tp", "2"]),
     ("mixtral", {}, 2, ["--tp", "2", "--ep", "2"]),
     ("qwen2_moe", {}, 2, ["--tp", "2", "--ep", "2"]),
@@ -38,6 +42,8 @@ LAYOUTS = [
     ("qwen2_moe", {}, 4, ["--tp", "4", "--ep", "2"]),
     # wide EP: data-parallel attention, experts over all dp x tp ranks, all-to-all dispatch
     ("qwen3_moe", {}, 2, ["--ep", "2"]),
+    ("mixtral", {}, 2, ["--ep", "2"]),
+    ("qwen2_moe", {}, 2, ["--ep", "2"]),
     ("mixtral", {}, 4, ["--ep", "4"]),
     ("qwen2_moe", {}, 4, ["--tp", "2", "--ep", "4"]),
 ]
