@@ -248,8 +248,11 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
             log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
         else:
             log.info("the input has no records")
-        for r in leaders:
-            world.send(Stop(), dest=r, tag=TAG)
+        if mesh.wide_ep:    # the leaders are in the lockstep loop: end it with them
+            mesh.dp_comm.allreduce(0, op=MPI.MAX)
+        else:
+            for r in leaders:
+                world.send(Stop(), dest=r, tag=TAG)
         return 0
     if first.index != done:
         raise ConfigError(f"{cfg.output} already has {done} records but the input has only {first.index}: "
@@ -336,10 +339,11 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
             if engine.has_work():
                 for res in engine.step():
                     emit(res)
-            elif src.exhausted and src.in_flight == 0:
+            elif src.in_flight > 0:
+                service(block=True)   # the rest is on other replicas: wait for a leader's message
+            elif src.exhausted:
                 break
-            else:
-                service(block=True)   # nothing to compute here: wait for a leader's message
+            # else: everything taken so far failed parsing; go on reading
     finally:
         signal.signal(signal.SIGTERM, old_term)
         abandon = bool(stop_signal) or sys.exc_info()[0] is not None

@@ -172,3 +172,14 @@ def test_real_console_script_and_mpiexec(tiny, tmp_path):
         outs.append(read_jsonl(out))
     assert outs[0] == outs[1]
     assert [r["id"] for r in outs[0]] == [1, 2]
+
+
+def test_long_run_of_bad_lines_then_good(tiny, tmp_path):
+    """Hundreds of consecutive malformed lines (more than a batch) must not stall the reader."""
+    inp = write(tmp_path / "in.jsonl", ['{"id": %d, "prompt": ""}' % i for i in range(300)]
+                + ['{"id": "good", "prompt": "the sea"}'])
+    out = tmp_path / "out.jsonl"
+    code, text = run_cli(["run", "-m", tiny, "-i", inp, "-o", str(out), "--max-tokens", "3", "--max-batch", "4"])
+    assert code == 0, text
+    recs = read_jsonl(out)
+    assert len(recs) == 301 and all("error" in r for r in recs[:300]) and "error" not in recs[300]
