@@ -292,6 +292,13 @@ def _merge_into(acc_o, acc_lse, o, lse):
     acc_lse.copy_(new)
 
 
+_FLASH = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+
+
+def _flash_ok(qg: torch.Tensor) -> bool:
+    return _FLASH is not None and qg.device.type == "cpu" and qg.dtype == torch.float32
+
+
 def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse,
                   max_elems=MAX_SCORE_ELEMS, poll=None):
     """Attend grouped queries ``qg`` (n_kv, Tq*g, hd) to K/V (n_kv, Tk, hd) over ``rects``,
@@ -303,6 +310,18 @@ def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse
         w = r.kb - r.ka
         Kt = K[:, r.ka:r.kb].transpose(1, 2)                           # (n_kv, hd, w)
         Vs = V[:, r.ka:r.kb]                                           # (n_kv, w, hd)
+        if not r.masked and _flash_ok(qg):
+            # a fully visible rectangle: the fused CPU flash kernel returns the lse we need to merge and runs
+            # ~2x faster than matmul + softmax; grouped queries need no K/V expansion (each KV head is a batch)
+            step = max(1, 4 * max_elems // max(1, n_q * w))
+            Ks = K[:, r.ka:r.kb].unsqueeze(0)                          # (1, n_kv, w, hd)
+            for a in range(r.qa, r.qb, step):
+                b = min(r.qb, a + step)
+                o, lse = _FLASH(qg[:, a * group:b * group].unsqueeze(0), Ks, Vs.unsqueeze(0), 0.0, False, scale=1.0)
+                _merge_into(acc_o[:, a * group:b * group], acc_lse[:, a * group:b * group], o[0], lse[0])
+                if poll is not None:
+                    poll()
+            continue
         step = max(1, max_elems // max(1, n_q * w))
         for a in range(r.qa, r.qb, step):
             b = min(r.qb, a + step)
