@@ -545,12 +545,13 @@ class DDAComm:
 
 # ---------------------------------------------------------------- EP
 
-def alltoallv(rows, send_counts: Sequence[int], comm):
+def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Optional[Sequence[int]] = None):
     """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank r; return (received rows, recv counts).
 
     ``rows``: a contiguous CPU torch tensor or NumPy array of shape (N, ...), rows grouped by
-    destination rank in rank order.  Counts are exchanged first (``Alltoall``), then the
-    payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
+    destination rank in rank order.  Counts are exchanged first (``Alltoall``) unless the caller
+    already knows ``recv_counts`` (a second payload with the same routing, or the reply to an
+    earlier exchange), then the payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
     from mpi4py import MPI
     comm = getattr(comm, "comm", comm)
     is_torch = isinstance(rows, torch.Tensor)
@@ -561,8 +562,11 @@ def alltoallv(rows, send_counts: Sequence[int], comm):
     send_counts = np.asarray(send_counts, dtype=np.int64)
     if send_counts.shape != (n,) or send_counts.sum() != arr.shape[0]:
         raise ValueError(f"send_counts must have {n} entries summing to {arr.shape[0]} rows, got {send_counts.tolist()}")
-    recv_counts = np.empty(n, dtype=np.int64)
-    comm.Alltoall(send_counts, recv_counts)
+    if recv_counts is None:
+        recv_counts = np.empty(n, dtype=np.int64)
+        comm.Alltoall(send_counts, recv_counts)
+    else:
+        recv_counts = np.asarray(recv_counts, dtype=np.int64)
     row = int(np.prod(arr.shape[1:], dtype=np.int64))
     out = np.empty((int(recv_counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
     sc, rc = send_counts * row, recv_counts * row

@@ -27,6 +27,7 @@ from torch import nn
 
 from ..config import ModelConfig
 from ..dist.collectives import all_reduce
+from ..dist.dda import alltoallv
 from ..dist.mesh import Mesh
 from ..kernels import linear
 from ..weights.shard import Slice, even_range, experts_for_rank
@@ -129,9 +130,10 @@ class SparseMoeBlock(nn.Module):
         dest = eid // per
         order = torch.argsort(dest, stable=True)
         tok, slot, eid, dest = tok[order], slot[order], eid[order], dest[order]
-        send_counts = torch.bincount(dest, minlength=self.ep)
+        send_counts = torch.bincount(dest, minlength=self.ep).tolist()
         rows = xs[tok].contiguous()                                   # (n_send, hidden)
-        recv_rows, recv_eid, recv_counts = alltoallv_rows(rows, eid, send_counts, mesh.ep_comm)
+        recv_rows, recv_counts = alltoallv(rows, send_counts, mesh.ep_comm)
+        recv_eid, _ = alltoallv(eid.contiguous(), send_counts, mesh.ep_comm, recv_counts=recv_counts)
         # run this rank's experts on the rows it received
         out = torch.empty_like(recv_rows)
         if recv_rows.shape[0]:
@@ -145,7 +147,7 @@ class SparseMoeBlock(nn.Module):
                     gu = linear(recv_rows[sel], self.w13[e])
                     out[sel] = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])
                     start += n
-        back, _, _ = alltoallv_rows(out, None, recv_counts, mesh.ep_comm)   # rows return in send order
+        back, _ = alltoallv(out, recv_counts, mesh.ep_comm, recv_counts=send_counts)   # rows return in send order
         y_s = torch.zeros_like(xs)
         y_s.index_add_(0, tok, back * w_s[tok, slot, None])
         y = all_gather_rows(y_s, [_share(T, mesh.tp, r) for r in range(mesh.tp)], mesh.tp_comm)
@@ -160,37 +162,6 @@ def _share(T: int, n: int, r: int) -> tuple:
     base, extra = divmod(T, n)
     a = r * base + min(r, extra)
     return a, a + base + (1 if r < extra else 0)
-
-
-def alltoallv_rows(rows: torch.Tensor, ids, send_counts: torch.Tensor, comm):
-    """Exchange row blocks (and optional int64 ids) with every rank of ``comm``: block i goes to rank i.
-
-    Returns (received rows, received ids or None, receive counts) with blocks in source-rank order."""
-    from mpi4py import MPI
-    n = comm.Get_size()
-    sc = send_counts.to(torch.int64).numpy().astype("int64")
-    rc = sc.copy()
-    comm.Alltoall(sc, rc)
-    h = rows.shape[1]
-    recv = torch.empty(int(rc.sum()), h, dtype=rows.dtype)
-
-    def displs(c):
-        d = c.cumsum() - c
-        return d
-    word = rows.element_size()
-    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
-    mtype = {2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}[word]
-    sb = rows.contiguous().view(view).numpy()
-    rb = recv.view(view).numpy()
-    comm.Alltoallv([sb, (sc * h, displs(sc) * h), mtype], [rb, (rc * h, displs(rc) * h), mtype])
-    rid = None
-    if ids is not None:
-        si = ids.to(torch.int64).contiguous().numpy()
-        ri = torch.empty(int(rc.sum()), dtype=torch.int64)
-        comm.Alltoallv([si, (sc, displs(sc)), MPI.INT64_T], [ri.numpy(), (rc, displs(rc)), MPI.INT64_T])
-        rid = ri
-    assert n == len(sc)
-    return recv, rid, torch.from_numpy(rc)
 
 
 def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
