@@ -346,8 +346,11 @@ def _coordinate(cfg: RunConfig, mesh, runner) -> int:
             # else: everything taken so far failed parsing; go on reading
     finally:
         signal.signal(signal.SIGTERM, old_term)
-        abandon = bool(stop_signal) or sys.exc_info()[0] is not None
-        if not lock:
+        failed = sys.exc_info()[0] is not None
+        abandon = bool(stop_signal) or failed
+        # on a failure the leaders are not released: run() prints the error and aborts every rank, and a
+        # leader that finalized meanwhile could race the abort and swallow the message
+        if not lock and not failed:
             for r in leaders:
                 world.send(Stop(abandon=abandon), dest=r, tag=TAG)
         bar.close()
