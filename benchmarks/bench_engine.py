@@ -76,6 +76,10 @@ MIXED_N = 64
 MIXED_MAX_BATCH = 16
 
 
+def scenario_batch(s: str) -> int:
+    return MIXED_MAX_BATCH if s == "mixed64" else (BATCH if s.endswith("b16") else 1)
+
+
 def log(msg: str) -> None:
     print(msg, flush=True)
 
@@ -252,7 +256,7 @@ def batch_metrics(B: int, N: int, t_prefill: float, t_total: float, steps: list)
 class Ours:
     name = "mpiinfer"
 
-    def __init__(self, model_dir: str, dtype: str, kv_tokens: int):
+    def __init__(self, model_dir: str, dtype: str, kv_tokens: int, max_batch: int):
         from mpiinfer.config import EngineConfig, ModelConfig
         from mpiinfer.device import Device
         from mpiinfer.dist.mesh import Mesh
@@ -262,8 +266,9 @@ class Ours:
         dbytes = 4 if dtype == "float32" else 2
         budget = kv_tokens * mc.kv_bytes_per_token(dbytes)
         t = time.perf_counter()
-        self.runner = ModelRunner(model_dir, EngineConfig(dtype=dtype, kv_budget_bytes=budget),
+        self.runner = ModelRunner(model_dir, EngineConfig(dtype=dtype, kv_budget_bytes=budget, max_batch=max_batch),
                                   Mesh.single(), Device("cpu"))
+        self.packed = self.runner.packed
         self.load_s = time.perf_counter() - t
         self.tok = Tokenizer(model_dir)
         self.weight_bytes = self.runner.weight_bytes
@@ -451,16 +456,20 @@ def run(a) -> dict:
                 else:
                     kv_tokens = max(kv_tokens, (BATCH if s.endswith("b16") else 1) * (P + N))
             kv_tokens = int(kv_tokens * 1.25) + 64    # slack for region fragmentation
-            impls = [("mpiinfer", lambda: Ours(model_dir, dname, kv_tokens))]
+            # mpiinfer: one engine per scenario, configured as a user would (``--max-batch`` = the scenario's
+            # batch, which picks the weight layout); transformers: one model for all
+            impls = [("mpiinfer", [s], (lambda s=s: Ours(model_dir, dname, kv_tokens, scenario_batch(s))))
+                     for s in scen]
             if not a.skip_hf:
-                impls.append(("transformers", lambda: HF(model_dir, tdtype)))
-            for iname, make in impls:
+                impls.append(("transformers", scen, lambda: HF(model_dir, tdtype)))
+            for iname, iscen, make in impls:
                 log(f"\n[{iname} {dname}] loading ...")
                 impl = make()
-                loads[f"{iname}_{dname}"] = {"load_s": impl.load_s, "weight_bytes": impl.weight_bytes}
-                log(f"  loaded in {impl.load_s:.1f}s ({impl.weight_bytes / 1e9:.2f} GB of weights); warming up")
+                loads.setdefault(f"{iname}_{dname}", {"load_s": impl.load_s, "weight_bytes": impl.weight_bytes})
+                packed = f", packed weights: {impl.packed}" if hasattr(impl, "packed") else ""
+                log(f"  loaded in {impl.load_s:.1f}s ({impl.weight_bytes / 1e9:.2f} GB of weights{packed}); warming up")
                 impl.warmup()
-                for s in scen:
+                for s in iscen:
                     if s == "mixed64":
                         log(f"  {s}: {MIXED_N} prompts of {a.mixed_len[0]}..{a.mixed_len[1]} tokens, "
                             f"{a.mixed_new[0]}..{a.mixed_new[1]} new, max batch {MIXED_MAX_BATCH} ...")
@@ -468,13 +477,15 @@ def run(a) -> dict:
                         log(f"    {m['wall_s']:.2f}s wall, {m['useful_tokens']} useful tokens, "
                             f"{m['useful_tok_s']:.2f} tok/s")
                     else:
-                        B = BATCH if s.endswith("b16") else 1
+                        B = scenario_batch(s)
                         log(f"  {s}: batch {B}, prompt {P}, {N} new tokens ...")
                         m, toks = impl.run_batch(batch_prompts[:B], N)
                         dec = f"{m['decode_tok_s']:.2f}" if m["decode_tok_s"] is not None else "n/a"
                         med = f"{m['step_median_s'] * 1e3:.1f} ms" if m["step_median_s"] is not None else "n/a"
                         log(f"    prefill {m['prefill_s']:.3f}s, decode {dec} tok/s (median step {med}), "
                             f"e2e {m['e2e_tok_s']:.2f} tok/s")
+                    if hasattr(impl, "packed"):
+                        m["packed_weights"] = impl.packed
                     data[s][iname] = (m, toks)
                 impl.close()
                 del impl

@@ -81,6 +81,10 @@ def main():
               show_envvar=True, help="Token budget of one step (prompt chunks + decodes).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar=_env("THREADS"), show_envvar=True,
               help="torch threads per rank (default: torch's choice).")
+@click.option("--pack-weights", type=click.Choice(["auto", "on", "off"]), default="auto",
+              envvar=_env("PACK_WEIGHTS"), show_envvar=True,
+              help="CPU: reorder weights once for oneDNN (auto: bfloat16 always, float32 when --max-batch >= 4, "
+                   "as measured faster).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
               help="Tensor-parallel ranks per replica.")
 @click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
@@ -103,7 +107,7 @@ def main():
               show_envvar=True, help="Stop the job when more than N records fail.")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
-        kv_budget, max_seq_len, step_tokens, threads, tp, ep, cp, cp_min_tokens, allreduce, share_gpus, overwrite, flush_every, max_errors,
+        kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, allreduce, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .coordinator import run as run_job
@@ -115,7 +119,8 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
         engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
-                            share_gpus=share_gpus, cp_min_tokens=cp_min_tokens),
+                            share_gpus=share_gpus, cp_min_tokens=cp_min_tokens,
+                            pack_weights={"auto": None, "on": True, "off": False}[pack_weights]),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)
     sys.exit(run_job(cfg))

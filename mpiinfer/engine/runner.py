@@ -14,6 +14,7 @@ import time
 
 import torch
 
+from .. import kernels
 from ..config import ConfigError, EngineConfig, ModelConfig
 from ..device import Device, parse_dtype
 from ..dist.mesh import Mesh
@@ -78,6 +79,13 @@ class ModelRunner:
         self.weight_bytes_read = src.bytes_read
         self.load_seconds = time.perf_counter() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
+        self.packed = engine_cfg.pack_weights
+        if self.packed is None:
+            self.packed = kernels.should_pack(device.torch, self.dtype, engine_cfg.max_batch)
+        elif self.packed and not kernels.can_pack(device.torch, self.dtype):
+            raise ConfigError(f"--pack-weights: no packed kernels for {self.dtype} on {device.torch}")
+        if self.packed:
+            self.model.pack()
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, mesh.tp, mesh.tp_rank)
         self.kv_dtype = self.dtype
         per_tok = KVCache.bytes_per_token(self.cfg.num_layers, k1 - k0, self.cfg.head_dim,

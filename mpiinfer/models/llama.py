@@ -108,6 +108,10 @@ class Attention(nn.Module):
             if m is not None:
                 m.load(src)
 
+    def pack(self):
+        self.qkv.pack()
+        self.o.pack()
+
     def forward(self, x, batch: StepBatch, rope, k_cache, v_cache, write_index):
         T, hd = x.shape[0], self.head_dim
         qkv = self.qkv(x)                                            # (T, (n_q + 2 n_kv) * hd)
@@ -189,6 +193,10 @@ class MLP(nn.Module):
         self.gate_up.load(src)
         self.down.load(src)
 
+    def pack(self):
+        self.gate_up.pack()
+        self.down.pack()
+
     def forward(self, x):
         gu = self.gate_up(x)                                        # (T, 2 * inter_local)
         g, u = gu[:, :self.inter_local], gu[:, self.inter_local:]
@@ -244,6 +252,15 @@ class CausalLM(nn.Module):
         self.norm.load(src)
         if self.lm_head is not None:
             self.lm_head.load(src)
+
+    def pack(self):
+        """Reorder every linear weight for the CPU kernels (``kernels.pack``), after ``load``.  A tied
+        LM head stays plain: it is also the embedding table, and a packed copy would double it."""
+        for layer in self.layers:
+            layer.attn.pack()
+            layer.mlp.pack()
+        if self.lm_head is not None:
+            self.lm_head.pack()
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor | None:

@@ -30,6 +30,7 @@ from ..dist.collectives import all_reduce
 from ..dist.dda import alltoallv
 from ..dist.mesh import Mesh
 from ..kernels import linear
+from ..parallel.linear import pack_weight
 from ..weights.shard import Slice, even_range, experts_for_rank
 from . import registry
 
@@ -74,6 +75,15 @@ class SparseMoeBlock(nn.Module):
         if self.shared is not None:
             self.shared.load(src)
             self.shared_gate.copy_(src.read(self.names["shared_gate"] + ".weight", (1, h)))
+
+    def pack(self) -> None:
+        """Pack the router and each local expert's weights for ``kernels.linear`` (see ``CausalLM.pack``)."""
+        from .. import kernels
+        self.w13 = [kernels.pack(w) for w in self._parameters.pop("w13")]
+        self.w2 = [kernels.pack(w) for w in self._parameters.pop("w2")]
+        pack_weight(self, "gate")
+        if self.shared is not None:
+            self.shared.pack()
 
     def route(self, x: torch.Tensor):
         """Top-k expert ids (T, k) and their weights (T, k) exactly as Hugging Face computes them."""

@@ -16,8 +16,15 @@ import torch
 from torch import nn
 
 from ..dist.collectives import all_reduce
+from .. import kernels
 from ..kernels import linear
 from ..weights.shard import Slice
+
+
+def pack_weight(module: nn.Module, name: str = "weight") -> None:
+    """Replace the loaded parameter ``name`` by its ``kernels.pack``ed form (a plain attribute)."""
+    w = module._parameters.pop(name)
+    setattr(module, name, kernels.pack(w))
 
 
 @dataclass(frozen=True)
@@ -52,6 +59,9 @@ class ColumnParallelLinear(nn.Module):
                 self.bias[off:off + p.size].copy_(b)
             off += p.size
 
+    def pack(self) -> None:
+        pack_weight(self)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return linear(x, self.weight, self.bias)          # (T, out_local)
 
@@ -73,6 +83,9 @@ class RowParallelLinear(nn.Module):
         self.weight.copy_(w)
         if self.bias is not None:
             self.bias.copy_(src.read(self.name + ".bias", (self.out_features,)))
+
+    def pack(self) -> None:
+        pack_weight(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = linear(x, self.weight)             # (T, out) partial sum over this rank's inputs

@@ -22,8 +22,9 @@ def prompts_for(vocab, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def run_engine(model_dir, prompts, max_batch, step_tokens, new=NEW):
-    runner = ModelRunner(model_dir, EngineConfig(kv_budget_bytes=1 << 24), Mesh.single(), Device("cpu"))
+def run_engine(model_dir, prompts, max_batch, step_tokens, new=NEW, pack_weights=None):
+    runner = ModelRunner(model_dir, EngineConfig(kv_budget_bytes=1 << 24, pack_weights=pack_weights), Mesh.single(),
+                         Device("cpu"))
     engine = Engine(runner, Tokenizer(model_dir), max_batch=max_batch, step_tokens=step_tokens)
     sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
     reqs = [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]
@@ -70,6 +71,21 @@ def test_mistral_sliding_window(model_dirs):
     prompts = prompts_for(Tokenizer(d).vocab_size, seed=2)
     ref = hf_greedy(d, prompts, NEW)
     res, _ = run_engine(d, prompts, max_batch=6, step_tokens=5)
+    for (toks, lps), r in zip(ref, res):
+        assert r.token_ids == toks
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("pack", [False, True])
+def test_parity_plain_and_packed_weights(arch, pack, model_dirs):
+    """Both CPU weight layouts (plain, and oneDNN-packed incl. MoE experts) match transformers."""
+    d = model_dirs(arch)
+    prompts = prompts_for(Tokenizer(d).vocab_size)
+    ref = hf_greedy(d, prompts, NEW)
+    res, eng = run_engine(d, prompts, max_batch=3, step_tokens=9, pack_weights=pack)
+    assert eng.runner.packed is pack
+    assert eng.runner.model.layers[0].attn.qkv.weight.is_mkldnn is pack
     for (toks, lps), r in zip(ref, res):
         assert r.token_ids == toks
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
