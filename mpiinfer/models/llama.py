@@ -81,6 +81,40 @@ def batch_plan(batch: StepBatch, i: int, attn) -> RingPlan:
     return plans[i]
 
 
+# One-token decodes are attended together (``Attention._attend_decodes``) when there are at least
+# DECODE_GROUP_MIN of them, except float32 on CPU.  Measured on the 2-core CI CPU (16 sequences, 32 query /
+# 8 KV heads of 64): bfloat16 per-sequence loop 2.1 ms per layer at 144 cached tokens, together 0.65 ms
+# (2.6 ms vs 1.1 ms at 250); float32 loop 0.92 ms, together 1.17 ms (1.4 vs 2.9 ms at 250): float32's
+# small matmuls are cheap, and the gather of padded rows is not.  On GPUs the loop's launches dominate.
+# The gather moves 2 x B x L x row_bytes, so the padded length L is capped at DECODE_GATHER_BYTES per sequence.
+DECODE_GROUP_MIN = 4
+DECODE_GATHER_BYTES = 1 << 20
+
+
+def decode_group(batch: StepBatch, window, row_bytes: int):
+    """(sequence indices, packed rows, pool-row index (B, L), padding mask (1, B, 1, L)) of the one-token
+    decodes of ordinary sequences in ``batch``, or None when the per-sequence loop is cheaper.  Built once
+    per step and reused by every layer."""
+    cache = batch.__dict__.setdefault("_decode_group", {})
+    key = (window, row_bytes)
+    if key not in cache:
+        sel = [i for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len))
+               if ql == 1 and batch.seq_mode(i) == 0 and (window is None or kl <= window)]
+        group = None
+        if len(sel) >= DECODE_GROUP_MIN:
+            kl = torch.tensor([batch.kv_len[i] for i in sel])
+            L = int(kl.max())
+            if 2 * L * row_bytes <= DECODE_GATHER_BYTES:
+                base = torch.tensor([batch.kv_base[i] for i in sel])
+                ar = torch.arange(L)
+                idx = base[:, None] + torch.minimum(ar[None, :], kl[:, None] - 1)
+                invalid = (ar[None, :] >= kl[:, None])[None, :, None, :]
+                rows = torch.tensor([batch.q_start[i] for i in sel])
+                group = (set(sel), rows, idx, invalid)
+        cache[key] = group
+    return cache[key]
+
+
 class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, layer: int, dtype: torch.dtype):
         super().__init__()
@@ -126,7 +160,14 @@ class Attention(nn.Module):
         v_cache.index_copy_(1, write_index, v.transpose(0, 1))
         out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
         cp_decode = []                                                  # (rows, partial out, partial lse)
+        together = None
+        if k_cache.device.type != "cpu" or k_cache.dtype != torch.float32:
+            together = decode_group(batch, self.window, k_cache.element_size() * self.n_kv * hd)
+        if together is not None:
+            self._attend_decodes(q, k_cache, v_cache, out, *together[1:])
         for i, (qs, ql, base, kl) in enumerate(zip(batch.q_start, batch.q_len, batch.kv_base, batch.kv_len)):
+            if together is not None and i in together[0]:
+                continue
             K = k_cache[:, base:base + kl]                              # (n_kv, kl, hd)
             V = v_cache[:, base:base + kl]
             mode = batch.seq_mode(i)
@@ -148,6 +189,20 @@ class Attention(nn.Module):
                 out[qs:qs + ql] = merged[r:r + ql].to(out.dtype)
                 r += ql
         return self.o(out.view(T, self.n_q * hd))
+
+    def _attend_decodes(self, q, k_cache, v_cache, out, rows, idx, invalid):
+        """One-token decode attention of B sequences at once: their cache rows gathered into (n_kv, B, L, hd)
+        (L = the longest, shorter ones padded with a repeated row and masked out)."""
+        B, L = idx.shape
+        flat = idx.view(-1)
+        K = k_cache.index_select(1, flat).view(self.n_kv, B, L, self.head_dim)   # (n_kv, B, L, hd)
+        V = v_cache.index_select(1, flat).view(self.n_kv, B, L, self.head_dim)
+        qg = q[rows].view(B, self.n_kv, self.group, self.head_dim).transpose(0, 1)   # (n_kv, B, group, hd)
+        s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scale    # (n_kv, B, group, L)
+        s.masked_fill_(invalid, float("-inf"))
+        p = torch.softmax(s, dim=-1).to(V.dtype)
+        o = torch.matmul(p, V)                                           # (n_kv, B, group, hd)
+        out[rows] = o.transpose(0, 1).reshape(B, self.n_q, self.head_dim)
 
     def _attend(self, q, K, V, kl):
         """Causal attention of ql queries (the last ql positions of kl) on one sequence's cache."""

@@ -1,0 +1,89 @@
+"""Batched one-token decode attention (``Attention._attend_decodes``) equals the per-sequence path."""
+import pytest
+import torch
+
+from mpiinfer.engine.batch import StepBatch
+from mpiinfer.models import llama
+from mpiinfer.models.llama import Attention, decode_group
+
+
+class _Heads:
+    n_kv, group, head_dim, n_q, scale, window = 2, 3, 16, 6, 0.25, None
+
+
+def _batch(lengths, qlens=None, gap=5):
+    qlens = qlens or [1] * len(lengths)
+    q_start = [sum(qlens[:i]) for i in range(len(lengths))]
+    bases = [sum(n + gap for n in lengths[:i]) for i in range(len(lengths))]
+    T = sum(qlens)
+    return StepBatch(torch.zeros(T, dtype=torch.long), torch.zeros(T, dtype=torch.long), q_start, qlens, bases,
+                     list(lengths), torch.arange(len(lengths)))
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
+def test_grouped_decodes_equal_per_sequence(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    a = _Heads()
+    lengths = [7, 1, 30, 12, 19]
+    b = _batch(lengths)
+    pool = sum(lengths) + 5 * len(lengths)
+    kc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(dtype)
+    vc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(dtype)
+    q = torch.randn(len(lengths), a.n_q, a.head_dim, generator=g).to(dtype)
+    group = decode_group(b, None, kc.element_size() * a.n_kv * a.head_dim)
+    assert group is not None and group[0] == set(range(len(lengths)))
+    got = torch.full((len(lengths), a.n_q, a.head_dim), float("nan"), dtype=dtype)
+    Attention._attend_decodes(a, q, kc, vc, got, *group[1:])
+    for i, (base, kl) in enumerate(zip(b.kv_base, b.kv_len)):
+        want = Attention._attend(a, q[i:i + 1], kc[:, base:base + kl], vc[:, base:base + kl], kl)
+        assert torch.allclose(got[i:i + 1].float(), want.float(), atol=tol, rtol=tol), i
+    # the padding really is masked: poisoning rows outside every sequence changes nothing
+    kc2, vc2 = kc.clone(), vc.clone()
+    used = torch.zeros(pool, dtype=torch.bool)
+    for base, kl in zip(b.kv_base, b.kv_len):
+        used[base:base + kl] = True
+    kc2[:, ~used], vc2[:, ~used] = 1e4, 1e4
+    got2 = torch.empty_like(got)
+    Attention._attend_decodes(a, q, kc2, vc2, got2, *group[1:])
+    assert torch.equal(got, got2)
+
+
+def test_group_selection():
+    b = _batch([5, 6, 7, 8, 9], qlens=[1, 1, 3, 1, 1])    # the 3-token chunk is not a decode
+    sel = decode_group(b, None, 64)
+    assert sel[0] == {0, 1, 3, 4} and sel[1].tolist() == [0, 1, 5, 6]
+    assert decode_group(_batch([5, 6, 7]), None, 64) is None                  # too few to pay off
+    assert decode_group(_batch([3, 4, 5, 6, 7, 8]), window=6, row_bytes=64)[0] == {0, 1, 2, 3}  # beyond it: loop
+    too_long = llama.DECODE_GATHER_BYTES // 64
+    assert decode_group(_batch([5, 6, 7, too_long]), None, 64) is None        # gather would cost too much
+
+
+def test_engine_bf16_grouped_equals_loop(model_dirs, monkeypatch):
+    """End to end in bfloat16 (where grouping is on): same tokens as with every decode attended alone."""
+    from mpiinfer.config import EngineConfig, SamplingParams
+    from mpiinfer.device import Device
+    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.engine.generate import Engine
+    from mpiinfer.engine.runner import ModelRunner
+    from mpiinfer.messages import Request
+    from mpiinfer.tokenizer import Tokenizer
+    d = model_dirs("qwen2")
+    runner = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 22, dtype="bfloat16"), Mesh.single(), Device("cpu"))
+    sp = SamplingParams(max_tokens=16, logprobs=True, ignore_eos=True)
+    calls = []
+    real = Attention._attend_decodes
+    monkeypatch.setattr(Attention, "_attend_decodes", lambda self, *a: calls.append(1) or real(self, *a))
+
+    def run():
+        eng = Engine(runner, Tokenizer(d), max_batch=6, step_tokens=64)
+        reqs = [Request(i, i, sp, prompt_token_ids=list(range(3, 3 + 2 * i + 1))) for i in range(6)]
+        return sorted(eng.generate(reqs), key=lambda r: r.index)
+    grouped = run()
+    assert calls, "grouped decode attention never ran"
+    monkeypatch.setattr(llama, "DECODE_GROUP_MIN", 10 ** 9)
+    calls.clear()
+    alone = run()
+    assert not calls
+    for g, a in zip(grouped, alone):
+        assert g.token_ids == a.token_ids
+        assert max(abs(x - y) for x, y in zip(g.logprobs, a.logprobs)) < 2e-2
