@@ -93,7 +93,10 @@ def main():
               help="Context-parallel ranks per replica.")
 @click.option("--cp-min-tokens", type=click.IntRange(min=1), default=1024, envvar=_env("CP_MIN_TOKENS"),
               show_envvar=True, help="With --cp > 1: prompts at least this long are split over the CP ranks "
-                                     "(ring attention); shorter ones run on the first CP rank.")
+                                     "(ring attention); shorter ones run whole on one CP rank (--cp-short).")
+@click.option("--cp-short", type=click.Choice(["spread", "first"]), default="spread", envvar=_env("CP_SHORT"),
+              show_envvar=True, help="With --cp > 1: shorter prompts run as independent work spread over the CP "
+                                     "ranks (spread), or all on the first CP rank (first).")
 @click.option("--allreduce", type=click.Choice(["auto", "dda", "mpi"]), default="auto", envvar=_env("ALLREDUCE"),
               show_envvar=True, help="TP allreduce: direct data access over shared memory (dda), MPI's, or "
                                      "auto (by message size, from measured thresholds).")
@@ -107,7 +110,7 @@ def main():
               show_envvar=True, help="Stop the job when more than N records fail.")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
-        kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, allreduce, share_gpus, overwrite, flush_every, max_errors,
+        kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .coordinator import run as run_job
@@ -119,7 +122,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
         engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
-                            share_gpus=share_gpus, cp_min_tokens=cp_min_tokens,
+                            share_gpus=share_gpus, cp_min_tokens=cp_min_tokens, cp_short=cp_short,
                             pack_weights={"auto": None, "on": True, "off": False}[pack_weights]),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)

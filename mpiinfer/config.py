@@ -282,6 +282,7 @@ class EngineConfig:
     threads: Optional[int] = None
     share_gpus: bool = False               # allow several ranks on one GPU
     cp_min_tokens: int = 1024              # with --cp > 1: prompts at least this long are split over CP ranks
+    cp_short: str = "spread"               # with --cp > 1: shorter prompts spread over the CP ranks, or "first"
     pack_weights: Optional[bool] = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
 
 

@@ -7,7 +7,7 @@ and its KV cache lives at pool rows ``kv_base[i] : kv_base[i] + kv_len[i]``
 (``kv_len`` counts the tokens cached on this rank after this step, these included).
 
 Context parallelism (cp > 1) gives each CP rank its own batch.  ``mode[i]``:
-0 = an ordinary sequence (only on CP rank 0), 1 = prefill of a CP sequence (each
+0 = an ordinary sequence (on one CP rank, its home: the engine spreads them), 1 = prefill of a CP sequence (each
 rank holds its load-balanced shard of the prompt; ring attention), 2 = decode of a
 CP sequence (every rank holds the new token; only the owner of its position,
 ``position % cp``, writes its K/V; partial attentions are merged across ranks).
@@ -57,6 +57,7 @@ class StepBatch:
     cp: int = 1
     cp_rank: int = 0
     scratch_row: int = -1
+    gather_logits: int = 0       # cp > 1: every CP rank's logits rows go to the leader after the step
 
     @property
     def num_tokens(self) -> int:
@@ -88,7 +89,7 @@ class StepBatch:
             "logits_rows": self.logits_rows.numpy(),
             "cp": np.array([self.mode, self.prompt_len, self.glen, self.write], dtype=np.int64).reshape(4, -1)
             if self.mode else None,
-            "cp_meta": (self.cp, self.cp_rank, self.scratch_row),
+            "cp_meta": (self.cp, self.cp_rank, self.scratch_row, self.gather_logits),
         }
 
     @staticmethod
@@ -100,5 +101,5 @@ class StepBatch:
         if a.get("cp") is not None:
             c = a["cp"]
             b.mode, b.prompt_len, b.glen, b.write = c[0].tolist(), c[1].tolist(), c[2].tolist(), c[3].tolist()
-        b.cp, b.cp_rank, b.scratch_row = a.get("cp_meta", (1, 0, -1))
+        b.cp, b.cp_rank, b.scratch_row, b.gather_logits = a.get("cp_meta", (1, 0, -1, 0))
         return b

@@ -39,7 +39,8 @@ class Sequence:
     eos: frozenset
     generator: Optional[torch.Generator]
     cp: bool = False                   # context-parallel: prompt and KV spread over the CP ranks
-    kv_base: list = field(default_factory=list)   # per CP rank (one entry when not CP)
+    home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
+    kv_base: list = field(default_factory=list)   # per CP rank (one entry, on ``home``, when not CP)
     kv_cap: list = field(default_factory=list)
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
@@ -60,11 +61,15 @@ class Sequence:
             return [total]
         return [cp_local_count(len(self.prompt), total, cp, r) for r in range(cp)]
 
+    def ranks(self, cp: int) -> list:
+        """The CP ranks holding this sequence's KV cache, in ``kv_base`` order."""
+        return list(range(cp)) if self.cp else [self.home]
+
 
 class Engine:
     def __init__(self, runner: ModelRunner, tokenizer, default_seed: int = 0, max_batch: Optional[int] = None,
                  step_tokens: Optional[int] = None, max_seq_len: Optional[int] = None,
-                 cp_min_tokens: Optional[int] = None):
+                 cp_min_tokens: Optional[int] = None, cp_short: Optional[str] = None):
         self.runner = runner
         self.tok = tokenizer
         self.cfg = runner.cfg
@@ -76,7 +81,11 @@ class Engine:
         self.max_seq_len = min(max_seq_len or ec.max_seq_len or ctx, ctx)
         self.cp = runner.mesh.cp
         self.cp_min_tokens = cp_min_tokens if cp_min_tokens is not None else ec.cp_min_tokens
-        # with CP every rank keeps its last pool row as scratch for K/V a non-owner must not store
+        # with cp > 1, requests below cp_min_tokens are independent work: "spread" gives each to the least
+        # loaded CP rank (data parallelism inside the CP group), "first" keeps them all on CP rank 0
+        self.cp_short = cp_short or ec.cp_short
+        if self.cp_short not in ("spread", "first"):
+            raise ValueError(f"cp_short must be 'spread' or 'first', not {self.cp_short!r}")        # with CP every rank keeps its last pool row as scratch for K/V a non-owner must not store
         self.scratch_row = runner.pool_tokens - 1 if self.cp > 1 else -1
         usable = runner.pool_tokens - (1 if self.cp > 1 else 0)
         self.allocs = [RegionAllocator(usable) for _ in range(self.cp)]
@@ -155,19 +164,39 @@ class Engine:
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
             need = seq.need(self.cp)
-            bases = []
-            for r, n in enumerate(need):
-                b = self.allocs[r].alloc(n)
-                if b is None:
+            if seq.cp:
+                bases = []
+                for r, n in enumerate(need):
+                    b = self.allocs[r].alloc(n)
+                    if b is None:
+                        break
+                    bases.append(b)
+                if len(bases) < len(need):
+                    for r, b in enumerate(bases):
+                        self.allocs[r].free(b, need[r])
+                    break   # FIFO: wait for regions to free (no starvation of long prompts)
+            else:
+                bases = None
+                for r in self._homes():
+                    b = self.allocs[r].alloc(need[0])
+                    if b is not None:
+                        seq.home, bases = r, [b]
+                        break
+                if bases is None:
                     break
-                bases.append(b)
-            if len(bases) < len(need):
-                for r, b in enumerate(bases):
-                    self.allocs[r].free(b, need[r])
-                break   # FIFO: wait for regions to free (no starvation of long prompts)
             self.waiting.popleft()
             seq.kv_base, seq.kv_cap = bases, need
             self.running.append(seq)
+
+    def _homes(self) -> list:
+        """CP ranks to try for a new ordinary sequence, least loaded (fewest such sequences) first."""
+        if self.cp == 1 or self.cp_short == "first":
+            return [0]
+        load = [0] * self.cp
+        for seq in self.running:
+            if not seq.cp:
+                load[seq.home] += 1
+        return sorted(range(self.cp), key=lambda r: (load[r], r))
 
     # -------------------------------------------------------------- stepping
     def _plan(self) -> tuple:
@@ -175,42 +204,54 @@ class Engine:
         cached tokens each gains, and the sequences that sample a token."""
         cp = self.cp
         P = [_RankPlan() for _ in range(cp)]
-        planned, sampled = [], []
-        budget = self.step_tokens
+        planned = []
+        sampled = [[] for _ in range(cp)]                 # per CP rank, in its logits-row order
+        budget = [self.step_tokens] * cp                  # tokens of compute per CP rank
         for seq in self.running:                          # decodes first: one token each
             if seq.in_prefill:
                 continue
             p = seq.n_cached                              # position of the token fed in
             if not seq.cp:
-                P[0].add([seq.out[-1]], [p], seq.kv_base[0], p + 1, sample=True)
+                P[seq.home].add([seq.out[-1]], [p], seq.kv_base[0], p + 1, sample=True)
+                sampled[seq.home].append(seq)
+                budget[seq.home] -= 1
             else:
                 for r in range(cp):
                     kl = cp_local_count(len(seq.prompt), p + 1, cp, r)
                     P[r].add([seq.out[-1]], [p], seq.kv_base[r], kl, sample=(r == 0), mode=2,
                              plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r))
-            planned.append((seq, 1)); sampled.append(seq)
-            budget -= 1
+                    budget[r] -= 1
+                sampled[0].append(seq)
+            planned.append((seq, 1))
         for seq in self.running:                          # then prompts: chunks, or whole CP shards
-            if not seq.in_prefill or budget <= 0:
+            if not seq.in_prefill:
                 continue
             L = len(seq.prompt)
             if seq.cp:
+                if min(budget) <= 0:
+                    continue
                 for r in range(cp):
                     pos = shard_positions(L, cp, r).tolist()
                     P[r].add([seq.prompt[j] for j in pos], pos, seq.kv_base[r], len(pos), sample=(r == 0), mode=1,
                              plen=L, glen=L, write=1)
-                budget -= -(-L // cp)
-                planned.append((seq, L)); sampled.append(seq)
+                    budget[r] -= len(pos)
+                planned.append((seq, L)); sampled[0].append(seq)
                 continue
-            n = min(budget, L - seq.n_cached)
-            P[0].add(seq.prompt[seq.n_cached:seq.n_cached + n], range(seq.n_cached, seq.n_cached + n),
+            h = seq.home
+            if budget[h] <= 0:
+                continue
+            n = min(budget[h], L - seq.n_cached)
+            P[h].add(seq.prompt[seq.n_cached:seq.n_cached + n], range(seq.n_cached, seq.n_cached + n),
                      seq.kv_base[0], seq.n_cached + n, sample=(seq.n_cached + n == L))
-            budget -= n
+            budget[h] -= n
             planned.append((seq, n))
             if seq.n_cached + n == L:
-                sampled.append(seq)
+                sampled[h].append(seq)
         batches = [pl.batch(cp, r, self.scratch_row) for r, pl in enumerate(P)]
-        return (batches[0] if cp == 1 else batches), planned, sampled
+        if cp > 1 and any(sampled[1:]):                   # logits of ranks > 0 come back to the leader
+            for b in batches:
+                b.gather_logits = 1
+        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per]
 
     def step(self) -> list:
         """Run one model step; return the Results of the sequences that finished."""
@@ -239,7 +280,7 @@ class Engine:
                     finished.append(seq)
         for seq in finished:
             self.running.remove(seq)
-            for r, (b, n) in enumerate(zip(seq.kv_base, seq.kv_cap)):
+            for r, b, n in zip(seq.ranks(self.cp), seq.kv_base, seq.kv_cap):
                 self.allocs[r].free(b, n)
         return [self._result(s) for s in finished]
 

@@ -118,7 +118,20 @@ class ModelRunner:
         elif comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
             comm.bcast(batch.to_arrays(), root=0)
         inject("step", self.mesh.rank)
-        return self.model(batch, self.kv)
+        logits = self.model(batch, self.kv)
+        if batch.gather_logits:
+            logits = self._gather_cp_logits(logits)
+        return logits
+
+    def _gather_cp_logits(self, logits):
+        """Leader and followers alike: the logits rows of every CP rank (its TP rank 0 holds them), in CP rank
+        order, end up on the leader; None elsewhere."""
+        mine = None if logits is None else logits.cpu().numpy()
+        parts = self.mesh.replica_comm.gather(mine, root=0)
+        if parts is None:
+            return None
+        rows = [torch.from_numpy(p) for j, p in enumerate(parts) if j % self.mesh.tp == 0]
+        return torch.cat(rows).to(logits.device)
 
     def follow(self) -> None:
         """Follower loop: execute the leader's batches until it broadcasts None."""
@@ -128,7 +141,10 @@ class ModelRunner:
             if arrays is None:
                 return
             inject("step", self.mesh.rank)
-            self.model(StepBatch.from_arrays(arrays), self.kv)
+            batch = StepBatch.from_arrays(arrays)
+            logits = self.model(batch, self.kv)
+            if batch.gather_logits:
+                self._gather_cp_logits(logits)
 
     def release_followers(self) -> None:
         comm = self.mesh.replica_comm

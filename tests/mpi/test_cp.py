@@ -27,8 +27,11 @@ def setup(model_dirs, tmp_path_factory):
     d = model_dirs("qwen3", max_position_embeddings=8192)
     rng = random.Random(0)
     prompts = {"doc": [rng.randrange(4, 500) for _ in range(4099)],     # not divisible by 2 x cp
-               "short": [rng.randrange(4, 500) for _ in range(7)],      # below --cp-min-tokens: runs on CP rank 0
-               "doc2": [rng.randrange(4, 500) for _ in range(1201)]}
+               "short": [rng.randrange(4, 500) for _ in range(7)],      # below --cp-min-tokens: ordinary requests
+               "doc2": [rng.randrange(4, 500) for _ in range(1201)],   # spread over the CP ranks (--cp-short)
+               "s2": [rng.randrange(4, 500) for _ in range(150)],
+               "s3": [rng.randrange(4, 500) for _ in range(3)],
+               "s4": [rng.randrange(4, 500) for _ in range(40)]}
     tmp = tmp_path_factory.mktemp("cp")
     inp = tmp / "in.jsonl"
     with open(inp, "w") as f:
@@ -40,14 +43,14 @@ def setup(model_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("n,flags", [(2, ["--cp", "2"]), (4, ["--cp", "4"]), (3, ["--cp", "3"]),
-                                     (4, ["--tp", "2", "--cp", "2"])])
+                                     (4, ["--tp", "2", "--cp", "2"]), (2, ["--cp", "2", "--cp-short", "first"])])
 def test_cp_matches_reference(n, flags, setup, tmp_path):
     d, inp, ref = setup
     out = tmp_path / "o.jsonl"
     p = mpirun(n, ["-m", d, "-i", inp, "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"] + flags)
     assert p.returncode == 0, p.stderr
     recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
-    assert list(recs) == ["doc", "short", "doc2"]
+    assert list(recs) == list(ref)
     for k, (toks, lps) in ref.items():
         assert recs[k]["token_ids"] == toks, k
         assert max(abs(a - b) for a, b in zip(recs[k]["logprobs"], lps)) < 1e-4, k

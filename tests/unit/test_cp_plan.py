@@ -1,0 +1,97 @@
+"""The leader's step plans with context parallelism, without MPI: a fake cp=2 replica whose "model" maps
+(token, position) to the next token, so any mix-up of rows, ranks or KV regions changes the output."""
+import types
+
+import pytest
+import torch
+
+from mpiinfer.config import EngineConfig, SamplingParams
+from mpiinfer.engine.batch import cp_local_count
+from mpiinfer.engine.generate import Engine
+from mpiinfer.messages import Request
+
+V = 97
+
+
+def next_token(tok: int, pos: int) -> int:
+    return (tok * 7 + pos * 3 + 1) % V
+
+
+class FakeCPRunner:
+    """Stands in for a cp-rank replica: checks each rank's batch, returns logits of every rank's sampled rows
+    in CP rank order when the plan asks for the gather (rank 0's alone otherwise)."""
+
+    def __init__(self, cp, pool=4096):
+        self.cfg = types.SimpleNamespace(vocab_size=V, max_position_embeddings=1 << 16, eos_token_ids=[])
+        self.engine_cfg = EngineConfig(max_batch=16)
+        self.mesh = types.SimpleNamespace(cp=cp, wide_ep=False)
+        self.device = types.SimpleNamespace(torch=torch.device("cpu"))
+        self.pool_tokens = pool
+        self.owner = [dict() for _ in range(cp)]     # per rank: pool row -> (sequence key), to catch overlaps
+        self.tokens_per_rank = [0] * cp
+
+    def execute(self, batches):
+        assert isinstance(batches, list) and len(batches) == self.mesh.cp
+        gather = {b.gather_logits for b in batches}
+        assert len(gather) == 1, "every rank must agree on the logits gather"
+        out = []
+        for r, b in enumerate(batches):
+            self.tokens_per_rank[r] += b.num_tokens
+            for i in range(len(b.q_start)):
+                if b.seq_mode(i) == 0:        # an ordinary sequence: its rows are all on this rank
+                    for row in range(b.kv_base[i], b.kv_base[i] + b.kv_len[i]):
+                        assert row != b.scratch_row
+            rows = b.logits_rows.tolist()
+            if r == 0 or b.gather_logits:
+                lg = torch.full((len(rows), V), -10.0)
+                for j, row in enumerate(rows):
+                    lg[j, next_token(int(b.input_ids[row]), int(b.positions[row]))] = 10.0
+                out.append(lg)
+            else:
+                assert not rows, "rank > 0 has sampled rows but no gather was planned"
+        return torch.cat(out)
+
+
+def expected(prompt, n):
+    toks, t, p = [], prompt[-1], len(prompt) - 1
+    for _ in range(n):
+        t = next_token(t, p)
+        toks.append(t)
+        p += 1
+    return toks
+
+
+class _Tok:
+    def decode(self, ids):
+        return " ".join(map(str, ids))
+
+
+@pytest.mark.parametrize("policy", ["spread", "first"])
+def test_short_requests_spread_over_cp_ranks(policy):
+    cp = 2
+    runner = FakeCPRunner(cp)
+    eng = Engine(runner, _Tok(), max_batch=8, step_tokens=64, cp_min_tokens=200, cp_short=policy)
+    sp = SamplingParams(max_tokens=9, ignore_eos=True)
+    lengths = [5, 300, 17, 3, 41, 250, 8, 90, 12, 33, 1, 60]       # two CP documents among short ones
+    prompts = [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
+    reqs = [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]
+    homes = {}
+    real_admit = eng._admit
+
+    def admit():
+        real_admit()
+        for s in eng.running:
+            homes[s.req.index] = (s.cp, s.home)
+    eng._admit = admit
+    res = sorted(eng.generate(reqs), key=lambda r: r.index)
+    for r, p in zip(res, prompts):
+        assert r.error is None
+        assert r.token_ids == expected(p, 9), r.index
+    short = [h for is_cp, h in homes.values() if not is_cp]
+    assert sorted(i for i, (is_cp, _) in homes.items() if is_cp) == [1, 5]
+    if policy == "spread":
+        assert set(short) == {0, 1}
+        assert min(runner.tokens_per_rank) > 0.6 * max(runner.tokens_per_rank)    # work balanced
+    else:
+        assert set(short) == {0}
+    assert all(a.free_rows == a.size for a in eng.allocs)      # every region went back to its rank
