@@ -24,7 +24,7 @@ from ..kernels import linear
 from ..parallel.linear import (ColumnParallelLinear, Part, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
 from ..parallel.ring import RingPlan, combine_across_ranks, decode_attention_partial, ring_attention
-from ..weights.shard import even_range, kv_heads_for_rank
+from ..weights.shard import balanced_range, kv_heads_for_rank, q_heads_for_rank
 from . import registry
 
 
@@ -120,7 +120,7 @@ class Attention(nn.Module):
         super().__init__()
         p = f"model.layers.{layer}.self_attn."
         hd, tp, r = cfg.head_dim, mesh.tp, mesh.tp_rank
-        q0, q1 = even_range(cfg.num_heads, r, tp)
+        q0, q1 = q_heads_for_rank(cfg.num_heads, cfg.num_kv_heads, tp, r)
         k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, r)
         self.n_q, self.n_kv, self.head_dim = q1 - q0, k1 - k0, hd
         self.group = self.n_q // self.n_kv
@@ -237,7 +237,7 @@ class MLP(nn.Module):
         gate, up, down = names
         tp = mesh.tp if tp is None else tp
         tp_rank = mesh.tp_rank if tp_rank is None else tp_rank
-        a, b = even_range(inter, tp_rank, tp)
+        a, b = balanced_range(inter, tp_rank, tp)
         self.inter_local = b - a
         self.gate_up = ColumnParallelLinear(hidden, [Part(prefix + gate, inter, a, b), Part(prefix + up, inter, a, b)],
                                             bias=bias, dtype=dtype)

@@ -31,7 +31,7 @@ from ..dist.dda import alltoallv
 from ..dist.mesh import Mesh
 from ..kernels import linear
 from ..parallel.linear import pack_weight
-from ..weights.shard import Slice, even_range, experts_for_rank
+from ..weights.shard import Slice, balanced_range, experts_for_rank
 from . import registry
 
 
@@ -50,7 +50,7 @@ class SparseMoeBlock(nn.Module):
         self.ep = ep
         self.e0, self.e1 = experts_for_rank(cfg.num_experts, ep, ep_rank)
         inter = cfg.moe_intermediate_size
-        self.i0, self.i1 = even_range(inter, 0 if self.wide else mesh.tp_rank % block, block)
+        self.i0, self.i1 = balanced_range(inter, 0 if self.wide else mesh.tp_rank % block, block)
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)

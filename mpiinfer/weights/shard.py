@@ -17,19 +17,40 @@ def even_range(size: int, rank: int, world: int) -> tuple:
     return rank * part, (rank + 1) * part
 
 
+def balanced_range(size: int, rank: int, world: int) -> tuple:
+    """[start, stop) of rank's part of ``size`` when it may not divide: the first ``size % world`` ranks
+    get one more (e.g. 3 KV heads over 2 ranks: 2 and 1)."""
+    if size < world:
+        raise ValueError(f"size {size} is smaller than {world} parts")
+    part, extra = divmod(size, world)
+    start = rank * part + min(rank, extra)
+    return start, start + part + (1 if rank < extra else 0)
+
+
 def kv_heads_for_rank(num_kv_heads: int, tp: int, tp_rank: int) -> tuple:
     """KV heads [start, stop) held by a TP rank.
 
-    When tp <= num_kv_heads the heads are split evenly.  When tp > num_kv_heads
-    each KV head is replicated on tp / num_kv_heads consecutive ranks (the ranks
-    whose query heads use it), so a rank holds exactly one KV head.
+    When tp <= num_kv_heads the heads are split as evenly as they go (``balanced_range``:
+    SmolLM2's 3 KV heads at tp=2 are 2 + 1).  When tp > num_kv_heads each KV head is
+    replicated on tp / num_kv_heads consecutive ranks (the ranks whose query heads use
+    it), so a rank holds exactly one KV head.
     """
     if tp <= num_kv_heads:
-        return even_range(num_kv_heads, tp_rank, tp)
+        return balanced_range(num_kv_heads, tp_rank, tp)
     if tp % num_kv_heads:
         raise ValueError(f"tp={tp} must be a multiple of num_key_value_heads={num_kv_heads} when larger")
     h = tp_rank // (tp // num_kv_heads)
     return h, h + 1
+
+
+def q_heads_for_rank(num_heads: int, num_kv_heads: int, tp: int, tp_rank: int) -> tuple:
+    """Query heads [start, stop) of a TP rank: the query heads of its KV heads (whole GQA groups), or an
+    even share of one group's when KV heads are replicated (tp > num_kv_heads)."""
+    if tp <= num_kv_heads:
+        k0, k1 = kv_heads_for_rank(num_kv_heads, tp, tp_rank)
+        group = num_heads // num_kv_heads
+        return k0 * group, k1 * group
+    return even_range(num_heads, tp_rank, tp)
 
 
 @dataclass(frozen=True)

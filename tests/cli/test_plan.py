@@ -49,6 +49,6 @@ def test_plan_refuses_like_run(model_dirs):
     code, out = plan(["-m", d, "--world", "6", "--tp", "4"])
     assert code != 0 and "world size 6 is not divisible by tp x cp = 4 x 1" in out
     code, out = plan(["-m", d, "--world", "8", "--tp", "8"])
-    assert code != 0 and "--tp 8 does not divide num_attention_heads=4" in out
+    assert code != 0 and "--tp 8 is larger than num_key_value_heads=2 and does not divide num_attention_heads=4" in out
     code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--ep", "2"])
     assert code != 0 and "has no experts" in out

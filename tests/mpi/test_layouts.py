@@ -26,6 +26,10 @@ LAYOUTS = [
     ("llama", {}, 2, ["--tp", "2"]),
     ("llama", {}, 4, ["--tp", "4"]),                          # tp 4 > 2 KV heads: KV heads replicated
     ("llama", {"num_key_value_heads": 1}, 2, ["--tp", "2"]),  # a model with 1 KV head
+    # uneven split, as SmolLM2-135M (9 query / 3 KV heads) at tp=2: KV heads 2 + 1, MLP columns 38 + 37
+    ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 16,
+               "intermediate_size": 75},
+     2, ["--tp", "2"]),
     ("mistral", {}, 2, ["--tp", "2"]),
     ("qwen2", {}, 2, ["--tp", "2"]),
     ("qwen3", {}, 2, ["--tp", "2"]),
@@ -74,7 +78,8 @@ def read(path):
 
 @pytest.mark.parametrize("arch,overrides,n,flags", LAYOUTS,
                          ids=[f"{a}-{'-'.join(f[i] + f[i + 1] for i in range(0, len(f), 2))}"
-                              + ("-kv1" if o else "") for a, o, _, f in LAYOUTS])
+                              + ("-" + "-".join(f"{k[:6]}{v}" for k, v in o.items()) if o else "")
+                              for a, o, _, f in LAYOUTS])
 def test_layout_matches_reference(arch, overrides, n, flags, model_dirs, tmp_path):
     d = model_dirs(arch, **overrides)
     ps = prompts(512)
@@ -132,4 +137,4 @@ def test_model_not_divisible_refused(model_dirs, tmp_path):
     d2 = model_dirs("llama", num_attention_heads=3, num_key_value_heads=1, head_dim=16)
     p = mpirun(2, ["-m", d2, "-i", str(inp), "-o", str(tmp_path / "o2.jsonl"), "--tp", "2"], timeout=60)
     assert p.returncode == 2
-    assert "--tp 2 does not divide num_attention_heads=3" in p.stderr
+    assert "--tp 2 is larger than num_key_value_heads=1 and does not divide num_attention_heads=3" in p.stderr

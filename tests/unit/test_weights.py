@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from mpiinfer.config import ConfigError
 from mpiinfer.weights.index import CheckpointIndex
 from mpiinfer.weights.loader import WeightSource
-from mpiinfer.weights.shard import Slice, even_range, kv_heads_for_rank
+from mpiinfer.weights.shard import Slice, balanced_range, even_range, kv_heads_for_rank, q_heads_for_rank
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -38,3 +38,11 @@ def test_shard_arithmetic():
     assert [kv_heads_for_rank(8, 2, r) for r in range(2)] == [(0, 4), (4, 8)]
     with pytest.raises(ValueError):
         kv_heads_for_rank(3, 4, 0)
+    # uneven: whole GQA groups, the first ranks one more (SmolLM2-135M: 9 query / 3 KV heads at tp=2)
+    assert [kv_heads_for_rank(3, 2, r) for r in range(2)] == [(0, 2), (2, 3)]
+    assert [q_heads_for_rank(9, 3, 2, r) for r in range(2)] == [(0, 6), (6, 9)]
+    assert [q_heads_for_rank(8, 2, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 6), (6, 8)]
+    assert [balanced_range(1536 + 3, r, 4) for r in range(4)] == [(0, 385), (385, 770), (770, 1155), (1155, 1539)]
+    for size, world in ((7, 3), (75, 2), (12, 4)):
+        parts = [balanced_range(size, r, world) for r in range(world)]
+        assert parts[0][0] == 0 and parts[-1][1] == size and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
