@@ -75,6 +75,7 @@ Lifetime
 """
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -86,6 +87,8 @@ import numpy as np
 import torch
 
 from .collectives import _mpi_all_gather, _mpi_all_reduce
+
+_memmove = ctypes.memmove
 
 HEADER = 256                  # bytes before the first slot
 ARRIVE, SLICE, BCAST = 0, 8, 16   # int64 indices into the header (64 bytes apart)
@@ -393,9 +396,13 @@ class DDAComm:
         self._plans[key] = p
         if (p.algo == "1shot" and not gather and t.dtype == torch.float32 and not self.hierarchical
                 and self._sync is None and self._n >= 2 and t.device.type == "cpu"):
-            # shape -> (views for slot 0, views for slot 1, dtype); one dtype per shape is cached
+            # shape -> (per slot buffer: (own slot's address, slot 0, slot 1, other slots), dtype, sum buffer,
+            # its address, bytes); one dtype per shape is cached.  Raw addresses: ctypes.memmove costs
+            # ~0.3 us where t.numpy() + np.copyto cost ~0.9 us, the bulk of an 8-byte allreduce
+            acc = np.empty(t.shape, dtype=np.float32)
             self._fast[t.shape] = tuple(
-                (p.own[b], p.slots[b][0], p.slots[b][1], tuple(p.slots[b][2:])) for b in range(2)) + (t.dtype,)
+                (p.own[b].ctypes.data, p.slots[b][0], p.slots[b][1], tuple(p.slots[b][2:])) for b in range(2)) + (
+                t.dtype, acc, acc.ctypes.data, p.nbytes)
         return p
 
     # ------------------------------------------------------------ allreduce
@@ -404,20 +411,22 @@ class DDAComm:
         # fast path: float32 one-shot on one node, for (dtype, shape)s seen before.  Kept
         # flat on purpose (no helper calls): at 8 bytes every 100 ns is a few percent.
         p = self._fast.get(t.shape)
-        if p is not None and p[2] is t.dtype and t.is_contiguous() and t.is_cpu:
+        if p is not None and p[2] is t.dtype and t.is_cpu and t.is_contiguous():
             e = self._epoch + 1
             self._epoch = e
             own, s0, s1, rest = p[e & 1]
-            out = t.numpy()
-            np.copyto(own, out)
+            ptr = t.data_ptr()
+            _memmove(own, ptr, p[5])
             self._myflags[0] = e               # ARRIVE: data first, flag last (x86 TSO; module doc)
             for f, who in self._peer_flags:
                 if f[0] < e:
                     self._spin(f, ARRIVE, e, who, "allreduce")
-            np.add(s0, s1, out=out)            # ((x0 + x1) + x2) + ...
+            acc = p[3]
+            np.add(s0, s1, out=acc)            # ((x0 + x1) + x2) + ...
             if rest:
                 for s in rest:
-                    np.add(out, s, out=out)
+                    np.add(acc, s, out=acc)
+            _memmove(ptr, p[4], p[5])
             return t
         return self._all_reduce(t)
 

@@ -95,9 +95,18 @@ def burst(comm, args):
             key = (size, dt, i % 5)
             if key not in ex:
                 ex[key] = sum(base + (r + i) % 5 for r in range(n)).to(dt)
+            guard = None
+            if interleave and dt == torch.float32:
+                # a view into a larger buffer (storage offset): the sum lands in the view, nothing around it
+                buf = torch.full((size + 5,), -1.0)
+                buf[3:3 + size] = x
+                x, guard = buf[3:3 + size], buf
             y = dc.all_reduce_tensor(x)
             if not torch.equal(y, ex[key]):
                 raise AssertionError(f"burst call {i} (interleave={interleave}) size {size} {dt}: wrong sum")
+            if guard is not None:
+                assert y.data_ptr() == guard[3:].data_ptr() and torch.equal(guard[:3], torch.full((3,), -1.0)) \
+                    and torch.equal(guard[3 + size:], torch.full((2,), -1.0)), "allreduce wrote outside the tensor"
             if interleave:
                 k = i % 3
                 if k == 0:

@@ -89,7 +89,7 @@ def test_bench_helpers():
     assert parse_sizes("8:64") == [8, 16, 32, 64]
     assert parse_sizes("8:64M:4")[-1] == 32 << 20
     assert parse_sizes("8,1K,64KiB".replace("iB", "")) == [8, 1024, 65536]
-    assert iters_for(8, 200) == 200 and iters_for(64 << 20, 200) == 10
+    assert iters_for(8, 200) == 200 and iters_for(64 << 20, 200) == 30
     rows = _rows({8: {"dda": 2.0, "auto": 2.0, "mpi": 4.0}})
     table = format_table(rows, ["dda", "auto", "mpi"])
     assert "8 B" in table and "2.00" in table
