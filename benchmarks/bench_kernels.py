@@ -2,14 +2,17 @@
 """Matmul microbenchmark behind ``mpiinfer/kernels.py``'s choice of CPU kernel.
 
 For each weight ``w`` of shape (out, in) (Hugging Face layout) and each number of
-rows ``M`` of the activation ``x`` (M, in), times ``y = x @ w.T`` four ways:
+rows ``M`` of the activation ``x`` (M, in), times ``y = x @ w.T`` these ways:
 
   mkl       ``x @ w.t()``                 float32 (MKL sgemm)
   linear    ``F.linear(x, w)``            float32
   onednn    ``torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], "")``
                                           float32, plain (not pre-packed) weight;
                                           what ``mpiinfer.kernels.linear`` calls on CPU
+  packed    the same on ``kernels.pack(w)`` float32 (oneDNN's blocked layout, reordered once)
   bf16      ``F.linear(x, w)``            bfloat16 x and w
+  bf16dnn   oneDNN inner product          bfloat16, plain weight
+  bf16pack  oneDNN inner product          bfloat16, packed weight (what bf16 runs use)
 
 and reports GFLOP/s = 2 * M * out * in / median time of N runs (after warm-up).
 Each cell stops early once it has used ``--max-seconds`` (with at least 3 runs),
@@ -52,8 +55,10 @@ SHAPES = ((2048, 8192), (8192, 2048), (128256, 2048))
 QUICK_SHAPES = ((256, 1024), (1024, 256), (4096, 256))
 MS = (1, 4, 16, 64, 512)
 QUICK_MS = (1, 4, 16)
-KERNELS = ("mkl", "linear", "onednn", "bf16")
-LABELS = {"mkl": "x@w.t() fp32", "linear": "F.linear fp32", "onednn": "oneDNN fp32", "bf16": "F.linear bf16"}
+KERNELS = ("mkl", "linear", "onednn", "packed", "bf16", "bf16dnn", "bf16pack")
+LABELS = {"mkl": "x@w.t() fp32", "linear": "F.linear fp32", "onednn": "oneDNN fp32", "packed": "packed fp32",
+          "bf16": "F.linear bf16", "bf16dnn": "oneDNN bf16", "bf16pack": "packed bf16"}
+ONEDNN = ("onednn", "packed", "bf16dnn", "bf16pack")
 
 
 def parse_args(argv=None):
@@ -155,10 +160,14 @@ def run(a) -> dict:
         "onednn": lambda x, w: torch.ops.mkldnn._linear_pointwise(x, w, None, "none", [], ""),
         "bf16": lambda x, w: F.linear(x, w),
     }
+    fns["packed"] = fns["bf16dnn"] = fns["bf16pack"] = fns["onednn"]
     rows = []
     for out_f, in_f in a.shapes:
         w = torch.randn(out_f, in_f) * in_f ** -0.5
-        wb = w.to(torch.bfloat16) if "bf16" in a.kernels else None
+        wb = w.to(torch.bfloat16) if any(k.startswith("bf16") for k in a.kernels) else None
+        from mpiinfer.kernels import pack
+        packed = {"packed": pack(w) if "packed" in a.kernels and has_dnn else None,
+                  "bf16pack": pack(wb) if "bf16pack" in a.kernels and has_dnn else None}
         for M in a.m:
             x = torch.randn(M, in_f)
             xb = x.to(torch.bfloat16)
@@ -166,10 +175,12 @@ def run(a) -> dict:
             row = {"out": out_f, "in": in_f, "M": M, "flop": flop}
             ref = x @ w.t()
             for k in a.kernels:
-                if k == "onednn" and not has_dnn:
+                if k in ONEDNN and not has_dnn:
                     row[k] = None
                     continue
-                xx, ww = (xb, wb) if k == "bf16" else (x, w)
+                xx, ww = (xb, wb) if k.startswith("bf16") else (x, w)
+                if k in packed:
+                    ww = packed[k]
                 fn = fns[k]
                 with torch.inference_mode():
                     y = fn(xx, ww)
@@ -183,7 +194,7 @@ def run(a) -> dict:
             rows.append(row)
             cells = "  ".join(f"{k} {row[k]['gflops']:.1f}" if row.get(k) else f"{k} n/a" for k in a.kernels)
             print(f"  {out_f}x{in_f} M={M}: {cells} GFLOP/s", flush=True)
-        del w, wb
+        del w, wb, packed
         gc.collect()
     return {"machine": info, "config": {"shapes": a.shapes, "m": a.m, "kernels": a.kernels, "runs": a.runs,
                                         "max_seconds": a.max_seconds, "quick": a.quick},
@@ -209,7 +220,7 @@ def print_table(res: dict, kernels: list) -> None:
     for line in table:
         print(fmt(line))
     bad = [(r["out"], r["in"], r["M"], k) for r in res["rows"] for k in kernels
-           if r.get(k) and k != "bf16" and r[k]["max_rel_err_vs_mkl"] > 1e-4]
+           if r.get(k) and not k.startswith("bf16") and r[k]["max_rel_err_vs_mkl"] > 1e-4]
     if bad:
         print(f"WARNING: float32 kernels disagree with x @ w.t() by > 1e-4 (relative) in {bad}")
 
