@@ -43,7 +43,8 @@ def setup(model_dirs, tmp_path_factory):
 
 
 @pytest.mark.parametrize("n,flags", [(2, ["--cp", "2"]), (4, ["--cp", "4"]), (3, ["--cp", "3"]),
-                                     (4, ["--tp", "2", "--cp", "2"]), (2, ["--cp", "2", "--cp-short", "first"])])
+                                     (4, ["--tp", "2", "--cp", "2"]), (2, ["--cp", "2", "--cp-short", "first"]),
+                                     (4, ["--cp", "2"])])   # dp=2 replicas of cp=2
 def test_cp_matches_reference(n, flags, setup, tmp_path):
     d, inp, ref = setup
     out = tmp_path / "o.jsonl"
