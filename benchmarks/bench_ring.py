@@ -67,7 +67,7 @@ def worker(a):
     import torch
     from mpi4py import MPI
 
-    from mpiinfer.dist.collectives import _buf
+    from mpiinfer.dist.collectives import as_buffer
     from mpiinfer.parallel.ring import RingPlan, ring_attention, shard_positions
 
     torch.set_num_threads(a.threads)
@@ -103,8 +103,8 @@ def worker(a):
         cur = 0
         for t in range(cp - 1):
             src, nxt_src = (rank - t) % cp, (rank - t - 1) % cp
-            reqs = [comm.Irecv(_buf(bufs[1 - cur][:n * plan.sizes[nxt_src]]), source=(rank - 1) % cp, tag=1),
-                    comm.Isend(_buf(bufs[cur][:n * plan.sizes[src]]), dest=(rank + 1) % cp, tag=1)]
+            reqs = [comm.Irecv(as_buffer(bufs[1 - cur][:n * plan.sizes[nxt_src]]), source=(rank - 1) % cp, tag=1),
+                    comm.Isend(as_buffer(bufs[cur][:n * plan.sizes[src]]), dest=(rank + 1) % cp, tag=1)]
             MPI.Request.Waitall(reqs)
             cur = 1 - cur
         comm_times.append(time.perf_counter() - t0)

@@ -12,7 +12,7 @@ import torch
 _MPI = None
 
 
-def _mpi():
+def mpi_module():
     global _MPI
     if _MPI is None:
         from mpi4py import MPI
@@ -20,7 +20,7 @@ def _mpi():
     return _MPI
 
 
-def _buf(t: torch.Tensor):
+def as_buffer(t: torch.Tensor):
     """A buffer spec for mpi4py from a contiguous CPU tensor (bfloat16 sent as raw 16-bit words)."""
     if t.dtype == torch.bfloat16:
         return t.view(torch.int16).numpy()
@@ -40,19 +40,19 @@ def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
         return t
     if hasattr(comm, "all_reduce_tensor"):
         return comm.all_reduce_tensor(t)
-    return _mpi_all_reduce(t, comm)
+    return mpi_all_reduce(t, comm)
 
 
-def _mpi_all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
+def mpi_all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
     """MPI Allreduce in place (16-bit floats summed in float32)."""
     if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
         # MPI has no portable 16-bit float sum: reduce in float32 and cast back.
         f = t.float().contiguous()
-        comm.Allreduce(_mpi().IN_PLACE, f.numpy(), op=_mpi().SUM)
+        comm.Allreduce(mpi_module().IN_PLACE, f.numpy(), op=mpi_module().SUM)
         t.copy_(f)
         return t
     assert t.is_contiguous()
-    comm.Allreduce(_mpi().IN_PLACE, _buf(t), op=_mpi().SUM)
+    comm.Allreduce(mpi_module().IN_PLACE, as_buffer(t), op=mpi_module().SUM)
     return t
 
 
@@ -64,14 +64,14 @@ def all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
         return t
     if hasattr(comm, "all_gather_tensor"):
         return comm.all_gather_tensor(t, dim)
-    return _mpi_all_gather(t, comm, dim)
+    return mpi_all_gather(t, comm, dim)
 
 
-def _mpi_all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
+def mpi_all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
     n = comm.Get_size()
     t = t.contiguous()
     out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype)
-    comm.Allgather(_buf(t), _buf(out))
+    comm.Allgather(as_buffer(t), as_buffer(out))
     dim = dim % t.dim()
     return torch.cat(out.unbind(0), dim=dim)
 
@@ -83,7 +83,7 @@ def gather_to_root(t: torch.Tensor, comm, dim: int = -1, root: int = 0):
     n = comm.Get_size()
     t = t.contiguous()
     out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype) if comm.Get_rank() == root else None
-    comm.Gather(_buf(t), _buf(out) if out is not None else None, root=root)
+    comm.Gather(as_buffer(t), as_buffer(out) if out is not None else None, root=root)
     if out is None:
         return None
     return torch.cat(out.unbind(0), dim=dim % t.dim())
@@ -92,5 +92,5 @@ def gather_to_root(t: torch.Tensor, comm, dim: int = -1, root: int = 0):
 def broadcast(t: torch.Tensor, comm, root: int = 0) -> torch.Tensor:
     if _is_trivial(comm):
         return t
-    comm.Bcast(_buf(t), root=root)
+    comm.Bcast(as_buffer(t), root=root)
     return t

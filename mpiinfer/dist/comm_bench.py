@@ -29,7 +29,7 @@ from typing import Optional, Sequence
 import torch
 
 from .dda import ALGOS, THRESHOLDS_FILE, DDAComm, load_thresholds
-from .collectives import _mpi_all_reduce
+from .collectives import mpi_all_reduce
 
 DEFAULT_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "mpi", "gloo")
 DDA_MODE = {"dda-1shot": "1shot", "dda-2shot": "2shot", "dda": "dda", "auto": "auto"}
@@ -102,7 +102,7 @@ def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] 
             dda.set_algo(DDA_MODE[a])
             op = dda.all_reduce_tensor
         else:
-            op = lambda t: _mpi_all_reduce(t, comm)  # noqa: E731
+            op = lambda t: mpi_all_reduce(t, comm)  # noqa: E731
         _time(op, x, 0, 2000, comm, [])
     for nbytes in sizes:
         numel = max(1, nbytes // 4)
@@ -118,7 +118,7 @@ def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] 
                     dda.set_algo(DDA_MODE[a])
                     op = dda.all_reduce_tensor
                 elif a == "mpi":
-                    op = lambda t: _mpi_all_reduce(t, comm)  # noqa: E731
+                    op = lambda t: mpi_all_reduce(t, comm)  # noqa: E731
                 else:
                     op = lambda t: dist.all_reduce(t)  # noqa: E731
                 _time(op, x, chunk, min(5, chunk), comm, samples[a])

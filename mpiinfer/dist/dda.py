@@ -86,7 +86,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from .collectives import _mpi_all_gather, _mpi_all_reduce
+from .collectives import mpi_all_gather, mpi_all_reduce
 
 _memmove = ctypes.memmove
 
@@ -436,12 +436,12 @@ class DDAComm:
         if self._closed:
             raise RuntimeError("DDAComm used after close()")
         if t.dtype not in DTYPES or t.device.type != "cpu":
-            return _mpi_all_reduce(t, self.comm)
+            return mpi_all_reduce(t, self.comm)
         if not t.is_contiguous():
             return t.copy_(self.all_reduce_tensor(t.contiguous()))
         p = self._plan(t)
         if p.algo == "mpi":
-            return _mpi_all_reduce(t, self.comm)
+            return mpi_all_reduce(t, self.comm)
         self._epoch += 1
         e = self._epoch
         b = e & 1
@@ -539,7 +539,7 @@ class DDAComm:
         t = t.contiguous()
         p = self._plan(t, gather=True)
         if p.algo == "mpi" or t.device.type != "cpu":
-            return _mpi_all_gather(t, self.comm, dim)
+            return mpi_all_gather(t, self.comm, dim)
         self._epoch += 1
         e = self._epoch
         b = e & 1

@@ -378,8 +378,8 @@ class CudaDDAComm:
                 self.nccl.allGather(t.data_ptr(), out.data_ptr(), t.numel(), code,
                                     torch.cuda.current_stream().cuda_stream)
             else:
-                from .collectives import _mpi_all_gather
-                return _mpi_all_gather(t.cpu(), self.comm, dim).to(t.device)
+                from .collectives import mpi_all_gather
+                return mpi_all_gather(t.cpu(), self.comm, dim).to(t.device)
         else:
             self._epoch += 1
             e, b = self._epoch, self._epoch & 1

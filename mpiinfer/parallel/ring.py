@@ -34,7 +34,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..dist.collectives import _buf, _mpi
+from ..dist.collectives import as_buffer, mpi_module
 
 # Scores of one (query chunk x KV block) matmul are at most this many float32 elements
 # (n_q * rows * kv_len), i.e. 32 MiB; queries are chunked to respect it.
@@ -391,7 +391,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     own[0].copy_(k.transpose(0, 1))
     own[1].copy_(v.transpose(0, 1))
 
-    MPI = _mpi() if cp > 1 else None
+    MPI = mpi_module() if cp > 1 else None
     nxt, prv = (rank + 1) % cp, (rank - 1) % cp
     wait_s = poll_s = 0.0
     sent = 0
@@ -402,8 +402,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
         if t < cp - 1:
             n_in = 2 * n_kv * plan.sizes[(rank - t - 1) % cp] * hd
             n_out = 2 * n_kv * n_src * hd
-            reqs = [comm.Irecv(_buf(bufs[1 - cur][:n_in]), source=prv, tag=_TAG),
-                    comm.Isend(_buf(bufs[cur][:n_out]), dest=nxt, tag=_TAG)]
+            reqs = [comm.Irecv(as_buffer(bufs[1 - cur][:n_in]), source=prv, tag=_TAG),
+                    comm.Isend(as_buffer(bufs[cur][:n_out]), dest=nxt, tag=_TAG)]
             sent += n_out * bufs[cur].element_size()
 
         poll = None

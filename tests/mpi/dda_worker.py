@@ -21,7 +21,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpiinfer.dist.collectives import _mpi_all_reduce, all_gather, all_reduce  # noqa: E402
+from mpiinfer.dist.collectives import mpi_all_reduce, all_gather, all_reduce  # noqa: E402
 from mpiinfer.dist.dda import DDAComm, DDATimeout, alltoallv  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -45,7 +45,7 @@ def check(comm, args):
         for dname in args.dtypes.split(","):
             dt = DTYPES[dname]
             x = torch.randn(size, generator=torch.Generator().manual_seed(size * 131 + rank)).to(dt)
-            ref = _mpi_all_reduce(x.clone(), comm).float()
+            ref = mpi_all_reduce(x.clone(), comm).float()
             results = {}
             for a, dc in comms.items():
                 y = all_reduce(x.clone(), dc)
