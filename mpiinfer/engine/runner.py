@@ -22,7 +22,7 @@ from ..faults import inject
 from ..models import registry
 from ..models.llama import CausalLM
 from ..weights.index import CheckpointIndex
-from ..weights.loader import WeightSource
+from ..weights.loader import FileRows, WeightSource
 from ..weights.shard import kv_heads_for_rank
 from .batch import StepBatch
 from .kv_cache import KVCache
@@ -86,7 +86,11 @@ class ModelRunner:
         elif self.packed and not kernels.can_pack(device.torch, self.dtype):
             raise ConfigError(f"--pack-weights: no packed kernels for {self.dtype} on {device.torch}")
         if self.packed:
-            self.model.pack()
+            rows = None
+            if self.cfg.tie_word_embeddings:
+                e = self.model.embed
+                rows = FileRows(index, e.name + ".weight", e.start, e.stop, self.dtype)
+            self.model.pack(rows)
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, mesh.tp, mesh.tp_rank)
         self.kv_dtype = self.dtype
         per_tok = KVCache.bytes_per_token(self.cfg.num_layers, k1 - k0, self.cfg.head_dim,

@@ -20,6 +20,7 @@ from ..config import ModelConfig
 from ..dist.collectives import gather_to_root
 from ..dist.mesh import Mesh
 from ..engine.batch import StepBatch
+from .. import kernels
 from ..kernels import linear
 from ..parallel.linear import (ColumnParallelLinear, Part, RMSNorm, RowParallelLinear,
                                VocabParallelEmbedding)
@@ -299,6 +300,7 @@ class CausalLM(nn.Module):
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [Part("lm_head", cfg.vocab_size, v0, v1)],
                                                 bias=False, dtype=dtype)
         self.rotary = Rotary(cfg, device)
+        self.tied_head = None        # a packed copy of the tied embedding (``pack``)
 
     def load(self, src):
         self.embed.load(src)
@@ -308,14 +310,18 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             self.lm_head.load(src)
 
-    def pack(self):
-        """Reorder every linear weight for the CPU kernels (``kernels.pack``), after ``load``.  A tied
-        LM head stays plain: it is also the embedding table, and a packed copy would double it."""
+    def pack(self, embedding_rows=None):
+        """Reorder every linear weight for the CPU kernels (``kernels.pack``), after ``load``.  A tied LM head
+        is packed too when ``embedding_rows`` (a ``FileRows`` of this rank's embedding rows) is given: the
+        embedding then reads its rows from the checkpoint file, so the table is not kept twice."""
         for layer in self.layers:
             layer.attn.pack()
             layer.mlp.pack()
         if self.lm_head is not None:
             self.lm_head.pack()
+        elif embedding_rows is not None:
+            self.tied_head = kernels.pack(self.embed.weight)
+            self.embed.read_from_file(embedding_rows)
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor | None:
@@ -329,7 +335,8 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, kv.k[i], kv.v[i], write_index)
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
-        w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+        w = self.lm_head.weight if self.lm_head is not None else (self.tied_head if self.tied_head is not None
+                                                                    else self.embed.weight)
         logits = linear(x, w).float()                                    # (S, vocab_local)
         if self.mesh.tp == 1:
             return logits

@@ -126,11 +126,18 @@ class VocabParallelEmbedding(nn.Module):
     def load(self, src) -> None:
         self.weight.copy_(src.read(self.name + ".weight", (self.vocab, self.hidden), Slice(0, self.start, self.stop)))
 
+    def read_from_file(self, rows) -> None:
+        """Drop the in-memory table and look rows up in ``rows`` (a ``weights.loader.FileRows``) instead."""
+        self._parameters.pop("weight")
+        self.weight = None
+        self.rows = rows
+
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        table = self.weight if self.weight is not None else self.rows
         if self.comm is None or self.comm.Get_size() == 1:
-            return self.weight[ids]                               # (T, hidden)
+            return table[ids]                                     # (T, hidden)
         local = ids - self.start
         mask = (local < 0) | (local >= self.stop - self.start)
-        out = self.weight[local.clamp(0, self.stop - self.start - 1)]
+        out = table[local.clamp(0, self.stop - self.start - 1)]
         out[mask] = 0
         return all_reduce(out, self.comm)

@@ -5,12 +5,14 @@ Owns: reading a ``Slice`` of a safetensors tensor with positioned reads
 the file header.  Nothing is memory-mapped, so the bytes a rank does not own are
 never read and never count towards its resident memory: a slice along dim 0 is
 one read; a slice along dim 1 is one read per row of the owned columns.  Also
-owns the loud failure on a missing or mis-shaped tensor.
+owns the loud failure on a missing or mis-shaped tensor, and ``FileRows``: rows of
+a table (the token embedding) read from the file when a step needs them.
 """
 from __future__ import annotations
 
 import math
 import os
+import weakref
 
 import torch
 
@@ -94,3 +96,35 @@ class WeightSource:
         for fd in self._fds.values():
             os.close(fd)
         self._fds.clear()
+
+
+class FileRows:
+    """Rows [start, stop) of a 2-D checkpoint tensor, read on demand with one positioned read per distinct row
+    and converted to ``dtype`` exactly as loading would.  Stands in for an embedding table that need not stay
+    in memory (a decode step reads a few KB; a 2048-token prefill step ~2048 small reads from the page cache)."""
+
+    def __init__(self, index: CheckpointIndex, name: str, start: int, stop: int, dtype: torch.dtype):
+        info = index[name]
+        if len(info.shape) != 2 or not 0 <= start < stop <= info.shape[0]:
+            raise ValueError(f"rows [{start}, {stop}) of {name} {list(info.shape)}")
+        self.name, self.src_dtype, self.dtype = name, _TORCH_DTYPES[info.dtype], dtype
+        self.rows, self.cols = stop - start, info.shape[1]
+        self.row_bytes = self.cols * torch.tensor([], dtype=self.src_dtype).element_size()
+        self.base = info.offset + start * self.row_bytes
+        self.fd = os.open(info.file, os.O_RDONLY)
+        self._closer = weakref.finalize(self, os.close, self.fd)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        """(T, cols) in ``dtype`` for local row indices ``ids`` (T,), like ``table[ids]``."""
+        uniq, inverse = torch.unique(ids, return_inverse=True)
+        buf = torch.empty(len(uniq), self.cols, dtype=self.src_dtype)
+        raw = buf.view(torch.uint8).numpy().reshape(len(uniq), self.row_bytes)
+        for j, r in enumerate(uniq.tolist()):
+            if not 0 <= r < self.rows:
+                raise IndexError(f"row {r} outside [0, {self.rows}) of {self.name}")
+            if os.preadv(self.fd, [raw[j]], self.base + r * self.row_bytes) != self.row_bytes:
+                raise OSError(f"short read of {self.name} row {r}")
+        return buf.to(self.dtype)[inverse]
+
+    def close(self) -> None:
+        self._closer()

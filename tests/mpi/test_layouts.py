@@ -26,6 +26,7 @@ LAYOUTS = [
     ("llama", {}, 2, ["--tp", "2"]),
     ("llama", {}, 4, ["--tp", "4"]),                          # tp 4 > 2 KV heads: KV heads replicated
     ("llama", {"num_key_value_heads": 1}, 2, ["--tp", "2"]),  # a model with 1 KV head
+    ("llama", {"tie_word_embeddings": True}, 2, ["--tp", "2"]),  # packed tied head, embedding rows from the file
     # uneven split, as SmolLM2-135M (9 query / 3 KV heads) at tp=2: KV heads 2 + 1, MLP columns 38 + 37
     ("llama", {"hidden_size": 96, "num_attention_heads": 6, "num_key_value_heads": 3, "head_dim": 16,
                "intermediate_size": 75},

@@ -60,8 +60,14 @@ def test_llama3_rope_scaling_and_tied_embeddings(model_dirs):
                    rope_theta=500000.0)
     prompts = prompts_for(Tokenizer(d).vocab_size, seed=1)
     ref = hf_greedy(d, prompts, NEW)
-    res, _ = run_engine(d, prompts, max_batch=3, step_tokens=16)
-    for (toks, lps), r in zip(ref, res):
+    res, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=True)
+    model = eng.runner.model
+    # packed: the tied head is a packed copy, the embedding reads its rows from the checkpoint file
+    assert model.tied_head.is_mkldnn and model.embed.weight is None and model.embed.rows is not None
+    res_plain, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=False)
+    assert eng.runner.model.embed.weight is not None and eng.runner.model.tied_head is None
+    for (toks, lps), r, rp in zip(ref, res, res_plain):
+        assert rp.token_ids == toks
         assert r.token_ids == toks
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
 
