@@ -282,6 +282,9 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x))
 
 
+TIED_HEAD_BLOCKS = 8   # a packed tied LM head is built (and applied) in this many row blocks
+
+
 class CausalLM(nn.Module):
     """Embedding -> layers -> final norm -> vocab-parallel LM head (logits gathered on tp rank 0)."""
 
@@ -300,7 +303,7 @@ class CausalLM(nn.Module):
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [Part("lm_head", cfg.vocab_size, v0, v1)],
                                                 bias=False, dtype=dtype)
         self.rotary = Rotary(cfg, device)
-        self.tied_head = None        # a packed copy of the tied embedding (``pack``)
+        self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
 
     def load(self, src):
         self.embed.load(src)
@@ -320,8 +323,12 @@ class CausalLM(nn.Module):
         if self.lm_head is not None:
             self.lm_head.pack()
         elif embedding_rows is not None:
-            self.tied_head = kernels.pack(self.embed.weight)
+            # drop the table first, then pack it back from the file block by block: the peak stays at the
+            # loaded weights plus one block (one packed copy of the whole table would need both at once)
             self.embed.read_from_file(embedding_rows)
+            n = embedding_rows.rows
+            step = -(-n // TIED_HEAD_BLOCKS)
+            self.tied_head = [kernels.pack(embedding_rows.block(a, min(n, a + step))) for a in range(0, n, step)]
 
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor | None:
@@ -335,9 +342,11 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, kv.k[i], kv.v[i], write_index)
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
-        w = self.lm_head.weight if self.lm_head is not None else (self.tied_head if self.tied_head is not None
-                                                                    else self.embed.weight)
-        logits = linear(x, w).float()                                    # (S, vocab_local)
+        if self.tied_head is not None:
+            logits = torch.cat([linear(x, w) for w in self.tied_head], dim=1).float()
+        else:
+            w = self.embed.weight if self.lm_head is None else self.lm_head.weight
+            logits = linear(x, w).float()                                # (S, vocab_local)
         if self.mesh.tp == 1:
             return logits
         per = -(-self.cfg.vocab_size // self.mesh.tp)                   # equal parts for the gather

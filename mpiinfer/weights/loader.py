@@ -126,5 +126,13 @@ class FileRows:
                 raise OSError(f"short read of {self.name} row {r}")
         return buf.to(self.dtype)[inverse]
 
+    def block(self, a: int, b: int) -> torch.Tensor:
+        """Rows [a, b) as one (b - a, cols) tensor in ``dtype`` (one read)."""
+        if not 0 <= a < b <= self.rows:
+            raise IndexError(f"rows [{a}, {b}) outside [0, {self.rows}) of {self.name}")
+        buf = torch.empty(b - a, self.cols, dtype=self.src_dtype)
+        WeightSource._pread(self.fd, buf, self.base + a * self.row_bytes, self.name)
+        return buf.to(self.dtype)
+
     def close(self) -> None:
         self._closer()

@@ -23,6 +23,10 @@ def test_rows_equal_loaded_table(tmp_path, ckpt_dtype, run_dtype):
     got = rows[ids]
     assert got.dtype == run_dtype and got.shape == (len(ids), hidden)
     assert torch.equal(got, table[start:stop][ids])
+    assert torch.equal(rows.block(2, 9), table[start + 2:start + 9])
+    assert torch.equal(rows.block(0, stop - start), table[start:stop])
     with pytest.raises(IndexError):
         rows[torch.tensor([stop - start])]
+    with pytest.raises(IndexError):
+        rows.block(3, stop - start + 1)
     rows.close()
