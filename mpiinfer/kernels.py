@@ -65,11 +65,9 @@ def pack(w: torch.Tensor) -> torch.Tensor:
 
 def linear(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """y = x @ w.T + b for 2-D x (T, in) and w (out, in), plain or ``pack``ed."""
-    if w.is_mkldnn:
+    if w.is_mkldnn or (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16)
+                       and w.dtype == x.dtype and _onednn_ok(x.dtype)):
         if x.shape[0] == 0:
             return x.new_zeros(0, w.shape[0])
-        return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
-    if (x.device.type == "cpu" and x.dtype in (torch.float32, torch.bfloat16) and w.dtype == x.dtype
-            and x.shape[0] > 0 and _onednn_ok(x.dtype)):
         return torch.ops.mkldnn._linear_pointwise(x.contiguous(), w, b, "none", [], "")
     return F.linear(x, w, b)

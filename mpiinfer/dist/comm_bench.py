@@ -75,6 +75,16 @@ def _time(op, x, iters: int, warmup: int, comm, ts: list) -> None:
         ts.append(clock() - t0)
 
 
+def _op(algo: str, dda, comm, dist):
+    """The allreduce call of ``algo`` (a DDA mode is set on ``dda`` first)."""
+    if algo in DDA_MODE:
+        dda.set_algo(DDA_MODE[algo])
+        return dda.all_reduce_tensor
+    if algo == "mpi":
+        return lambda t: mpi_all_reduce(t, comm)
+    return lambda t: dist.all_reduce(t)
+
+
 def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] = DEFAULT_ALGOS,
                     iters: int = 200, json_path: Optional[str] = None, comm=None,
                     thresholds: Optional[dict] = None, quiet: bool = False, rounds: int = 5) -> list:
@@ -96,14 +106,8 @@ def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] 
     # the next ones (cold caches, page faults of the shared slots, clock ramp-up)
     x = torch.zeros(max(1, sizes[0] // 4), dtype=torch.float32)
     for a in algos:
-        if a == "gloo":
-            continue
-        if a in DDA_MODE:
-            dda.set_algo(DDA_MODE[a])
-            op = dda.all_reduce_tensor
-        else:
-            op = lambda t: mpi_all_reduce(t, comm)  # noqa: E731
-        _time(op, x, 0, 2000, comm, [])
+        if a != "gloo":
+            _time(_op(a, dda, comm, dist), x, 0, 2000, comm, [])
     for nbytes in sizes:
         numel = max(1, nbytes // 4)
         x = torch.zeros(numel, dtype=torch.float32)
@@ -114,14 +118,7 @@ def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] 
         # (shared machines) hits all of them alike instead of one column
         for _ in range(rounds):
             for a in algos:
-                if a in DDA_MODE:
-                    dda.set_algo(DDA_MODE[a])
-                    op = dda.all_reduce_tensor
-                elif a == "mpi":
-                    op = lambda t: mpi_all_reduce(t, comm)  # noqa: E731
-                else:
-                    op = lambda t: dist.all_reduce(t)  # noqa: E731
-                _time(op, x, chunk, min(5, chunk), comm, samples[a])
+                _time(_op(a, dda, comm, dist), x, chunk, min(5, chunk), comm, samples[a])
         for a in algos:
             lat = comm.allreduce(statistics.median(samples[a]), op=MPI.MAX)
             rows.append({"op": "allreduce", "algo": a, "bytes": numel * 4, "ranks": n,

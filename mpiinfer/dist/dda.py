@@ -181,7 +181,30 @@ class _Plan:
     __slots__ = ("algo", "slots", "own", "bounds", "slices", "acc", "nbytes")
 
 
-class DDAComm:
+class CommWrapper:
+    """What the DDA communicators share with the MPI communicator they wrap: size and rank, every other
+    attribute delegated to ``self.comm``, and use as a context manager that ``close``s."""
+
+    def Get_size(self) -> int:
+        return self._size
+
+    def Get_rank(self) -> int:
+        return self._rank
+
+    def __getattr__(self, name):
+        # only called for attributes not found normally: delegate to the MPI communicator
+        if name == "comm":
+            raise AttributeError(name)
+        return getattr(self.comm, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class DDAComm(CommWrapper):
     """Allreduce / allgather over shared memory for the ranks of ``comm``.
 
     ``DDAComm(comm, max_bytes=8 << 20, algo="auto", thresholds=None, timeout=30.0)``
@@ -263,25 +286,6 @@ class DDAComm:
             self.thresholds = dict(thresholds)
         self._plans.clear()
         self._fast.clear()
-
-    # ------------------------------------------------------------ comm-like surface
-    def Get_size(self) -> int:
-        return self._size
-
-    def Get_rank(self) -> int:
-        return self._rank
-
-    def __getattr__(self, name):
-        # only called for attributes not found normally: delegate to the MPI communicator
-        if name == "comm":
-            raise AttributeError(name)
-        return getattr(self.comm, name)
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
     def close(self) -> None:
         """Free the shared window and sub-communicators (collective over ``comm``)."""

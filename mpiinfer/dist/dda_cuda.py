@@ -40,7 +40,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .dda import (ALGOS, ARRIVE, BCAST, HEADER, SLICE, DDATimeout, choose_algo, fake_node_size,
+from .dda import (ALGOS, ARRIVE, BCAST, HEADER, SLICE, CommWrapper, DDATimeout, choose_algo, fake_node_size,
                   split_bounds)
 
 UNVERIFIED = (
@@ -168,7 +168,7 @@ def _kernels():
 
 # ---------------------------------------------------------------- the communicator
 
-class CudaDDAComm:
+class CudaDDAComm(CommWrapper):
     """``CudaDDAComm(comm, max_bytes=8 << 20, algo="auto", thresholds=None, timeout=30.0, use_nccl=None)``
 
     Same contract as ``dda.DDAComm`` for CUDA tensors on this rank's current device.
@@ -228,18 +228,6 @@ class CudaDDAComm:
                     raise
                 self.nccl = None
         self.node.Barrier()
-
-    # ------------------------------------------------------------ comm-like surface
-    def Get_size(self) -> int:
-        return self._size
-
-    def Get_rank(self) -> int:
-        return self._rank
-
-    def __getattr__(self, name):
-        if name == "comm":
-            raise AttributeError(name)
-        return getattr(self.comm, name)
 
     def set_algo(self, algo: str, thresholds: Optional[dict] = None) -> None:
         if algo not in ALGOS:

@@ -85,7 +85,8 @@ class Engine:
         # loaded CP rank (data parallelism inside the CP group), "first" keeps them all on CP rank 0
         self.cp_short = cp_short or ec.cp_short
         if self.cp_short not in ("spread", "first"):
-            raise ValueError(f"cp_short must be 'spread' or 'first', not {self.cp_short!r}")        # with CP every rank keeps its last pool row as scratch for K/V a non-owner must not store
+            raise ValueError(f"cp_short must be 'spread' or 'first', not {self.cp_short!r}")
+        # with CP every rank keeps its last pool row as scratch for K/V a non-owner must not store
         self.scratch_row = runner.pool_tokens - 1 if self.cp > 1 else -1
         usable = runner.pool_tokens - (1 if self.cp > 1 else 0)
         self.allocs = [RegionAllocator(usable) for _ in range(self.cp)]

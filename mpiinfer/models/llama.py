@@ -164,10 +164,12 @@ class Attention(nn.Module):
         together = None
         if k_cache.device.type != "cpu" or k_cache.dtype != torch.float32:
             together = decode_group(batch, self.window, k_cache.element_size() * self.n_kv * hd)
+        done = ()
         if together is not None:
+            done = together[0]
             self._attend_decodes(q, k_cache, v_cache, out, *together[1:])
         for i, (qs, ql, base, kl) in enumerate(zip(batch.q_start, batch.q_len, batch.kv_base, batch.kv_len)):
-            if together is not None and i in together[0]:
+            if i in done:
                 continue
             K = k_cache[:, base:base + kl]                              # (n_kv, kl, hd)
             V = v_cache[:, base:base + kl]

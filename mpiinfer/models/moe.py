@@ -29,6 +29,7 @@ from ..config import ModelConfig
 from ..dist.collectives import all_reduce
 from ..dist.dda import alltoallv
 from ..dist.mesh import Mesh
+from .. import kernels
 from ..kernels import linear
 from ..parallel.linear import pack_weight
 from ..weights.shard import Slice, balanced_range, experts_for_rank
@@ -78,7 +79,6 @@ class SparseMoeBlock(nn.Module):
 
     def pack(self) -> None:
         """Pack the router and each local expert's weights for ``kernels.linear`` (see ``CausalLM.pack``)."""
-        from .. import kernels
         self.w13 = [kernels.pack(w) for w in self._parameters.pop("w13")]
         self.w2 = [kernels.pack(w) for w in self._parameters.pop("w2")]
         pack_weight(self, "gate")
