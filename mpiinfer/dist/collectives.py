@@ -1,12 +1,16 @@
 """Collectives on torch tensors over an mpi4py communicator.
 
-Owns: all_reduce / all_gather / broadcast of tensors with the buffer (uppercase)
-API.  A ``None`` communicator or one of size 1 makes every call the identity, so
+Owns: all_reduce / all_gather / gather_to_root / broadcast of tensors, and the
+uneven ones of expert parallelism (``alltoallv``, ``all_gather_rows``), with the
+buffer (uppercase) API.  A ``None`` communicator or one of size 1 makes every call the identity, so
 single-process code paths pay nothing.  CPU tensors are passed as NumPy views
 (zero copy); CUDA tensors go through the device backend's staging rules.
 """
 from __future__ import annotations
 
+from typing import Optional, Sequence
+
+import numpy as np
 import torch
 
 _MPI = None
@@ -94,3 +98,58 @@ def broadcast(t: torch.Tensor, comm, root: int = 0) -> torch.Tensor:
         return t
     comm.Bcast(as_buffer(t), root=root)
     return t
+
+
+# ---------------------------------------------------------------- uneven (expert parallelism)
+
+def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
+    """Concatenate each rank's rows (rank r holds rows shares[r]) over ``comm``."""
+    if comm is None or comm.Get_size() == 1:
+        return t
+    MPI = mpi_module()
+    h = t.shape[1]
+    counts = [(b - a) * h for a, b in shares]
+    displs = [a * h for a, _ in shares]
+    out = torch.empty(shares[-1][1], h, dtype=t.dtype)
+    word = t.element_size()
+    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
+    mtype = {2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}[word]
+    comm.Allgatherv(t.contiguous().view(view).numpy(), [out.view(view).numpy(), (counts, displs), mtype])
+    return out
+
+
+def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Optional[Sequence[int]] = None):
+    """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank r; return (received rows, recv counts).
+
+    ``rows``: a contiguous CPU torch tensor or NumPy array of shape (N, ...), rows grouped by
+    destination rank in rank order.  Counts are exchanged first (``Alltoall``) unless the caller
+    already knows ``recv_counts`` (a second payload with the same routing, or the reply to an
+    earlier exchange), then the payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
+    MPI = mpi_module()
+    comm = getattr(comm, "comm", comm)
+    is_torch = isinstance(rows, torch.Tensor)
+    arr = rows
+    if is_torch:
+        arr = (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).contiguous().numpy()
+    n = comm.Get_size()
+    send_counts = np.asarray(send_counts, dtype=np.int64)
+    if send_counts.shape != (n,) or send_counts.sum() != arr.shape[0]:
+        raise ValueError(f"send_counts must have {n} entries summing to {arr.shape[0]} rows, got {send_counts.tolist()}")
+    if recv_counts is None:
+        recv_counts = np.empty(n, dtype=np.int64)
+        comm.Alltoall(send_counts, recv_counts)
+    else:
+        recv_counts = np.asarray(recv_counts, dtype=np.int64)
+    row = int(np.prod(arr.shape[1:], dtype=np.int64))
+    out = np.empty((int(recv_counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
+    sc, rc = send_counts * row, recv_counts * row
+    sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
+    rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
+    mt = MPI._typedict[arr.dtype.char]
+    comm.Alltoallv([arr, (sc, sd), mt], [out, (rc, rd), mt])
+    if is_torch:
+        res = torch.from_numpy(out)
+        if rows.dtype == torch.bfloat16:
+            res = res.view(torch.bfloat16)
+        return res, recv_counts.tolist()
+    return out, recv_counts.tolist()

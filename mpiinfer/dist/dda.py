@@ -2,8 +2,8 @@
 
 Owns: ``DDAComm`` (allreduce / allgather of torch tensors through shared memory, with
 MPI's Allreduce as the large-message path and the inter-node step), the pure choice
-and slicing arithmetic (``choose_algo``, ``split_bounds``, ``load_thresholds``) and a
-row-based ``alltoallv`` wrapper for EP.  Communicator: the one passed in (typically
+and slicing arithmetic (``choose_algo``, ``split_bounds``, ``load_thresholds``).
+(EP's ``alltoallv`` lives in ``dist.collectives``.)  Communicator: the one passed in (typically
 the TP communicator); inside it a node communicator (``Split_type(COMM_TYPE_SHARED)``,
 or fake nodes of k consecutive ranks with ``MPIINFER_FAKE_NODE_SIZE=k``) and, when the
 group spans several nodes, a communicator of node leaders.
@@ -81,7 +81,7 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 import torch
@@ -554,42 +554,3 @@ class DDAComm(CommWrapper):
         for r, s in enumerate(p.slots[b]):
             out[r].copy_(s)
         return torch.cat(out.unbind(0), dim=dim % t.dim()) if t.dim() else out
-
-
-# ---------------------------------------------------------------- EP
-
-def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Optional[Sequence[int]] = None):
-    """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank r; return (received rows, recv counts).
-
-    ``rows``: a contiguous CPU torch tensor or NumPy array of shape (N, ...), rows grouped by
-    destination rank in rank order.  Counts are exchanged first (``Alltoall``) unless the caller
-    already knows ``recv_counts`` (a second payload with the same routing, or the reply to an
-    earlier exchange), then the payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
-    from mpi4py import MPI
-    comm = getattr(comm, "comm", comm)
-    is_torch = isinstance(rows, torch.Tensor)
-    arr = rows
-    if is_torch:
-        arr = (rows.view(torch.int16) if rows.dtype == torch.bfloat16 else rows).contiguous().numpy()
-    n = comm.Get_size()
-    send_counts = np.asarray(send_counts, dtype=np.int64)
-    if send_counts.shape != (n,) or send_counts.sum() != arr.shape[0]:
-        raise ValueError(f"send_counts must have {n} entries summing to {arr.shape[0]} rows, got {send_counts.tolist()}")
-    if recv_counts is None:
-        recv_counts = np.empty(n, dtype=np.int64)
-        comm.Alltoall(send_counts, recv_counts)
-    else:
-        recv_counts = np.asarray(recv_counts, dtype=np.int64)
-    row = int(np.prod(arr.shape[1:], dtype=np.int64))
-    out = np.empty((int(recv_counts.sum()),) + arr.shape[1:], dtype=arr.dtype)
-    sc, rc = send_counts * row, recv_counts * row
-    sd = np.concatenate([[0], np.cumsum(sc)[:-1]])
-    rd = np.concatenate([[0], np.cumsum(rc)[:-1]])
-    mt = MPI._typedict[arr.dtype.char]
-    comm.Alltoallv([arr, (sc, sd), mt], [out, (rc, rd), mt])
-    if is_torch:
-        res = torch.from_numpy(out)
-        if rows.dtype == torch.bfloat16:
-            res = res.view(torch.bfloat16)
-        return res, recv_counts.tolist()
-    return out, recv_counts.tolist()

@@ -26,8 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..config import ModelConfig
-from ..dist.collectives import all_reduce
-from ..dist.dda import alltoallv
+from ..dist.collectives import all_gather_rows, all_reduce, alltoallv
 from ..dist.mesh import Mesh
 from .. import kernels
 from ..kernels import linear
@@ -172,19 +171,3 @@ def _share(T: int, n: int, r: int) -> tuple:
     base, extra = divmod(T, n)
     a = r * base + min(r, extra)
     return a, a + base + (1 if r < extra else 0)
-
-
-def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
-    """Concatenate each rank's rows (rank r holds rows shares[r]) over ``comm``."""
-    if comm is None or comm.Get_size() == 1:
-        return t
-    from mpi4py import MPI
-    h = t.shape[1]
-    counts = [(b - a) * h for a, b in shares]
-    displs = [a * h for a, _ in shares]
-    out = torch.empty(shares[-1][1], h, dtype=t.dtype)
-    word = t.element_size()
-    view = {2: torch.int16, 4: torch.int32, 8: torch.int64}[word]
-    mtype = {2: MPI.INT16_T, 4: MPI.INT32_T, 8: MPI.INT64_T}[word]
-    comm.Allgatherv(t.contiguous().view(view).numpy(), [out.view(view).numpy(), (counts, displs), mtype])
-    return out

@@ -21,8 +21,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from mpiinfer.dist.collectives import mpi_all_reduce, all_gather, all_reduce  # noqa: E402
-from mpiinfer.dist.dda import DDAComm, DDATimeout, alltoallv  # noqa: E402
+from mpiinfer.dist.collectives import mpi_all_reduce, all_gather, all_reduce, alltoallv  # noqa: E402
+from mpiinfer.dist.dda import DDAComm, DDATimeout  # noqa: E402
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}
