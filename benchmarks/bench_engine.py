@@ -34,9 +34,18 @@ position; ``prefix_frac`` = mean fraction of each sequence before its first
 difference).  Float32 batch scenarios are expected to match exactly; bfloat16
 rounding legitimately differs between implementations.
 
+Matmul floor (mpiinfer only): the same kernels on the same (packed or plain)
+weights with nothing else, timed in the same run right after the scenario: one
+pass over every linear layer at the scenario's batch rows (mixed64: prompt
+tokens at 512-row passes, generated tokens at 16-row passes).  ``ceiling`` =
+transformers' step time (mixed64: wall time) / that floor is the best ratio
+these kernels allow; ``time/floor`` shows how much the rest of the step costs.
+
 Batch-1 bandwidth bound: bytes of the weights / memory bandwidth, the latter
 measured in the same run as the best of 5 ``torch.sum`` over a 2 GiB float32
-tensor with the same thread count.
+tensor with the same thread count: once at the start, and again right before
+and right after mpiinfer's batch-1 run (the best of those two gives the second
+bound, "around the run": the machine's speed drifts within a run).
 
 Models are loaded one at a time (mpiinfer fp32, transformers fp32, mpiinfer
 bf16, transformers bf16), each freed before the next is loaded.
@@ -327,8 +336,62 @@ class Ours:
         return {"wall_s": wall, "useful_tokens": useful, "useful_tok_s": useful / wall,
                 "engine_steps": eng.steps, "max_batch": max_batch}, toks
 
+    def matmul_pass_s(self, rows: int, head_rows: int, reps: int = 5) -> float:
+        """Seconds for one pass over every linear weight of the model (in forward order, as the engine uses
+        them: packed or plain) with ``rows`` activation rows, the LM head with ``head_rows``; nothing else.
+        The floor under a model step of that shape with these kernels: attention, norms, RoPE, sampling and
+        the engine are all left out.  Median of ``reps`` passes after one warm-up pass."""
+        from mpiinfer import kernels
+        from mpiinfer.parallel.linear import ColumnParallelLinear, RowParallelLinear
+        m = self.runner.model
+        ws = [mod.weight for layer in m.layers for mod in layer.modules()
+              if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))]
+        if m.tied_head is not None:
+            head = list(m.tied_head)
+        else:
+            head = [m.embed.weight if m.lm_head is None else m.lm_head.weight]
+        hidden = self.runner.cfg.hidden_size
+        dt = self.runner.dtype
+        xs = {}
+
+        def x_for(r, k):
+            if (r, k) not in xs:
+                xs[(r, k)] = torch.randn(r, k).to(dt)
+            return xs[(r, k)]
+
+        def one():
+            for w in ws:
+                kernels.linear(x_for(rows, w.shape[1]), w)
+            for w in head[:len(head) if head_rows else 0]:
+                kernels.linear(x_for(head_rows, hidden), w)
+
+        one()
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            one()
+            times.append(time.perf_counter() - t)
+        return statistics.median(times)
+
     def close(self):
         del self.runner
+
+
+def matmul_floor(impl: "Ours", s: str, m: dict, mixed_prompts: list, mixed_max_len: int) -> dict:
+    """The time mpiinfer could not go below with its kernels: its linear layers alone at the scenario's shapes
+    (``Ours.matmul_pass_s``).  Batch scenarios: one decode step at batch B (compare with the median step).
+    mixed64: prompt tokens at the rate of a pass over ``mixed_max_len`` rows (no head) plus generated tokens at
+    the rate of a batch-16 decode pass (the continuous batch is at most 16 wide, narrower in its tail, where
+    the real rate is lower still): compare with the wall time."""
+    if s == "mixed64":
+        rows = mixed_max_len
+        t_prompt = impl.matmul_pass_s(rows, 0, reps=3) / rows
+        t_gen = impl.matmul_pass_s(MIXED_MAX_BATCH, MIXED_MAX_BATCH) / MIXED_MAX_BATCH
+        p_tok = sum(len(p) for p in mixed_prompts)
+        return {"floor_s": p_tok * t_prompt + m["useful_tokens"] * t_gen, "prompt_tokens": p_tok,
+                "prompt_token_s": t_prompt, "generated_token_s": t_gen, "compare_with": "wall_s"}
+    B = m["batch"]
+    return {"floor_s": impl.matmul_pass_s(B, B), "rows": B, "compare_with": "step_median_s"}
 
 
 # ----------------------------------------------------------------------------- transformers
@@ -479,13 +542,26 @@ def run(a) -> dict:
                     else:
                         B = scenario_batch(s)
                         log(f"  {s}: batch {B}, prompt {P}, {N} new tokens ...")
+                        around = iname == "mpiinfer" and s.endswith("_b1")
+                        bw_before = measure_bandwidth(bw_bytes) if around else None
                         m, toks = impl.run_batch(batch_prompts[:B], N)
+                        if around:
+                            # the bandwidth right before and after the run: the machine's speed drifts
+                            bw_after = measure_bandwidth(bw_bytes)
+                            m["bandwidth_around"] = {"before": bw_before["bytes_per_s"],
+                                                     "after": bw_after["bytes_per_s"],
+                                                     "bytes_per_s": max(bw_before["bytes_per_s"],
+                                                                        bw_after["bytes_per_s"])}
                         dec = f"{m['decode_tok_s']:.2f}" if m["decode_tok_s"] is not None else "n/a"
                         med = f"{m['step_median_s'] * 1e3:.1f} ms" if m["step_median_s"] is not None else "n/a"
                         log(f"    prefill {m['prefill_s']:.3f}s, decode {dec} tok/s (median step {med}), "
                             f"e2e {m['e2e_tok_s']:.2f} tok/s")
                     if hasattr(impl, "packed"):
                         m["packed_weights"] = impl.packed
+                    if hasattr(impl, "matmul_pass_s"):
+                        m["matmul_floor"] = matmul_floor(impl, s, m, mixed_prompts, a.mixed_len[1])
+                        log(f"    matmul floor (the model's linear layers alone at these shapes): "
+                            f"{m['matmul_floor']['floor_s']:.3f}s")
                     data[s][iname] = (m, toks)
                 impl.close()
                 del impl
@@ -508,6 +584,13 @@ def run(a) -> dict:
             row["prefill_ratio"] = hf[0]["prefill_s"] / ours_m["prefill_s"]   # >1: ours is faster
         if s == "mixed64" and hf:
             row["wall_ratio"] = hf[0]["wall_s"] / ours_m["wall_s"]
+        fl = ours_m.get("matmul_floor")
+        if fl:
+            ours_t_s = ours_m[fl["compare_with"]]
+            row["mpiinfer_over_floor"] = ours_t_s / fl["floor_s"]
+            if hf and hf[0].get(fl["compare_with"]):
+                # the ratio to transformers mpiinfer would reach if everything but its matmuls took no time
+                row["ceiling_ratio"] = hf[0][fl["compare_with"]] / fl["floor_s"]
         if hf:
             row.update(compare(ours_t, hf[1]))
         notes = []
@@ -518,6 +601,12 @@ def run(a) -> dict:
             if ours_m["decode_tok_s"]:
                 row["mpiinfer_frac_of_bound"] = ours_m["decode_tok_s"] / bound
                 notes.append(f"{row['mpiinfer_frac_of_bound']:.0%} of bw bound ({bound:.2f} tok/s)")
+                if ours_m.get("bandwidth_around"):
+                    b2 = ours_m["bandwidth_around"]["bytes_per_s"] / wb
+                    row["bandwidth_bound_around_tok_s"] = b2
+                    row["mpiinfer_frac_of_bound_around"] = ours_m["decode_tok_s"] / b2
+                    notes.append(f"{row['mpiinfer_frac_of_bound_around']:.0%} of the bound measured around the run "
+                                 f"({b2:.2f})")
             if hf and hf[0]["decode_tok_s"]:
                 row["transformers_frac_of_bound"] = hf[0]["decode_tok_s"] / bound
         if hf:
@@ -552,8 +641,12 @@ def print_tables(res: dict) -> None:
     bw = res["bandwidth"]
     print(f"memory bandwidth {bw['bytes_per_s'] / 1e9:.1f} GB/s; decode tok/s for batch scenarios, "
           "useful tok/s end to end for mixed64; ratio = mpiinfer / transformers")
-    hdr = ["scenario", "mpiinfer tok/s", "transformers tok/s", "ratio", "notes"]
+    print("ceiling = transformers' time / mpiinfer's matmul floor (its linear layers alone at the scenario's "
+          "shapes, measured in this run): the ratio reachable if attention, norms, sampling and the engine took "
+          "no time; time/floor = mpiinfer's time over that floor")
+    hdr = ["scenario", "mpiinfer tok/s", "transformers tok/s", "ratio", "ceiling", "time/floor", "notes"]
     table = [[r["scenario"], _f(r["mpiinfer_tok_s"]), _f(r["transformers_tok_s"]), _f(r["ratio"], "{:.2f}x"),
+              _f(r.get("ceiling_ratio"), "{:.2f}x"), _f(r.get("mpiinfer_over_floor"), "{:.2f}"),
               r["notes"]] for r in rows]
     _print_table(hdr, table)
 

@@ -1,0 +1,60 @@
+"""The benchmark scripts run (``--quick``, tiny model) and their results say what they claim.
+
+Not timings (those live in the benchmarks' own output): that the scripts still work against the current
+package, that the engine benchmark's workloads give the same greedy tokens as transformers, and that its
+matmul floor and ceiling are computed and consistent."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _run(script: str, *args, timeout=300):
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    p = subprocess.run([sys.executable, str(REPO / "benchmarks" / script), *args], capture_output=True, text=True,
+                       env=env, timeout=timeout, cwd=REPO)
+    assert p.returncode == 0, f"{script} failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}"
+    return p.stdout
+
+
+@pytest.mark.timeout(400)
+def test_bench_engine_quick(tmp_path):
+    out = tmp_path / "engine.json"
+    text = _run("bench_engine.py", "--quick", "--threads", "1", "--scenarios", "fp32_b1,fp32_b16,mixed64",
+                "--json", str(out))
+    res = json.loads(out.read_text())
+    rows = {r["scenario"]: r for r in res["rows"]}
+    assert set(rows) == {"fp32_b1", "fp32_b16", "mixed64"}
+    for s, r in rows.items():
+        assert r["tokens_match"], f"{s}: mpiinfer's greedy tokens differ from transformers'"
+        fl = r["mpiinfer"]["matmul_floor"]
+        assert fl["floor_s"] > 0
+        # the floor is part of what mpiinfer's own time contains
+        assert r["mpiinfer_over_floor"] == pytest.approx(r["mpiinfer"][fl["compare_with"]] / fl["floor_s"])
+        assert r["ceiling_ratio"] == pytest.approx(r["transformers"][fl["compare_with"]] / fl["floor_s"])
+    assert rows["fp32_b16"]["mpiinfer"]["matmul_floor"]["rows"] == 16
+    b1 = rows["fp32_b1"]
+    around = b1["mpiinfer"]["bandwidth_around"]
+    assert around["bytes_per_s"] == max(around["before"], around["after"]) > 0
+    assert b1["mpiinfer_frac_of_bound_around"] == pytest.approx(
+        b1["mpiinfer_tok_s"] * res["loads"]["mpiinfer_float32"]["weight_bytes"] / around["bytes_per_s"])
+    assert rows["mixed64"]["mpiinfer"]["matmul_floor"]["prompt_tokens"] > 0
+    assert "ceiling" in text and "fp32_b16" in text
+
+
+@pytest.mark.timeout(300)
+def test_bench_kernels_quick(tmp_path):
+    out = tmp_path / "kernels.json"
+    _run("bench_kernels.py", "--quick", "--threads", "1", "--json", str(out))
+    res = json.loads(out.read_text())
+    cells = [(r["out"], r["in"], r["M"], k, r[k]) for r in res["rows"] for k in res["config"]["kernels"] if r.get(k)]
+    assert len(res["rows"]) == 9 and cells, "bench_kernels measured nothing"
+    for o, i, m, k, c in cells:
+        assert c["gflops"] > 0
+        # every kernel computes the same product as MKL's x @ w.t() (bfloat16 to its precision)
+        assert c["max_rel_err_vs_mkl"] <= (2e-2 if k.startswith("bf16") else 1e-4), (o, i, m, k)
