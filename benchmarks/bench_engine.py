@@ -43,9 +43,11 @@ these kernels allow; ``time/floor`` shows how much the rest of the step costs.
 
 Batch-1 bandwidth bound: bytes of the weights / memory bandwidth, the latter
 measured in the same run as the best of 5 ``torch.sum`` over a 2 GiB float32
-tensor with the same thread count: once at the start, and again right before
-and right after mpiinfer's batch-1 run (the best of those two gives the second
-bound, "around the run": the machine's speed drifts within a run).
+tensor with the same thread count.  This machine's bandwidth drifts within a
+run (35 to 64 GB/s seen minutes apart), so mpiinfer's float32 batch-1 run is
+followed by a paired measurement: ``--paired-rounds`` alternations of one decode
+step and one ``torch.sum`` over every weight tensor of the model (exactly the
+bytes a step must read); "paired" = median read time / median step time.
 
 Models are loaded one at a time (mpiinfer fp32, transformers fp32, mpiinfer
 bf16, transformers bf16), each freed before the next is loaded.
@@ -114,6 +116,8 @@ def parse_args(argv=None):
                     "test never overwrites real results)")
     ap.add_argument("--skip-hf", action="store_true", help="only run mpiinfer (no transformers)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the random prompts (default 0)")
+    ap.add_argument("--paired-rounds", type=int, default=16,
+                    help="alternations of decode step / weight read after the float32 batch-1 run (default 16)")
     a = ap.parse_args(argv)
     scen = [s.strip() for s in a.scenarios.split(",") if s.strip()]
     bad = [s for s in scen if s not in SCENARIOS]
@@ -336,6 +340,29 @@ class Ours:
         return {"wall_s": wall, "useful_tokens": useful, "useful_tok_s": useful / wall,
                 "engine_steps": eng.steps, "max_batch": max_batch}, toks
 
+    def paired_read(self, prompt: list, rounds: int) -> dict:
+        """Alternate one batch-1 decode step with one read of every weight tensor (``torch.sum``); medians.
+        Plain (unpacked) weights only: a packed weight cannot be summed."""
+        eng = self._engine(1)
+        eng.add(self._requests([prompt], [rounds + 2])[0])
+        eng.step()                                            # prefill
+        ws = list(self.runner.model.parameters())
+        nbytes = sum(p.numel() * p.element_size() for p in ws)
+        steps, reads = [], []
+        for _ in range(rounds):
+            t = time.perf_counter()
+            eng.step()
+            steps.append(time.perf_counter() - t)
+            t = time.perf_counter()
+            for p in ws:
+                p.sum()
+            reads.append(time.perf_counter() - t)
+        while eng.has_work():
+            eng.step()
+        rm = statistics.median(reads)
+        return {"rounds": rounds, "step_median_s": statistics.median(steps), "read_median_s": rm,
+                "read_bytes": nbytes, "read_bytes_per_s": nbytes / rm, "steps_s": steps, "reads_s": reads}
+
     def matmul_pass_s(self, rows: int, head_rows: int, reps: int = 5) -> float:
         """Seconds for one pass over every linear weight of the model (in forward order, as the engine uses
         them: packed or plain) with ``rows`` activation rows, the LM head with ``head_rows``; nothing else.
@@ -542,16 +569,13 @@ def run(a) -> dict:
                     else:
                         B = scenario_batch(s)
                         log(f"  {s}: batch {B}, prompt {P}, {N} new tokens ...")
-                        around = iname == "mpiinfer" and s.endswith("_b1")
-                        bw_before = measure_bandwidth(bw_bytes) if around else None
                         m, toks = impl.run_batch(batch_prompts[:B], N)
-                        if around:
-                            # the bandwidth right before and after the run: the machine's speed drifts
-                            bw_after = measure_bandwidth(bw_bytes)
-                            m["bandwidth_around"] = {"before": bw_before["bytes_per_s"],
-                                                     "after": bw_after["bytes_per_s"],
-                                                     "bytes_per_s": max(bw_before["bytes_per_s"],
-                                                                        bw_after["bytes_per_s"])}
+                        if iname == "mpiinfer" and s.endswith("_b1") and not impl.packed:
+                            m["paired_read"] = impl.paired_read(batch_prompts[0], a.paired_rounds)
+                            pr = m["paired_read"]
+                            log(f"    paired: decode step {pr['step_median_s'] * 1e3:.1f} ms, reading the weights "
+                                f"{pr['read_median_s'] * 1e3:.1f} ms ({pr['read_bytes_per_s'] / 1e9:.1f} GB/s), "
+                                f"medians of {pr['rounds']} alternations")
                         dec = f"{m['decode_tok_s']:.2f}" if m["decode_tok_s"] is not None else "n/a"
                         med = f"{m['step_median_s'] * 1e3:.1f} ms" if m["step_median_s"] is not None else "n/a"
                         log(f"    prefill {m['prefill_s']:.3f}s, decode {dec} tok/s (median step {med}), "
@@ -601,12 +625,10 @@ def run(a) -> dict:
             if ours_m["decode_tok_s"]:
                 row["mpiinfer_frac_of_bound"] = ours_m["decode_tok_s"] / bound
                 notes.append(f"{row['mpiinfer_frac_of_bound']:.0%} of bw bound ({bound:.2f} tok/s)")
-                if ours_m.get("bandwidth_around"):
-                    b2 = ours_m["bandwidth_around"]["bytes_per_s"] / wb
-                    row["bandwidth_bound_around_tok_s"] = b2
-                    row["mpiinfer_frac_of_bound_around"] = ours_m["decode_tok_s"] / b2
-                    notes.append(f"{row['mpiinfer_frac_of_bound_around']:.0%} of the bound measured around the run "
-                                 f"({b2:.2f})")
+                pr = ours_m.get("paired_read")
+                if pr:
+                    row["paired_frac_of_bound"] = pr["read_median_s"] / pr["step_median_s"]
+                    notes.append(f"paired: {row['paired_frac_of_bound']:.0%} of reading the weights once")
             if hf and hf[0]["decode_tok_s"]:
                 row["transformers_frac_of_bound"] = hf[0]["decode_tok_s"] / bound
         if hf:

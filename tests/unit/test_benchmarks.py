@@ -39,10 +39,10 @@ def test_bench_engine_quick(tmp_path):
         assert r["ceiling_ratio"] == pytest.approx(r["transformers"][fl["compare_with"]] / fl["floor_s"])
     assert rows["fp32_b16"]["mpiinfer"]["matmul_floor"]["rows"] == 16
     b1 = rows["fp32_b1"]
-    around = b1["mpiinfer"]["bandwidth_around"]
-    assert around["bytes_per_s"] == max(around["before"], around["after"]) > 0
-    assert b1["mpiinfer_frac_of_bound_around"] == pytest.approx(
-        b1["mpiinfer_tok_s"] * res["loads"]["mpiinfer_float32"]["weight_bytes"] / around["bytes_per_s"])
+    pr = b1["mpiinfer"]["paired_read"]
+    assert pr["rounds"] == len(pr["steps_s"]) == len(pr["reads_s"]) > 0
+    assert pr["read_bytes"] == res["loads"]["mpiinfer_float32"]["weight_bytes"]   # every weight read once
+    assert b1["paired_frac_of_bound"] == pytest.approx(pr["read_median_s"] / pr["step_median_s"])
     assert rows["mixed64"]["mpiinfer"]["matmul_floor"]["prompt_tokens"] > 0
     assert "ceiling" in text and "fp32_b16" in text
 
