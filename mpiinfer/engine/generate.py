@@ -190,14 +190,17 @@ class Engine:
             self.running.append(seq)
 
     def _homes(self) -> list:
-        """CP ranks to try for a new ordinary sequence, least loaded (fewest such sequences) first."""
+        """CP ranks to try for a new ordinary sequence, least loaded first: by the tokens its ordinary sequences
+        still have to process (prompt not yet cached + new tokens not yet generated), then by their count.
+        Counting sequences alone would put every long prompt on one rank when long and short ones alternate."""
         if self.cp == 1 or self.cp_short == "first":
             return [0]
-        load = [0] * self.cp
+        load = [[0, 0] for _ in range(self.cp)]
         for seq in self.running:
             if not seq.cp:
-                load[seq.home] += 1
-        return sorted(range(self.cp), key=lambda r: (load[r], r))
+                load[seq.home][0] += (len(seq.prompt) - seq.n_cached) + (seq.max_new - len(seq.out))
+                load[seq.home][1] += 1
+        return sorted(range(self.cp), key=lambda r: (load[r][0], load[r][1], r))
 
     # -------------------------------------------------------------- stepping
     def _plan(self) -> tuple:

@@ -95,3 +95,20 @@ def test_short_requests_spread_over_cp_ranks(policy):
     else:
         assert set(short) == {0}
     assert all(a.free_rows == a.size for a in eng.allocs)      # every region went back to its rank
+
+
+def test_spread_balances_tokens_not_counts():
+    """Short requests alternating long / very short: spreading by count would put every long one on the
+    same CP rank; spreading by outstanding tokens keeps the ranks' work even."""
+    cp = 2
+    runner = FakeCPRunner(cp)
+    eng = Engine(runner, _Tok(), max_batch=16, step_tokens=512, cp_min_tokens=1000, cp_short="spread")
+    sp = SamplingParams(max_tokens=4, ignore_eos=True)
+    lengths = [180, 2, 170, 3, 190, 2, 160, 4, 175, 1]
+    prompts = [[(i * 13 + j * 7) % V for j in range(n)] for i, n in enumerate(lengths)]
+    res = sorted(eng.generate([Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]),
+                 key=lambda r: r.index)
+    for r, p in zip(res, prompts):
+        assert r.error is None and r.token_ids == expected(p, 4), r.index
+    lo, hi = sorted(runner.tokens_per_rank)
+    assert lo > 0.7 * hi, runner.tokens_per_rank
