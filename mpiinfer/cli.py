@@ -77,7 +77,8 @@ def main():
               help="KV-cache memory per rank, e.g. 4GiB (default: 30% of free memory, at most 8 GiB).")
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=None, envvar=_env("MAX_SEQ_LEN"),
               show_envvar=True, help="Longest prompt + output (default: the model's context).")
-@click.option("--step-tokens", type=click.IntRange(min=1), default=512, envvar=_env("STEP_TOKENS"),
+@click.option("--step-tokens", type=click.IntRange(min=1), default=EngineConfig.prefill_chunk_tokens,
+              envvar=_env("STEP_TOKENS"),
               show_envvar=True, help="Token budget of one step (prompt chunks + decodes).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar=_env("THREADS"), show_envvar=True,
               help="torch threads per rank (default: torch's choice).")

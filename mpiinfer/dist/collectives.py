@@ -2,8 +2,8 @@
 
 Owns: all_reduce / all_gather / gather_to_root / broadcast of tensors, and the
 uneven ones of expert parallelism (``alltoallv``, ``all_gather_rows``), with the
-buffer (uppercase) API.  A ``None`` communicator or one of size 1 makes every call the identity, so
-single-process code paths pay nothing.  CPU tensors are passed as NumPy views
+buffer (uppercase) API.  A ``None`` communicator or one of size 1 makes every
+call but ``alltoallv`` the identity, so single-process code paths pay nothing.  CPU tensors are passed as NumPy views
 (zero copy); CUDA tensors go through the device backend's staging rules.
 """
 from __future__ import annotations
@@ -104,7 +104,7 @@ def broadcast(t: torch.Tensor, comm, root: int = 0) -> torch.Tensor:
 
 def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
     """Concatenate each rank's rows (rank r holds rows shares[r]) over ``comm``."""
-    if comm is None or comm.Get_size() == 1:
+    if _is_trivial(comm):
         return t
     MPI = mpi_module()
     h = t.shape[1]
