@@ -373,10 +373,7 @@ class Ours:
         m = self.runner.model
         ws = [mod.weight for layer in m.layers for mod in layer.modules()
               if isinstance(mod, (ColumnParallelLinear, RowParallelLinear))]
-        if m.tied_head is not None:
-            head = list(m.tied_head)
-        else:
-            head = [m.embed.weight if m.lm_head is None else m.lm_head.weight]
+        head = m.head_weights()
         hidden = self.runner.cfg.hidden_size
         dt = self.runner.dtype
         xs = {}
@@ -544,7 +541,7 @@ def run(a) -> dict:
                 if s == "mixed64":
                     kv_tokens = max(kv_tokens, MIXED_MAX_BATCH * (a.mixed_len[1] + a.mixed_new[1]))
                 else:
-                    kv_tokens = max(kv_tokens, (BATCH if s.endswith("b16") else 1) * (P + N))
+                    kv_tokens = max(kv_tokens, scenario_batch(s) * (P + N))
             kv_tokens = int(kv_tokens * 1.25) + 64    # slack for region fragmentation
             # mpiinfer: one engine per scenario, configured as a user would (``--max-batch`` = the scenario's
             # batch, which picks the weight layout); transformers: one model for all

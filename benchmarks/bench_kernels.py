@@ -161,11 +161,11 @@ def run(a) -> dict:
         "bf16": lambda x, w: F.linear(x, w),
     }
     fns["packed"] = fns["bf16dnn"] = fns["bf16pack"] = fns["onednn"]
+    from mpiinfer.kernels import pack
     rows = []
     for out_f, in_f in a.shapes:
         w = torch.randn(out_f, in_f) * in_f ** -0.5
         wb = w.to(torch.bfloat16) if any(k.startswith("bf16") for k in a.kernels) else None
-        from mpiinfer.kernels import pack
         packed = {"packed": pack(w) if "packed" in a.kernels and has_dnn else None,
                   "bf16pack": pack(wb) if "bf16pack" in a.kernels and has_dnn else None}
         for M in a.m:

@@ -102,7 +102,6 @@ def _abort(world, code: int) -> None:
     """``Abort`` the job, after giving the launcher a moment to forward the message just printed: Hydra's
     proxy kills every process on Abort and could drop the last bytes still in a rank's stderr pipe (seen in
     about half the runs of the rank-0 step-failure test under load)."""
-    import time
     time.sleep(0.5)
     world.Abort(code)
 

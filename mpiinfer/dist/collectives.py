@@ -3,8 +3,9 @@
 Owns: all_reduce / all_gather / gather_to_root / broadcast of tensors, and the
 uneven ones of expert parallelism (``alltoallv``, ``all_gather_rows``), with the
 buffer (uppercase) API.  A ``None`` communicator or one of size 1 makes every
-call but ``alltoallv`` the identity, so single-process code paths pay nothing.  CPU tensors are passed as NumPy views
-(zero copy); CUDA tensors go through the device backend's staging rules.
+call but ``alltoallv`` the identity, so single-process code paths pay nothing.
+CPU tensors are passed as NumPy views (zero copy); CUDA tensors go through the
+device backend's staging rules.
 """
 from __future__ import annotations
 

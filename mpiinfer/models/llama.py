@@ -332,6 +332,13 @@ class CausalLM(nn.Module):
             step = -(-n // TIED_HEAD_BLOCKS)
             self.tied_head = [kernels.pack(embedding_rows.block(a, min(n, a + step))) for a in range(0, n, step)]
 
+    def head_weights(self) -> list:
+        """The LM head's weight(s) as ``linear`` takes them: the packed row blocks of a tied head, else the one
+        (lm_head or tied embedding) matrix; their outputs side by side are this rank's vocab columns."""
+        if self.tied_head is not None:
+            return self.tied_head
+        return [self.embed.weight if self.lm_head is None else self.lm_head.weight]
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor | None:
         """Logits (S, vocab) in float32 for ``batch.logits_rows`` on tp rank 0; None elsewhere."""
@@ -344,11 +351,9 @@ class CausalLM(nn.Module):
         for i, layer in enumerate(self.layers):
             x = layer(x, batch, rope, kv.k[i], kv.v[i], write_index)
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
-        if self.tied_head is not None:
-            logits = torch.cat([linear(x, w) for w in self.tied_head], dim=1).float()
-        else:
-            w = self.embed.weight if self.lm_head is None else self.lm_head.weight
-            logits = linear(x, w).float()                                # (S, vocab_local)
+        ws = self.head_weights()
+        y = linear(x, ws[0]) if len(ws) == 1 else torch.cat([linear(x, w) for w in ws], dim=1)
+        logits = y.float()                                               # (S, vocab_local)
         if self.mesh.tp == 1:
             return logits
         per = -(-self.cfg.vocab_size // self.mesh.tp)                   # equal parts for the gather

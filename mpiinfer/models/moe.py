@@ -131,7 +131,7 @@ class SparseMoeBlock(nn.Module):
         mesh = self.mesh
         T, h = x.shape
         # this TP rank's share of the replica's tokens
-        t0, t1 = _share(T, mesh.tp, mesh.tp_rank)
+        t0, t1 = balanced_range(T, mesh.tp_rank, mesh.tp, allow_empty=True)
         xs, idx_s, w_s = x[t0:t1], idx[t0:t1], w[t0:t1]
         per = -(-self.cfg.num_experts // self.ep)            # experts per EP rank (even split)
         tok, slot = torch.nonzero(torch.ones_like(idx_s, dtype=torch.bool), as_tuple=True)
@@ -159,15 +159,9 @@ class SparseMoeBlock(nn.Module):
         back, _ = alltoallv(out, recv_counts, mesh.ep_comm, recv_counts=send_counts)   # rows return in send order
         y_s = torch.zeros_like(xs)
         y_s.index_add_(0, tok, back * w_s[tok, slot, None])
-        y = all_gather_rows(y_s, [_share(T, mesh.tp, r) for r in range(mesh.tp)], mesh.tp_comm)
+        y = all_gather_rows(y_s, [balanced_range(T, r, mesh.tp, allow_empty=True) for r in range(mesh.tp)],
+                            mesh.tp_comm)
         if self.shared is not None:
             shared = torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
             y = y + all_reduce(shared, mesh.tp_comm)
         return y
-
-
-def _share(T: int, n: int, r: int) -> tuple:
-    """Rows [a, b) of T split over n ranks as evenly as possible."""
-    base, extra = divmod(T, n)
-    a = r * base + min(r, extra)
-    return a, a + base + (1 if r < extra else 0)

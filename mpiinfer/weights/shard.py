@@ -17,10 +17,11 @@ def even_range(size: int, rank: int, world: int) -> tuple:
     return rank * part, (rank + 1) * part
 
 
-def balanced_range(size: int, rank: int, world: int) -> tuple:
+def balanced_range(size: int, rank: int, world: int, allow_empty: bool = False) -> tuple:
     """[start, stop) of rank's part of ``size`` when it may not divide: the first ``size % world`` ranks
-    get one more (e.g. 3 KV heads over 2 ranks: 2 and 1)."""
-    if size < world:
+    get one more (e.g. 3 KV heads over 2 ranks: 2 and 1).  Parts may be empty only with ``allow_empty``
+    (rows of a batch; heads and weight columns must give every rank some)."""
+    if size < world and not allow_empty:
         raise ValueError(f"size {size} is smaller than {world} parts")
     part, extra = divmod(size, world)
     start = rank * part + min(rank, extra)

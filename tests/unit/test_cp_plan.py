@@ -27,7 +27,6 @@ class FakeCPRunner:
         self.mesh = types.SimpleNamespace(cp=cp, wide_ep=False)
         self.device = types.SimpleNamespace(torch=torch.device("cpu"))
         self.pool_tokens = pool
-        self.owner = [dict() for _ in range(cp)]     # per rank: pool row -> (sequence key), to catch overlaps
         self.tokens_per_rank = [0] * cp
 
     def execute(self, batches):
