@@ -69,12 +69,13 @@ def main(argv=None):
     os.makedirs(args.workdir, exist_ok=True)
     model = args.model
     if model is None:
-        from mpiinfer.init_model import init_model
+        from mpiinfer.tools.init_model import init_model
         model = os.path.join(args.workdir, "small-llama")
         if not os.path.exists(os.path.join(model, "config.json")):
             init_model(model, arch="llama", preset="tiny", overrides=dict(SMALL, init_std=0.05), overwrite=True)
     from mpiinfer.config import ModelConfig
-    from mpiinfer.engine.batch import cp_local_count
+    from mpiinfer.engine.kv_cache import kv_bytes_per_token
+    from mpiinfer.parallel.shard import cp_local_count
     cfg = ModelConfig.from_dir(model)
     rows = []
     print(f"{'tokens':>7} {'cp':>3} {'prefill s':>10} {'efficiency':>10}")
@@ -90,7 +91,7 @@ def main(argv=None):
             print(f"{L:>7} {cp:>3} {r['ttft_s']:>10.2f} {eff:>10}", flush=True)
     # per-rank KV memory for the longest prompt
     L = max(int(x) for x in args.lengths.split(","))
-    per_tok = cfg.kv_bytes_per_token(4)
+    per_tok = kv_bytes_per_token(cfg, 4)
     kv = [{"cp": cp, "max_rank_kv_mb": max(cp_local_count(L, L, cp, r) for r in range(cp)) * per_tok / 2**20}
           for cp in (1, 2, 4)]
     print("per-rank KV for", L, "tokens:", ", ".join(f"cp={k['cp']}: {k['max_rank_kv_mb']:.1f} MB" for k in kv))
@@ -102,7 +103,7 @@ def main(argv=None):
         b = 2 * (t2 / L2 - t1 / L1) / (L2 - L1)
         a = t1 / L1 - b * L1 / 2
         link = (args.link_gbps or 24.0) * 1e9 / 8    # bytes/s (8 MiB ring blocks took 1.3-4 ms here)
-        kv_tok = cfg.kv_bytes_per_token(4)
+        kv_tok = kv_bytes_per_token(cfg, 4)
         N = 1_000_000
         for cp in (16, 32, 64, 128):
             compute = (a * N + b * N * N / 2) / cp

@@ -77,7 +77,7 @@ def main(argv=None):
     os.makedirs(work, exist_ok=True)
     model = args.model
     if model is None:
-        from mpiinfer.init_model import init_model
+        from mpiinfer.tools.init_model import init_model
         model = os.path.join(work, "model")
         if not os.path.exists(os.path.join(model, "config.json")):
             init_model(model, arch="llama", preset="tiny", overrides=dict(SMALL, init_std=0.05), overwrite=True)

@@ -139,7 +139,7 @@ def parse_args(argv=None):
 
 
 def resolve_model(a, tmpdir: str) -> str:
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     if a.model is not None:
         if not os.path.isfile(os.path.join(a.model, "config.json")):
             if a.quick:
@@ -272,12 +272,13 @@ class Ours:
     def __init__(self, model_dir: str, dtype: str, kv_tokens: int, max_batch: int):
         from mpiinfer.config import EngineConfig, ModelConfig
         from mpiinfer.device import Device
-        from mpiinfer.dist.mesh import Mesh
+        from mpiinfer.comm.mesh import Mesh
+        from mpiinfer.engine.kv_cache import kv_bytes_per_token
         from mpiinfer.engine.runner import ModelRunner
         from mpiinfer.tokenizer import Tokenizer
         mc = ModelConfig.from_dir(model_dir)
         dbytes = 4 if dtype == "float32" else 2
-        budget = kv_tokens * mc.kv_bytes_per_token(dbytes)
+        budget = kv_tokens * kv_bytes_per_token(mc, dbytes)
         t = time.perf_counter()
         self.runner = ModelRunner(model_dir, EngineConfig(dtype=dtype, kv_budget_bytes=budget, max_batch=max_batch),
                                   Mesh.single(), Device("cpu"))

@@ -34,18 +34,18 @@ def worker(args) -> None:
 
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request
+    from mpiinfer.replica import follow
     import mpiinfer.models.llama as llama_mod
     import mpiinfer.models.moe as moe_mod
     import mpiinfer.parallel.linear as linear_mod
 
     world = MPI.COMM_WORLD
     torch.set_num_threads(args.threads)
-    mesh = Mesh.from_world(tp=world.Get_size(), comm=world)
-    mesh.use_direct_allreduce(args.allreduce)
+    mesh = Mesh.build(world, Layout(world=world.Get_size(), tp=world.Get_size()), args.allreduce)
     base_rss = vm_hwm()
     # count time inside the allreduces of the layers (the only communication of a TP decode step)
     comm_time = [0.0]
@@ -102,7 +102,7 @@ def worker(args) -> None:
             steps[batch] = {"median_step_ms": med * 1e3, "tok_s": batch / med,
                             "comm_share": sum(comms) / sum(times)}
         else:
-            runner.follow()
+            follow(runner)
     rows["decode"] = steps
     all_rows = world.gather(rows, root=0)
     mesh.close()

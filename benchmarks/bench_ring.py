@@ -67,8 +67,9 @@ def worker(a):
     import torch
     from mpi4py import MPI
 
-    from mpiinfer.dist.collectives import as_buffer
-    from mpiinfer.parallel.ring import RingPlan, ring_attention, shard_positions
+    from mpiinfer.comm.collectives import as_buffer
+    from mpiinfer.parallel.ring import RingPlan, ring_attention
+    from mpiinfer.parallel.shard import shard_positions
 
     torch.set_num_threads(a.threads)
     comm = MPI.COMM_WORLD

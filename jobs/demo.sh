@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Demo job: convert the SmolLM2-135M-Instruct demo model once, answer data/demo_prompts.jsonl.
+# Demo job, on a fresh machine too: sets up .venv when it is missing (jobs/env.sh), converts the
+# SmolLM2-135M-Instruct demo model once, answers data/demo_prompts.jsonl.
 #   bash jobs/demo.sh                 # one process
 #   NP=2 bash jobs/demo.sh            # under mpiexec -n 2 (tensor parallel, --tp 2)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. jobs/env.sh
 MODEL=${MODEL:-models/smollm2-135m-instruct}
 OUT=${OUT:-runs/demo/results.jsonl}
 NP=${NP:-1}

@@ -1,8 +1,9 @@
-"""Command line: ``mpiinfer run | init-model | convert-gguf``.
+"""Command line: ``mpiinfer run | plan | slurm | bench comm | init-model | convert-gguf``.
 
 Thin by design: each command turns its options into a config and calls one
-function.  Every option also reads an ``MPIINFER_*`` environment variable (shown
-in ``--help``).
+function (``run``: ``job.run``; the others: ``tools/``), imported only when the
+command runs.  Every option of ``run`` also reads an ``MPIINFER_*`` environment
+variable (shown in ``--help``).
 """
 from __future__ import annotations
 
@@ -114,7 +115,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
         quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
-    from .coordinator import run as run_job
+    from .job import run as run_job
     cfg = RunConfig(
         model=model, inputs=tuple(inputs), output=output, input_format=input_format, output_format=output_format,
         prompt_template=prompt_template.replace("\\n", "\n") if prompt_template else None, dataset=dataset,
@@ -145,7 +146,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
 def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
     """Print the mesh and per-rank memory of a layout, without loading weights."""
     import json
-    from .plan import format_plan, make_plan
+    from .tools.plan import format_plan, make_plan
     try:
         p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
                       kv_budget=parse_size(kv_budget) if kv_budget else None,
@@ -177,7 +178,7 @@ def slurm(nodes, tasks_per_node, cpus_per_task, gpus_per_node, time_limit, grace
 
     Example: mpiinfer slurm --nodes 2 --tasks-per-node 4 --gpus-per-node 4 -- -m /models/llama -i in.jsonl
     -o out.jsonl --tp 4 > job.sbatch && sbatch job.sbatch"""
-    from .slurm import render
+    from .tools.slurm import render
     if not run_args:
         raise click.UsageError("give the options of `mpiinfer run` after --, e.g. -- -m MODEL -i IN -o OUT")
     click.echo(render(list(run_args), nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
@@ -198,7 +199,7 @@ def bench_comm(args):
     """Allreduce latency and bus bandwidth: dda one-shot / two-shot / auto, MPI, gloo (mpiexec -n N ...).
 
     Options: --sizes 8:64M --algos ... --iters N --rounds N --json FILE --tune (use --help for all)."""
-    from .dist.comm_bench import main as comm_main
+    from .tools.comm_bench import main as comm_main
     sys.exit(comm_main(list(args)))
 
 
@@ -216,7 +217,7 @@ def bench_comm(args):
 def init_model_cmd(out_dir, arch, preset, seed, dtype, shard_size, overrides, overwrite):
     """Write a small random Hugging Face checkpoint (with a real tokenizer) to OUT_DIR."""
     import json
-    from .init_model import init_model
+    from .tools.init_model import init_model
     ov = {}
     for item in overrides:
         if "=" not in item:
@@ -242,7 +243,7 @@ def init_model_cmd(out_dir, arch, preset, seed, dtype, shard_size, overrides, ov
 @click.option("--overwrite", is_flag=True, help="Replace an existing directory.")
 def convert_gguf_cmd(out_dir, gguf_path, dtype, overwrite):
     """Convert a llama-architecture GGUF file to a Hugging Face checkpoint directory OUT_DIR."""
-    from .convert.gguf import convert_gguf, default_demo_gguf
+    from .tools.convert_gguf import convert_gguf, default_demo_gguf
     try:
         path = convert_gguf(gguf_path or default_demo_gguf(), out_dir, dtype=dtype, overwrite=overwrite)
     except (ConfigError, FileExistsError) as e:

@@ -107,9 +107,6 @@ class ModelConfig:
                 total += 3 * h * self.intermediate_size
         return total
 
-    def kv_bytes_per_token(self, dtype_bytes: int) -> int:
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * dtype_bytes
-
     @staticmethod
     def from_dir(path: str) -> "ModelConfig":
         cfg_path = os.path.join(path, "config.json")

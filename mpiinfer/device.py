@@ -12,10 +12,8 @@ from dataclasses import dataclass
 
 import torch
 
+from . import dtypes
 from .config import ConfigError
-
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16, "half": torch.float16}
 
 LOCAL_RANK_VARS = ("SLURM_LOCALID", "OMPI_COMM_WORLD_LOCAL_RANK", "MPI_LOCALRANKID", "PMI_LOCAL_RANK",
                    "MV2_COMM_WORLD_LOCAL_RANK", "LOCAL_RANK")
@@ -64,7 +62,11 @@ class Device:
         the CPU has AVX-512 BF16); the checkpoint's dtype on GPU."""
         if self.kind == "cpu":
             return torch.float32
-        return DTYPES.get(checkpoint_dtype, torch.bfloat16)
+        try:
+            name = dtypes.canonical(checkpoint_dtype)
+        except ValueError:
+            name = "bfloat16"
+        return dtypes.torch_dtype(name if name in dtypes.COMPUTE else "bfloat16")
 
     def activate(self) -> None:
         if self.kind == "cuda":
@@ -93,6 +95,9 @@ def parse_dtype(name: str | None):
     if name is None or name == "auto":
         return None
     try:
-        return DTYPES[name.lower()]
-    except KeyError:
-        raise ConfigError(f"unknown --dtype {name!r} (use float32, bfloat16 or float16)") from None
+        key = dtypes.canonical(name)
+    except ValueError:
+        key = None
+    if key not in dtypes.COMPUTE:
+        raise ConfigError(f"unknown --dtype {name!r} (use float32, bfloat16 or float16)")
+    return dtypes.torch_dtype(key)

@@ -1,12 +1,15 @@
-"""The small frozen messages that flow between readers, the engine and writers.
+"""The small messages that flow between readers, the engine, the replicas and writers.
 
 ``Request``: one parsed input record (exactly one of prompt / messages /
 prompt_token_ids is set).  ``Result``: what the engine produced for it, or an
-error.  Both are plain dataclasses so they pickle cheaply over MPI.
+error.  Both are plain dataclasses so they pickle cheaply over MPI.  Then the
+coordinator <-> replica leader protocol (``Want`` / ``Work`` / ``Done`` / ``Stop``)
+and the wide-EP lockstep codes (``Lockstep``).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from enum import IntEnum
 from typing import Any, Optional
 
 from .config import SamplingParams
@@ -73,7 +76,8 @@ class Want:
 
 @dataclass(frozen=True)
 class Work:
-    """Requests (or already-failed records, as error Results) for a replica leader."""
+    """Requests for a replica leader (records that failed to parse never travel: the coordinator writes
+    their error results itself)."""
     items: list
 
 
@@ -87,3 +91,11 @@ class Done:
 class Stop:
     """No more work. ``abandon``: drop what is in flight (SIGTERM); it is redone on resume."""
     abandon: bool = False
+
+
+class Lockstep(IntEnum):
+    """With wide EP all replica leaders step together: before each step every leader contributes one code to a
+    MAX-allreduce over ``mesh.dp_comm`` and all act on the maximum."""
+    IDLE = 0      # nothing to compute here (the coordinator: and nothing left to read or collect): end when all are
+    STEP = 1      # someone has work: every replica runs a step (an idle one with zero tokens)
+    STOP = 2      # the coordinator stops (a signal): every leader ends now

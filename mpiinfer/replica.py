@@ -1,27 +1,39 @@
-"""Replica leaders other than world rank 0: pull work from the coordinator, run it, send results back.
+"""The two loops of a replica other than the coordinator's: its leader's and its followers'.
 
-Owns: the leader side of the coordinator protocol (``messages.Want`` / ``Work`` / ``Done`` / ``Stop`` on the
-world communicator, tag ``messages.TAG``).  A leader asks for as many requests as it has free batch slots plus
-a prefetch of one batch, so long and short prompts balance across replicas by pull, and sends each step's
-finished results at once.  Its followers execute its steps through ``ModelRunner.follow``.
+Owns: ``lead``, the leader of a replica other than world rank 0's: the leader side of the coordinator
+protocol (``messages.Want`` / ``Work`` / ``Done`` / ``Stop`` on the world communicator, tag
+``messages.TAG``).  It asks for as many requests as it has free batch slots plus a prefetch of one batch,
+so long and short prompts balance across replicas by pull, and sends each step's finished results at once.
+With wide EP every leader steps in lockstep with the others (one MAX-allreduce of a ``Lockstep`` code over
+``mesh.dp_comm`` per step).  And ``follow``, the loop of every rank that is not a replica leader: run the
+steps its leader sends over ``mesh.replica_comm`` until the leader says there are no more.
 """
 from __future__ import annotations
 
-import time
-
 from .config import RunConfig
 from .engine.generate import Engine
-from .messages import TAG, Done, Result, Stop, Want, Work
+from .engine.runner import ModelRunner
+from .messages import TAG, Done, Lockstep, Stop, Want, Work
 from .tokenizer import Tokenizer
 
 
-def serve(cfg: RunConfig, mesh, runner) -> int:
+def follow(runner: ModelRunner) -> None:
+    """Follower: run the leader's steps until it sends None."""
+    while True:
+        batch = runner.receive()
+        if batch is None:
+            return
+        runner.run(batch)
+
+
+def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
+    """Leader of a replica other than world rank 0's: pull work from the coordinator, run it, send results."""
     from mpi4py import MPI
     world = mesh.world_comm
     engine = Engine(runner, Tokenizer(cfg.model), default_seed=cfg.seed)
     asked = 0                     # requests asked for and not yet received
     finishing = False
-    lock = mesh.wide_ep           # replicas step together (see coordinator._coordinate)
+    lock = mesh.wide_ep           # replicas step together (see coordinator.Coordinator)
     while True:
         room = 2 * engine.max_batch - len(engine.running) - len(engine.waiting) - asked
         if not finishing and room > 0:
@@ -36,15 +48,12 @@ def serve(cfg: RunConfig, mesh, runner) -> int:
                 finishing = True
             elif isinstance(msg, Work):
                 asked -= len(msg.items)
-                errors = []
-                for item in msg.items:
-                    err = item if isinstance(item, Result) else engine.add(item)
-                    if err is not None:
-                        errors.append(err)
+                errors = [err for err in map(engine.add, msg.items) if err is not None]
                 if errors:
                     world.send(Done(errors), dest=0, tag=TAG)
         if lock:
-            if mesh.dp_comm.allreduce(int(engine.has_work()), op=MPI.MAX) != 1:
+            state = Lockstep.STEP if engine.has_work() else Lockstep.IDLE
+            if mesh.dp_comm.allreduce(int(state), op=MPI.MAX) != Lockstep.STEP:
                 return 0
             results = engine.step()
             if results:

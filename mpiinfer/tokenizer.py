@@ -63,9 +63,6 @@ class Tokenizer:
     def decode(self, ids: list, skip_special_tokens: bool = True) -> str:
         return self.tok.decode(list(ids), skip_special_tokens=skip_special_tokens)
 
-    def token_id(self, token: str):
-        return self.tok.token_to_id(token) if token else None
-
     def _template(self):
         if self._compiled is None:
             from jinja2.sandbox import ImmutableSandboxedEnvironment

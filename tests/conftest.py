@@ -1,9 +1,23 @@
-"""Shared fixtures: tiny random checkpoints per architecture (written once per session)."""
+"""Shared fixtures: tiny random checkpoints per architecture (written once per session); the test tiers.
+
+Every test gets the marker of its folder (``unit``: no MPI; ``mpi``: launches ranks with mpiexec;
+``cli``: the command line, subprocesses included); tests marked ``slow`` by hand (benchmark smoke tests,
+long or oversubscribed MPI runs) are left out of the quick loop ``pytest -m "not slow"``."""
 import hashlib
 import json
 import os
 
 import pytest
+
+TIERS = ("unit", "mpi", "cli")
+
+
+def pytest_collection_modifyitems(config, items):
+    root = os.path.dirname(os.path.abspath(__file__))
+    for item in items:
+        rel = os.path.relpath(str(item.fspath), root).split(os.sep)
+        if rel[0] in TIERS:
+            item.add_marker(getattr(pytest.mark, rel[0]))
 
 ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe"]
 
@@ -11,7 +25,7 @@ ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_mo
 @pytest.fixture(scope="session")
 def model_dirs(tmp_path_factory):
     """arch -> directory of a tiny random checkpoint, made lazily."""
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     root = tmp_path_factory.mktemp("models")
     made = {}
 

@@ -1,7 +1,9 @@
 """Preallocated KV cache and the allocator of its rows.
 
 Owns: one ``(n_kv_local, pool_tokens, head_dim)`` key and value tensor per layer,
-allocated once from the memory budget, and ``RegionAllocator``, which gives each
+allocated once from the memory budget, ``kv_bytes_per_token`` (the one formula for
+what a cached token costs a rank, used by ``run``, ``plan`` and the benchmarks), and
+``RegionAllocator``, which gives each
 sequence one contiguous run of pool rows sized for its prompt plus its maximum
 new tokens (reserved at admission, so a running sequence can never run out of
 cache and nothing is ever preempted).  Contiguous per-sequence rows let attention
@@ -13,6 +15,15 @@ import bisect
 
 import torch
 
+from ..config import ModelConfig
+from ..parallel.shard import kv_heads_for_rank
+
+
+def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1, tp_rank: int = 0) -> int:
+    """Bytes of K and V that one cached token takes on TP rank ``tp_rank`` (every layer)."""
+    k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, tp_rank)
+    return 2 * cfg.num_layers * (k1 - k0) * cfg.head_dim * dtype_bytes
+
 
 class KVCache:
     def __init__(self, num_layers: int, n_kv_local: int, head_dim: int, pool_tokens: int,
@@ -22,10 +33,6 @@ class KVCache:
         # never read before written (attention reads only rows the sequence wrote): no zero-fill
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
         self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-
-    @staticmethod
-    def bytes_per_token(num_layers: int, n_kv_local: int, head_dim: int, dtype_bytes: int) -> int:
-        return 2 * num_layers * n_kv_local * head_dim * dtype_bytes
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
@@ -42,10 +49,6 @@ class RegionAllocator:
     @property
     def free_rows(self) -> int:
         return sum(self._len.values())
-
-    @property
-    def largest_free(self) -> int:
-        return max(self._len.values(), default=0)
 
     def alloc(self, n: int):
         """Start row of a free run of ``n`` rows, or None when none is large enough."""

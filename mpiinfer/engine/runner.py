@@ -1,11 +1,12 @@
 """Model runner: the part of the engine that every rank of a replica executes.
 
-Owns: validating the checkpoint against its config (before anything is read),
-building the model at shard size, loading this rank's weights, allocating the KV
-cache, and executing one ``StepBatch``.  On the replica leader, ``execute``
-first broadcasts the batch over ``mesh.replica_comm`` (lowercase pickle API, a few
-small arrays); followers sit in ``follow`` executing what they receive until the
-leader sends ``None``.
+Owns: validating the layout and the checkpoint against the config (before anything
+is read), building the model at shard size, loading this rank's weights, packing
+them for the CPU kernels, sizing and allocating the KV cache, and the step protocol
+of a replica over ``mesh.replica_comm`` (lowercase pickle API, a few small arrays):
+the leader's ``execute`` sends the step's ``StepBatch`` (``bcast``, or ``scatter``
+of one batch per CP rank) and runs it; a follower's ``receive`` gets it (None: the
+leader is done) and ``run`` runs it (``replica.follow`` is that loop).
 """
 from __future__ import annotations
 
@@ -15,17 +16,17 @@ import time
 import torch
 
 from .. import kernels
+from ..comm.mesh import Mesh
 from ..config import ConfigError, EngineConfig, ModelConfig
 from ..device import Device, parse_dtype
-from ..dist.mesh import Mesh
 from ..faults import inject
 from ..models import registry
 from ..models.llama import CausalLM
+from ..models.step import StepBatch
+from ..parallel.shard import kv_heads_for_rank
 from ..weights.index import CheckpointIndex
 from ..weights.loader import FileRows, WeightSource
-from ..weights.shard import kv_heads_for_rank
-from .batch import StepBatch
-from .kv_cache import KVCache
+from .kv_cache import KVCache, kv_bytes_per_token
 
 log = logging.getLogger("mpiinfer")
 
@@ -55,9 +56,9 @@ def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
     if cfg.is_moe:
         if cfg.num_experts % ep:
             raise ConfigError(f"--ep {ep} does not divide the number of experts ({cfg.num_experts})")
-        block = tp // ep if (ep <= tp and tp % ep == 0) else 1
-        if cfg.moe_intermediate_size < block:
-            raise ConfigError(f"tp/ep = {block} is larger than moe_intermediate_size={cfg.moe_intermediate_size}")
+        if cfg.moe_intermediate_size < mesh_layout.etp:
+            raise ConfigError(f"tp/ep = {mesh_layout.etp} is larger than moe_intermediate_size="
+                              f"{cfg.moe_intermediate_size}")
 
 
 class ModelRunner:
@@ -71,57 +72,86 @@ class ModelRunner:
         if engine_cfg.threads:
             torch.set_num_threads(engine_cfg.threads)
         t0 = time.perf_counter()
-        device.activate()
-        with torch.device(device.torch):
-            self.model = CausalLM(self.cfg, mesh, self.dtype, device.torch)
-        src = WeightSource(index)
-        self.model.load(src)
-        src.close()
-        self.weight_bytes_read = src.bytes_read
+        self.model = self._load(index)
         self.load_seconds = time.perf_counter() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
-        self.packed = engine_cfg.pack_weights
-        if self.packed is None:
-            self.packed = kernels.should_pack(device.torch, self.dtype, engine_cfg.max_batch)
-        elif self.packed and not kernels.can_pack(device.torch, self.dtype):
-            raise ConfigError(f"--pack-weights: no packed kernels for {self.dtype} on {device.torch}")
-        if self.packed:
+        self.packed = self._pack(index)
+        self.kv_dtype = self.dtype
+        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, torch.tensor([], dtype=self.kv_dtype).element_size(),
+                                                     mesh.tp, mesh.tp_rank)
+        self.kv = self._allocate_kv()
+        log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB)",
+                 mesh.rank, self.cfg.arch, str(self.dtype).replace("torch.", ""), self.weight_bytes / 1e9,
+                 self.load_seconds, self.kv.pool_tokens, self.kv.nbytes() / 1e9)
+
+    def _load(self, index: CheckpointIndex) -> CausalLM:
+        """The model at shard size on the device, with this rank's slices of the checkpoint read into it."""
+        self.device.activate()
+        with torch.device(self.device.torch):
+            model = CausalLM(self.cfg, self.mesh, self.dtype, self.device.torch)
+        src = WeightSource(index)
+        try:
+            model.load(src)
+        finally:
+            src.close()
+        self.weight_bytes_read = src.bytes_read
+        return model
+
+    def _pack(self, index: CheckpointIndex) -> bool:
+        """Reorder the weights for the CPU kernels when that pays (``kernels.should_pack``) or is asked for."""
+        packed = self.engine_cfg.pack_weights
+        if packed is None:
+            packed = kernels.should_pack(self.device.torch, self.dtype, self.engine_cfg.max_batch)
+        elif packed and not kernels.can_pack(self.device.torch, self.dtype):
+            raise ConfigError(f"--pack-weights: no packed kernels for {self.dtype} on {self.device.torch}")
+        if packed:
             rows = None
             if self.cfg.tie_word_embeddings:
                 e = self.model.embed
                 rows = FileRows(index, e.name + ".weight", e.start, e.stop, self.dtype)
             self.model.pack(rows)
-        k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, mesh.tp, mesh.tp_rank)
-        self.kv_dtype = self.dtype
-        per_tok = KVCache.bytes_per_token(self.cfg.num_layers, k1 - k0, self.cfg.head_dim,
-                                          torch.tensor([], dtype=self.kv_dtype).element_size())
-        budget = engine_cfg.kv_budget_bytes
+        return packed
+
+    def _allocate_kv(self) -> KVCache:
+        """The KV cache of ``--kv-budget`` bytes (default: enough for max_batch sequences of the longest allowed
+        length, within a share of free memory)."""
+        ec, per_tok = self.engine_cfg, self.kv_bytes_per_token
+        budget = ec.kv_budget_bytes
         if budget is None:
-            # enough for max_batch sequences of the longest allowed length, within a share of free memory
-            useful = engine_cfg.max_batch * (engine_cfg.max_seq_len or self.cfg.max_position_embeddings) * per_tok
-            budget = min(_DEFAULT_KV_CAP, int(device.free_memory() * _DEFAULT_KV_FRACTION), useful)
+            useful = ec.max_batch * (ec.max_seq_len or self.cfg.max_position_embeddings) * per_tok
+            budget = min(_DEFAULT_KV_CAP, int(self.device.free_memory() * _DEFAULT_KV_FRACTION), useful)
         pool = budget // per_tok
         if pool < 16:
             raise ConfigError(f"--kv-budget {budget} bytes holds only {pool} tokens ({per_tok} bytes per token); "
                               "raise it")
-        self.kv = KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, device.torch)
-        self.kv_bytes_per_token = per_tok
-        log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB)",
-                 mesh.rank, self.cfg.arch, str(self.dtype).replace("torch.", ""), self.weight_bytes / 1e9,
-                 self.load_seconds, pool, self.kv.nbytes() / 1e9)
+        k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
+        return KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, self.device.torch)
 
     @property
     def pool_tokens(self) -> int:
         return self.kv.pool_tokens
 
-    def execute(self, batch: StepBatch):
-        """Run one step; logits (S, vocab) float32 on the leader, None on followers."""
+    # ------------------------------------------------------------------ the step protocol of a replica
+    def execute(self, batch):
+        """Leader: send the step to the replica's other ranks and run it; logits (S, vocab) float32.
+        ``batch``: one ``StepBatch``, or with context parallelism a list of one per CP rank."""
         comm = self.mesh.replica_comm
         if isinstance(batch, list):          # context parallelism: one batch per CP rank
             comm.scatter([batch[j // self.mesh.tp].to_arrays() for j in range(comm.Get_size())], root=0)
             batch = batch[0]
-        elif comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
+        elif comm is not None and comm.Get_size() > 1:
             comm.bcast(batch.to_arrays(), root=0)
+        return self.run(batch)
+
+    def receive(self):
+        """Follower: the next step's ``StepBatch`` from the leader, or None when the leader is done."""
+        comm = self.mesh.replica_comm
+        arrays = comm.scatter(None, root=0) if self.mesh.cp > 1 else comm.bcast(None, root=0)
+        return None if arrays is None else StepBatch.from_arrays(arrays)
+
+    def run(self, batch: StepBatch):
+        """Every rank: this rank's part of one step.  Logits (S, vocab) float32 on the leader, None elsewhere
+        (with ``batch.gather_logits`` the other CP ranks' logits rows are gathered to the leader)."""
         inject("step", self.mesh.rank)
         logits = self.model(batch, self.kv)
         if batch.gather_logits:
@@ -138,22 +168,10 @@ class ModelRunner:
         rows = [torch.from_numpy(p) for j, p in enumerate(parts) if j % self.mesh.tp == 0]
         return torch.cat(rows).to(logits.device)
 
-    def follow(self) -> None:
-        """Follower loop: execute the leader's batches until it broadcasts None."""
-        comm = self.mesh.replica_comm
-        while True:
-            arrays = comm.scatter(None, root=0) if self.mesh.cp > 1 else comm.bcast(None, root=0)
-            if arrays is None:
-                return
-            inject("step", self.mesh.rank)
-            batch = StepBatch.from_arrays(arrays)
-            logits = self.model(batch, self.kv)
-            if batch.gather_logits:
-                self._gather_cp_logits(logits)
-
     def release_followers(self) -> None:
+        """Leader: tell the replica's other ranks that there are no more steps."""
         comm = self.mesh.replica_comm
-        if comm is not None and comm.Get_size() > 1 and self.mesh.is_replica_leader:
+        if comm is not None and comm.Get_size() > 1:
             if self.mesh.cp > 1:
                 comm.scatter([None] * comm.Get_size(), root=0)
             else:

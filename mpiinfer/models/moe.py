@@ -1,12 +1,15 @@
 """Sparse mixture-of-experts MLP: Mixtral, Qwen2-MoE (shared expert with a sigmoid
 gate), Qwen3-MoE (``norm_topk_prob``).
 
+Which experts, and which slice of each, a rank holds is ``comm.mesh.Layout``'s
+arithmetic (``ep_rank``, ``etp``, ``etp_rank``).
+
 Expert parallelism inside a replica: the EP group is the TP group split in ``ep``
-blocks; the rank block ``tp_rank // (tp / ep)`` owns experts
+blocks; the rank block ``tp_rank // etp`` owns experts
 ``experts_for_rank(E, ep, ep_rank)`` and shards each of them tensor-parallel over
-the ``tp / ep`` ranks of its block.  Every rank routes all tokens (the router is
+the ``etp = tp / ep`` ranks of its block.  Every rank routes all tokens (the router is
 replicated), computes only the tokens routed to its own experts, and the partial
-outputs of all ranks are summed by one allreduce over ``mesh.tp_comm`` (the shared
+outputs of all ranks are summed by one allreduce over ``mesh.tp_reduce`` (the shared
 expert's row-parallel output joins the same allreduce).
 
 Wide EP (``ep == dp x tp``, dp > 1: data-parallel attention, experts over every rank):
@@ -16,7 +19,7 @@ rank sends its (token, expert) rows to the experts' owners with one
 ``Alltoallv`` over ``mesh.ep_comm`` (counts first, then rows and expert ids),
 the owners run their experts, a second ``Alltoallv`` brings the rows back, the
 rank combines them with the routing weights, and an all-gather over
-``mesh.tp_comm`` rebuilds the replica's full activations.  All replicas step
+``mesh.tp_comm`` (``Allgatherv``) rebuilds the replica's full activations.  All replicas step
 together (a replica with no work joins with zero tokens).
 """
 from __future__ import annotations
@@ -25,14 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..dist.collectives import all_gather_rows, all_reduce, alltoallv
-from ..dist.mesh import Mesh
 from .. import kernels
+from ..comm.collectives import all_gather_rows, all_reduce, alltoallv
+from ..comm.mesh import Mesh
+from ..config import ModelConfig
 from ..kernels import linear
 from ..parallel.linear import pack_weight
-from ..weights.shard import Slice, balanced_range, experts_for_rank
+from ..parallel.shard import Slice, balanced_range, experts_for_rank
 from . import registry
+from .layers import MLP
 
 
 class SparseMoeBlock(nn.Module):
@@ -41,16 +45,10 @@ class SparseMoeBlock(nn.Module):
         self.cfg, self.mesh = cfg, mesh
         self.names = registry.moe_names(cfg, layer)
         self.wide = mesh.wide_ep
-        if self.wide:
-            ep, block, ep_rank = mesh.ep, 1, mesh.ep_rank
-        else:
-            ep = mesh.ep if mesh.ep <= mesh.tp and mesh.tp % mesh.ep == 0 else 1
-            block = mesh.tp // ep                       # TP ranks sharing each expert
-            ep_rank = mesh.tp_rank // block
-        self.ep = ep
-        self.e0, self.e1 = experts_for_rank(cfg.num_experts, ep, ep_rank)
+        self.ep = mesh.ep
+        self.e0, self.e1 = experts_for_rank(cfg.num_experts, mesh.ep, mesh.ep_rank)
         inter = cfg.moe_intermediate_size
-        self.i0, self.i1 = balanced_range(inter, 0 if self.wide else mesh.tp_rank % block, block)
+        self.i0, self.i1 = balanced_range(inter, mesh.etp_rank, mesh.layout.etp)   # this rank's slice of each
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
@@ -58,7 +56,6 @@ class SparseMoeBlock(nn.Module):
         self.w2 = nn.Parameter(torch.empty(n_local, h, il, dtype=dtype), requires_grad=False)
         self.shared = None
         if cfg.shared_expert_intermediate_size:
-            from .llama import MLP
             self.shared = MLP(self.names["shared_prefix"], ("gate_proj", "up_proj", "down_proj"), h,
                               cfg.shared_expert_intermediate_size, mesh, dtype, reduce=False)
             self.shared_gate = nn.Parameter(torch.empty(1, h, dtype=dtype), requires_grad=False)
@@ -125,7 +122,7 @@ class SparseMoeBlock(nn.Module):
         y = self.experts(x, idx, w)
         if self.shared is not None:
             y = y + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
-        return all_reduce(y, self.mesh.tp_comm)
+        return all_reduce(y, self.mesh.tp_reduce)
 
     def _forward_wide(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         mesh = self.mesh
@@ -163,5 +160,5 @@ class SparseMoeBlock(nn.Module):
                             mesh.tp_comm)
         if self.shared is not None:
             shared = torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
-            y = y + all_reduce(shared, mesh.tp_comm)
+            y = y + all_reduce(shared, mesh.tp_reduce)
         return y

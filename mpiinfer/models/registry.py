@@ -2,8 +2,7 @@
 
 Owns: the full list of tensors a checkpoint of a given ``ModelConfig`` must hold
 (``expected_tensors``), used to refuse a bad checkpoint before anything is read,
-the MoE naming differences between families, and the vocab split of the
-vocab-parallel embedding / LM head.
+and the MoE naming differences between families.
 """
 from __future__ import annotations
 
@@ -21,12 +20,6 @@ def moe_names(cfg: ModelConfig, layer: int) -> dict:
     return {"router": p + "mlp.gate", "expert": p + "mlp.experts.{e}.{w}",
             "w": ("gate_proj", "up_proj", "down_proj"),
             "shared_prefix": p + "mlp.shared_expert.", "shared_gate": p + "mlp.shared_expert_gate"}
-
-
-def vocab_range(vocab: int, tp: int, tp_rank: int) -> tuple:
-    """Vocab rows [start, stop) of a TP rank: ceil(vocab / tp) per rank, the last ones shorter."""
-    per = -(-vocab // tp)
-    return min(vocab, tp_rank * per), min(vocab, (tp_rank + 1) * per)
 
 
 def expected_tensors(cfg: ModelConfig) -> dict:

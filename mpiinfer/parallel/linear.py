@@ -3,8 +3,7 @@
 Owns: ``ColumnParallelLinear`` (output features split over the TP group; several
 checkpoint tensors may be fused into one, e.g. q/k/v or gate/up),
 ``RowParallelLinear`` (input features split; one allreduce over ``comm`` in
-``forward``), ``VocabParallelEmbedding`` / the vocab-parallel LM head, and
-``RMSNorm``.  Weights keep the checkpoint's ``(out_local, in_local)`` layout and
+``forward``) and ``VocabParallelEmbedding`` (its table is also the tied LM head).  Weights keep the checkpoint's ``(out_local, in_local)`` layout and
 go through ``kernels.linear``.  Each layer's ``load`` reads only its slice of the
 checkpoint through a ``WeightSource``.
 """
@@ -15,10 +14,10 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..dist.collectives import all_reduce
+from ..comm.collectives import all_reduce
 from .. import kernels
 from ..kernels import linear
-from ..weights.shard import Slice
+from .shard import Slice
 
 
 def pack_weight(module: nn.Module, name: str = "weight") -> None:
@@ -94,24 +93,6 @@ class RowParallelLinear(nn.Module):
         if self.bias is not None:
             y += self.bias
         return y
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as Hugging Face does), weight applied in the input dtype."""
-
-    def __init__(self, name: str, size: int, eps: float, dtype: torch.dtype):
-        super().__init__()
-        self.name, self.size, self.eps = name, size, eps
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
-
-    def load(self, src) -> None:
-        self.weight.copy_(src.read(self.name + ".weight", (self.size,)))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        dt = x.dtype
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dt)
 
 
 class VocabParallelEmbedding(nn.Module):

@@ -1,9 +1,8 @@
 """Context parallelism: exact attention over a sequence whose tokens are spread over the CP ranks.
 
-Owns the attention math of CP and its one communicator, ``mesh.cp_comm``:
+Owns the attention math of CP and its one communicator, ``mesh.cp_comm`` (which positions each
+rank holds is ``parallel.shard``'s: ``shard_positions``, ``cp_local_positions``):
 
-* load-balanced causal sharding (pure, no MPI): ``chunk_bounds``, ``shard_positions``,
-  ``shard_order``, ``gather_order``;
 * prefill, pass-KV ring attention: ``ring_attention`` (K/V blocks travel around the CP ring
   with ``Isend``/``Irecv`` while the block already held is attended; partial results are
   merged exactly with their log-sum-exp in float32); ``RingPlan`` is what every layer of one
@@ -34,7 +33,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from ..dist.collectives import as_buffer, mpi_module
+from ..comm.collectives import as_buffer, mpi_module
 
 # Scores of one (query chunk x KV block) matmul are at most this many float32 elements
 # (n_q * rows * kv_len), i.e. 32 MiB; queries are chunked to respect it.
@@ -45,43 +44,6 @@ MAX_RUNS = 16
 # Diagonal blocks are cut into masked tiles no longer than this many rows (see default_tile).
 MIN_TILE = 32
 _TAG = 7117
-
-
-# --------------------------------------------------------------------------- sharding (pure)
-
-def chunk_bounds(seq_len: int, n_chunks: int) -> np.ndarray:
-    """Start offsets (n_chunks + 1,) of ``n_chunks`` consecutive chunks whose lengths differ by
-    at most 1; the longer chunks are the LAST ones, so the final chunk is never empty."""
-    if n_chunks < 1 or seq_len < 0:
-        raise ValueError(f"bad chunking: seq_len={seq_len}, n_chunks={n_chunks}")
-    base, rem = divmod(seq_len, n_chunks)
-    lens = np.full(n_chunks, base, dtype=np.int64)
-    if rem:
-        lens[n_chunks - rem:] += 1
-    return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
-
-
-def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
-    """Global positions (int64, ascending) owned by ``cp_rank``: chunks ``cp_rank`` and
-    ``2*cp - 1 - cp_rank`` of ``2*cp`` near-equal chunks, so every rank does the same causal
-    work.  The last position ``seq_len - 1`` is always owned by cp rank 0 (the replica leader),
-    which therefore holds the logits row of a prefill."""
-    if not 0 <= cp_rank < cp:
-        raise ValueError(f"cp_rank {cp_rank} out of range for cp={cp}")
-    b = chunk_bounds(seq_len, 2 * cp)
-    lo, hi = cp_rank, 2 * cp - 1 - cp_rank
-    return np.concatenate((np.arange(b[lo], b[lo + 1]), np.arange(b[hi], b[hi + 1]))).astype(np.int64)
-
-
-def shard_order(seq_len: int, cp: int) -> np.ndarray:
-    """Global positions of the concatenation of all ranks' shards (rank 0's first)."""
-    return np.concatenate([shard_positions(seq_len, cp, r) for r in range(cp)])
-
-
-def gather_order(seq_len: int, cp: int) -> np.ndarray:
-    """Permutation ``p`` such that ``concat(shards)[p]`` is in original order (the inverse of
-    ``shard_order``): ``full = torch.cat(per_rank_rows)[gather_order(L, cp)]``."""
-    return np.argsort(shard_order(seq_len, cp), kind="stable")
 
 
 # --------------------------------------------------------------------------- block planning (pure)

@@ -12,14 +12,9 @@ import struct
 from dataclasses import dataclass
 
 from ..config import ConfigError
+from ..dtypes import name_of_code
 
 _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
-
-_ST_DTYPES = {
-    "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F64": "float64",
-    "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool",
-    "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2",
-}
 
 
 @dataclass(frozen=True)
@@ -70,7 +65,7 @@ class CheckpointIndex:
             for name, meta in header.items():
                 if name in self.tensors:
                     raise ConfigError(f"tensor {name!r} appears in two files: {self.tensors[name].file} and {path}")
-                dt = _ST_DTYPES.get(meta["dtype"], meta["dtype"])
+                dt = name_of_code(meta["dtype"])
                 a, b = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(name, path, tuple(meta["shape"]), dt, data_start + a, b - a)
 
@@ -109,8 +104,3 @@ class CheckpointIndex:
 
     def names(self) -> set:
         return set(self.tensors)
-
-    def total_bytes(self) -> int:
-        import math
-        sizes = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8, "int64": 8, "int32": 4}
-        return sum(math.prod(t.shape) * sizes.get(t.dtype, 1) for t in self.tensors.values())

@@ -17,14 +17,9 @@ import weakref
 import torch
 
 from ..config import ConfigError
+from .. import dtypes
+from ..parallel.shard import Slice
 from .index import CheckpointIndex
-from .shard import Slice
-
-_TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-                 "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
-                 "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool}
-
-_ROW_BATCH = 4096   # rows per preadv call for column slices
 
 
 class WeightSource:
@@ -32,7 +27,6 @@ class WeightSource:
         self.index = index
         self._fds = {}
         self.bytes_read = 0
-        self.names_read = set()
 
     def _fd(self, path):
         fd = self._fds.get(path)
@@ -50,9 +44,10 @@ class WeightSource:
             raise ConfigError(
                 f"tensor {name!r} has shape {list(info.shape)} in {info.file}, expected {list(expected_shape)} "
                 "from config.json")
-        dtype = _TORCH_DTYPES.get(info.dtype)
-        if dtype is None:
-            raise ConfigError(f"tensor {name!r} has unsupported dtype {info.dtype}")
+        try:
+            dtype = dtypes.torch_dtype(info.dtype)
+        except ValueError:
+            raise ConfigError(f"tensor {name!r} has unsupported dtype {info.dtype}") from None
         shape = list(info.shape)
         esize = torch.tensor([], dtype=dtype).element_size()
         fd = self._fd(info.file)
@@ -69,16 +64,13 @@ class WeightSource:
             out = torch.empty(rows, width, dtype=dtype)
             buf = out.view(torch.uint8).numpy().reshape(rows, width * esize)
             base = info.offset + sl.start * esize
-            for r0 in range(0, rows, _ROW_BATCH):
-                r1 = min(rows, r0 + _ROW_BATCH)
-                for r in range(r0, r1):
-                    n = os.preadv(fd, [buf[r]], base + r * cols * esize)
-                    if n != width * esize:
-                        raise ConfigError(f"short read of tensor {name!r} in {info.file}")
+            for r in range(rows):
+                n = os.preadv(fd, [buf[r]], base + r * cols * esize)
+                if n != width * esize:
+                    raise ConfigError(f"short read of tensor {name!r} in {info.file}")
         else:
             raise ValueError(f"unsupported slice {sl} of a {len(shape)}-d tensor")
         self.bytes_read += out.numel() * out.element_size()
-        self.names_read.add(name)
         return out
 
     @staticmethod
@@ -107,7 +99,7 @@ class FileRows:
         info = index[name]
         if len(info.shape) != 2 or not 0 <= start < stop <= info.shape[0]:
             raise ValueError(f"rows [{start}, {stop}) of {name} {list(info.shape)}")
-        self.name, self.src_dtype, self.dtype = name, _TORCH_DTYPES[info.dtype], dtype
+        self.name, self.src_dtype, self.dtype = name, dtypes.torch_dtype(info.dtype), dtype
         self.rows, self.cols = stop - start, info.shape[1]
         self.row_bytes = self.cols * torch.tensor([], dtype=self.src_dtype).element_size()
         self.base = info.offset + start * self.row_bytes

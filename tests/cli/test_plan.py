@@ -14,7 +14,7 @@ def plan(args):
 def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
     from mpiinfer.config import EngineConfig
     from mpiinfer.device import Device
-    from mpiinfer.dist.mesh import Layout, Mesh
+    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.engine.runner import ModelRunner
     for arch, tp, ep in (("llama", 2, 1), ("qwen2_moe", 2, 2), ("qwen3_moe", 4, 2), ("llama", 4, 1)):
         d = model_dirs(arch)

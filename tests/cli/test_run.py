@@ -23,7 +23,7 @@ def read_jsonl(path):
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     return init_model(str(tmp_path_factory.mktemp("m") / "llama"), arch="llama", preset="tiny")
 
 

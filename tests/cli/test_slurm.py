@@ -12,7 +12,7 @@ import pytest
 from click.testing import CliRunner
 
 from mpiinfer.cli import main
-from mpiinfer.slurm import render
+from mpiinfer.tools.slurm import render
 
 FAKE = os.path.join(os.path.dirname(__file__), "fakeslurm")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -38,6 +38,7 @@ EXAMPLES = {
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec")
+@pytest.mark.slow
 def test_time_limit_stops_cleanly_resubmits_and_resumes(model_dirs, tmp_path):
     d = model_dirs("llama")
     inp = tmp_path / "in.jsonl"

@@ -16,7 +16,8 @@ import torch
 from mpi4py import MPI
 
 from mpiinfer.parallel.ring import (causal_attention_reference, combine_across_ranks, decode_attention_partial,
-                                    gather_order, ring_attention, shard_positions)
+                                    ring_attention)
+from mpiinfer.parallel.shard import gather_order, shard_positions
 
 
 def draw(L, n_q, n_kv, hd, seed, dtype):

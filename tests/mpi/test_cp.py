@@ -9,6 +9,8 @@ import sys
 
 import pytest
 
+from ..tiers import by_ranks
+
 from ..reference import hf_greedy
 
 MPIEXEC = shutil.which("mpiexec")
@@ -42,9 +44,10 @@ def setup(model_dirs, tmp_path_factory):
     return d, str(inp), ref
 
 
-@pytest.mark.parametrize("n,flags", [(2, ["--cp", "2"]), (4, ["--cp", "4"]), (3, ["--cp", "3"]),
-                                     (4, ["--tp", "2", "--cp", "2"]), (2, ["--cp", "2", "--cp-short", "first"]),
-                                     (4, ["--cp", "2"])])   # dp=2 replicas of cp=2
+@pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--cp", "4"]), (3, ["--cp", "3"]),
+                                               (4, ["--tp", "2", "--cp", "2"]),
+                                               (2, ["--cp", "2", "--cp-short", "first"]),
+                                               (4, ["--cp", "2"])]))   # dp=2 replicas of cp=2
 def test_cp_matches_reference(n, flags, setup, tmp_path):
     d, inp, ref = setup
     out = tmp_path / "o.jsonl"
@@ -76,6 +79,7 @@ def test_document_beyond_one_ranks_kv_budget_needs_cp(setup, tmp_path):
     assert recs["doc"]["token_ids"] == ref["doc"][0]
 
 
+@pytest.mark.slow
 def test_cp_with_moe_model(model_dirs, tmp_path):
     """CP composes with MoE layers (experts see only this rank's tokens) and with in-replica EP."""
     d = model_dirs("qwen2_moe", max_position_embeddings=8192)

@@ -21,6 +21,8 @@ from pathlib import Path
 
 import pytest
 
+from ..tiers import by_ranks
+
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
 WORKER = str(Path(__file__).with_name("dda_worker.py"))
@@ -83,14 +85,15 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("n,args,env", CASES, ids=[
+@pytest.mark.parametrize("n,args,env", by_ranks(CASES, ids=[
     f"n{n}-{'-'.join(a[:1] + a[a.index('--algo') + 1:a.index('--algo') + 2] if '--algo' in a else a[:1])}"
-    + ("-fake" + e["MPIINFER_FAKE_NODE_SIZE"] if e else "") for n, a, e in CASES])
+    + ("-fake" + e["MPIINFER_FAKE_NODE_SIZE"] if e else "") for n, a, e in CASES]))
 def test_dda(n, args, env):
     p, left = launch(n, args, env)
     ok(p, left, args[0])
 
 
+@pytest.mark.slow      # each case waits out a 3 s DDA timeout
 @pytest.mark.parametrize("n,die_rank,env", [(2, 1, {}), (3, 2, {}), (4, 3, {"MPIINFER_FAKE_NODE_SIZE": "2"})])
 def test_dead_rank_times_out(n, die_rank, env):
     # -disable-auto-cleanup: hydra must not kill the survivors before they notice on their own

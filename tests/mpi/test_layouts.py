@@ -1,7 +1,8 @@
 """Parallel layouts under mpiexec vs transformers and vs one rank: greedy tokens identical, logprobs within 1e-4.
 
 Each case is a real `mpiexec -n N python -m mpiinfer run ...` with a timeout, on a tiny checkpoint, threads=1 per
-rank (ranks beyond 2 oversubscribe this machine's cores: fine for correctness)."""
+rank (ranks beyond 2 oversubscribe this machine's cores: fine for correctness).  The transformers reference and
+the single-rank job are computed once per checkpoint (``references``) and shared by its layouts."""
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import pytest
 import torch
 
 from ..reference import hf_greedy
+from ..tiers import SLOW
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
@@ -77,22 +79,53 @@ def read(path):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.parametrize("arch,overrides,n,flags", LAYOUTS,
-                         ids=[f"{a}-{'-'.join(f[i] + f[i + 1] for i in range(0, len(f), 2))}"
-                              + ("-" + "-".join(f"{k[:6]}{v}" for k, v in o.items()) if o else "")
-                              for a, o, _, f in LAYOUTS])
-def test_layout_matches_reference(arch, overrides, n, flags, model_dirs, tmp_path):
-    d = model_dirs(arch, **overrides)
-    ps = prompts(512)
-    inp = tmp_path / "in.jsonl"
-    write_input(inp, ps)
-    common = ["-m", d, "-i", str(inp), "--threads", "1", "--max-batch", "3", "--step-tokens", "8"]
-    p1 = mpirun(1, common + ["-o", str(tmp_path / "one.jsonl")])
-    assert p1.returncode == 0, p1.stderr
-    pn = mpirun(n, common + ["-o", str(tmp_path / "par.jsonl")] + flags)
+def _key(arch, overrides):
+    return arch + json.dumps(overrides, sort_keys=True)
+
+
+@pytest.fixture(scope="session")
+def references(model_dirs, tmp_path_factory):
+    """(checkpoint, arch + overrides) -> (its directory, transformers' greedy tokens and logprobs, the
+    single-rank job's records), computed once per checkpoint for all the layouts that use it."""
+    made = {}
+
+    def get(arch, overrides):
+        key = _key(arch, overrides)
+        if key not in made:
+            d = model_dirs(arch, **overrides)
+            tmp = tmp_path_factory.mktemp("ref")
+            ps = prompts(512)
+            write_input(tmp / "in.jsonl", ps)
+            p1 = mpirun(1, common_args(d, tmp / "in.jsonl") + ["-o", str(tmp / "one.jsonl")])
+            assert p1.returncode == 0, p1.stderr
+            made[key] = (d, tmp / "in.jsonl", hf_greedy(d, ps, NEW), read(tmp / "one.jsonl"))
+        return made[key]
+    return get
+
+
+def common_args(d, inp):
+    return ["-m", d, "-i", str(inp), "--threads", "1", "--max-batch", "3", "--step-tokens", "8"]
+
+
+def layout_id(arch, overrides, n, flags):
+    return (f"{arch}-{'-'.join(flags[i] + flags[i + 1] for i in range(0, len(flags), 2))}"
+            + ("-" + "-".join(f"{k[:6]}{v}" for k, v in overrides.items()) if overrides else ""))
+
+
+# the quick loop (-m "not slow") runs one layout of each kind on 2 ranks: dense TP with an uneven split,
+# EP inside a replica, wide EP; the rest of the matrix is in the slow tier
+QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2"}
+
+
+@pytest.mark.parametrize("arch,overrides,n,flags", [
+    pytest.param(*case, id=layout_id(*case), marks=() if layout_id(*case) in QUICK_LAYOUTS else SLOW)
+    for case in LAYOUTS])
+def test_layout_matches_reference(arch, overrides, n, flags, references, tmp_path):
+    d, inp, ref, one = references(arch, overrides)
+    pn = mpirun(n, common_args(d, inp) + ["-o", str(tmp_path / "par.jsonl")] + flags)
     assert pn.returncode == 0, pn.stderr
-    one, par = read(tmp_path / "one.jsonl"), read(tmp_path / "par.jsonl")
-    ref = hf_greedy(d, ps, NEW)
+    par = read(tmp_path / "par.jsonl")
+    assert len(par) == len(one) == len(ref) == len(LENGTHS)
     for (toks, lps), a, b in zip(ref, one, par):
         assert a["token_ids"] == toks
         assert b["token_ids"] == toks, f"{flags}: parallel tokens differ from transformers"

@@ -10,6 +10,8 @@ import time
 
 import pytest
 
+from ..tiers import by_ranks
+
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
 WORDS = ["the", "sea", "old", "man", "sky", "blue", "ship", "wind", "salt", "night"]
@@ -58,7 +60,7 @@ def reference(tiny, tmp_path_factory):
     return inp, lines(out)
 
 
-@pytest.mark.parametrize("n,flags", [(2, []), (4, ["--tp", "2"]), (3, [])])
+@pytest.mark.parametrize("n,flags", by_ranks([(2, []), (4, ["--tp", "2"]), (3, [])]))
 def test_data_parallel_equals_one_rank(n, flags, tiny, reference, tmp_path):
     inp, want = reference
     out = str(tmp_path / "dp.jsonl")
@@ -101,6 +103,7 @@ def _start_and_wait_for(args, out, min_bytes, timeout=120):
     return p
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_then_resume(tiny, reference, tmp_path):
     inp, want = reference
     out = str(tmp_path / "killed.jsonl")

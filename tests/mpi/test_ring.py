@@ -14,7 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from mpiinfer.parallel.ring import shard_positions
+from ..tiers import by_ranks
+
+from mpiinfer.parallel.shard import shard_positions
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
@@ -38,7 +40,7 @@ def result(p):
     return json.loads(lines[-1][len("RESULT "):])
 
 
-@pytest.fixture(scope="module", params=[2, 3, 4], ids=lambda n: f"cp{n}")
+@pytest.fixture(scope="module", params=by_ranks([(2,), (3,), (4,)], ids=["cp2", "cp3", "cp4"]))
 def run(request):
     cp = request.param
     p = launch(cp, "--lens", ",".join(map(str, LENS)), "--windows", "none,13", "--n-q", "8", "--n-kv", "2",

@@ -22,6 +22,7 @@ def _run(script: str, *args, timeout=300):
     return p.stdout
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_bench_engine_quick(tmp_path):
     out = tmp_path / "engine.json"
@@ -47,6 +48,7 @@ def test_bench_engine_quick(tmp_path):
     assert "ceiling" in text and "fp32_b16" in text
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_kernels_quick(tmp_path):
     out = tmp_path / "kernels.json"

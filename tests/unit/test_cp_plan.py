@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from mpiinfer.config import EngineConfig, SamplingParams
-from mpiinfer.engine.batch import cp_local_count
+from mpiinfer.parallel.shard import cp_local_count
 from mpiinfer.engine.generate import Engine
 from mpiinfer.messages import Request
 
@@ -75,13 +75,13 @@ def test_short_requests_spread_over_cp_ranks(policy):
     prompts = [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
     reqs = [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]
     homes = {}
-    real_admit = eng._admit
+    real_admit = eng.sched.admit
 
     def admit():
         real_admit()
         for s in eng.running:
             homes[s.req.index] = (s.cp, s.home)
-    eng._admit = admit
+    eng.sched.admit = admit
     res = sorted(eng.generate(reqs), key=lambda r: r.index)
     for r, p in zip(res, prompts):
         assert r.error is None
@@ -93,7 +93,7 @@ def test_short_requests_spread_over_cp_ranks(policy):
         assert min(runner.tokens_per_rank) > 0.6 * max(runner.tokens_per_rank)    # work balanced
     else:
         assert set(short) == {0}
-    assert all(a.free_rows == a.size for a in eng.allocs)      # every region went back to its rank
+    assert all(a.free_rows == a.size for a in eng.sched.allocs)      # every region went back to its rank
 
 
 def test_spread_balances_tokens_not_counts():

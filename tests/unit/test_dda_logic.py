@@ -6,11 +6,11 @@ import sys
 import pytest
 import torch
 
-from mpiinfer.dist import collectives
-from mpiinfer.dist.comm_bench import format_table, iters_for, parse_sizes, pick_thresholds
-from mpiinfer.dist.dda import (FALLBACK_THRESHOLDS, choose_algo, load_thresholds, split_bounds,
+from mpiinfer.comm import collectives
+from mpiinfer.tools.comm_bench import format_table, iters_for, parse_sizes, pick_thresholds
+from mpiinfer.comm.dda import (FALLBACK_THRESHOLDS, choose_algo, load_thresholds, split_bounds,
                                thresholds_for)
-from mpiinfer.dist.dda_cuda import cuda_aware_mpi, launch_config
+from mpiinfer.comm.dda_cuda import cuda_aware_mpi, launch_config
 
 
 @pytest.mark.parametrize("numel", [0, 1, 7, 15, 16, 17, 1000, 1000003])
@@ -119,7 +119,7 @@ def test_cuda_aware_mpi(version, env, info, want):
 
 def test_gpu_module_imports_without_cupy():
     code = ("import sys; sys.modules['cupy'] = None\n"           # make `import cupy` fail
-            "import mpiinfer.dist.dda_cuda as m\n"
+            "import mpiinfer.comm.dda_cuda as m\n"
             "assert m._cp is None and m.CudaDDAComm and m.UNVERIFIED\n"
             "try:\n    m._cupy()\nexcept ImportError:\n    print('lazy')\n")
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)

@@ -2,9 +2,9 @@
 import pytest
 import torch
 
-from mpiinfer.engine.batch import StepBatch
-from mpiinfer.models import llama
-from mpiinfer.models.llama import Attention, decode_group
+from mpiinfer.models import attention
+from mpiinfer.models.attention import Attention, decode_group
+from mpiinfer.models.step import StepBatch
 
 
 class _Heads:
@@ -54,7 +54,7 @@ def test_group_selection():
     assert sel[0] == {0, 1, 3, 4} and sel[1].tolist() == [0, 1, 5, 6]
     assert decode_group(_batch([5, 6, 7]), None, 64) is None                  # too few to pay off
     assert decode_group(_batch([3, 4, 5, 6, 7, 8]), window=6, row_bytes=64)[0] == {0, 1, 2, 3}  # beyond it: loop
-    too_long = llama.DECODE_GATHER_BYTES // 64
+    too_long = attention.DECODE_GATHER_BYTES // 64
     assert decode_group(_batch([5, 6, 7, too_long]), None, 64) is None        # gather would cost too much
 
 
@@ -62,7 +62,7 @@ def test_engine_bf16_grouped_equals_loop(model_dirs, monkeypatch):
     """End to end in bfloat16 (where grouping is on): same tokens as with every decode attended alone."""
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request
@@ -80,7 +80,7 @@ def test_engine_bf16_grouped_equals_loop(model_dirs, monkeypatch):
         return sorted(eng.generate(reqs), key=lambda r: r.index)
     grouped = run()
     assert calls, "grouped decode attention never ran"
-    monkeypatch.setattr(llama, "DECODE_GROUP_MIN", 10 ** 9)
+    monkeypatch.setattr(attention, "DECODE_GROUP_MIN", 10 ** 9)
     calls.clear()
     alone = run()
     assert not calls

@@ -9,7 +9,7 @@ from mpiinfer.weights.loader import FileRows, WeightSource
 @pytest.mark.parametrize("ckpt_dtype,run_dtype", [("float32", torch.float32), ("bfloat16", torch.float32),
                                                   ("bfloat16", torch.bfloat16), ("float32", torch.bfloat16)])
 def test_rows_equal_loaded_table(tmp_path, ckpt_dtype, run_dtype):
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     d = init_model(str(tmp_path / "m"), arch="llama", preset="tiny", dtype=ckpt_dtype)
     index = CheckpointIndex(d)
     name = "model.embed_tokens.weight"

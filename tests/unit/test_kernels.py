@@ -52,7 +52,7 @@ def test_pack_policy():
 def test_16bit_weights_generate(dtype, model_dirs):
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.dist.mesh import Mesh
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request

@@ -4,7 +4,7 @@ import torch
 
 from mpiinfer.config import EngineConfig, SamplingParams
 from mpiinfer.device import Device
-from mpiinfer.dist.mesh import Mesh
+from mpiinfer.comm.mesh import Mesh
 from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request

@@ -7,7 +7,7 @@ import torch
 
 from mpiinfer.config import EngineConfig, SamplingParams
 from mpiinfer.device import Device
-from mpiinfer.dist.mesh import Mesh
+from mpiinfer.comm.mesh import Mesh
 from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.engine.sampling import filter_logits
@@ -17,7 +17,7 @@ from mpiinfer.tokenizer import Tokenizer
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     return init_model(str(tmp_path_factory.mktemp("s") / "qwen3"), arch="qwen3", preset="tiny")
 
 

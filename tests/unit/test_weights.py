@@ -6,7 +6,7 @@ from safetensors.torch import save_file
 from mpiinfer.config import ConfigError
 from mpiinfer.weights.index import CheckpointIndex
 from mpiinfer.weights.loader import WeightSource
-from mpiinfer.weights.shard import Slice, balanced_range, even_range, kv_heads_for_rank, q_heads_for_rank
+from mpiinfer.parallel.shard import Slice, balanced_range, even_range, kv_heads_for_rank, q_heads_for_rank
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])

@@ -31,14 +31,13 @@ Special tokens take the first ids: ``<|begin_of_text|>``=0 (bos),
 
 Usage::
 
-    from mpiinfer.init_model import init_model
+    from mpiinfer.tools.init_model import init_model
     init_model("/tmp/tiny-llama", arch="llama", preset="tiny", seed=0)
 
-    python -m mpiinfer.init_model /tmp/tiny-mixtral --arch mixtral --set num_local_experts=8
+    mpiinfer init-model /tmp/tiny-mixtral --arch mixtral --set num_local_experts=8
 """
 from __future__ import annotations
 
-import argparse
 import copy
 import hashlib
 import json
@@ -46,17 +45,17 @@ import math
 import os
 import shutil
 import struct
-import sys
 import tempfile
 from typing import Iterator, Optional
 
 import torch
 
-from .config import ModelConfig
+from .. import dtypes
+from ..config import ModelConfig
 
 __all__ = [
     "ARCHS", "PRESETS", "SPECIAL_TOKENS", "BOS_ID", "EOS_ID", "IM_START_ID", "IM_END_ID",
-    "CHAT_TEMPLATE", "make_config", "weight_specs", "build_tokenizer", "init_model", "main",
+    "CHAT_TEMPLATE", "make_config", "weight_specs", "build_tokenizer", "init_model",
 ]
 
 # Short name -> architectures[0] of config.json.  The short name is also the model_type.
@@ -118,28 +117,20 @@ PRESETS = {
 # Knobs that are never config.json fields.
 _GEN_KNOBS = ("init_std", "tokenizer_vocab")
 
-_DTYPES = {
-    "float32": (torch.float32, "F32"), "fp32": (torch.float32, "F32"),
-    "bfloat16": (torch.bfloat16, "BF16"), "bf16": (torch.bfloat16, "BF16"),
-    "float16": (torch.float16, "F16"), "fp16": (torch.float16, "F16"), "half": (torch.float16, "F16"),
-}
-_CANON_DTYPE = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
-
 _CHUNK_ELEMS = 1 << 24        # at most 16M elements (64 MiB of float32) generated at once
 _NORM_NOISE = 0.05            # RMSNorm weights: 1 + N(0, 0.05)
 _BIAS_STD = 0.05              # biases: small but nonzero
-_CORPUS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "corpus.txt")
+_CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data", "corpus.txt")
 
 
 def _canon_dtype(dtype) -> str:
-    if isinstance(dtype, torch.dtype):
-        if dtype not in _CANON_DTYPE:
-            raise ValueError(f"unsupported dtype {dtype}")
-        return _CANON_DTYPE[dtype]
-    key = str(dtype).lower().replace("torch.", "")
-    if key not in _DTYPES:
+    try:
+        name = dtypes.canonical(dtype)
+    except ValueError:
+        name = None
+    if name not in dtypes.COMPUTE:
         raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-    return _CANON_DTYPE[_DTYPES[key][0]]
+    return name
 
 
 def _round_up(n: int, m: int) -> int:
@@ -363,7 +354,7 @@ def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dt
 
 
 def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: Optional[int]) -> None:
-    tdtype, st_dtype = _DTYPES[dtype]
+    tdtype, st_dtype = dtypes.torch_dtype(dtype), dtypes.code_of(dtype)
     shards: list[list] = [[]]
     if shard_max_bytes is not None:
         if shard_max_bytes <= 0:
@@ -505,40 +496,3 @@ def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: Opti
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_dir
-
-
-def _parse_set(items) -> dict:
-    out = {}
-    for item in items or ():
-        if "=" not in item:
-            raise SystemExit(f"--set expects KEY=VALUE, got {item!r}")
-        k, v = item.split("=", 1)
-        try:
-            out[k] = json.loads(v)
-        except json.JSONDecodeError:
-            out[k] = v
-    return out
-
-
-def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m mpiinfer.init_model",
-                                 description="Write a random HF-format checkpoint with a real tokenizer.")
-    ap.add_argument("out_dir")
-    ap.add_argument("--arch", default="llama", choices=sorted(ARCHS))
-    ap.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--dtype", default="float32")
-    ap.add_argument("--tokenizer-vocab", type=int, default=None)
-    ap.add_argument("--shard-max-bytes", type=int, default=None)
-    ap.add_argument("--set", action="append", metavar="KEY=JSON", help="override a config.json field")
-    ap.add_argument("--overwrite", action="store_true")
-    a = ap.parse_args(argv)
-    path = init_model(a.out_dir, arch=a.arch, preset=a.preset, overrides=_parse_set(a.set), seed=a.seed,
-                      dtype=a.dtype, tokenizer_vocab=a.tokenizer_vocab, shard_max_bytes=a.shard_max_bytes,
-                      overwrite=a.overwrite)
-    print(path)
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

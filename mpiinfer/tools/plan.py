@@ -1,6 +1,6 @@
 """``mpiinfer plan``: the mesh and per-rank memory of a layout, without loading weights.
 
-Owns: nothing new -- it reuses the same validation as ``run`` (``Layout.validate``,
+Owns: nothing new -- it reuses the same validation as ``run`` (``Layout``,
 ``runner.validate_layout``) and builds each distinct rank's model on the ``meta``
 device, so the weight bytes it reports are exactly what ``run`` allocates.
 """
@@ -8,12 +8,11 @@ from __future__ import annotations
 
 import torch
 
-from .config import ModelConfig
-from .device import parse_dtype
-from .dist.mesh import Layout, Mesh
-from .engine.kv_cache import KVCache
-from .engine.runner import validate_layout
-from .weights.shard import kv_heads_for_rank
+from ..config import ModelConfig
+from ..device import parse_dtype
+from ..comm.mesh import Layout, Mesh
+from ..engine.kv_cache import kv_bytes_per_token
+from ..engine.runner import validate_layout
 
 RUNTIME_OVERHEAD = 600 << 20   # torch + MPI + Python per rank, measured on CPU (benchmarks/bench_parallel.py)
 
@@ -27,12 +26,11 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
               memory_per_rank: int | None = None) -> dict:
     cfg = ModelConfig.from_dir(model_dir)
     layout = Layout(world=world, tp=tp, cp=cp, ep=ep)
-    layout.validate()
     validate_layout(cfg, layout)
     tdtype = parse_dtype(dtype) or torch.float32
     esize = torch.tensor([], dtype=tdtype).element_size()
     seq = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
-    from .models.llama import CausalLM
+    from ..models.llama import CausalLM
     ranks = []
     cache = {}
     for r in range(world):
@@ -42,8 +40,7 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
             with torch.device("meta"):
                 model = CausalLM(cfg, mesh, tdtype, torch.device("meta"))
             wbytes = sum(p.numel() * p.element_size() for p in model.parameters())
-            k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, mesh.tp_rank)
-            per_tok = KVCache.bytes_per_token(cfg.num_layers, k1 - k0, cfg.head_dim, esize)
+            per_tok = kv_bytes_per_token(cfg, esize, tp, mesh.tp_rank)
             cache[key] = (wbytes, per_tok)
         wbytes, per_tok = cache[key]
         # with cp > 1 each rank holds 1/cp of a long sequence's KV

@@ -7,14 +7,13 @@ and its KV cache lives at pool rows ``kv_base[i] : kv_base[i] + kv_len[i]``
 (``kv_len`` counts the tokens cached on this rank after this step, these included).
 
 Context parallelism (cp > 1) gives each CP rank its own batch.  ``mode[i]``:
-0 = an ordinary sequence (on one CP rank, its home: the engine spreads them), 1 = prefill of a CP sequence (each
-rank holds its load-balanced shard of the prompt; ring attention), 2 = decode of a
-CP sequence (every rank holds the new token; only the owner of its position,
-``position % cp``, writes its K/V; partial attentions are merged across ranks).
-The cache rows of a CP sequence on rank r hold, in order, the prompt positions
-``shard_positions(prompt_len, cp, r)`` and then the generated positions p with
-``p % cp == r`` -- so every rank derives its rows' positions from ``prompt_len``
-and the sequence's global length ``glen``.
+``MODE_LOCAL`` = an ordinary sequence (on one CP rank, its home: the engine spreads them),
+``MODE_CP_PREFILL`` = prefill of a CP sequence (each rank holds its load-balanced shard of the
+prompt; ring attention), ``MODE_CP_DECODE`` = decode of a CP sequence (every rank holds the new
+token; only the owner of its position, ``position % cp``, writes its K/V; partial attentions are
+merged across ranks).  The cache rows of a CP sequence on rank r are at the positions
+``parallel.shard.cp_local_positions(prompt_len, glen, cp, r)``, so every rank derives them from
+``prompt_len`` and the sequence's global length ``glen``.
 """
 from __future__ import annotations
 
@@ -23,21 +22,13 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-
-def cp_local_positions(prompt_len: int, glen: int, cp: int, cp_rank: int) -> np.ndarray:
-    """Global positions of a CP sequence's cache rows on ``cp_rank`` when it has ``glen`` tokens cached."""
-    from ..parallel.ring import shard_positions
-    pre = shard_positions(prompt_len, cp, cp_rank)
-    first = prompt_len + ((cp_rank - prompt_len) % cp)
-    gen = np.arange(first, glen, cp, dtype=np.int64)
-    return np.concatenate([pre, gen]) if gen.size else pre
+from ..parallel.shard import cp_local_positions
 
 
-def cp_local_count(prompt_len: int, glen: int, cp: int, cp_rank: int) -> int:
-    from ..parallel.ring import shard_positions
-    n = len(shard_positions(prompt_len, cp, cp_rank))
-    first = prompt_len + ((cp_rank - prompt_len) % cp)
-    return n + (len(range(first, glen, cp)) if glen > first else 0)
+# how a sequence of the batch is attended (``StepBatch.mode``)
+MODE_LOCAL = 0        # an ordinary sequence, whole on one CP rank
+MODE_CP_PREFILL = 1   # a CP prompt: each rank holds its load-balanced shard (ring attention)
+MODE_CP_DECODE = 2    # a CP sequence's new token, on every CP rank (partials merged across them)
 
 
 @dataclass
@@ -64,7 +55,7 @@ class StepBatch:
         return int(self.input_ids.shape[0])
 
     def seq_mode(self, i: int) -> int:
-        return self.mode[i] if self.mode else 0
+        return self.mode[i] if self.mode else MODE_LOCAL
 
     @property
     def write_index(self) -> torch.Tensor:

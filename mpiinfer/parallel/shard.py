@@ -1,0 +1,155 @@
+"""Pure shard arithmetic: which part of a tensor, of the vocabulary or of a sequence a rank owns.
+
+Owns every rule that maps sizes and ranks to index ranges, so that the loader, the layers,
+``mpiinfer plan``, the scheduler and the ring all import the same answer:
+
+* TP: attention heads (``q_heads_for_rank``, ``kv_heads_for_rank``), MLP columns
+  (``balanced_range``), vocabulary rows of the embedding / LM head (``vocab_range``);
+* EP: experts of an EP rank (``experts_for_rank``; which EP rank a world rank is lives in
+  ``comm.mesh.Layout``);
+* CP: the load-balanced causal split of a prompt (``chunk_bounds``, ``shard_positions``,
+  ``shard_order``, ``gather_order``) and the positions of a CP sequence's cache rows on a rank
+  (``cp_local_positions``, ``cp_local_count``);
+* ``Slice``: the part of one checkpoint tensor to read.
+
+No torch, no MPI: every function takes sizes and ranks and returns index ranges or NumPy arrays.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+
+
+# --------------------------------------------------------------------------- ranges
+
+def even_range(size: int, rank: int, world: int) -> tuple:
+    """[start, stop) of rank's equal part of ``size`` (which must divide evenly)."""
+    if size % world:
+        raise ValueError(f"size {size} is not divisible by {world}")
+    part = size // world
+    return rank * part, (rank + 1) * part
+
+
+def balanced_range(size: int, rank: int, world: int, allow_empty: bool = False) -> tuple:
+    """[start, stop) of rank's part of ``size`` when it may not divide: the first ``size % world`` ranks
+    get one more (e.g. 3 KV heads over 2 ranks: 2 and 1).  Parts may be empty only with ``allow_empty``
+    (rows of a batch; heads and weight columns must give every rank some)."""
+    if size < world and not allow_empty:
+        raise ValueError(f"size {size} is smaller than {world} parts")
+    part, extra = divmod(size, world)
+    start = rank * part + min(rank, extra)
+    return start, start + part + (1 if rank < extra else 0)
+
+
+@dataclass(frozen=True)
+class Slice:
+    """Rows/cols [start, stop) along ``dim`` of a checkpoint tensor; dim None = the whole tensor."""
+    dim: Optional[int] = None
+    start: int = 0
+    stop: int = 0
+
+
+# --------------------------------------------------------------------------- tensor parallelism
+
+def kv_heads_for_rank(num_kv_heads: int, tp: int, tp_rank: int) -> tuple:
+    """KV heads [start, stop) held by a TP rank.
+
+    When tp <= num_kv_heads the heads are split as evenly as they go (``balanced_range``:
+    SmolLM2's 3 KV heads at tp=2 are 2 + 1).  When tp > num_kv_heads each KV head is
+    replicated on tp / num_kv_heads consecutive ranks (the ranks whose query heads use
+    it), so a rank holds exactly one KV head.
+    """
+    if tp <= num_kv_heads:
+        return balanced_range(num_kv_heads, tp_rank, tp)
+    if tp % num_kv_heads:
+        raise ValueError(f"tp={tp} must be a multiple of num_key_value_heads={num_kv_heads} when larger")
+    h = tp_rank // (tp // num_kv_heads)
+    return h, h + 1
+
+
+def q_heads_for_rank(num_heads: int, num_kv_heads: int, tp: int, tp_rank: int) -> tuple:
+    """Query heads [start, stop) of a TP rank: the query heads of its KV heads (whole GQA groups), or an
+    even share of one group's when KV heads are replicated (tp > num_kv_heads)."""
+    if tp <= num_kv_heads:
+        k0, k1 = kv_heads_for_rank(num_kv_heads, tp, tp_rank)
+        group = num_heads // num_kv_heads
+        return k0 * group, k1 * group
+    return even_range(num_heads, tp_rank, tp)
+
+
+def vocab_range(vocab: int, tp: int, tp_rank: int) -> tuple:
+    """Vocab rows [start, stop) of a TP rank: ceil(vocab / tp) per rank, the last ones shorter (equal
+    parts, padded, are what the LM head's logits gather sends)."""
+    per = vocab_part(vocab, tp)
+    return min(vocab, tp_rank * per), min(vocab, (tp_rank + 1) * per)
+
+
+def vocab_part(vocab: int, tp: int) -> int:
+    """Rows of the largest vocabulary part: ceil(vocab / tp)."""
+    return -(-vocab // tp)
+
+
+# --------------------------------------------------------------------------- expert parallelism
+
+def experts_for_rank(num_experts: int, ep: int, ep_rank: int) -> tuple:
+    """Experts [start, stop) owned by an EP rank (contiguous blocks)."""
+    return even_range(num_experts, ep_rank, ep)
+
+
+# --------------------------------------------------------------------------- context parallelism
+
+def chunk_bounds(seq_len: int, n_chunks: int) -> np.ndarray:
+    """Start offsets (n_chunks + 1,) of ``n_chunks`` consecutive chunks whose lengths differ by
+    at most 1; the longer chunks are the LAST ones, so the final chunk is never empty."""
+    if n_chunks < 1 or seq_len < 0:
+        raise ValueError(f"bad chunking: seq_len={seq_len}, n_chunks={n_chunks}")
+    base, rem = divmod(seq_len, n_chunks)
+    lens = np.full(n_chunks, base, dtype=np.int64)
+    if rem:
+        lens[n_chunks - rem:] += 1
+    return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
+
+
+def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
+    """Global positions (int64, ascending) owned by ``cp_rank``: chunks ``cp_rank`` and
+    ``2*cp - 1 - cp_rank`` of ``2*cp`` near-equal chunks, so every rank does the same causal
+    work.  The last position ``seq_len - 1`` is always owned by cp rank 0 (the replica leader),
+    which therefore holds the logits row of a prefill."""
+    if not 0 <= cp_rank < cp:
+        raise ValueError(f"cp_rank {cp_rank} out of range for cp={cp}")
+    b = chunk_bounds(seq_len, 2 * cp)
+    lo, hi = cp_rank, 2 * cp - 1 - cp_rank
+    return np.concatenate((np.arange(b[lo], b[lo + 1]), np.arange(b[hi], b[hi + 1]))).astype(np.int64)
+
+
+def shard_order(seq_len: int, cp: int) -> np.ndarray:
+    """Global positions of the concatenation of all ranks' shards (rank 0's first)."""
+    return np.concatenate([shard_positions(seq_len, cp, r) for r in range(cp)])
+
+
+def gather_order(seq_len: int, cp: int) -> np.ndarray:
+    """Permutation ``p`` such that ``concat(shards)[p]`` is in original order (the inverse of
+    ``shard_order``): ``full = torch.cat(per_rank_rows)[gather_order(L, cp)]``."""
+    return np.argsort(shard_order(seq_len, cp), kind="stable")
+
+
+def _first_generated(prompt_len: int, cp: int, cp_rank: int) -> int:
+    """The first generated position a CP rank stores: generated token p lives on rank ``p % cp``."""
+    return prompt_len + ((cp_rank - prompt_len) % cp)
+
+
+def cp_local_positions(prompt_len: int, glen: int, cp: int, cp_rank: int) -> np.ndarray:
+    """Global positions of a CP sequence's cache rows on ``cp_rank`` when it has ``glen`` tokens cached:
+    the rank's prompt shard, then the generated positions p with ``p % cp == cp_rank``."""
+    pre = shard_positions(prompt_len, cp, cp_rank)
+    gen = np.arange(_first_generated(prompt_len, cp, cp_rank), glen, cp, dtype=np.int64)
+    return np.concatenate([pre, gen]) if gen.size else pre
+
+
+def cp_local_count(prompt_len: int, glen: int, cp: int, cp_rank: int) -> int:
+    """``len(cp_local_positions(...))`` without building the array."""
+    first = _first_generated(prompt_len, cp, cp_rank)
+    n = len(shard_positions(prompt_len, cp, cp_rank))
+    return n + (len(range(first, glen, cp)) if glen > first else 0)
