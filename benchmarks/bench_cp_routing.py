@@ -22,7 +22,7 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
-from bench_cp import SMALL  # noqa: E402
+from bench_cp import SMALL
 
 CONFIGS = [("cp=2 spread", ["--cp", "2", "--cp-short", "spread"]),
            ("cp=2 first", ["--cp", "2", "--cp-short", "first"]),
@@ -37,8 +37,7 @@ def make_input(path, docs, doc_len, short, short_len, new, seed):
              for i in range(short)]
     rng.shuffle(recs)
     with open(path, "w") as f:
-        for r in recs:
-            f.write(json.dumps(dict(r, max_tokens=new, ignore_eos=True)) + "\n")
+        f.writelines(json.dumps(dict(r, max_tokens=new, ignore_eos=True)) + "\n" for r in recs)
     return recs
 
 
@@ -102,7 +101,7 @@ def main(argv=None):
           f"{'same tokens':>12s}")
     for r in rows:
         print(f"{r['config']:14s} {r['job_s']:8.1f} {r['gen_tok_s']:10.1f} {r['ttft_p50_s']:9.2f} "
-              f"{r['ttft_p90_s']:9.2f} {r['speedup_vs_first']:8.2f}x {str(r['tokens_equal_no_cp']):>12s}")
+              f"{r['ttft_p90_s']:9.2f} {r['speedup_vs_first']:8.2f}x {r['tokens_equal_no_cp']!s:>12s}")
     with open(args.json, "w") as f:
         json.dump({"date": time.strftime("%Y-%m-%d %H:%M"), "model": model, "args": vars(args), "rows": rows}, f,
                   indent=1)

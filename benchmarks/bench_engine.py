@@ -270,9 +270,9 @@ class Ours:
     name = "mpiinfer"
 
     def __init__(self, model_dir: str, dtype: str, kv_tokens: int, max_batch: int):
+        from mpiinfer.comm.mesh import Mesh
         from mpiinfer.config import EngineConfig, ModelConfig
         from mpiinfer.device import Device
-        from mpiinfer.comm.mesh import Mesh
         from mpiinfer.engine.kv_cache import kv_bytes_per_token
         from mpiinfer.engine.runner import ModelRunner
         from mpiinfer.tokenizer import Tokenizer
@@ -402,7 +402,7 @@ class Ours:
         del self.runner
 
 
-def matmul_floor(impl: "Ours", s: str, m: dict, mixed_prompts: list, mixed_max_len: int) -> dict:
+def matmul_floor(impl: Ours, s: str, m: dict, mixed_prompts: list, mixed_max_len: int) -> dict:
     """The time mpiinfer could not go below with its kernels: its linear layers alone at the scenario's shapes
     (``Ours.matmul_pass_s``).  Batch scenarios: one decode step at batch B (compare with the median step).
     mixed64: prompt tokens at the rate of a pass over ``mixed_max_len`` rows (no head) plus generated tokens at

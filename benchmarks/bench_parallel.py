@@ -32,16 +32,16 @@ def worker(args) -> None:
     import torch
     from mpi4py import MPI
 
+    import mpiinfer.models.llama as llama_mod
+    import mpiinfer.models.moe as moe_mod
+    import mpiinfer.parallel.linear as linear_mod
+    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request
     from mpiinfer.replica import follow
-    import mpiinfer.models.llama as llama_mod
-    import mpiinfer.models.moe as moe_mod
-    import mpiinfer.parallel.linear as linear_mod
 
     world = MPI.COMM_WORLD
     torch.set_num_threads(args.threads)

@@ -59,8 +59,7 @@ def flat_memory(sizes, model, workdir):
         inp = os.path.join(workdir, f"tiny_{n}.jsonl")
         if not os.path.exists(inp):
             with open(inp, "w") as f:
-                for i in range(n):
-                    f.write(f'{{"id": {i}, "prompt_token_ids": [{5 + i % 400}, 7], "max_tokens": 1}}\n')
+                f.writelines(f'{{"id": {i}, "prompt_token_ids": [{5 + i % 400}, 7], "max_tokens": 1}}\n' for i in range(n))
         out = os.path.join(workdir, f"tiny_{n}.out.jsonl")
         cmd = ["/usr/bin/time", "-f", "%M", sys.executable, "-m", "mpiinfer", "run", "-m", model, "-i", inp, "-o", out,
                "--overwrite", "-q", "--max-batch", "256", "--step-tokens", "2048", "--kv-budget", "64MB"]

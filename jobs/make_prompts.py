@@ -10,8 +10,8 @@ TOPICS = ["the ocean", "a city at night", "how bread is made", "the history of m
           "photosynthesis", "the moon landing", "a mountain village", "prime numbers", "a thunderstorm",
           "the printing press", "coffee", "a lighthouse keeper", "volcanoes", "the game of chess"]
 ASKS = ["Write a short poem about {t}.", "Explain {t} to a child.", "Give three facts about {t}.",
-        "Write one sentence about {t}.", "Describe {t} in detail, covering its origins, how it works today, "
-        "and why people find it interesting. Use several paragraphs."]
+        "Write one sentence about {t}.", ("Describe {t} in detail, covering its origins, how it works today, "
+                                          "and why people find it interesting. Use several paragraphs.")]
 
 
 def main():

@@ -14,7 +14,7 @@ import click
 
 from .config import ConfigError, EngineConfig, ParallelConfig, RunConfig, SamplingParams
 
-_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.I)
+_SIZE = re.compile(r"^\s*([0-9]*\.?[0-9]+(?:[eE][0-9]+)?)\s*([kmgt]?)(i?)(b?)\s*$", re.IGNORECASE)
 
 
 def parse_size(text: str) -> int:
@@ -146,6 +146,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
 def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
     """Print the mesh and per-rank memory of a layout, without loading weights."""
     import json
+
     from .tools.plan import format_plan, make_plan
     try:
         p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
@@ -217,6 +218,7 @@ def bench_comm(args):
 def init_model_cmd(out_dir, arch, preset, seed, dtype, shard_size, overrides, overwrite):
     """Write a small random Hugging Face checkpoint (with a real tokenizer) to OUT_DIR."""
     import json
+
     from .tools.init_model import init_model
     ov = {}
     for item in overrides:

@@ -12,7 +12,6 @@ import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
-from typing import Optional
 
 
 class ConfigError(ValueError):
@@ -63,7 +62,7 @@ class ModelConfig:
     o_bias: bool = False
     mlp_bias: bool = False
     qk_norm: bool = False             # Qwen3, Qwen3-MoE
-    sliding_window: Optional[int] = None
+    sliding_window: int | None = None
     hidden_act: str = "silu"
     # MoE
     num_experts: int = 0
@@ -75,7 +74,7 @@ class ModelConfig:
     mlp_only_layers: tuple = ()
     # dtype the checkpoint declares ("float32", "bfloat16", ...)
     torch_dtype: str = "float32"
-    bos_token_id: Optional[int] = None
+    bos_token_id: int | None = None
     eos_token_ids: tuple = ()
 
     @property
@@ -108,7 +107,7 @@ class ModelConfig:
         return total
 
     @staticmethod
-    def from_dir(path: str) -> "ModelConfig":
+    def from_dir(path: str) -> ModelConfig:
         cfg_path = os.path.join(path, "config.json")
         if not os.path.isdir(path):
             raise ConfigError(f"model directory not found: {path}")
@@ -130,7 +129,7 @@ class ModelConfig:
         return ModelConfig.from_hf(raw, gen)
 
     @staticmethod
-    def from_hf(raw: dict, gen: Optional[dict] = None) -> "ModelConfig":
+    def from_hf(raw: dict, gen: dict | None = None) -> ModelConfig:
         gen = gen or {}
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else None
@@ -238,7 +237,7 @@ class SamplingParams:
     temperature: float = 0.0
     top_p: float = 1.0
     top_k: int = 0            # 0 = disabled
-    seed: Optional[int] = None
+    seed: int | None = None
     stop: tuple = ()          # stop strings
     stop_token_ids: tuple = ()
     logprobs: bool = False
@@ -256,7 +255,7 @@ class SamplingParams:
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
             raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
 
-    def replace(self, **kw) -> "SamplingParams":
+    def replace(self, **kw) -> SamplingParams:
         return dataclasses.replace(self, **kw)
 
 
@@ -271,19 +270,19 @@ class ParallelConfig:
 class EngineConfig:
     """How one replica's engine runs: device, dtype and memory."""
     device: str = "cpu"
-    dtype: Optional[str] = None        # None: float32 on CPU, the checkpoint's dtype on GPU
+    dtype: str | None = None        # None: float32 on CPU, the checkpoint's dtype on GPU
     max_batch: int = 64                # sequences decoding at once
-    kv_budget_bytes: Optional[int] = None  # None: a default fraction of free memory
-    max_seq_len: Optional[int] = None      # None: the model's max_position_embeddings, capped by the budget
+    kv_budget_bytes: int | None = None  # None: a default fraction of free memory
+    max_seq_len: int | None = None      # None: the model's max_position_embeddings, capped by the budget
     # token budget of one step: prompt chunks + decodes (bounds activation memory).  512 measured 4.5% faster
     # than 2048 on benchmarks/bench_engine.py's mixed workload (286-288 s vs 300 s, 1.24B float32, 2 threads):
     # with smaller chunks more steps carry decodes along with a prompt chunk.
     prefill_chunk_tokens: int = 512
-    threads: Optional[int] = None
+    threads: int | None = None
     share_gpus: bool = False               # allow several ranks on one GPU
     cp_min_tokens: int = 1024              # with --cp > 1: prompts at least this long are split over CP ranks
     cp_short: str = "spread"               # with --cp > 1: shorter prompts spread over the CP ranks, or "first"
-    pack_weights: Optional[bool] = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
+    pack_weights: bool | None = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
 
 
 @dataclass(frozen=True)
@@ -294,14 +293,14 @@ class RunConfig:
     defaults: SamplingParams = field(default_factory=SamplingParams)
     engine: EngineConfig = field(default_factory=EngineConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
-    input_format: Optional[str] = None
+    input_format: str | None = None
     allreduce: str = "auto"                 # TP allreduce: auto | dda | mpi
-    output_format: Optional[str] = None
-    prompt_template: Optional[str] = None   # text-dir inputs: "Summarize:\n{document}"
-    dataset: Optional[str] = None           # HDF5 inputs: dataset of token arrays
+    output_format: str | None = None
+    prompt_template: str | None = None   # text-dir inputs: "Summarize:\n{document}"
+    dataset: str | None = None           # HDF5 inputs: dataset of token arrays
     seed: int = 0                      # base seed for sampled requests that give none
     overwrite: bool = False
     quiet: bool = False
     flush_every: int = 100
-    max_errors: Optional[int] = None
+    max_errors: int | None = None
     log_every: float = 30.0

@@ -38,7 +38,7 @@ class Device:
 
     @staticmethod
     def resolve(name: str = "auto", local_rank: int | None = None, local_size: int = 1,
-                allow_shared_gpu: bool = False) -> "Device":
+                allow_shared_gpu: bool = False) -> Device:
         name = (name or "auto").lower()
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"

@@ -62,6 +62,3 @@ def name_of_code(code: str) -> str:
     """The canonical name of a safetensors header code (unknown codes are returned as they are)."""
     return _BY_CODE.get(code, code)
 
-
-def element_size(name) -> int:
-    return torch.tensor([], dtype=torch_dtype(name)).element_size()

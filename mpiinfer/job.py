@@ -59,7 +59,7 @@ def run(cfg: RunConfig) -> int:
         if world.Get_size() > 1:
             _abort(world, 2)
         return 2
-    except BaseException as e:   # noqa: BLE001 - any failure must end every rank
+    except BaseException as e:
         if isinstance(e, SystemExit) and not e.code:
             return 0
         msg = "".join(traceback.format_exception_only(type(e), e)).strip()
@@ -103,7 +103,7 @@ def _captured(step):
         return step(), None
     except ConfigError as e:
         return None, ("config", str(e))
-    except Exception as e:  # noqa: BLE001 - reported by every rank together
+    except Exception as e:
         if os.environ.get("MPIINFER_DEBUG"):
             traceback.print_exc()
         return None, ("error", "".join(traceback.format_exception_only(type(e), e)).strip())

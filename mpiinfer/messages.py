@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from enum import IntEnum
-from typing import Any, Optional
+from typing import Any
 
 from .config import SamplingParams
 
@@ -20,9 +20,9 @@ class Request:
     index: int                       # 0-based position in the input stream (output order)
     id: Any                          # user's id (or the 1-based line number when absent)
     sampling: SamplingParams
-    prompt: Optional[str] = None
-    messages: Optional[list] = None
-    prompt_token_ids: Optional[list] = None
+    prompt: str | None = None
+    messages: list | None = None
+    prompt_token_ids: list | None = None
     extra: dict = field(default_factory=dict)   # format-specific passthrough (e.g. OpenAI custom_id)
 
 
@@ -38,14 +38,14 @@ class Result:
     id: Any
     text: str = ""
     token_ids: list = field(default_factory=list)
-    finish_reason: Optional[str] = None       # "stop" | "length"
+    finish_reason: str | None = None       # "stop" | "length"
     prompt_tokens: int = 0
-    logprobs: Optional[list] = None
-    error: Optional[ErrorInfo] = None
+    logprobs: list | None = None
+    error: ErrorInfo | None = None
     extra: dict = field(default_factory=dict)
     # timings (seconds) for the summary: time to first token and total
-    ttft: Optional[float] = None
-    latency: Optional[float] = None
+    ttft: float | None = None
+    latency: float | None = None
 
     def to_record(self) -> dict:
         """The output JSONL record (the contract in README.md)."""

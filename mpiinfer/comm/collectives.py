@@ -12,7 +12,7 @@ other calls take mpi4py communicators.  The MPI paths pass CPU tensors as NumPy 
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
@@ -115,7 +115,7 @@ def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
     return out
 
 
-def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Optional[Sequence[int]] = None):
+def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Sequence[int] | None = None):
     """Send ``send_counts[r]`` consecutive rows of ``rows`` to rank r; return (received rows, recv counts).
 
     ``rows``: a contiguous CPU torch tensor or NumPy array of shape (N, ...), rows grouped by

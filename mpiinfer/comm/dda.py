@@ -83,7 +83,6 @@ import os
 import platform
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -199,7 +198,7 @@ def fake_node_size() -> int:
 
 class _Plan:
     """Precomputed views for one (dtype, shape): no per-call allocation on the hot path."""
-    __slots__ = ("algo", "slots", "own", "bounds", "slices", "acc", "nbytes")
+    __slots__ = ("acc", "algo", "bounds", "nbytes", "own", "slices", "slots")
 
 
 class CommWrapper:
@@ -234,7 +233,7 @@ class DDAComm(CommWrapper):
     Collective: every rank of ``comm`` constructs it and calls ``close()``."""
 
     def __init__(self, comm, max_bytes: int = DEFAULT_MAX_BYTES, algo: str = "auto",
-                 thresholds: Optional[dict] = None, timeout: float = DEFAULT_TIMEOUT_S):
+                 thresholds: dict | None = None, timeout: float = DEFAULT_TIMEOUT_S):
         from mpi4py import MPI
         if algo not in ALGOS:
             raise ValueError(f"allreduce algorithm must be one of {ALGOS}, got {algo!r}")
@@ -289,7 +288,7 @@ class DDAComm(CommWrapper):
             self._sync = self.win.Sync
         node.Barrier()
 
-    def set_algo(self, algo: str, thresholds: Optional[dict] = None) -> None:
+    def set_algo(self, algo: str, thresholds: dict | None = None) -> None:
         """Change the algorithm (and thresholds) for later calls; collective in effect: every
         rank must switch at the same point of its call sequence."""
         if algo not in ALGOS:

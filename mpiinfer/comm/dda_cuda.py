@@ -35,13 +35,22 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .dda import (ALGOS, ARRIVE, BCAST, HEADER, SLICE, CommWrapper, DDATimeout, choose_algo, fake_node_size,
-                  split_bounds)
+from .dda import (
+    ALGOS,
+    ARRIVE,
+    BCAST,
+    HEADER,
+    SLICE,
+    CommWrapper,
+    DDATimeout,
+    choose_algo,
+    fake_node_size,
+    split_bounds,
+)
 
 UNVERIFIED = (
     "every CUDA path: IPC handle exchange and mapping, the signal / sum kernels (NVRTC compile,"
@@ -176,7 +185,7 @@ class CudaDDAComm(CommWrapper):
     path is NCCL, else MPI (CUDA-aware when ``cuda_aware_mpi()``, else host-staged)."""
 
     def __init__(self, comm, max_bytes: int = 8 << 20, algo: str = "auto",
-                 thresholds: Optional[dict] = None, timeout: float = 30.0, use_nccl: Optional[bool] = None):
+                 thresholds: dict | None = None, timeout: float = 30.0, use_nccl: bool | None = None):
         from mpi4py import MPI
         cp = _cupy()
         if algo not in ALGOS:
@@ -229,7 +238,7 @@ class CudaDDAComm(CommWrapper):
                 self.nccl = None
         self.node.Barrier()
 
-    def set_algo(self, algo: str, thresholds: Optional[dict] = None) -> None:
+    def set_algo(self, algo: str, thresholds: dict | None = None) -> None:
         if algo not in ALGOS:
             raise ValueError(f"allreduce algorithm must be one of {ALGOS}, got {algo!r}")
         self.algo = algo

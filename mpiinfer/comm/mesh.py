@@ -8,7 +8,7 @@ the TP allreduce algorithm chosen once, when the mesh is built; ``node_local``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any
 
 from ..config import ConfigError
 
@@ -172,12 +172,12 @@ class Mesh:
         return self.tp_rank == 0 and self.cp_rank == 0
 
     @staticmethod
-    def single() -> "Mesh":
+    def single() -> Mesh:
         return Mesh(Layout(world=1), 0)
 
     @staticmethod
     def build(world_comm, layout: Layout, allreduce: str = "auto", device_kind: str = "cpu",
-              timeout: Optional[float] = None) -> "Mesh":
+              timeout: float | None = None) -> Mesh:
         """Split ``world_comm`` by ``layout`` (collective over it).  ``allreduce``: ``mpi`` keeps MPI's
         allreduce for TP; ``auto`` / ``dda`` build a direct-data-access communicator over each TP group of
         more than one rank (shared memory on CPU, CuPy IPC on CUDA; ``comm.dda.choose_algo``)."""

@@ -14,7 +14,7 @@ Typical use::
 from __future__ import annotations
 
 import time
-from typing import Iterable, Iterator, Optional
+from collections.abc import Iterable, Iterator
 
 from ..messages import ErrorInfo, Request, Result
 from .runner import ModelRunner
@@ -23,9 +23,9 @@ from .scheduler import Scheduler, Sequence, rows_needed
 
 
 class Engine:
-    def __init__(self, runner: ModelRunner, tokenizer, default_seed: int = 0, max_batch: Optional[int] = None,
-                 step_tokens: Optional[int] = None, max_seq_len: Optional[int] = None,
-                 cp_min_tokens: Optional[int] = None, cp_short: Optional[str] = None):
+    def __init__(self, runner: ModelRunner, tokenizer, default_seed: int = 0, max_batch: int | None = None,
+                 step_tokens: int | None = None, max_seq_len: int | None = None,
+                 cp_min_tokens: int | None = None, cp_short: str | None = None):
         self.runner = runner
         self.tok = tokenizer
         self.cfg = runner.cfg
@@ -92,7 +92,7 @@ class Engine:
             gen = make_generator(seed, self.runner.device.torch)
         return Sequence(req, ids, max_new, eos, gen, cp=use_cp, t_added=time.perf_counter())
 
-    def add(self, req: Request) -> Optional[Result]:
+    def add(self, req: Request) -> Result | None:
         """Queue a request; returns an error Result right away when it cannot run."""
         seq = self.prepare(req)
         if isinstance(seq, Result):

@@ -77,8 +77,7 @@ class ModelRunner:
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.packed = self._pack(index)
         self.kv_dtype = self.dtype
-        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, torch.tensor([], dtype=self.kv_dtype).element_size(),
-                                                     mesh.tp, mesh.tp_rank)
+        self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, self.kv_dtype.itemsize, mesh.tp, mesh.tp_rank)
         self.kv = self._allocate_kv()
         log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB)",
                  mesh.rank, self.cfg.arch, str(self.dtype).replace("torch.", ""), self.weight_bytes / 1e9,

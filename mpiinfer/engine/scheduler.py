@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import collections
 from dataclasses import dataclass, field
-from typing import Optional
 
 import torch
 
@@ -27,7 +26,7 @@ class Sequence:
     prompt: list
     max_new: int
     eos: frozenset
-    generator: Optional[torch.Generator]
+    generator: torch.Generator | None
     cp: bool = False                   # context-parallel: prompt and KV spread over the CP ranks
     home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
     kv_base: list = field(default_factory=list)   # per CP rank (one entry, on ``home``, when not CP)
@@ -36,9 +35,9 @@ class Sequence:
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     t_added: float = 0.0
-    t_first: Optional[float] = None
-    finish_reason: Optional[str] = None
-    text: Optional[str] = None
+    t_first: float | None = None
+    finish_reason: str | None = None
+    text: str | None = None
 
     @property
     def in_prefill(self) -> bool:

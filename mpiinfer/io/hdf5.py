@@ -36,13 +36,14 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import numpy as np
 
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
 from .records import INVALID_REQUEST
+
 
 def _no_nul(s: str) -> str:
     """HDF5 variable-length strings cannot hold NUL: it is stored as U+FFFD (token_ids stay exact)."""
@@ -76,7 +77,7 @@ def _dtypes(h5py) -> dict:
 # ----------------------------------------------------------------- input
 
 def iter_hdf5(path, defaults: SamplingParams = SamplingParams(), start_index: int = 0, *,
-              skip: int = 0, dataset: str = "input_ids", ids_dataset: Optional[str] = "ids",
+              skip: int = 0, dataset: str = "input_ids", ids_dataset: str | None = "ids",
               chunk_rows: int = _CHUNK_ROWS) -> Iterator:
     """Stream one item per row of ``dataset``; rows are read ``chunk_rows`` at a time.
 
@@ -297,7 +298,7 @@ class Hdf5Writer:
             self.closed = True
             self._f.close()
 
-    def __enter__(self) -> "Hdf5Writer":
+    def __enter__(self) -> Hdf5Writer:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -370,7 +371,7 @@ def read_hdf5_results(path, start_index: int = 0) -> list:
     with h5py.File(os.fspath(path), "r", swmr=True, libver="latest") as f:
         n = min(f[k].shape[0] for k in OUTPUT_DATASETS)
         c = {k: f[k][:n] for k in OUTPUT_DATASETS}
-    dec = lambda b: b.decode("utf-8", "surrogatepass") if isinstance(b, bytes) else b  # noqa: E731
+    dec = lambda b: b.decode("utf-8", "surrogatepass") if isinstance(b, bytes) else b
     for i in range(n):
         et = dec(c["error_type"][i])
         if et:

@@ -50,12 +50,23 @@ writes the same bytes as an uninterrupted one.  (vLLM's run-batch writes random
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Optional, Union
+from collections.abc import Callable
+from typing import Any
 
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
-from .records import (INVALID_REQUEST, RecordError, _check_text, _got, _int_value, _is_int,
-                      _parse_token_list, decode_line, parse_messages, parse_sampling)
+from .records import (
+    INVALID_REQUEST,
+    RecordError,
+    _check_text,
+    _got,
+    _int_value,
+    _is_int,
+    _parse_token_list,
+    decode_line,
+    parse_messages,
+    parse_sampling,
+)
 
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
@@ -208,7 +219,7 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
 
 
 def parse_openai_record(obj_or_line: Any, line_no: int, index: int,
-                        defaults: SamplingParams) -> Union[Request, Result]:
+                        defaults: SamplingParams) -> Request | Result:
     """Raw line bytes/str or a parsed value -> Request, or an error Result. Never raises."""
     extra: dict = {"custom_id": None}
     try:
@@ -258,7 +269,7 @@ def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) 
 
 
 def batch_output_record(result: Result, created: int, model: str = "",
-                        token_str: Optional[Callable[[int], str]] = None,
+                        token_str: Callable[[int], str] | None = None,
                         default_url: str = COMPLETIONS_URL) -> dict:
     """One OpenAI batch output record for ``result`` (see the module docstring).
 

@@ -22,14 +22,15 @@ import io
 import json
 import os
 import sys
-from typing import BinaryIO, Callable, Dict, Iterator, Optional, Union
+from collections.abc import Callable, Iterator
+from typing import BinaryIO, Union
 
 from ..config import SamplingParams
 from ..messages import Request, Result
 from .openai_batch import looks_like_openai, parse_openai_record
 from .records import parse_record
 
-Item = Union[Request, Result]
+Item = Request | Result
 Source = Union[str, "os.PathLike[str]", BinaryIO]
 
 _BOM = b"\xef\xbb\xbf"
@@ -107,7 +108,7 @@ def _line_items(f, owned: bool, parse, defaults: SamplingParams, index: int, ski
             f.close()
 
 
-def count_lines(path: Union[str, "os.PathLike[str]"]) -> Optional[int]:
+def count_lines(path: str | os.PathLike[str]) -> int | None:
     """Physical lines in a file (a final line without ``\\n`` counts), by chunked byte counting.
 
     Blank lines are counted too, so this is an upper bound on the number of
@@ -144,14 +145,14 @@ def _iter_textdir(path, defaults=SamplingParams(), start_index=0, **kw):
 
 
 # Format name -> reader(path_or_stream, defaults, start_index, *, skip=0, **options).
-READERS: Dict[str, Callable[..., Iterator[Item]]] = {
+READERS: dict[str, Callable[..., Iterator[Item]]] = {
     "jsonl": iter_jsonl,
     "openai": iter_openai,
     "hdf5": _iter_hdf5,
     "text": _iter_textdir,
 }
 # Format-specific options open_input passes on; an option meant for another format is ignored.
-OPTIONS: Dict[str, tuple] = {
+OPTIONS: dict[str, tuple] = {
     "jsonl": (),
     "openai": (),
     "hdf5": ("dataset", "ids_dataset", "chunk_rows"),
@@ -159,7 +160,7 @@ OPTIONS: Dict[str, tuple] = {
 }
 _ALL_OPTIONS = frozenset(o for opts in OPTIONS.values() for o in opts)
 # File extension (lower case) -> format name; JSONL extensions are sniffed for OpenAI batch records.
-EXTENSIONS: Dict[str, str] = {
+EXTENSIONS: dict[str, str] = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".ndjson": "jsonl",
@@ -169,12 +170,11 @@ EXTENSIONS: Dict[str, str] = {
 _SNIFF_LINES = 1000   # blank lines looked through before giving up (then: plain JSONL)
 
 
-def sniff_jsonl(first_line: Optional[bytes]) -> str:
+def sniff_jsonl(first_line: bytes | None) -> str:
     """``openai`` when the first non-blank line is an OpenAI batch request, else ``jsonl``."""
     if not first_line:
         return "jsonl"
-    if first_line.startswith(_BOM):
-        first_line = first_line[len(_BOM):]
+    first_line = first_line.removeprefix(_BOM)
     try:
         obj = json.loads(first_line)
     except ValueError:
@@ -208,7 +208,7 @@ class _Prefixed:
         return self._f.readline(*a)
 
 
-def detect_format(path: Union[str, "os.PathLike[str]"]) -> str:
+def detect_format(path: str | os.PathLike[str]) -> str:
     """The input format of a path: a directory is ``text``, ``.h5``/``.hdf5`` is ``hdf5``,
     ``.jsonl``/``.json``/``.ndjson`` is ``openai`` when its first non-blank line is an
     OpenAI batch request (``custom_id`` with ``body`` or ``url``) else ``jsonl``.
@@ -233,7 +233,7 @@ def detect_format(path: Union[str, "os.PathLike[str]"]) -> str:
     return fmt
 
 
-def open_input(path: Union[str, "os.PathLike[str]"], fmt: Optional[str] = None,
+def open_input(path: str | os.PathLike[str], fmt: str | None = None,
                defaults: SamplingParams = SamplingParams(), start_index: int = 0, *,
                skip: int = 0, **options) -> Iterator[Item]:
     """Open an input and return its lazy item iterator.

@@ -27,7 +27,7 @@ import difflib
 import functools
 import json
 import math
-from typing import Any, Union
+from typing import Any
 
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
@@ -125,7 +125,7 @@ _DECODER = json.JSONDecoder(parse_constant=_reject_constant)
 
 # ----------------------------------------------------------------- decoding
 
-def decode_line(raw: Union[bytes, bytearray, memoryview, str]) -> Any:
+def decode_line(raw: bytes | bytearray | memoryview | str) -> Any:
     """Bytes (or str) of one line -> the JSON value. Raises RecordError."""
     if isinstance(raw, (bytes, bytearray, memoryview)):
         raw = bytes(raw)
@@ -138,8 +138,7 @@ def decode_line(raw: Union[bytes, bytearray, memoryview, str]) -> Any:
                 f"(0x{raw[e.start]:02x})") from None
     else:
         text = raw
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     if not text.strip():
         raise RecordError(INVALID_JSON, "empty record")
     try:
@@ -349,7 +348,7 @@ def error_result(index: int, id: Any, type: str, message: str) -> Result:
 
 
 def parse_record(obj_or_line: Any, line_no: int, index: int,
-                 defaults: SamplingParams) -> Union[Request, Result]:
+                 defaults: SamplingParams) -> Request | Result:
     """Raw line bytes/str or an already parsed JSON value -> Request, or an error Result.
 
     Never raises for bad input; ``index`` is the output position, ``line_no``

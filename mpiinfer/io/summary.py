@@ -26,7 +26,6 @@ import os
 import random
 import tempfile
 import time
-from typing import Dict, List, Optional
 
 from ..messages import Result
 
@@ -41,7 +40,7 @@ class Reservoir:
             raise ValueError(f"reservoir size must be >= 1, got {size}")
         self.size = size
         self.seen = 0
-        self.values: List[float] = []
+        self.values: list[float] = []
         self._rng = random.Random(seed)
 
     def add(self, x: float) -> None:
@@ -53,7 +52,7 @@ class Reservoir:
             if j < self.size:
                 self.values[j] = x
 
-    def percentiles(self, ps=PERCENTILES) -> Optional[Dict[str, float]]:
+    def percentiles(self, ps=PERCENTILES) -> dict[str, float] | None:
         """``{"p50": ..., ...}`` or None when empty."""
         if not self.values:
             return None
@@ -73,7 +72,7 @@ def _percentile(sorted_values: list, p: float) -> float:
     return sorted_values[lo] + (sorted_values[hi] - sorted_values[lo]) * frac
 
 
-def summary_path(output: str) -> Optional[str]:
+def summary_path(output: str) -> str | None:
     """``OUTPUT.summary.json`` for an output path; None for ``-`` (stdout)."""
     output = os.fspath(output)
     return None if output == "-" else output + ".summary.json"
@@ -94,13 +93,13 @@ class Summary:
         self.resumed = resumed
         self.ok = 0
         self.errors = 0
-        self.errors_by_type: Dict[str, int] = {}
+        self.errors_by_type: dict[str, int] = {}
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft = Reservoir(reservoir_size, seed)
         self.per_token = Reservoir(reservoir_size, seed + 1)
         self.t_start = time.monotonic()
-        self.t_end: Optional[float] = None
+        self.t_end: float | None = None
 
     def start(self) -> None:
         self.t_start = time.monotonic()

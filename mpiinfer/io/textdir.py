@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
@@ -45,7 +45,7 @@ def _walk(root: str, rel: str, recursive: bool) -> Iterator[str]:
 
 
 def iter_textdir(path, defaults: SamplingParams = SamplingParams(), start_index: int = 0, *,
-                 skip: int = 0, prompt_template: Optional[str] = None,
+                 skip: int = 0, prompt_template: str | None = None,
                  recursive: bool = False) -> Iterator:
     """Stream one item per text file of directory ``path`` (see the module docstring)."""
     defaults.validate()
@@ -69,7 +69,7 @@ def _items(root, defaults, index, skip, template, recursive):
         index += 1
 
 
-def _one(root: str, rel: str, index: int, defaults: SamplingParams, template: Optional[str]):
+def _one(root: str, rel: str, index: int, defaults: SamplingParams, template: str | None):
     try:
         with open(os.path.join(root, *rel.split("/")), "rb") as f:
             data = f.read()
@@ -82,8 +82,7 @@ def _one(root: str, rel: str, index: int, defaults: SamplingParams, template: Op
         return Result(index=index, id=rel, error=ErrorInfo(
             INVALID_ENCODING, f"{rel} is not valid UTF-8: {e.reason} at byte {e.start + 1} "
                               f"(0x{data[e.start]:02x})"))
-    if text.startswith("\ufeff"):
-        text = text[1:]
+    text = text.removeprefix("\ufeff")
     if not text.strip():
         return Result(index=index, id=rel, error=ErrorInfo(INVALID_REQUEST, f"{rel} is empty"))
     prompt = text if template is None else \

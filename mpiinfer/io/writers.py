@@ -26,7 +26,7 @@ import json
 import os
 import sys
 import time
-from typing import Callable, Dict, Optional, Tuple
+from collections.abc import Callable
 
 from ..messages import Result
 from .openai_batch import COMPLETIONS_URL, batch_output_record
@@ -72,7 +72,7 @@ class JsonlWriter:
             self._sync = False
         else:
             existed = os.path.exists(self.path)
-            self._f = open(self.path, "ab")
+            self._f = open(self.path, "ab")   # noqa: SIM115 - held open for the writer's lifetime, closed by close()
             self._owned = True
             self._sync = True
             if not existed:
@@ -130,7 +130,7 @@ class JsonlWriter:
             if self._owned:
                 self._f.close()
 
-    def __enter__(self) -> "JsonlWriter":
+    def __enter__(self) -> JsonlWriter:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -149,8 +149,8 @@ class OpenAIBatchWriter(JsonlWriter):
     """
 
     def __init__(self, path, flush_every_records: int = 100, flush_every_seconds: float = 5.0, *,
-                 model: str = "", created: Optional[int] = None,
-                 token_str: Optional[Callable[[int], str]] = None,
+                 model: str = "", created: int | None = None,
+                 token_str: Callable[[int], str] | None = None,
                  default_url: str = COMPLETIONS_URL):
         super().__init__(path, flush_every_records, flush_every_seconds)
         self.model = model or ""
@@ -179,7 +179,7 @@ class OrderedWriter:
         self.inner = inner
         self.next_index = start_index
         self.max_pending = max_pending
-        self._pending: Dict[int, Result] = {}
+        self._pending: dict[int, Result] = {}
         self.closed = False
 
     @property
@@ -225,7 +225,7 @@ class OrderedWriter:
                 f"{self.next_index} never arrived (pending from {lo} to {max(self._pending)}); "
                 f"they were not written")
 
-    def __enter__(self) -> "OrderedWriter":
+    def __enter__(self) -> OrderedWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -248,7 +248,7 @@ def _complete_record(line: bytes) -> bool:
     return isinstance(rec, dict) and "id" in rec
 
 
-def recover_jsonl(path) -> Tuple[int, int]:
+def recover_jsonl(path) -> tuple[int, int]:
     """Make an existing output resumable -> ``(complete_records, last_good_offset)``.
 
     Every line is checked: a complete record ends with ``\\n`` and is a JSON
@@ -262,11 +262,9 @@ def recover_jsonl(path) -> Tuple[int, int]:
         return 0, 0
     count = 0
     offset = 0
-    bad_line: Optional[int] = None
+    bad_line: int | None = None
     with open(path, "r+b") as f:
-        line_no = 0
-        for line in f:
-            line_no += 1
+        for line_no, line in enumerate(f, 1):
             if bad_line is not None:
                 raise ValueError(
                     f"{path}: line {bad_line} (byte offset {offset}) is not a complete JSON record "
@@ -286,7 +284,7 @@ def recover_jsonl(path) -> Tuple[int, int]:
 
 # ----------------------------------------------------------------- format dispatch
 
-OUTPUT_EXTENSIONS: Dict[str, str] = {
+OUTPUT_EXTENSIONS: dict[str, str] = {
     ".jsonl": "jsonl",
     ".json": "jsonl",
     ".ndjson": "jsonl",
@@ -313,7 +311,7 @@ def detect_output_format(path) -> str:
     return fmt
 
 
-def default_output_format(input_format: Optional[str], path=None) -> str:
+def default_output_format(input_format: str | None, path=None) -> str:
     """The output format when none is given: HDF5 for a ``.h5``/``.hdf5`` path, else
     ``openai`` when the input is an OpenAI batch file, else by the path's extension
     (``jsonl`` when there is no path)."""
@@ -325,7 +323,7 @@ def default_output_format(input_format: Optional[str], path=None) -> str:
     return by_ext
 
 
-def open_output(path, fmt: Optional[str] = None, **kw):
+def open_output(path, fmt: str | None = None, **kw):
     """A writer for ``path`` with ``write(Result)``, ``flush()``, ``close()`` (and a context manager).
 
     ``fmt``: ``jsonl``, ``openai``, ``hdf5`` or None (``detect_output_format``).
@@ -354,14 +352,14 @@ def _recover_hdf5(path) -> int:
 
 # Format -> recover(path) -> number of complete records (0 for a missing file); the
 # output is left ready for appending (torn tail removed).
-RECOVERY: Dict[str, Callable[..., int]] = {
+RECOVERY: dict[str, Callable[..., int]] = {
     "jsonl": lambda path: recover_jsonl(path)[0],
     "openai": lambda path: recover_jsonl(path)[0],
     "hdf5": _recover_hdf5,
 }
 
 
-def recover_output(path, fmt: Optional[str] = None) -> int:
+def recover_output(path, fmt: str | None = None) -> int:
     """Make an existing output resumable -> its count of complete records (see ``RECOVERY``).
 
     ``-`` (stdout) is 0.  Raises ValueError on corruption recovery cannot explain.

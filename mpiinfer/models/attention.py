@@ -21,7 +21,7 @@ plans there (a small ``Allgather`` / ``Allgatherv`` on ``cp_comm`` per CP prompt
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +30,12 @@ from torch import nn
 from ..comm.mesh import Mesh
 from ..config import ModelConfig
 from ..parallel.linear import ColumnParallelLinear, Part, RowParallelLinear
-from ..parallel.ring import RingPlan, combine_across_ranks, decode_attention_partial, ring_attention
+from ..parallel.ring import (
+    RingPlan,
+    combine_across_ranks,
+    decode_attention_partial,
+    ring_attention,
+)
 from ..parallel.shard import kv_heads_for_rank, q_heads_for_rank
 from .layers import RMSNorm, Rotary
 from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
@@ -54,7 +59,7 @@ class DecodeGroup(NamedTuple):
     invalid: torch.Tensor
 
 
-def decode_group(batch: StepBatch, window, row_bytes: int) -> Optional[DecodeGroup]:
+def decode_group(batch: StepBatch, window, row_bytes: int) -> DecodeGroup | None:
     """The one-token decodes of ordinary sequences in ``batch`` to attend together, or None when the
     per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each)."""
     sel = [i for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len))
@@ -77,14 +82,14 @@ def decode_group(batch: StepBatch, window, row_bytes: int) -> Optional[DecodeGro
 class AttentionPlan:
     """How every sequence of one step is attended; the same for every layer of the step."""
     batch: StepBatch
-    group: Optional[DecodeGroup] = None              # decodes attended together
+    group: DecodeGroup | None = None              # decodes attended together
     local: list = field(default_factory=list)        # sequence indices attended one by one on this rank
     ring: list = field(default_factory=list)         # (sequence index, RingPlan) of CP prompts
     cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
 
     @staticmethod
-    def build(batch: StepBatch, cp_comm, window: Optional[int], row_bytes: int,
-              group_decodes: bool) -> "AttentionPlan":
+    def build(batch: StepBatch, cp_comm, window: int | None, row_bytes: int,
+              group_decodes: bool) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``)."""
         plan = AttentionPlan(batch, decode_group(batch, window, row_bytes) if group_decodes else None)
         grouped = plan.group.seqs if plan.group is not None else ()

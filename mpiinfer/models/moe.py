@@ -126,7 +126,7 @@ class SparseMoeBlock(nn.Module):
 
     def _forward_wide(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         mesh = self.mesh
-        T, h = x.shape
+        T, _h = x.shape
         # this TP rank's share of the replica's tokens
         t0, t1 = balanced_range(T, mesh.tp_rank, mesh.tp, allow_empty=True)
         xs, idx_s, w_s = x[t0:t1], idx[t0:t1], w[t0:t1]

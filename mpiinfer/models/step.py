@@ -24,7 +24,6 @@ import torch
 
 from ..parallel.shard import cp_local_positions
 
-
 # how a sequence of the batch is attended (``StepBatch.mode``)
 MODE_LOCAL = 0        # an ordinary sequence, whole on one CP rank
 MODE_CP_PREFILL = 1   # a CP prompt: each rank holds its load-balanced shard (ring attention)
@@ -84,7 +83,7 @@ class StepBatch:
         }
 
     @staticmethod
-    def from_arrays(a: dict) -> "StepBatch":
+    def from_arrays(a: dict) -> StepBatch:
         seq = a["seq"]
         b = StepBatch(torch.from_numpy(a["input_ids"]), torch.from_numpy(a["positions"]),
                       seq[0].tolist(), seq[1].tolist(), seq[2].tolist(), seq[3].tolist(),

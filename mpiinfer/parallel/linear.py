@@ -14,8 +14,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..comm.collectives import all_reduce
 from .. import kernels
+from ..comm.collectives import all_reduce
 from ..kernels import linear
 from .shard import Slice
 

@@ -25,10 +25,11 @@ dtype; outputs are returned in the input dtype (or float32 for the partial/merge
 """
 from __future__ import annotations
 
+import itertools
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Optional, Sequence
 
 import numpy as np
 import torch
@@ -72,7 +73,7 @@ def _runs(pos: np.ndarray):
     if len(cuts) + 1 > MAX_RUNS:
         return [(0, n, False)]
     edges = [0, *cuts.tolist(), n]
-    return [(a, b, True) for a, b in zip(edges[:-1], edges[1:])]
+    return [(a, b, True) for a, b in itertools.pairwise(edges)]
 
 
 def _minmax(pos, a, b, regular):
@@ -97,8 +98,8 @@ def default_tile(*positions) -> int:
     return max(1, min(max(MIN_TILE, shortest // 16), shortest // 2))
 
 
-def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: Optional[int] = None,
-               tile: Optional[int] = None):
+def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: int | None = None,
+               tile: int | None = None):
     """The matmuls attending queries at ``q_pos`` to one K/V block at ``kv_pos``.
 
     Both are split into runs of consecutive positions; each (q run, kv run) pair is skipped
@@ -165,12 +166,12 @@ class RingPlan:
     sizes: list                      # K/V rows of each cp rank's block
     kv_pos: list                     # np.int64 global positions of each rank's block
     q_pos: np.ndarray
-    window: Optional[int]
+    window: int | None
     steps: list                      # steps[t] = (source rank, [Rect]); step 0 is this rank's own block
     skipped: int = 0                 # sub-blocks skipped as future / out of window
 
     @classmethod
-    def build(cls, q_pos, kv_pos, comm, window=None, tile: Optional[int] = None) -> "RingPlan":
+    def build(cls, q_pos, kv_pos, comm, window=None, tile: int | None = None) -> RingPlan:
         qp = _np_pos(q_pos)
         kp = _np_pos(kv_pos)
         if comm is None or comm.Get_size() == 1:
@@ -305,8 +306,8 @@ def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse
 # --------------------------------------------------------------------------- prefill: ring attention
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_pos, comm, scale: float,
-                   window: Optional[int] = None, *, plan: Optional[RingPlan] = None,
-                   stats: Optional[dict] = None, return_lse: bool = False,
+                   window: int | None = None, *, plan: RingPlan | None = None,
+                   stats: dict | None = None, return_lse: bool = False,
                    max_score_elems: int = MAX_SCORE_ELEMS, progress: bool = True):
     """Exact causal attention of this rank's queries to the K/V of ALL ranks of ``comm``.
 
@@ -402,7 +403,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
 # --------------------------------------------------------------------------- decode: sharded KV
 
 def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             q_pos=None, kv_pos=None, window: Optional[int] = None):
+                             q_pos=None, kv_pos=None, window: int | None = None):
     """Attention of queries q (Tq, n_q, hd) to one rank's local K/V shard k, v (Tk, n_kv, hd).
 
     Without positions every key is visible (decode: the shard is all in the past).  With
@@ -461,12 +462,12 @@ def combine_across_ranks(out: torch.Tensor, lse: torch.Tensor, comm, return_lse:
 # --------------------------------------------------------------------------- reference
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                               window: Optional[int] = None, q_pos=None, kv_pos=None,
+                               window: int | None = None, q_pos=None, kv_pos=None,
                                return_lse: bool = False):
     """Full causal (optionally sliding-window) attention in float64 on one process.
     q (Tq, n_q, hd), k/v (Tk, n_kv, hd); positions default to ``arange``.  Returns out in q's
     dtype (and lse float64 with ``return_lse``); rows with no visible key give 0."""
-    Tq, n_q, hd = q.shape
+    Tq, n_q, _hd = q.shape
     Tk, n_kv = k.shape[0], k.shape[1]
     g = n_q // n_kv
     qp = torch.arange(Tq) if q_pos is None else torch.as_tensor(np.asarray(_np_pos(q_pos)))

@@ -17,10 +17,8 @@ No torch, no MPI: every function takes sizes and ranks and returns index ranges 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
-
 
 # --------------------------------------------------------------------------- ranges
 
@@ -46,7 +44,7 @@ def balanced_range(size: int, rank: int, world: int, allow_empty: bool = False) 
 @dataclass(frozen=True)
 class Slice:
     """Rows/cols [start, stop) along ``dim`` of a checkpoint tensor; dim None = the whole tensor."""
-    dim: Optional[int] = None
+    dim: int | None = None
     start: int = 0
     stop: int = 0
 

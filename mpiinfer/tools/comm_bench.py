@@ -24,12 +24,12 @@ import os
 import socket
 import statistics
 import time
-from typing import Optional, Sequence
+from collections.abc import Sequence
 
 import torch
 
-from ..comm.dda import DDAComm, load_thresholds, thresholds_for, user_thresholds_path
 from ..comm.collectives import mpi_all_reduce
+from ..comm.dda import DDAComm, load_thresholds, thresholds_for, user_thresholds_path
 
 DEFAULT_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "mpi", "gloo")
 DDA_MODE = {"dda-1shot": "1shot", "dda-2shot": "2shot", "dda": "dda", "auto": "auto"}
@@ -85,9 +85,9 @@ def _op(algo: str, dda, comm, dist):
     return lambda t: dist.all_reduce(t)
 
 
-def bench_allreduce(sizes: Optional[Sequence[int]] = None, algos: Sequence[str] = DEFAULT_ALGOS,
-                    iters: int = 200, json_path: Optional[str] = None, comm=None,
-                    thresholds: Optional[dict] = None, quiet: bool = False, rounds: int = 5) -> list:
+def bench_allreduce(sizes: Sequence[int] | None = None, algos: Sequence[str] = DEFAULT_ALGOS,
+                    iters: int = 200, json_path: str | None = None, comm=None,
+                    thresholds: dict | None = None, quiet: bool = False, rounds: int = 5) -> list:
     """Measure every (size, algo); print a table on rank 0; write JSON rows there; return the rows."""
     from mpi4py import MPI
     comm = comm if comm is not None else MPI.COMM_WORLD
@@ -177,7 +177,7 @@ def pick_thresholds(rows: list) -> dict:
     return {"oneshot_max_bytes": one, "twoshot_max_bytes": max(one, two)}
 
 
-def tune(sizes: Optional[Sequence[int]] = None, iters: int = 200, path=None, comm=None) -> dict:
+def tune(sizes: Sequence[int] | None = None, iters: int = 200, path=None, comm=None) -> dict:
     """Measure and merge this world size's thresholds into ``path`` (default: the user's thresholds file;
     rank 0 writes)."""
     from mpi4py import MPI
@@ -216,7 +216,7 @@ def parse_sizes(spec: str) -> list:
     return [num(s) for s in spec.split(",")]
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpiinfer bench comm", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="8:64M", help='"8:64M" powers of 2, "8:64M:4" powers of 4, or a list "8,1K,64K"')
     ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))

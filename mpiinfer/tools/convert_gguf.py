@@ -32,7 +32,7 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any
 
 import numpy as np
 
@@ -165,7 +165,7 @@ def _check_permutable(w: np.ndarray, n_head: int) -> None:
 # ---------------------------------------------------------------------------
 def _import_gguf():
     try:
-        import gguf  # noqa: F401
+        import gguf
         from gguf.quants import dequantize  # noqa: F401
     except ImportError as e:  # pragma: no cover - depends on the environment
         raise ConfigError(f"converting GGUF files needs the 'gguf' package (pip install gguf): {e}") from None
@@ -206,7 +206,7 @@ class _Meta:
             raise ConfigError(f"{self._path}: GGUF metadata lacks required key {key!r}")
         return self.get(key)
 
-    def integer(self, key: str, default: Optional[int] = None, required: bool = False) -> Optional[int]:
+    def integer(self, key: str, default: int | None = None, required: bool = False) -> int | None:
         v = self.need(key) if required else self.get(key, default)
         if v is None:
             return None
@@ -219,7 +219,7 @@ class _Meta:
 
 
 # ---------------------------------------------------------------------------
-def _bytes_to_unicode() -> Dict[int, str]:
+def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map (as in transformers/tokenizers)."""
     bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("\xa1"), ord("\xac") + 1)) + list(
         range(ord("\xae"), ord("\xff") + 1))
@@ -233,7 +233,7 @@ def _bytes_to_unicode() -> Dict[int, str]:
     return dict(zip(bs, (chr(c) for c in cs)))
 
 
-def _pre_tokenizer(pre: Optional[str], compat: str, path: str):
+def _pre_tokenizer(pre: str | None, compat: str, path: str):
     from tokenizers import Regex, pre_tokenizers
 
     def split(regex):
@@ -290,7 +290,7 @@ def _build_tokenizer(meta: _Meta, path: str, compat: str):
     if model != "gpt2":
         raise ConfigError(
             f"{path}: unsupported tokenizer.ggml.model {model!r}; only 'gpt2' (byte-level BPE) is supported")
-    tokens: List[str] = meta.need("tokenizer.ggml.tokens")
+    tokens: list[str] = meta.need("tokenizer.ggml.tokens")
     merges_raw = meta.get("tokenizer.ggml.merges")
     if not merges_raw:
         raise ConfigError(f"{path}: byte-level BPE tokenizer without tokenizer.ggml.merges")
@@ -305,7 +305,7 @@ def _build_tokenizer(meta: _Meta, path: str, compat: str):
     for i, tok in enumerate(tokens):
         key = tok if set(tok) <= alphabet else "".join(spelling[b] for b in tok.encode("utf-8"))
         vocab[key] = i  # later duplicates win, as in transformers
-    merges: List[Tuple[str, str]] = []
+    merges: list[tuple[str, str]] = []
     for m in merges_raw:
         parts = m.split(" ")
         if len(parts) != 2:
@@ -329,7 +329,7 @@ def _build_tokenizer(meta: _Meta, path: str, compat: str):
     if user:
         tk.add_tokens(user)
 
-    def token_of(key: str) -> Tuple[Optional[int], Optional[str]]:
+    def token_of(key: str) -> tuple[int | None, str | None]:
         tid = meta.integer(key)
         if tid is None or not (0 <= tid < len(tokens)):
             return None, None
@@ -364,8 +364,8 @@ def _build_tokenizer(meta: _Meta, path: str, compat: str):
 
 
 # ---------------------------------------------------------------------------
-def _rope_scaling(meta: _Meta, freqs_factors: Optional[np.ndarray], theta: float, rot_dim: int,
-                  path: str) -> Optional[dict]:
+def _rope_scaling(meta: _Meta, freqs_factors: np.ndarray | None, theta: float, rot_dim: int,
+                  path: str) -> dict | None:
     stype = meta.get("llama.rope.scaling.type")
     if stype in (None, "none", ""):
         pass
@@ -545,7 +545,7 @@ def _tensor_plan(reader, hp: dict, path: str):
     n_layers, hidden, ffn = hp["num_hidden_layers"], hp["hidden_size"], hp["intermediate_size"]
     q_rows = hp["num_attention_heads"] * hp["head_dim"]
     kv_rows = hp["num_key_value_heads"] * hp["head_dim"]
-    plan: Dict[str, Tuple[Any, Tuple[int, ...]]] = {}
+    plan: dict[str, tuple[Any, tuple[int, ...]]] = {}
     rope_freqs = None
     unknown = []
     for t in reader.tensors:
@@ -606,7 +606,7 @@ def _write_weights(tmp: str, reader, plan: dict, hp: dict, dtype: str, max_shard
 
     tdtype = getattr(torch, dtype)
     itemsize = torch.empty((), dtype=tdtype).element_size()
-    shards: List[List[str]] = [[]]
+    shards: list[list[str]] = [[]]
     size = 0
     for name, (_, shape) in plan.items():
         nbytes = int(np.prod(shape)) * itemsize
@@ -647,7 +647,7 @@ def _write_weights(tmp: str, reader, plan: dict, hp: dict, dtype: str, max_shard
                     {"metadata": {"total_size": total}, "weight_map": weight_map})
 
 
-def _config_json(hp: dict, tinfo: dict, rope_scaling: Optional[dict], dtype: str) -> dict:
+def _config_json(hp: dict, tinfo: dict, rope_scaling: dict | None, dtype: str) -> dict:
     sp = tinfo["specials"]
     cfg = {
         "architectures": ["LlamaForCausalLM"],

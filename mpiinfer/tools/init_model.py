@@ -46,7 +46,7 @@ import os
 import shutil
 import struct
 import tempfile
-from typing import Iterator, Optional
+from collections.abc import Iterator
 
 import torch
 
@@ -54,8 +54,18 @@ from .. import dtypes
 from ..config import ModelConfig
 
 __all__ = [
-    "ARCHS", "PRESETS", "SPECIAL_TOKENS", "BOS_ID", "EOS_ID", "IM_START_ID", "IM_END_ID",
-    "CHAT_TEMPLATE", "make_config", "weight_specs", "build_tokenizer", "init_model",
+    "ARCHS",
+    "BOS_ID",
+    "CHAT_TEMPLATE",
+    "EOS_ID",
+    "IM_END_ID",
+    "IM_START_ID",
+    "PRESETS",
+    "SPECIAL_TOKENS",
+    "build_tokenizer",
+    "init_model",
+    "make_config",
+    "weight_specs",
 ]
 
 # Short name -> architectures[0] of config.json.  The short name is also the model_type.
@@ -137,7 +147,7 @@ def _round_up(n: int, m: int) -> int:
     return (n + m - 1) // m * m
 
 
-def _knobs(arch: str, preset, overrides: Optional[dict]) -> tuple[dict, dict]:
+def _knobs(arch: str, preset, overrides: dict | None) -> tuple[dict, dict]:
     """(preset knobs with generator-knob overrides applied, remaining overrides)."""
     if arch not in ARCHS:
         raise ValueError(f"unknown arch {arch!r}; choose from {', '.join(ARCHS)}")
@@ -154,8 +164,8 @@ def _knobs(arch: str, preset, overrides: Optional[dict]) -> tuple[dict, dict]:
     return knobs, rest
 
 
-def make_config(arch: str = "llama", preset="tiny", overrides: Optional[dict] = None,
-                dtype="float32", tokenizer_vocab: Optional[int] = None) -> dict:
+def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = None,
+                dtype="float32", tokenizer_vocab: int | None = None) -> dict:
     """The ``config.json`` dict for ``arch`` at ``preset`` size, without writing anything.
 
     ``overrides`` maps config.json field names (as the family spells them, e.g.
@@ -348,12 +358,11 @@ def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dt
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for name, shape, kind in specs:
-            for chunk in _tensor_chunks(name, shape, kind, seed, std, tdtype):
-                f.write(chunk)
+            f.writelines(_tensor_chunks(name, shape, kind, seed, std, tdtype))
     return off
 
 
-def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: Optional[int]) -> None:
+def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: int | None) -> None:
     tdtype, st_dtype = dtypes.torch_dtype(dtype), dtypes.code_of(dtype)
     shards: list[list] = [[]]
     if shard_max_bytes is not None:
@@ -388,7 +397,14 @@ def build_tokenizer(vocab_size: int = 512):
     Deterministic and fast (~10 ms).  The result may be smaller than ``vocab_size``
     when the corpus runs out of merges (about 1.8k tokens at most).
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from tokenizers import (
+        Tokenizer,
+        decoders,
+        models,
+        pre_tokenizers,
+        processors,
+        trainers,
+    )
 
     if vocab_size < _MIN_TOKENIZER_VOCAB:
         raise ValueError(f"tokenizer vocab must be >= {_MIN_TOKENIZER_VOCAB}, got {vocab_size}")
@@ -435,9 +451,9 @@ def _write_json(path: str, obj) -> None:
         f.write("\n")
 
 
-def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: Optional[dict] = None,
-               seed: int = 0, dtype="float32", tokenizer_vocab: Optional[int] = None,
-               shard_max_bytes: Optional[int] = None, overwrite: bool = False) -> str:
+def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: dict | None = None,
+               seed: int = 0, dtype="float32", tokenizer_vocab: int | None = None,
+               shard_max_bytes: int | None = None, overwrite: bool = False) -> str:
     """Write a random checkpoint of ``arch`` at ``preset`` size into ``out_dir``.
 
     Returns the absolute path of ``out_dir``.  The directory is built in a temporary

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import torch
 
+from ..comm.mesh import Layout, Mesh
 from ..config import ModelConfig
 from ..device import parse_dtype
-from ..comm.mesh import Layout, Mesh
 from ..engine.kv_cache import kv_bytes_per_token
 from ..engine.runner import validate_layout
 
@@ -28,7 +28,7 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
     layout = Layout(world=world, tp=tp, cp=cp, ep=ep)
     validate_layout(cfg, layout)
     tdtype = parse_dtype(dtype) or torch.float32
-    esize = torch.tensor([], dtype=tdtype).element_size()
+    esize = tdtype.itemsize
     seq = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     from ..models.llama import CausalLM
     ranks = []

@@ -47,7 +47,7 @@ def _read_header(path: str) -> tuple:
         raise ConfigError(f"cannot read safetensors header of {path}: {e}") from None
     header.pop("__metadata__", None)
     for name, meta in header.items():
-        start, stop = meta["data_offsets"]
+        _start, stop = meta["data_offsets"]
         if stop > data_len:
             raise ConfigError(f"{path} is truncated: tensor {name!r} ends past the end of the file")
     return header, 8 + n

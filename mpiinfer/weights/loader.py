@@ -16,8 +16,8 @@ import weakref
 
 import torch
 
-from ..config import ConfigError
 from .. import dtypes
+from ..config import ConfigError
 from ..parallel.shard import Slice
 from .index import CheckpointIndex
 

@@ -12,9 +12,9 @@ def plan(args):
 
 
 def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
+    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.config import EngineConfig
     from mpiinfer.device import Device
-    from mpiinfer.comm.mesh import Layout, Mesh
     from mpiinfer.engine.runner import ModelRunner
     for arch, tp, ep in (("llama", 2, 1), ("qwen2_moe", 2, 2), ("qwen3_moe", 4, 2), ("llama", 4, 1)):
         d = model_dirs(arch)
@@ -28,6 +28,7 @@ def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
             assert runner.weight_bytes == r["weight_bytes"]
             assert runner.weight_bytes_read <= runner.weight_bytes
         code1, out1 = plan(["-m", d, "--world", "1", "--json"])
+        assert code1 == 0, out1
         full = json.loads(out1)["ranks"][0]["weight_bytes"]
         total = sum(r["weight_bytes"] for r in p["ranks"])
         assert total >= full and (arch == "llama" and tp == 4 or total <= full * 1.3)

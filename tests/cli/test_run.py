@@ -29,8 +29,7 @@ def tiny(tmp_path_factory):
 
 def write(path, lines):
     with open(path, "wb") as f:
-        for line in lines:
-            f.write(line if isinstance(line, bytes) else line.encode() + b"\n")
+        f.writelines(line if isinstance(line, bytes) else line.encode() + b"\n" for line in lines)
     return str(path)
 
 
@@ -176,7 +175,7 @@ def test_real_console_script_and_mpiexec(tiny, tmp_path):
 
 def test_long_run_of_bad_lines_then_good(tiny, tmp_path):
     """Hundreds of consecutive malformed lines (more than a batch) must not stall the reader."""
-    inp = write(tmp_path / "in.jsonl", ['{"id": %d, "prompt": ""}' % i for i in range(300)]
+    inp = write(tmp_path / "in.jsonl", [f'{{"id": {i}, "prompt": ""}}' for i in range(300)]
                 + ['{"id": "good", "prompt": "the sea"}'])
     out = tmp_path / "out.jsonl"
     code, text = run_cli(["run", "-m", tiny, "-i", inp, "-o", str(out), "--max-tokens", "3", "--max-batch", "4"])

@@ -5,7 +5,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
@@ -43,8 +42,7 @@ def test_time_limit_stops_cleanly_resubmits_and_resumes(model_dirs, tmp_path):
     d = model_dirs("llama")
     inp = tmp_path / "in.jsonl"
     with open(inp, "w") as f:
-        for i in range(3000):
-            f.write(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 24}) + "\n")
+        f.writelines(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 24}) + "\n" for i in range(3000))
     out = tmp_path / "out.jsonl"
     r = CliRunner().invoke(main, ["slurm", "--tasks-per-node", "2", "--grace", "60", "--", "-m", d, "-i", str(inp),
                                   "-o", str(out), "--threads", "1", "--flush-every", "1"])

@@ -17,12 +17,12 @@ import sys
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", ".."))
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from mpi4py import MPI  # noqa: E402
+import numpy as np
+import torch
+from mpi4py import MPI
 
-from mpiinfer.comm.collectives import mpi_all_reduce, all_gather, all_reduce, alltoallv  # noqa: E402
-from mpiinfer.comm.dda import DDAComm, DDATimeout  # noqa: E402
+from mpiinfer.comm.collectives import all_gather, all_reduce, alltoallv, mpi_all_reduce
+from mpiinfer.comm.dda import DDAComm, DDATimeout
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 TOL = {torch.float32: 1e-5, torch.bfloat16: 2e-2, torch.float16: 2e-3}

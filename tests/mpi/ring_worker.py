@@ -15,8 +15,12 @@ import sys
 import torch
 from mpi4py import MPI
 
-from mpiinfer.parallel.ring import (causal_attention_reference, combine_across_ranks, decode_attention_partial,
-                                    ring_attention)
+from mpiinfer.parallel.ring import (
+    causal_attention_reference,
+    combine_across_ranks,
+    decode_attention_partial,
+    ring_attention,
+)
 from mpiinfer.parallel.shard import gather_order, shard_positions
 
 

@@ -9,9 +9,8 @@ import sys
 
 import pytest
 
-from ..tiers import by_ranks
-
 from ..reference import hf_greedy
+from ..tiers import by_ranks
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")
@@ -37,9 +36,8 @@ def setup(model_dirs, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("cp")
     inp = tmp / "in.jsonl"
     with open(inp, "w") as f:
-        for k, p in prompts.items():
-            f.write(json.dumps({"id": k, "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
-                                "ignore_eos": True}) + "\n")
+        f.writelines(json.dumps({"id": k, "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
+                                "ignore_eos": True}) + "\n" for k, p in prompts.items())
     ref = dict(zip(prompts, hf_greedy(d, list(prompts.values()), NEW)))
     return d, str(inp), ref
 

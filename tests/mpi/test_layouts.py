@@ -69,9 +69,8 @@ def prompts(vocab, seed=0):
 
 def write_input(path, ps):
     with open(path, "w") as f:
-        for i, p in enumerate(ps):
-            f.write(json.dumps({"id": i, "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
-                                "ignore_eos": True}) + "\n")
+        f.writelines(json.dumps({"id": i, "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
+                                "ignore_eos": True}) + "\n" for i, p in enumerate(ps))
 
 
 def read(path):

@@ -64,7 +64,7 @@ def reference(tiny, tmp_path_factory):
 def test_data_parallel_equals_one_rank(n, flags, tiny, reference, tmp_path):
     inp, want = reference
     out = str(tmp_path / "dp.jsonl")
-    p = run(cmd(n, tiny, inp, out, "--max-batch", "8", *flags))
+    run(cmd(n, tiny, inp, out, "--max-batch", "8", *flags))
     got = lines(out)
     assert got == want
     assert json.loads(got[-1])["error"]["type"] == "invalid_json"
@@ -184,8 +184,7 @@ def test_five_percent_malformed_lines(tiny, tmp_path):
 
 def test_max_errors_stops_the_job(tiny, tmp_path):
     with open(tmp_path / "in.jsonl", "w") as f:
-        for i in range(50):
-            f.write('{"prompt": ""}\n' if i % 3 == 0 else json.dumps({"prompt": "the sea", "max_tokens": 2}) + "\n")
+        f.writelines('{"prompt": ""}\n' if i % 3 == 0 else json.dumps({"prompt": "the sea", "max_tokens": 2}) + "\n" for i in range(50))
     p = subprocess.run(cmd(2, tiny, str(tmp_path / "in.jsonl"), str(tmp_path / "o.jsonl"), "--max-errors", "3"),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0

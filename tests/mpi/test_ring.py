@@ -14,9 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from ..tiers import by_ranks
-
 from mpiinfer.parallel.shard import shard_positions
+
+from ..tiers import by_ranks
 
 MPIEXEC = shutil.which("mpiexec")
 pytestmark = pytest.mark.skipif(MPIEXEC is None, reason="no mpiexec on PATH (pip install mpich)")

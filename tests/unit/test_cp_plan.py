@@ -6,7 +6,6 @@ import pytest
 import torch
 
 from mpiinfer.config import EngineConfig, SamplingParams
-from mpiinfer.parallel.shard import cp_local_count
 from mpiinfer.engine.generate import Engine
 from mpiinfer.messages import Request
 

@@ -1,5 +1,6 @@
 """Pure logic of the DDA collectives (no MPI, no GPU): slicing, algorithm choice, thresholds,
 bench helpers, CUDA-aware detection, and that the GPU module imports without CuPy."""
+import itertools
 import subprocess
 import sys
 
@@ -7,10 +8,20 @@ import pytest
 import torch
 
 from mpiinfer.comm import collectives
-from mpiinfer.tools.comm_bench import format_table, iters_for, parse_sizes, pick_thresholds
-from mpiinfer.comm.dda import (FALLBACK_THRESHOLDS, choose_algo, load_thresholds, split_bounds,
-                               thresholds_for)
+from mpiinfer.comm.dda import (
+    FALLBACK_THRESHOLDS,
+    choose_algo,
+    load_thresholds,
+    split_bounds,
+    thresholds_for,
+)
 from mpiinfer.comm.dda_cuda import cuda_aware_mpi, launch_config
+from mpiinfer.tools.comm_bench import (
+    format_table,
+    iters_for,
+    parse_sizes,
+    pick_thresholds,
+)
 
 
 @pytest.mark.parametrize("numel", [0, 1, 7, 15, 16, 17, 1000, 1000003])
@@ -19,10 +30,10 @@ from mpiinfer.comm.dda_cuda import cuda_aware_mpi, launch_config
 def test_split_bounds_cover_and_align(numel, n, esize):
     b = split_bounds(numel, n, esize)
     assert len(b) == n + 1 and b[0] == 0 and b[-1] == numel
-    assert all(x <= y for x, y in zip(b, b[1:]))
+    assert all(x <= y for x, y in itertools.pairwise(b))
     step = 64 // esize
     assert all(x % step == 0 for x in b[:-1])          # inner boundaries on 64-byte lines
-    sizes = [y - x for x, y in zip(b, b[1:])]
+    sizes = [y - x for x, y in itertools.pairwise(b)]
     if numel >= n * step:                               # balanced to within one cache line
         assert max(sizes) - min(sizes) <= step + numel % step
 

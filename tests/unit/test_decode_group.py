@@ -60,9 +60,9 @@ def test_group_selection():
 
 def test_engine_bf16_grouped_equals_loop(model_dirs, monkeypatch):
     """End to end in bfloat16 (where grouping is on): same tokens as with every decode attended alone."""
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request

@@ -11,8 +11,13 @@ import pytest
 
 from mpiinfer.config import SamplingParams
 from mpiinfer.io import writers
-from mpiinfer.io.openai_batch import (CHAT_URL, COMPLETIONS_URL, batch_output_record,
-                                      parse_openai_record, result_from_batch_output)
+from mpiinfer.io.openai_batch import (
+    CHAT_URL,
+    COMPLETIONS_URL,
+    batch_output_record,
+    parse_openai_record,
+    result_from_batch_output,
+)
 from mpiinfer.io.readers import detect_format, open_input
 from mpiinfer.io.summary import Reservoir, Summary, summary_path
 from mpiinfer.io.writers import default_output_format, open_output, recover_output
@@ -134,7 +139,7 @@ def test_detect_format_and_sniff(tmp_path):
     items = list(open_input(o, defaults=DEFAULTS, start_index=2))
     assert [(i.index, i.id) for i in items] == [(2, "a")] and isinstance(items[0], Request)
     # an explicit format wins over sniffing
-    assert isinstance(list(open_input(o, "jsonl", defaults=DEFAULTS))[0], Result)
+    assert isinstance(next(iter(open_input(o, "jsonl", defaults=DEFAULTS))), Result)
 
 
 def test_openai_stdin_sniff_and_skip(monkeypatch):
@@ -144,7 +149,7 @@ def test_openai_stdin_sniff_and_skip(monkeypatch):
     assert [(i.index, i.id) for i in items] == [(1, "c1"), (2, "c2"), (3, "c3")]
     assert all(isinstance(i, Request) for i in items)
     monkeypatch.setattr(sys, "stdin", io.TextIOWrapper(io.BytesIO(b'{"prompt": "x"}\n')))
-    assert list(open_input("-", defaults=DEFAULTS))[0].prompt == "x"
+    assert next(iter(open_input("-", defaults=DEFAULTS))).prompt == "x"
 
 
 def test_open_input_options(tmp_path):

@@ -20,9 +20,14 @@ tokenizers = pytest.importorskip("tokenizers")
 transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
-from mpiinfer.config import ConfigError, ModelConfig  # noqa: E402
-from mpiinfer.tools.convert_gguf import (  # noqa: E402
-    build_tokenizer, convert_gguf, default_demo_gguf, permute_qk, unpermute_qk)
+from mpiinfer.config import ConfigError, ModelConfig
+from mpiinfer.tools.convert_gguf import (
+    build_tokenizer,
+    convert_gguf,
+    default_demo_gguf,
+    permute_qk,
+    unpermute_qk,
+)
 
 PROMPT = "What is the capital of France?"
 STRINGS = [
@@ -544,9 +549,9 @@ def test_default_demo_gguf_missing(monkeypatch):
 @pytest.mark.slow
 def test_mpiinfer_engine_matches_transformers_on_gguf(ref_model, ref_tokenizer, converted):
     """The demo model end to end: our engine on the converted directory vs transformers on the GGUF."""
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request

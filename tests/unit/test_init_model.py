@@ -14,9 +14,14 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from tokenizers import Tokenizer
 
-from mpiinfer.tools import init_model as im
 from mpiinfer.config import ModelConfig
-from mpiinfer.tools.init_model import ARCHS, PRESETS, init_model, make_config, weight_specs
+from mpiinfer.tools import init_model as im
+from mpiinfer.tools.init_model import (
+    ARCHS,
+    init_model,
+    make_config,
+    weight_specs,
+)
 
 ARCH_NAMES = sorted(ARCHS)
 SENTENCE = "The lighthouse keeper wrote in his log: 112 steps, fair weather, two ships."

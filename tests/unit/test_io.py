@@ -10,7 +10,12 @@ from mpiinfer.config import SamplingParams
 from mpiinfer.io import readers, writers
 from mpiinfer.io.readers import count_lines, iter_jsonl, open_input
 from mpiinfer.io.records import RecordError, parse_record
-from mpiinfer.io.writers import JsonlWriter, OrderedWriter, ReorderOverflow, recover_jsonl
+from mpiinfer.io.writers import (
+    JsonlWriter,
+    OrderedWriter,
+    ReorderOverflow,
+    recover_jsonl,
+)
 from mpiinfer.messages import ErrorInfo, Request, Result
 
 DEFAULTS = SamplingParams(max_tokens=32, temperature=0.7, top_p=0.9, top_k=40, seed=None,
@@ -312,8 +317,7 @@ def test_iter_jsonl_is_lazy(tmp_path):
     line = b'{"id": 1, "prompt": "' + b"x" * 200 + b'"}\n'
     p = tmp_path / "big.jsonl"
     with open(p, "wb") as f:
-        for _ in range(20):
-            f.write(line * 1000)           # ~4.4 MB
+        f.writelines(line * 1000 for _ in range(20))           # ~4.4 MB
     size = p.stat().st_size
     raw = CountingRaw(p)
     stream = io.BufferedReader(raw, buffer_size=64 * 1024)
@@ -409,7 +413,7 @@ def test_jsonl_writer_fsyncs(tmp_path, monkeypatch):
     p = tmp_path / "out.jsonl"
     w = JsonlWriter(p, flush_every_records=3, flush_every_seconds=1e9)
     fd = w._f.fileno()
-    file_syncs = lambda: sum(1 for c in calls if c == fd)  # noqa: E731
+    file_syncs = lambda: sum(1 for c in calls if c == fd)
     for i in range(7):
         w.write(res(i))
     assert file_syncs() == 2                      # after records 3 and 6
@@ -483,10 +487,9 @@ def test_ordered_writer_start_index_and_guards():
 
 def test_ordered_writer_exit_does_not_mask_error():
     inner = ListWriter()
-    with pytest.raises(KeyError):
-        with OrderedWriter(inner) as w:
-            w.write(res(1))
-            raise KeyError("boom")
+    with pytest.raises(KeyError), OrderedWriter(inner) as w:
+        w.write(res(1))
+        raise KeyError("boom")
     assert inner.closed
 
 

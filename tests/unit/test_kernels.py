@@ -1,7 +1,6 @@
 """CPU kernels: oneDNN linear equals F.linear per dtype; 16-bit weights run end to end."""
 import pytest
 import torch
-import torch.nn.functional as F
 
 from mpiinfer.kernels import can_pack, linear, pack, should_pack
 
@@ -50,9 +49,9 @@ def test_pack_policy():
 
 @pytest.mark.parametrize("dtype", ["bfloat16", "float16"])
 def test_16bit_weights_generate(dtype, model_dirs):
+    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.config import EngineConfig, SamplingParams
     from mpiinfer.device import Device
-    from mpiinfer.comm.mesh import Mesh
     from mpiinfer.engine.generate import Engine
     from mpiinfer.engine.runner import ModelRunner
     from mpiinfer.messages import Request

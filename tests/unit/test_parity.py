@@ -2,9 +2,9 @@
 import pytest
 import torch
 
+from mpiinfer.comm.mesh import Mesh
 from mpiinfer.config import EngineConfig, SamplingParams
 from mpiinfer.device import Device
-from mpiinfer.comm.mesh import Mesh
 from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request

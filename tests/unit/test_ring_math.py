@@ -8,10 +8,22 @@ import pytest
 import torch
 
 from mpiinfer.parallel import ring
-from mpiinfer.parallel.ring import (RingPlan, causal_attention_reference, combine_across_ranks,
-                                    decode_attention_partial, default_tile, merge_partials, plan_block,
-                                    ring_attention)
-from mpiinfer.parallel.shard import chunk_bounds, gather_order, shard_order, shard_positions
+from mpiinfer.parallel.ring import (
+    RingPlan,
+    causal_attention_reference,
+    combine_across_ranks,
+    decode_attention_partial,
+    default_tile,
+    merge_partials,
+    plan_block,
+    ring_attention,
+)
+from mpiinfer.parallel.shard import (
+    chunk_bounds,
+    gather_order,
+    shard_order,
+    shard_positions,
+)
 
 LENS = [0, 1, 2, 3, 5, 7, 8, 9, 16, 37, 64, 101, 1000, 1001]
 CPS = [1, 2, 3, 4, 5, 8]

@@ -5,9 +5,9 @@ import shutil
 import pytest
 import torch
 
+from mpiinfer.comm.mesh import Mesh
 from mpiinfer.config import EngineConfig, SamplingParams
 from mpiinfer.device import Device
-from mpiinfer.comm.mesh import Mesh
 from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.engine.sampling import filter_logits

@@ -1,12 +1,20 @@
 """The loader reads exactly the requested slice, byte for byte, for every dtype and slice direction."""
+import itertools
+
 import pytest
 import torch
 from safetensors.torch import save_file
 
 from mpiinfer.config import ConfigError
+from mpiinfer.parallel.shard import (
+    Slice,
+    balanced_range,
+    even_range,
+    kv_heads_for_rank,
+    q_heads_for_rank,
+)
 from mpiinfer.weights.index import CheckpointIndex
 from mpiinfer.weights.loader import WeightSource
-from mpiinfer.parallel.shard import Slice, balanced_range, even_range, kv_heads_for_rank, q_heads_for_rank
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
@@ -45,4 +53,4 @@ def test_shard_arithmetic():
     assert [balanced_range(1536 + 3, r, 4) for r in range(4)] == [(0, 385), (385, 770), (770, 1155), (1155, 1539)]
     for size, world in ((7, 3), (75, 2), (12, 4)):
         parts = [balanced_range(size, r, world) for r in range(world)]
-        assert parts[0][0] == 0 and parts[-1][1] == size and all(a[1] == b[0] for a, b in zip(parts, parts[1:]))
+        assert parts[0][0] == 0 and parts[-1][1] == size and all(a[1] == b[0] for a, b in itertools.pairwise(parts))
