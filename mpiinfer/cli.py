@@ -110,10 +110,14 @@ def main():
               show_envvar=True, help="fsync the output at least every N records (and every 5 s).")
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, envvar=_env("MAX_ERRORS"),
               show_envvar=True, help="Stop the job when more than N records fail.")
+@click.option("--drain-seconds", type=click.FloatRange(min=0), default=0.0, envvar=_env("DRAIN_SECONDS"),
+              show_envvar=True, help="After SIGTERM / SIGUSR1: take no new work and let running sequences finish "
+                                     "for up to this long before stopping (scripts from `mpiinfer slurm` set half "
+                                     "of --grace).")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
-        quiet):
+        drain_seconds, quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
     cfg = RunConfig(
@@ -127,7 +131,8 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
                             share_gpus=share_gpus, cp_min_tokens=cp_min_tokens, cp_short=cp_short,
                             pack_weights={"auto": None, "on": True, "off": False}[pack_weights]),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
-        overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors)
+        overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
+        drain_seconds=drain_seconds)
     sys.exit(run_job(cfg))
 
 

@@ -303,4 +303,5 @@ class RunConfig:
     quiet: bool = False
     flush_every: int = 100
     max_errors: int | None = None
+    drain_seconds: float = 0.0              # after SIGTERM / SIGUSR1: let running sequences finish this long
     log_every: float = 30.0

@@ -1,10 +1,12 @@
 """World rank 0's loop: read inputs -> dispatch work -> collect results -> write outputs.
 
-Owns: the resume rule (output is written in input order, so the number of complete output records is the
-number of input records to skip), the bounded window of records in flight (``Source``), pull-based
-dispatch to the other replica leaders (``Want`` / ``Work`` on the world communicator) and to its own engine,
-collecting their ``Done`` results, and writing every result in input order (``OrderedWriter``) with the
-summary and the progress report.  A record that fails to parse becomes an error result written here, never
+Owns: the bounded window of records in flight (``Source``), pull-based dispatch to the other replica
+leaders (``Want`` / ``Work`` on the world communicator) and to its own engine, collecting their ``Done``
+results, and writing every result: first to the completion journal (``io.resume.Journal``: on the OS at
+once), then in input order to the output (``OrderedWriter``; results waiting for a gap stay in memory up to
+``MEM_PENDING``, beyond that only in the journal), with the summary and the progress report.  What to
+continue was decided before the model loaded (``io.resume.plan_resume``): the records already in the
+output are skipped, journaled results are written without being computed again.  A record that fails to parse becomes an error result written here, never
 sent anywhere.  With wide EP the replicas step together: one MAX-allreduce of a ``Lockstep`` code over
 ``mesh.dp_comm`` per step.  SIGTERM stops reading; what is in order is flushed and the leaders told to stop.
 """
@@ -18,12 +20,26 @@ import sys
 import time
 
 from .config import ConfigError, RunConfig
-from .messages import TAG, Done, Lockstep, Result, Stop, Want, Work
+from .io.resume import Journal, ResumePlan, Spilled, journal_path
+from .messages import TAG, Done, Drain, Drained, Lockstep, Result, Stop, Want, Work
 
 log = logging.getLogger("mpiinfer")
 
+class MaxErrorsExceeded(Exception):
+    """More records failed than --max-errors allows (exit code 3)."""
 
-def _inputs(cfg: RunConfig, done: int):
+
+MEM_PENDING = 4096      # results waiting for a gap in the output kept in memory; more wait in the journal only
+
+
+def output_format(cfg: RunConfig) -> str:
+    from .io.readers import detect_format
+    from .io.writers import default_output_format
+    in_fmt = cfg.input_format or (detect_format(cfg.inputs[0]) if cfg.inputs[0] != "-" else "jsonl")
+    return cfg.output_format or default_output_format(in_fmt, cfg.output if cfg.output != "-" else None)
+
+
+def read_inputs(cfg: RunConfig, done: int):
     """All input records after the first ``done`` as one stream, with consecutive indices across files."""
     from .io.readers import open_input
     index = 0
@@ -101,92 +117,96 @@ class Progress:
 class Coordinator:
     """World rank 0: feeds its own engine and the other replica leaders, writes every result in order."""
 
-    def __init__(self, cfg: RunConfig, mesh, runner):
+    def __init__(self, cfg: RunConfig, mesh, runner, plan: ResumePlan, signals=None):
         from .engine.generate import Engine
         from .tokenizer import Tokenizer
-        self.cfg, self.mesh, self.world = cfg, mesh, mesh.world_comm
+        self.cfg, self.mesh, self.world, self.plan = cfg, mesh, mesh.world_comm, plan
         self.leaders = [mesh.layout.replica_leader(d) for d in range(1, mesh.dp)]
         self.tok = Tokenizer(cfg.model)
         self.engine = Engine(runner, self.tok, default_seed=cfg.seed)
         self.lock = mesh.wide_ep          # replicas step together
         self.wants = {r: 0 for r in self.leaders}
-        self.stop_signal = []
-        self.src = self.writer = self.summary = self.progress = None
+        self.signals = signals            # job.Signals: stop requests (None: only the input's end stops)
+        self.stop_signal = None           # the signal that stopped this run
+        self.drain_until = 0.0            # while stopping: finish running sequences until then
+        self.drained: set = set()         # leaders with nothing running any more
+        self.src = self.writer = self.summary = self.progress = self.journal = None
+        self.spilled = 0                  # waiting results that are only in the journal
+        self._flushes = 0                 # output flushes seen (the journal is compacted after each)
+        self._unsynced, self._synced_at = 0, time.monotonic()
 
     # ------------------------------------------------------------------ the job
     def run(self) -> int:
         cfg = self.cfg
-        out_fmt, done, items = self._resume()
+        items = self._resume()
         if items is None:
             return 0
-        self._open(out_fmt, done, items)
-        old_term = signal.signal(signal.SIGTERM, self._on_term)
+        self._open(items)
         try:
             self._loop()
         finally:
-            signal.signal(signal.SIGTERM, old_term)
             self._close(failed=sys.exc_info()[0] is not None)
         p = self.progress
-        if self.stop_signal:
-            log.warning("stopped by signal %d: %d records are in %s; re-run the same command to resume",
-                        self.stop_signal[0], self.writer.next_index, cfg.output)
-            return 0
+        if self.stop_signal is not None:
+            s = self.summary
+            log.warning("stopped by %s: %d records are in %s%s; re-run the same command to resume",
+                        signal.Signals(self.stop_signal).name, s.in_output, cfg.output,
+                        f" and {s.journaled} more finished ones in its journal" if s.journaled else "")
+            return 130 if self.stop_signal == signal.SIGINT else 0
         dt = p.seconds
         log.info("done: %d records (%d errors) in %.1fs, %d tokens generated (%.1f tok/s) -> %s",
                  p.n, p.errors, dt, p.tokens, p.tokens / max(dt, 1e-9), cfg.output)
         return 0
 
-    def _on_term(self, signum, frame) -> None:
-        self.stop_signal.append(signum)
-        self.src.stopped = True
-
     # ------------------------------------------------------------------ read
     def _resume(self):
-        """(output format, records already written, the input records still to do); the records are None when
-        there is nothing to do (the leaders have then been told to stop)."""
-        from .io.readers import detect_format
-        from .io.writers import default_output_format, recover_output
-        cfg = self.cfg
-        in_fmt = cfg.input_format or (detect_format(cfg.inputs[0]) if cfg.inputs[0] != "-" else "jsonl")
-        out_fmt = cfg.output_format or default_output_format(in_fmt, cfg.output if cfg.output != "-" else None)
-        if cfg.overwrite and cfg.output != "-" and os.path.exists(cfg.output):
-            os.remove(cfg.output)
-        done = recover_output(cfg.output, out_fmt)
-        items = _inputs(cfg, done)
-        first = next(items, None)
-        if first is None:
-            if done:
-                log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
-            else:
-                log.info("the input has no records")
+        """The input records still to compute, or None when there is nothing to do (the leaders have then been
+        told to stop)."""
+        cfg, plan = self.cfg, self.plan
+        done, restored = plan.done, plan.restored
+        if not plan.todo and not restored:
+            log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
             self._release_leaders(abandon=False)
-            return out_fmt, done, None
-        if first.index != done:
-            raise ConfigError(f"{cfg.output} already has {done} records but the input has only {first.index}: "
-                              "it belongs to another input; pass --overwrite to start over")
-        if done:
-            log.info("resuming: %d records already in %s", done, cfg.output)
-        return out_fmt, done, itertools.chain([first], items)
+            return None
+        items = (it for it in read_inputs(cfg, done) if it.index not in restored)
+        first = next(items, None)
+        if first is None and not restored:
+            if not done:                         # stdin (files were checked before the model loaded)
+                raise ConfigError("the input has no records")
+            log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
+            self._release_leaders(abandon=False)
+            return None
+        if done or restored:
+            log.info("resuming: %d records already in %s%s", done, cfg.output,
+                     f", {len(restored)} finished ones in its journal" if restored else "")
+        return itertools.chain([first], items) if first is not None else iter(())
 
-    def _open(self, out_fmt: str, done: int, items) -> None:
+    def _open(self, items) -> None:
         from .io.summary import Summary
         from .io.writers import OrderedWriter, open_output
-        cfg = self.cfg
-        created = int(os.path.getmtime(cfg.inputs[0])) if cfg.inputs[0] != "-" else None
-        inner = open_output(cfg.output, out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
+        cfg, plan = self.cfg, self.plan
+        if cfg.output != "-":
+            self.journal = Journal(journal_path(cfg.output), [plan.restored[i] for i in sorted(plan.restored)])
+        created = plan.manifest["created"] if plan.manifest else None
+        inner = open_output(cfg.output, plan.out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
                             model=os.path.basename(os.path.normpath(cfg.model)), created=created,
                             token_str=lambda t: self.tok.decode([t], skip_special_tokens=False))
-        self.summary = Summary(mesh=self.mesh.describe(), resumed=done)
-        # window: enough to keep every replica's batch full plus its prefetch, bounded for memory
+        self.summary = Summary(mesh=self.mesh.describe(), resumed=plan.done)
+        # window: records taken and not yet finished, enough to keep every replica's batch full plus its prefetch
         window = max(256, 4 * self.engine.max_batch * self.mesh.dp)
         self.src = Source(items, window)
-        self.progress = Progress(done, cfg.quiet, cfg.log_every)
-        self.writer = OrderedWriter(inner, start_index=done, max_pending=window + 16)
+        self.progress = Progress(plan.done, cfg.quiet, cfg.log_every)
+        # finished results wait for their gap without bound (beyond MEM_PENDING in the journal only)
+        self.writer = OrderedWriter(inner, start_index=plan.done, max_pending=1 << 62, resolve=self._resolve)
+        for i in sorted(plan.restored):
+            self.writer.write(plan.restored[i])
+        self.summary.restored = len(plan.restored)
 
     # ------------------------------------------------------------------ the loop
     def _loop(self) -> None:
         engine, src = self.engine, self.src
         while True:
+            self._check_signals()
             self._collect(block=False)
             self._dispatch()
             if self.lock:
@@ -197,7 +217,13 @@ class Coordinator:
                 self._write_all(engine.step())
                 continue
             if src.stopped:
-                return
+                if not self._draining():
+                    return
+                if engine.has_work():
+                    self._write_all(engine.step())
+                else:
+                    self._collect(block=True, until=self.drain_until)
+                continue
             if engine.has_work():
                 self._write_all(engine.step())
             elif src.in_flight > 0:
@@ -205,6 +231,33 @@ class Coordinator:
             elif src.exhausted:
                 return
             # else: everything taken so far failed parsing; go on reading
+
+    # ------------------------------------------------------------------ stopping
+    def _check_signals(self) -> None:
+        """On the first stop request: read no more, tell the leaders, and drain (SIGTERM / SIGUSR1: running
+        sequences may finish for --drain-seconds; SIGINT: stop now)."""
+        if self.stop_signal is not None or self.signals is None or not self.signals.received:
+            return
+        self.stop_signal = self.signals.received[0]
+        self.src.stopped = True
+        drain = 0.0 if self.signals.interrupted or self.lock else self.cfg.drain_seconds
+        self.drain_until = time.monotonic() + drain
+        if drain > 0:
+            log.warning("%s: taking no new work; sequences running now may finish for up to %.0f s",
+                        signal.Signals(self.stop_signal).name, drain)
+            self.engine.sched.waiting.clear()      # not started: computed on resume
+            for r in self.leaders:
+                self.world.send(Drain(), dest=r, tag=TAG)
+        else:
+            self.drained = set(self.leaders)
+
+    def _draining(self) -> bool:
+        """Still stopping: before the drain deadline, with a sequence running here or on a leader."""
+        if self.signals is not None and self.signals.interrupted:
+            return False                           # Ctrl-C during a drain: stop now
+        if time.monotonic() >= self.drain_until:
+            return False
+        return self.engine.has_work() or len(self.drained) < len(self.leaders)
 
     @staticmethod
     def _mpi():
@@ -241,17 +294,25 @@ class Coordinator:
         return requests
 
     # ------------------------------------------------------------------ collect
-    def _collect(self, block: bool) -> None:
-        """Take the leaders' messages: work requests (``Want``) and finished results (``Done``)."""
+    def _collect(self, block: bool, until: float | None = None) -> None:
+        """Take the leaders' messages: work requests (``Want``), finished results (``Done``), ``Drained``.
+        ``block``: wait for one first (polling, so that a signal is seen at once; ``until``: a deadline)."""
         MPI = self._mpi()
         status = MPI.Status()
-        while self.world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status) or block:
-            msg = self.world.recv(source=MPI.ANY_SOURCE, tag=TAG, status=status)
-            block = False
+        world = self.world
+        while block and not world.iprobe(source=MPI.ANY_SOURCE, tag=TAG):
+            if (self.signals is not None and self.signals.received and self.stop_signal is None) or \
+                    (until is not None and time.monotonic() >= until):
+                return
+            time.sleep(2e-4)
+        while world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
+            msg = world.recv(source=status.Get_source(), tag=TAG)
             if isinstance(msg, Want):
                 self.wants[status.Get_source()] += msg.n
             elif isinstance(msg, Done):
                 self._write_all(msg.results)
+            elif isinstance(msg, Drained):
+                self.drained.add(status.Get_source())
 
     # ------------------------------------------------------------------ write
     def _write_all(self, results: list) -> None:
@@ -259,14 +320,45 @@ class Coordinator:
             self._write(res)
 
     def _write(self, res: Result) -> None:
-        self.writer.write(res)
+        entry = res
+        if self.journal is not None:
+            where = self.journal.append(res)
+            if self.writer.pending >= MEM_PENDING and res.index != self.writer.next_index:
+                entry = where
+                self.spilled += 1
+        self.writer.write(entry)
+        self._after_write()
         self.summary.add(res)
         self.src.in_flight -= 1
         self.progress.add(res)
         cfg = self.cfg
         if res.error is not None and cfg.max_errors is not None and self.progress.errors > cfg.max_errors:
-            raise RuntimeError(f"more than --max-errors {cfg.max_errors} records failed "
-                               f"(last: {res.error.type}: {res.error.message})")
+            raise MaxErrorsExceeded(f"more than --max-errors {cfg.max_errors} records failed (last: "
+                                    f"{res.error.type}: {res.error.message}); the records before the stop are in "
+                                    f"{cfg.output}")
+
+    def _resolve(self, entry) -> Result:
+        if isinstance(entry, Spilled):
+            self.spilled -= 1
+            return self.journal.read(entry)
+        return entry
+
+    def _after_write(self) -> None:
+        """Keep the journal durable: after each output flush it is rewritten to just the results still waiting
+        (when none waits in the journal only), else fsynced every --flush-every results / 5 s."""
+        if self.journal is None:
+            return
+        if self.writer.inner.flushes != self._flushes:
+            self.writer.flush()            # records written after that flush are durable too
+            self._flushes = self.writer.inner.flushes
+            if not self.spilled:
+                self.journal.rewrite(self.writer.waiting())
+                self._unsynced, self._synced_at = 0, time.monotonic()
+                return
+        self._unsynced += 1
+        if self._unsynced >= self.cfg.flush_every or time.monotonic() - self._synced_at >= 5.0:
+            self.journal.sync()
+            self._unsynced, self._synced_at = 0, time.monotonic()
 
     def _release_leaders(self, abandon: bool) -> None:
         if self.lock:    # the leaders are in the lockstep loop: end it with them
@@ -277,7 +369,7 @@ class Coordinator:
 
     def _close(self, failed: bool) -> None:
         from .io.summary import summary_path
-        abandon = bool(self.stop_signal) or failed
+        abandon = self.stop_signal is not None or failed
         # on a failure the leaders are not released: job.run prints the error and aborts every rank, and a
         # leader that finalized meanwhile could race the abort and swallow the message.  In lockstep the
         # leaders left the loop with the coordinator's last code.
@@ -286,11 +378,21 @@ class Coordinator:
         self.progress.close()
         if abandon:
             try:
-                self.writer.close()     # flushes what is in order; results after a gap are dropped (redone on resume)
+                self.writer.close()     # flushes what is in order; results after a gap stay in the journal
             except RuntimeError:
                 pass
         else:
             self.writer.close()
+        waiting = self.writer.pending
+        if self.journal is not None:
+            if not waiting:
+                self.journal.close(remove=True)
+            else:
+                if not self.spilled:
+                    self.journal.rewrite(self.writer.waiting())
+                self.journal.close()
+        self.summary.in_output = self.writer.next_index
+        self.summary.journaled = waiting
         self.summary.finish()
         sp = summary_path(self.cfg.output)
         if sp:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 import time
 import traceback
@@ -41,34 +42,74 @@ def setup_logging(rank: int, quiet: bool) -> None:
     log.propagate = False
 
 
+# Exit codes of ``mpiinfer run`` (README.md, "Exit codes")
+EXIT_OK = 0             # finished (records that failed are error records, counted in the summary), or stopped
+                        # by SIGTERM / SIGUSR1 with every finished record kept: re-running resumes
+EXIT_CRASH = 1          # a rank failed
+EXIT_CONFIG = 2         # refused before any compute: options, layout, checkpoint, input, output
+EXIT_MAX_ERRORS = 3     # more than --max-errors records failed
+EXIT_INTERRUPTED = 130  # Ctrl-C: every finished record kept, re-running resumes
+
+
+class Signals:
+    """Stop requests this rank received, from the moment the job starts (loading included): SIGTERM and SIGUSR1
+    (Slurm's warnings before a time limit) ask for a stop after draining, SIGINT (Ctrl-C) for a stop now; a
+    second SIGINT interrupts at once.  Only the coordinator acts on them: it tells every other rank."""
+    STOPS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+    def __init__(self):
+        self.received: list = []
+        for sig in self.STOPS:
+            signal.signal(sig, self._on)
+
+    def _on(self, signum, frame) -> None:
+        if signum == signal.SIGINT and signal.SIGINT in self.received:
+            raise KeyboardInterrupt
+        self.received.append(signum)
+
+    @property
+    def interrupted(self) -> bool:
+        return signal.SIGINT in self.received
+
+
 def run(cfg: RunConfig) -> int:
     """Entry point of ``mpiinfer run`` on every rank. Returns the process exit code."""
+    signals = Signals()
     from mpi4py import MPI
+
+    from .coordinator import MaxErrorsExceeded
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     setup_logging(rank, cfg.quiet)
-    # SIGTERM (Slurm's time limit, sent to every rank): only the coordinator acts on it -- it stops
-    # dispatching and tells the leaders to stop; other ranks keep going until told.
-    import signal
-    signal.signal(signal.SIGTERM, lambda signum, frame: None)
     try:
-        return _run(cfg, world)
+        return _run(cfg, world, signals)
+    except MaxErrorsExceeded as e:
+        print(f"mpiinfer: stopped: {e}", file=sys.stderr, flush=True)
+        if world.Get_size() > 1:
+            _abort(world, EXIT_MAX_ERRORS)
+        return EXIT_MAX_ERRORS
     except ConfigError as e:
-        # only the leader raises these after set-up (e.g. an output that belongs to another input)
+        # only the leader raises these after set-up (e.g. an input on stdin with no records)
         print(f"mpiinfer: error: {e}", file=sys.stderr, flush=True)
         if world.Get_size() > 1:
-            _abort(world, 2)
-        return 2
-    except BaseException as e:
+            _abort(world, EXIT_CONFIG)
+        return EXIT_CONFIG
+    except BaseException as e:   # any failure must end every rank
         if isinstance(e, SystemExit) and not e.code:
-            return 0
+            return EXIT_OK
+        if isinstance(e, KeyboardInterrupt):
+            print(f"mpiinfer: rank {rank} interrupted (Ctrl-C twice): finished records are in {cfg.output} or its "
+                  "journal; re-run the same command to resume", file=sys.stderr, flush=True)
+            if world.Get_size() > 1:
+                _abort(world, EXIT_INTERRUPTED)
+            return EXIT_INTERRUPTED
         msg = "".join(traceback.format_exception_only(type(e), e)).strip()
         print(f"mpiinfer: rank {rank} failed: {msg}", file=sys.stderr, flush=True)
         if os.environ.get("MPIINFER_DEBUG"):
             traceback.print_exc()
         if world.Get_size() > 1:
-            _abort(world, 1)
-        return 1
+            _abort(world, EXIT_CRASH)
+        return EXIT_CRASH
 
 
 def _abort(world, code: int) -> None:
@@ -110,24 +151,34 @@ def _captured(step):
 
 
 def _setup(cfg: RunConfig, world):
-    """Layout, device, output checks, then the mesh and this rank's model shard.  Each stage's errors are
-    agreed on by all ranks before the next stage's collectives start."""
+    """Three stages, each one's errors agreed on by all ranks before the next one's collectives start:
+    the checks (the layout; on world rank 0 the checkpoint's config, tokenizer and tensor headers, the layout
+    against the model, the input and output, the resume plan: no torch imported, nothing loaded), the device,
+    then the mesh and this rank's model shard."""
     from .comm.mesh import Layout, Mesh, node_local
-    from .device import Device
-    from .engine.runner import ModelRunner
 
-    def place():
+    def check():
         p = cfg.parallel
         layout = Layout(world=world.Get_size(), tp=p.tp, cp=p.cp, ep=p.ep)
-        local_rank, local_size = node_local(world)
-        device = Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+        plan = None
         if world.Get_rank() == 0:
+            _check_model(cfg, layout)
             _check_output(cfg)
-        return layout, device
+            plan = _plan_resume(cfg)
+        return layout, plan
 
-    placed, error = _captured(place)
+    checked, error = _captured(check)
     _agree(world, error)
-    layout, device = placed
+    layout, plan = checked
+
+    def place():
+        from .device import Device
+        local_rank, local_size = node_local(world)
+        return Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+
+    device, error = _captured(place)
+    _agree(world, error)
+    from .engine.runner import ModelRunner
 
     def build():
         mesh = Mesh.build(world, layout, cfg.allreduce, device.kind)
@@ -136,28 +187,55 @@ def _setup(cfg: RunConfig, world):
 
     built, error = _captured(build)
     _agree(world, error)
-    return built
+    return (*built, plan)
 
 
-def _run(cfg: RunConfig, world) -> int:
-    from .coordinator import Coordinator
-    from .replica import follow, lead
+def _plan_resume(cfg: RunConfig):
+    """World rank 0, before any weights are read: what this run continues (refusing another job's output)."""
+    from .coordinator import output_format, read_inputs
+    from .io.resume import plan_resume
+    return plan_resume(cfg, output_format(cfg), lambda skip: read_inputs(cfg, skip))
+
+
+def _run(cfg: RunConfig, world, signals: Signals) -> int:
     try:
-        mesh, runner = _setup(cfg, world)
+        mesh, runner, plan = _setup(cfg, world)
     except SetupFailed as e:
         if world.Get_rank() == 0:
             print(f"mpiinfer: error: {e}", file=sys.stderr, flush=True)
-        return 2 if e.config else 1
+        return EXIT_CONFIG if e.config else EXIT_CRASH
+    from .coordinator import Coordinator
+    from .replica import follow, lead
     if not mesh.is_replica_leader:
         follow(runner)
         mesh.close()
         return 0
     try:
-        rc = Coordinator(cfg, mesh, runner).run() if mesh.rank == 0 else lead(cfg, mesh, runner)
+        if mesh.rank == 0:
+            rc = Coordinator(cfg, mesh, runner, plan, signals).run()
+        else:
+            rc = lead(cfg, mesh, runner)
     finally:
         runner.release_followers()
     mesh.close()
     return rc
+
+
+def _check_model(cfg: RunConfig, layout) -> None:
+    """The checkpoint directory can be run with this layout: config, tokenizer, every tensor's header."""
+    from .config import ModelConfig
+    from .models.registry import check_checkpoint, validate_layout
+    from .tokenizer import Tokenizer
+    from .weights.index import CheckpointIndex
+    m = cfg.model
+    if not os.path.exists(m) and not os.path.isabs(m) and m.count("/") == 1 and not m.startswith("."):
+        raise ConfigError(f"--model {m}: no such directory. mpiinfer reads only local checkpoint directories and "
+                          f"never downloads; if {m} is a Hugging Face hub id, fetch it first, e.g. "
+                          f"`huggingface-cli download {m} --local-dir DIR` (safetensors weights), then pass -m DIR")
+    mc = ModelConfig.from_dir(m)
+    Tokenizer(m)
+    validate_layout(mc, layout)
+    check_checkpoint(mc, CheckpointIndex(m))
 
 
 def _check_output(cfg: RunConfig) -> None:

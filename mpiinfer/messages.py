@@ -4,7 +4,7 @@
 prompt_token_ids is set).  ``Result``: what the engine produced for it, or an
 error.  Both are plain dataclasses so they pickle cheaply over MPI.  Then the
 coordinator <-> replica leader protocol (``Want`` / ``Work`` / ``Done`` / ``Stop``)
-and the wide-EP lockstep codes (``Lockstep``).
+with its stop (``Drain`` / ``Drained``), and the wide-EP lockstep codes (``Lockstep``).
 """
 from __future__ import annotations
 
@@ -85,6 +85,16 @@ class Work:
 class Done:
     """Finished results from a replica leader (any order; the coordinator reorders)."""
     results: list
+
+
+@dataclass(frozen=True)
+class Drain:
+    """The job is stopping (a signal): take no new work, finish what is running, then say ``Drained``."""
+
+
+@dataclass(frozen=True)
+class Drained:
+    """A replica leader has nothing running any more (after ``Drain``)."""
 
 
 @dataclass(frozen=True)

@@ -13,7 +13,7 @@ from __future__ import annotations
 from .config import RunConfig
 from .engine.generate import Engine
 from .engine.runner import ModelRunner
-from .messages import TAG, Done, Lockstep, Stop, Want, Work
+from .messages import TAG, Done, Drain, Drained, Lockstep, Stop, Want, Work
 from .tokenizer import Tokenizer
 
 
@@ -32,7 +32,8 @@ def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
     world = mesh.world_comm
     engine = Engine(runner, Tokenizer(cfg.model), default_seed=cfg.seed)
     asked = 0                     # requests asked for and not yet received
-    finishing = False
+    finishing = False             # no more work will come
+    draining = False              # the job stops: finish what runs, start nothing new
     lock = mesh.wide_ep           # replicas step together (see coordinator.Coordinator)
     while True:
         room = 2 * engine.max_batch - len(engine.running) - len(engine.waiting) - asked
@@ -46,11 +47,19 @@ def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
                 if msg.abandon:
                     return 0
                 finishing = True
-            elif isinstance(msg, Work):
+            elif isinstance(msg, Drain):
+                finishing = draining = True
+                engine.sched.waiting.clear()          # not started: computed on resume
+            elif isinstance(msg, Work) and not draining:
                 asked -= len(msg.items)
                 errors = [err for err in map(engine.add, msg.items) if err is not None]
                 if errors:
                     world.send(Done(errors), dest=0, tag=TAG)
+        if draining and not engine.has_work():
+            world.send(Drained(), dest=0, tag=TAG)
+            while not isinstance(msg := world.recv(source=0, tag=TAG), Stop):
+                pass                                   # work sent before the drain: dropped
+            return 0
         if lock:
             state = Lockstep.STEP if engine.has_work() else Lockstep.IDLE
             if mesh.dp_comm.allreduce(int(state), op=MPI.MAX) != Lockstep.STEP:

@@ -22,6 +22,7 @@ from ..device import Device, parse_dtype
 from ..faults import inject
 from ..models import registry
 from ..models.llama import CausalLM
+from ..models.registry import validate_layout
 from ..models.step import StepBatch
 from ..parallel.shard import kv_heads_for_rank
 from ..weights.index import CheckpointIndex
@@ -32,33 +33,6 @@ log = logging.getLogger("mpiinfer")
 
 _DEFAULT_KV_FRACTION = 0.3
 _DEFAULT_KV_CAP = 8 << 30
-
-
-def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
-    """Refuse a layout the model cannot be split by (same message on every rank)."""
-    tp, ep = mesh_layout.tp, mesh_layout.ep
-    # tp <= KV heads: each rank takes whole GQA groups, as evenly as they go (3 KV heads at tp=2: 2 + 1);
-    # tp > KV heads: each KV head is replicated on tp / KV ranks, which split its group's query heads evenly
-    if tp > cfg.num_kv_heads and tp % cfg.num_kv_heads:
-        raise ConfigError(f"--tp {tp} is larger than num_key_value_heads={cfg.num_kv_heads} and not a multiple of it")
-    if tp > cfg.num_kv_heads and cfg.num_heads % tp:
-        raise ConfigError(f"--tp {tp} is larger than num_key_value_heads={cfg.num_kv_heads} and does not divide "
-                          f"num_attention_heads={cfg.num_heads}")
-    inner = [("intermediate_size", cfg.intermediate_size)] if cfg.intermediate_size and not all(
-        cfg.is_moe_layer(i) for i in range(cfg.num_layers)) else []
-    if cfg.shared_expert_intermediate_size:
-        inner.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
-    for name, v in inner:
-        if v < tp:
-            raise ConfigError(f"--tp {tp} is larger than {name}={v}")
-    if ep > 1 and not cfg.is_moe:
-        raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
-    if cfg.is_moe:
-        if cfg.num_experts % ep:
-            raise ConfigError(f"--ep {ep} does not divide the number of experts ({cfg.num_experts})")
-        if cfg.moe_intermediate_size < mesh_layout.etp:
-            raise ConfigError(f"tp/ep = {mesh_layout.etp} is larger than moe_intermediate_size="
-                              f"{cfg.moe_intermediate_size}")
 
 
 class ModelRunner:

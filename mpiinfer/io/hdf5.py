@@ -238,6 +238,7 @@ class Hdf5Writer:
         self._buf: list = []
         self.records_written = 0
         self.closed = False
+        self.flushes = 0
         self._last_flush = time.monotonic()
 
     def write(self, result: Result) -> None:
@@ -288,6 +289,7 @@ class Hdf5Writer:
             self._buf.clear()
         self._f.flush()
         self._last_flush = time.monotonic()
+        self.flushes += 1
 
     def close(self) -> None:
         if self.closed:

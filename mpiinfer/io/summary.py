@@ -100,6 +100,10 @@ class Summary:
         self.per_token = Reservoir(reservoir_size, seed + 1)
         self.t_start = time.monotonic()
         self.t_end: float | None = None
+        # where this run's records are when it ends (set by the coordinator)
+        self.restored = 0       # finished by an earlier run, journaled, written by this one
+        self.in_output = 0      # records in the output file
+        self.journaled = 0      # finished records still waiting in the journal for a gap in the output
 
     def start(self) -> None:
         self.t_start = time.monotonic()
@@ -137,6 +141,9 @@ class Summary:
             "errors": self.errors,
             "errors_by_type": dict(sorted(self.errors_by_type.items())),
             "resumed_records": self.resumed,
+            "restored_from_journal": self.restored,
+            "in_output": self.in_output,
+            "journaled": self.journaled,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "wall_time_s": wall,

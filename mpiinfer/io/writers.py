@@ -65,6 +65,7 @@ class JsonlWriter:
         self._buf: list = []
         self._dirty = False
         self.records_written = 0  # accepted by write() (buffered or on disk)
+        self.flushes = 0          # completed flush() calls: everything written before one is durable
         self.closed = False
         if self.path == "-":
             self._f = sys.stdout.buffer
@@ -119,6 +120,7 @@ class JsonlWriter:
             os.fsync(self._f.fileno())
         self._dirty = False
         self._last_flush = time.monotonic()
+        self.flushes += 1
 
     def close(self) -> None:
         if self.closed:
@@ -173,10 +175,11 @@ class OrderedWriter:
     written, so the output stays an exact prefix of the input).
     """
 
-    def __init__(self, inner, start_index: int = 0, max_pending: int = 10000):
+    def __init__(self, inner, start_index: int = 0, max_pending: int = 10000, resolve=None):
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
         self.inner = inner
+        self.resolve = resolve    # waiting entries may be stand-ins with an ``index``: resolve(entry) -> Result
         self.next_index = start_index
         self.max_pending = max_pending
         self._pending: dict[int, Result] = {}
@@ -185,6 +188,10 @@ class OrderedWriter:
     @property
     def pending(self) -> int:
         return len(self._pending)
+
+    def waiting(self) -> list:
+        """The entries waiting for a lower index, in index order."""
+        return [self._pending[i] for i in sorted(self._pending)]
 
     def write(self, result: Result) -> None:
         if self.closed:
@@ -200,14 +207,15 @@ class OrderedWriter:
                     f"got index {i}. The caller's in-flight window is not bounded (bug).")
             self._pending[i] = result
             return
-        self.inner.write(result)
+        resolve = self.resolve
+        self.inner.write(resolve(result) if resolve else result)
         self.next_index += 1
         pending = self._pending
         while pending:
             nxt = pending.pop(self.next_index, None)
             if nxt is None:
                 break
-            self.inner.write(nxt)
+            self.inner.write(resolve(nxt) if resolve else nxt)
             self.next_index += 1
 
     def flush(self) -> None:

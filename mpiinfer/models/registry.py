@@ -2,7 +2,8 @@
 
 Owns: the full list of tensors a checkpoint of a given ``ModelConfig`` must hold
 (``expected_tensors``), used to refuse a bad checkpoint before anything is read,
-and the MoE naming differences between families.
+the MoE naming differences between families, and which layouts a model can be
+split by (``validate_layout``).  Pure: no torch, no MPI.
 """
 from __future__ import annotations
 
@@ -88,3 +89,30 @@ def check_checkpoint(cfg: ModelConfig, index) -> None:
     if problems:
         raise ConfigError(f"checkpoint {index.model_dir} does not match its config.json ({cfg.arch}): "
                           + "; ".join(problems))
+
+
+def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
+    """Refuse a layout the model cannot be split by (same message on every rank)."""
+    tp, ep = mesh_layout.tp, mesh_layout.ep
+    # tp <= KV heads: each rank takes whole GQA groups, as evenly as they go (3 KV heads at tp=2: 2 + 1);
+    # tp > KV heads: each KV head is replicated on tp / KV ranks, which split its group's query heads evenly
+    if tp > cfg.num_kv_heads and tp % cfg.num_kv_heads:
+        raise ConfigError(f"--tp {tp} is larger than num_key_value_heads={cfg.num_kv_heads} and not a multiple of it")
+    if tp > cfg.num_kv_heads and cfg.num_heads % tp:
+        raise ConfigError(f"--tp {tp} is larger than num_key_value_heads={cfg.num_kv_heads} and does not divide "
+                          f"num_attention_heads={cfg.num_heads}")
+    inner = [("intermediate_size", cfg.intermediate_size)] if cfg.intermediate_size and not all(
+        cfg.is_moe_layer(i) for i in range(cfg.num_layers)) else []
+    if cfg.shared_expert_intermediate_size:
+        inner.append(("shared_expert_intermediate_size", cfg.shared_expert_intermediate_size))
+    for name, v in inner:
+        if v < tp:
+            raise ConfigError(f"--tp {tp} is larger than {name}={v}")
+    if ep > 1 and not cfg.is_moe:
+        raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
+    if cfg.is_moe:
+        if cfg.num_experts % ep:
+            raise ConfigError(f"--ep {ep} does not divide the number of experts ({cfg.num_experts})")
+        if cfg.moe_intermediate_size < mesh_layout.etp:
+            raise ConfigError(f"tp/ep = {mesh_layout.etp} is larger than moe_intermediate_size="
+                              f"{cfg.moe_intermediate_size}")

@@ -1,7 +1,7 @@
 """``mpiinfer plan``: the mesh and per-rank memory of a layout, without loading weights.
 
 Owns: nothing new -- it reuses the same validation as ``run`` (``Layout``,
-``runner.validate_layout``) and builds each distinct rank's model on the ``meta``
+``registry.validate_layout``) and builds each distinct rank's model on the ``meta``
 device, so the weight bytes it reports are exactly what ``run`` allocates.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ from ..comm.mesh import Layout, Mesh
 from ..config import ModelConfig
 from ..device import parse_dtype
 from ..engine.kv_cache import kv_bytes_per_token
-from ..engine.runner import validate_layout
+from ..models.registry import validate_layout
 
 RUNTIME_OVERHEAD = 600 << 20   # torch + MPI + Python per rank, measured on CPU (benchmarks/bench_parallel.py)
 

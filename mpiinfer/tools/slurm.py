@@ -22,6 +22,8 @@ TEMPLATE = """#!/bin/bash
 {extra_sbatch}set -uo pipefail
 
 export OMP_NUM_THREADS=${{SLURM_CPUS_PER_TASK:-1}}
+# after the warning, running sequences may finish for half of the grace period (mpiinfer run --drain-seconds)
+export MPIINFER_DRAIN_SECONDS=${{MPIINFER_DRAIN_SECONDS:-{drain}}}
 RESUBMITS=${{MPIINFER_RESUBMITS:-0}}
 MAX_RESUBMITS=${{MPIINFER_MAX_RESUBMITS:-{max_resubmits}}}
 SCRIPT=$(scontrol show job "${{SLURM_JOB_ID:-0}}" 2>/dev/null | sed -n 's/^ *Command=//p' | head -n 1)
@@ -71,6 +73,6 @@ def render(run_args: list, nodes: int = 1, tasks_per_node: int = 1, cpus_per_tas
         launcher += " --gpus-per-task=1 --gpu-bind=none"
     return TEMPLATE.format(
         job_name=job_name, nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
-        gpu_line=gpu_line, time=time, grace=grace, log=log, extra_sbatch=extra, launcher=launcher,
+        gpu_line=gpu_line, time=time, grace=grace, drain=grace // 2, log=log, extra_sbatch=extra, launcher=launcher,
         mpiinfer=mpiinfer, run_args=" ".join(shlex.quote(a) for a in run_args), max_resubmits=max_resubmits,
         render_args=" ".join(shlex.quote(a) for a in render_args))

@@ -189,3 +189,34 @@ def test_max_errors_stops_the_job(tiny, tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert p.returncode != 0
     assert "more than --max-errors 3 records failed" in p.stderr
+
+
+def test_sigterm_drains_running_sequences_on_every_replica(tiny, tmp_path):
+    """dp=2: after SIGTERM with --drain-seconds, no new record starts, but the two slow records that were running
+    finish (they are the first two, so they are in the output), and the re-run completes the job."""
+    from mpiinfer.io.resume import journal_path, read_journal
+    inp = str(tmp_path / "in.jsonl")
+    with open(inp, "w") as f:
+        for i in range(600):
+            f.write(json.dumps({"id": f"r{i}", "prompt": f"the sea {i}", "max_tokens": 700 if i < 2 else 3,
+                                "ignore_eos": True}) + "\n")
+    out = str(tmp_path / "drain.jsonl")
+    args = cmd(2, tiny, inp, out, "--max-batch", "4", "--drain-seconds", "100")
+    p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=dict(os.environ, OMP_NUM_THREADS="1"))
+    t0 = time.time()
+    while len(read_journal(journal_path(out))) < 6 and p.poll() is None and time.time() - t0 < 120:
+        time.sleep(0.02)
+    assert p.poll() is None, "job finished before it could be signalled"
+    for pid in _ranks_of(p.pid):
+        os.kill(pid, signal.SIGTERM)
+    _, err = p.communicate(timeout=180)
+    assert p.returncode == 0, err
+    assert "taking no new work" in err and "re-run the same command to resume" in err, err
+    got = lines(out)
+    finished = len(got) + len([i for i in read_journal(journal_path(out)) if i >= len(got)])
+    assert len(got) >= 2 and [json.loads(x)["id"] for x in got[:2]] == ["r0", "r1"]
+    assert len(json.loads(got[0])["token_ids"]) == 700 and len(json.loads(got[1])["token_ids"]) == 700
+    assert finished < 600, "every record ran: the drain took new work"
+    run(args)
+    assert [json.loads(x)["id"] for x in lines(out)] == [f"r{i}" for i in range(600)]

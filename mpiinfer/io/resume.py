@@ -1,0 +1,371 @@
+"""What a re-run may trust about the output it continues: the manifest, the completion journal, the plan.
+
+Owns three files beside ``OUTPUT`` and the decision made from them, on world rank 0, before any rank reads
+weights (``plan_resume``):
+
+* ``OUTPUT.manifest.json`` (written when a job starts an output): every input's absolute path, size and a
+  content fingerprint (sha256 over its size, first and last 16 MiB; a directory: every file's relative
+  path, size and fingerprint), the options that change results (model directory, dtype, sampling
+  defaults, max tokens, seed, input and output formats, prompt template, dataset), and the job's start
+  time (the ``created`` of OpenAI output records, so a resumed output is byte-identical).  A re-run whose
+  inputs or options differ is refused with the differences named; ``--overwrite`` starts over.
+* ``OUTPUT.journal.jsonl``: every finished result, in completion order, as one JSON line written to the OS
+  as soon as the coordinator has it (so killing any process loses nothing that finished) and fsynced with
+  the output.  The ordered output is written from the results as their gaps close; whenever the output is
+  flushed the journal is rewritten to the results still waiting for a gap.  A re-run writes the journaled
+  results instead of recomputing them; a finished job removes the journal.
+* ``--retry-errors``: the records of the output that are errors are computed again; every good record is
+  kept as it is (the output is rebuilt in input order from the old one, the journal and the new results).
+
+The records already in the output are also checked against the input: the id of each of them must be the
+id the input gives at that position (stdin cannot be read twice: its ids are not checked).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+
+from ..config import ConfigError, RunConfig
+from ..messages import ErrorInfo, Result
+
+log = logging.getLogger("mpiinfer")
+
+MANIFEST_VERSION = 1
+_FP_BYTES = 16 << 20
+
+
+def manifest_path(output: str) -> str:
+    return output + ".manifest.json"
+
+
+def journal_path(output: str) -> str:
+    return output + ".journal.jsonl"
+
+
+# ------------------------------------------------------------------ fingerprints
+
+def _file_fingerprint(path: str, size: int) -> str:
+    h = hashlib.sha256(str(size).encode())
+    with open(path, "rb") as f:
+        h.update(f.read(_FP_BYTES))
+        if size > 2 * _FP_BYTES:
+            f.seek(size - _FP_BYTES)
+        h.update(f.read(_FP_BYTES))
+    return h.hexdigest()
+
+
+def describe_input(path: str) -> dict:
+    """{path, size, fingerprint} of one input (``-``: stdin, not fingerprinted)."""
+    if path == "-":
+        return {"path": "-"}
+    ap = os.path.abspath(path)
+    if os.path.isdir(ap):
+        h, total = hashlib.sha256(), 0
+        for root, dirs, files in os.walk(ap):
+            dirs.sort()
+            for name in sorted(files):
+                p = os.path.join(root, name)
+                size = os.path.getsize(p)
+                total += size
+                h.update(f"{os.path.relpath(p, ap)}\0{size}\0{_file_fingerprint(p, size)}\0".encode("utf-8",
+                                                                                                   "surrogatepass"))
+        return {"path": ap, "size": total, "fingerprint": h.hexdigest()}
+    size = os.path.getsize(ap)
+    return {"path": ap, "size": size, "fingerprint": _file_fingerprint(ap, size)}
+
+
+def result_options(cfg: RunConfig, out_fmt: str) -> dict:
+    """The options that change what a record's result is (a resumed job must use the same)."""
+    d = cfg.defaults
+    return {
+        "model": os.path.abspath(cfg.model),
+        "dtype": cfg.engine.dtype or "auto",
+        "max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
+        "seed": cfg.seed,
+        "max_seq_len": cfg.engine.max_seq_len,
+        "input_format": cfg.input_format, "output_format": out_fmt,
+        "prompt_template": cfg.prompt_template, "dataset": cfg.dataset,
+    }
+
+
+def make_manifest(cfg: RunConfig, out_fmt: str, created: int | None = None) -> dict:
+    return {"version": MANIFEST_VERSION, "inputs": [describe_input(p) for p in cfg.inputs],
+            "options": result_options(cfg, out_fmt), "created": int(time.time()) if created is None else created}
+
+
+def manifest_differences(old: dict, new: dict) -> list:
+    """Human-readable differences between a stored manifest and this run's (empty: the same job)."""
+    diffs = []
+    oi, ni = old.get("inputs", []), new["inputs"]
+    if [i.get("path") for i in oi] != [i.get("path") for i in ni]:
+        diffs.append(f"inputs were {[i.get('path') for i in oi]}, now {[i.get('path') for i in ni]}")
+    else:
+        for a, b in zip(oi, ni):
+            if a.get("size") != b.get("size"):
+                diffs.append(f"input {b['path']} was {a.get('size')} bytes, now {b.get('size')}")
+            elif a.get("fingerprint") != b.get("fingerprint"):
+                diffs.append(f"input {b['path']} has the same size but other content")
+    oo, no = old.get("options", {}), new["options"]
+    for k in sorted(set(oo) | set(no)):
+        if oo.get(k) != no.get(k):
+            diffs.append(f"{k} was {oo.get(k)!r}, now {no.get(k)!r}")
+    return diffs
+
+
+def write_json_atomic(path: str, obj: dict) -> None:
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, sort_keys=True)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+# ------------------------------------------------------------------ results <-> journal lines
+
+def result_to_json(r: Result) -> dict:
+    return {"index": r.index, "id": r.id, "text": r.text, "token_ids": list(r.token_ids),
+            "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs,
+            "error": None if r.error is None else [r.error.type, r.error.message], "extra": r.extra,
+            "ttft": r.ttft, "latency": r.latency}
+
+
+def result_from_json(d: dict) -> Result:
+    err = d.get("error")
+    return Result(index=int(d["index"]), id=d["id"], text=d["text"], token_ids=list(d["token_ids"]),
+                  finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"],
+                  error=None if err is None else ErrorInfo(err[0], err[1]), extra=dict(d.get("extra") or {}),
+                  ttft=d.get("ttft"), latency=d.get("latency"))
+
+
+def _line(r: Result) -> bytes:
+    # ASCII escapes: ids and texts may hold unpaired surrogates, which UTF-8 cannot encode
+    return (json.dumps(result_to_json(r), ensure_ascii=True) + "\n").encode("ascii")
+
+
+def read_journal(path: str) -> dict:
+    """index -> Result of every complete line of a journal (a torn last line is ignored; the first of two
+    results for one index wins)."""
+    out: dict = {}
+    if not os.path.exists(path):
+        return out
+    with open(path, "rb") as f:
+        for raw in f:
+            if not raw.endswith(b"\n"):
+                break
+            try:
+                r = result_from_json(json.loads(raw))
+            except (ValueError, KeyError, TypeError, IndexError):
+                break
+            out.setdefault(r.index, r)
+    return out
+
+
+@dataclass(frozen=True)
+class Spilled:
+    """A result kept in the journal instead of memory while it waits for a gap in the output."""
+    index: int
+    offset: int
+    length: int
+
+
+class Journal:
+    """Append-only journal of finished results: each line reaches the OS at once (``os.write``), so no process
+    kill loses it; ``sync()`` fsyncs (against node loss); ``rewrite(results)`` replaces the file atomically by
+    just those results; ``read(spilled)`` reads one back."""
+
+    def __init__(self, path: str, results=()):
+        self.path = path
+        self.fd = None
+        self.rewrite(results)
+
+    def _open(self) -> None:
+        self.fd = os.open(self.path, os.O_RDWR | os.O_APPEND | os.O_CREAT, 0o666)
+        self.size = os.fstat(self.fd).st_size
+
+    def append(self, r: Result) -> Spilled:
+        data = _line(r)
+        where = Spilled(r.index, self.size, len(data))
+        while data:
+            n = os.write(self.fd, data)
+            data = data[n:]
+        self.size += where.length
+        return where
+
+    def read(self, s: Spilled) -> Result:
+        return result_from_json(json.loads(os.pread(self.fd, s.length, s.offset)))
+
+    def sync(self) -> None:
+        os.fsync(self.fd)
+
+    def rewrite(self, results) -> None:
+        """The journal becomes exactly ``results`` (durably), e.g. those still waiting for a gap in the output."""
+        tmp = f"{self.path}.tmp{os.getpid()}"
+        with open(tmp, "wb") as f:
+            f.write(b"".join(_line(r) for r in results))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        if self.fd is not None:
+            os.close(self.fd)
+        self._open()
+
+    def close(self, remove: bool = False) -> None:
+        if self.fd is None:
+            return
+        if not remove:
+            os.fsync(self.fd)
+        os.close(self.fd)
+        self.fd = None
+        if remove:
+            os.remove(self.path)
+
+
+# ------------------------------------------------------------------ the plan
+
+@dataclass
+class ResumePlan:
+    """What this run does with the output: ``done`` records are already in it, ``restored`` results (index ->
+    Result) were journaled and are written without being recomputed; ``manifest`` is this job's."""
+    out_fmt: str
+    done: int = 0
+    restored: dict = field(default_factory=dict)
+    manifest: dict | None = None
+    todo: bool = True                  # some input record is neither in the output nor journaled
+
+
+def written_key(item, out_fmt: str):
+    """What the output holds to identify the record of ``item`` (a Request or an error Result)."""
+    ex = item.extra or {}
+    if out_fmt == "openai":
+        return ex["custom_id"] if "custom_id" in ex else str(item.id)
+    if out_fmt == "hdf5":
+        return str(item.id).replace("\0", "")
+    return item.id
+
+
+def output_records(path: str, out_fmt: str, count: int) -> list:
+    """The first ``count`` records of an output as Results (keys and errors; text and tokens for rebuilding)."""
+    if out_fmt == "hdf5":
+        from .hdf5 import read_hdf5_results
+        return read_hdf5_results(path)[:count]
+    from .openai_batch import result_from_batch_output
+    out = []
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f):
+            if i >= count:
+                break
+            rec = json.loads(raw)
+            out.append(result_from_batch_output(rec, i) if out_fmt == "openai" else _jsonl_result(rec, i))
+    return out
+
+
+def _jsonl_result(rec: dict, index: int) -> Result:
+    if "error" in rec:
+        e = rec["error"]
+        return Result(index=index, id=rec["id"], error=ErrorInfo(e["type"], e["message"]))
+    return Result(index=index, id=rec["id"], text=rec["text"], token_ids=list(rec["token_ids"]),
+                  finish_reason=rec["finish_reason"], prompt_tokens=rec["usage"]["prompt_tokens"],
+                  logprobs=rec.get("logprobs"))
+
+
+def _output_key(r: Result, out_fmt: str):
+    if out_fmt == "openai":
+        return r.extra.get("custom_id")
+    return r.id
+
+
+def _refuse(cfg: RunConfig, why: str) -> ConfigError:
+    return ConfigError(f"{cfg.output} cannot be resumed: {why}; pass --overwrite to start over "
+                       "(or write to another --output)")
+
+
+def plan_resume(cfg: RunConfig, out_fmt: str, read_inputs) -> ResumePlan:
+    """Decide, before any weights are read, what this run continues (world rank 0), and write the manifest
+    (which also proves the output's directory writable).
+
+    ``read_inputs(skip)``: the stream of input items from index ``skip`` (the coordinator's reader).  Raises
+    ``ConfigError`` for an output that belongs to other inputs or options, an empty input, or an output that
+    cannot be written."""
+    try:
+        plan = _plan(cfg, out_fmt, read_inputs)
+        if cfg.output != "-":
+            write_json_atomic(manifest_path(cfg.output), plan.manifest)
+            if os.path.exists(cfg.output) and not os.access(cfg.output, os.W_OK):
+                raise PermissionError(f"{cfg.output} is not writable")
+        return plan
+    except OSError as e:
+        raise ConfigError(f"cannot write the output {cfg.output}: {e.strerror or e}"
+                          + (f" ({e.filename})" if getattr(e, "filename", None) else "")) from None
+
+
+def _plan(cfg: RunConfig, out_fmt: str, read_inputs) -> ResumePlan:
+    from .writers import recover_output
+    out = cfg.output
+    if out == "-":
+        return ResumePlan(out_fmt)
+    mpath, jpath = manifest_path(out), journal_path(out)
+    if cfg.overwrite:
+        for p in (out, mpath, jpath):
+            if os.path.exists(p):
+                os.remove(p)
+    manifest = make_manifest(cfg, out_fmt)
+    old = None
+    if os.path.exists(mpath):
+        try:
+            with open(mpath) as f:
+                old = json.load(f)
+        except (OSError, ValueError) as e:
+            raise _refuse(cfg, f"its manifest {mpath} cannot be read ({e})") from None
+        diffs = manifest_differences(old, manifest)
+        if diffs:
+            raise _refuse(cfg, "it was written by a job with other inputs or options: " + "; ".join(diffs))
+        manifest["created"] = old.get("created", manifest["created"])
+    elif os.path.exists(out) and os.path.getsize(out) > 0:
+        log.warning("%s has no manifest (written by an older mpiinfer?): only its records' ids are checked "
+                    "against the input", out)
+    try:
+        done = recover_output(out, out_fmt)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    restored = {i: r for i, r in read_journal(jpath).items() if i >= done}
+    plan = ResumePlan(out_fmt, done, restored, manifest)
+    if cfg.inputs == ("-",):
+        return plan                     # stdin: read once, by the job itself
+    _check_against_input(cfg, plan, read_inputs)
+    return plan
+
+
+def _check_against_input(cfg: RunConfig, plan: ResumePlan, read_inputs) -> None:
+    """The ids of the records already in the output, and of the journaled results, are the input's ids at
+    those positions; the input has at least one record; ``plan.todo`` says whether any record is left."""
+    keys = [_output_key(r, plan.out_fmt) for r in output_records(cfg.output, plan.out_fmt, plan.done)] \
+        if plan.done else []
+    last = max(plan.restored, default=-1)
+    seen = 0
+    plan.todo = False
+    for item in read_inputs(0):
+        i = item.index
+        seen = i + 1
+        if i < plan.done:
+            want = written_key(item, plan.out_fmt)
+            if keys[i] != want:
+                raise _refuse(cfg, f"its record {i + 1} has id {keys[i]!r} but input record {i + 1} has id "
+                                   f"{want!r}: it was written for another input")
+        elif i in plan.restored:
+            if plan.restored[i].id != item.id:
+                raise _refuse(cfg, f"its journal holds a result for record {i + 1} with id "
+                                   f"{plan.restored[i].id!r} but that input record has id {item.id!r}")
+        else:
+            plan.todo = True
+            if i > last:
+                break
+    if seen == 0:
+        raise ConfigError(f"the input ({', '.join(cfg.inputs)}) has no records")
+    if seen < plan.done:
+        raise _refuse(cfg, f"it already has {plan.done} records but the input has only {seen}")
