@@ -197,9 +197,8 @@ def test_sigterm_drains_running_sequences_on_every_replica(tiny, tmp_path):
     from mpiinfer.io.resume import journal_path, read_journal
     inp = str(tmp_path / "in.jsonl")
     with open(inp, "w") as f:
-        for i in range(600):
-            f.write(json.dumps({"id": f"r{i}", "prompt": f"the sea {i}", "max_tokens": 700 if i < 2 else 3,
-                                "ignore_eos": True}) + "\n")
+        f.writelines(json.dumps({"id": f"r{i}", "prompt": f"the sea {i}", "max_tokens": 700 if i < 2 else 3,
+                                "ignore_eos": True}) + "\n" for i in range(600))
     out = str(tmp_path / "drain.jsonl")
     args = cmd(2, tiny, inp, out, "--max-batch", "4", "--drain-seconds", "100")
     p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
