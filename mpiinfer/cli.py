@@ -177,20 +177,35 @@ def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, mem
 @click.option("--account", default=None)
 @click.option("--job-name", default="mpiinfer", show_default=True)
 @click.option("--max-resubmits", type=click.IntRange(min=0), default=20, show_default=True)
+@click.option("--mpi", type=click.Choice(["auto", "pmi2", "pmix", "pmi1", "none"]), default="auto", show_default=True,
+              help="srun's PMI plugin (auto: pmix for Open MPI, pmi2 for MPICH, from the MPI library mpi4py loads).")
 @click.argument("run_args", nargs=-1, type=click.UNPROCESSED)
-def slurm(nodes, tasks_per_node, cpus_per_task, gpus_per_node, time_limit, grace, partition, account, job_name,
-          max_resubmits, run_args):
+@click.pass_context
+def slurm(ctx, nodes, tasks_per_node, cpus_per_task, gpus_per_node, time_limit, grace, partition, account, job_name,
+          max_resubmits, mpi, run_args):
     """Print an sbatch script that runs `mpiinfer run RUN_ARGS` and re-submits itself before the time limit.
 
     Example: mpiinfer slurm --nodes 2 --tasks-per-node 4 --gpus-per-node 4 -- -m /models/llama -i in.jsonl
     -o out.jsonl --tp 4 > job.sbatch && sbatch job.sbatch"""
-    from .tools.slurm import render
+    from .tools.slurm import default_mpi_plugin, render
     if not run_args:
         raise click.UsageError("give the options of `mpiinfer run` after --, e.g. -- -m MODEL -i IN -o OUT")
-    click.echo(render(list(run_args), nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
+    # what this script was rendered from: the options that differ from their defaults, then the run options
+    shown = []
+    for p in ctx.command.params:
+        v = ctx.params[p.name]
+        if isinstance(p, click.Option) and v != p.default:
+            shown += [p.opts[-1], str(v)]
+    known = frozenset(o for p in run.params for o in p.opts + p.secondary_opts)
+    try:
+        text = render(list(run_args), nodes=nodes, tasks_per_node=tasks_per_node, cpus_per_task=cpus_per_task,
                       gpus_per_node=gpus_per_node, time=time_limit, grace=grace, job_name=job_name,
                       partition=partition, account=account, max_resubmits=max_resubmits,
-                      render_args=sys.argv[2:] if len(sys.argv) > 2 else []), nl=False)
+                      mpi=default_mpi_plugin() if mpi == "auto" else mpi, run_options=known,
+                      render_args=shown + ["--"] + list(run_args))
+    except ValueError as e:
+        raise click.UsageError(str(e)) from None
+    click.echo(text, nl=False)
 
 
 @main.group()

@@ -21,7 +21,7 @@ import time
 
 from .config import ConfigError, RunConfig
 from .io.resume import Journal, ResumePlan, Spilled, journal_path
-from .messages import TAG, Done, Drain, Drained, Lockstep, Result, Stop, Want, Work
+from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Result, Stop, Want, Work
 
 log = logging.getLogger("mpiinfer")
 
@@ -29,6 +29,7 @@ class MaxErrorsExceeded(Exception):
     """More records failed than --max-errors allows (exit code 3)."""
 
 
+BYE_TIMEOUT_S = 60.0    # how long the coordinator waits for every leader's last message
 MEM_PENDING = 4096      # results waiting for a gap in the output kept in memory; more wait in the journal only
 
 
@@ -360,12 +361,30 @@ class Coordinator:
             self.journal.sync()
             self._unsynced, self._synced_at = 0, time.monotonic()
 
-    def _release_leaders(self, abandon: bool) -> None:
-        if self.lock:    # the leaders are in the lockstep loop: end it with them
+    def _release_leaders(self, abandon: bool, lockstep_done: bool = False) -> None:
+        """Tell the leaders to stop (``lockstep_done``: they left the lockstep loop with the last code), then
+        take every message they still send until each one's ``Bye`` (bounded): nothing is left unreceived
+        when MPI finalizes (MPICH under ``srun --mpi=pmi2`` can hang in MPI_Finalize otherwise), and results
+        that finished meanwhile are written, or journaled."""
+        if self.lock and not lockstep_done:   # the leaders are in the lockstep loop: end it with them
             self.mesh.dp_comm.allreduce(int(Lockstep.IDLE), op=self._mpi().MAX)
-        else:
+        elif not self.lock:
             for r in self.leaders:
                 self.world.send(Stop(abandon=abandon), dest=r, tag=TAG)
+        MPI = self._mpi()
+        status, left = MPI.Status(), set(self.leaders)
+        deadline = time.monotonic() + BYE_TIMEOUT_S
+        while left and time.monotonic() < deadline:
+            if not self.world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
+                time.sleep(2e-4)
+                continue
+            msg = self.world.recv(source=status.Get_source(), tag=TAG)
+            if isinstance(msg, Bye):
+                left.discard(status.Get_source())
+            elif isinstance(msg, Done) and self.writer is not None:
+                self._write_all(msg.results)
+        if left:
+            log.warning("replica leaders %s did not say goodbye within %.0f s", sorted(left), BYE_TIMEOUT_S)
 
     def _close(self, failed: bool) -> None:
         from .io.summary import summary_path
@@ -373,8 +392,8 @@ class Coordinator:
         # on a failure the leaders are not released: job.run prints the error and aborts every rank, and a
         # leader that finalized meanwhile could race the abort and swallow the message.  In lockstep the
         # leaders left the loop with the coordinator's last code.
-        if not self.lock and not failed:
-            self._release_leaders(abandon)
+        if not failed:
+            self._release_leaders(abandon, lockstep_done=True)
         self.progress.close()
         if abandon:
             try:

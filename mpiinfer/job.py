@@ -51,6 +51,15 @@ EXIT_MAX_ERRORS = 3     # more than --max-errors records failed
 EXIT_INTERRUPTED = 130  # Ctrl-C: every finished record kept, re-running resumes
 
 
+def launcher_tasks() -> int:
+    """How many tasks the launcher says it started (srun, Open MPI's mpirun, a PMI launcher); 1 if none says."""
+    for var in ("SLURM_STEP_NUM_TASKS", "OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "PMIX_SIZE"):
+        v = os.environ.get(var, "")
+        if v.isdigit():
+            return int(v)
+    return 1
+
+
 class Signals:
     """Stop requests this rank received, from the moment the job starts (loading included): SIGTERM and SIGUSR1
     (Slurm's warnings before a time limit) ask for a stop after draining, SIGINT (Ctrl-C) for a stop now; a
@@ -81,6 +90,14 @@ def run(cfg: RunConfig) -> int:
     world = MPI.COMM_WORLD
     rank = world.Get_rank()
     setup_logging(rank, cfg.quiet)
+    tasks = launcher_tasks()
+    if world.Get_size() == 1 and tasks > 1:
+        # every task is a job of its own: refuse before any of them writes the output
+        print(f"mpiinfer: error: the launcher started {tasks} tasks but MPI sees a world of 1 (each task would be a "
+              "separate job writing the same output). Under Slurm pass srun the PMI plugin of your MPI: "
+              "--mpi=pmi2 for MPICH, --mpi=pmix for Open MPI (`srun --mpi=list` shows what Slurm offers)",
+              file=sys.stderr, flush=True)
+        return EXIT_CONFIG
     try:
         return _run(cfg, world, signals)
     except MaxErrorsExceeded as e:

@@ -98,6 +98,11 @@ class Drained:
 
 
 @dataclass(frozen=True)
+class Bye:
+    """A replica leader's last message: everything it sent before has arrived (MPI keeps the order)."""
+
+
+@dataclass(frozen=True)
 class Stop:
     """No more work. ``abandon``: drop what is in flight (SIGTERM); it is redone on resume."""
     abandon: bool = False

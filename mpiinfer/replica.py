@@ -13,7 +13,7 @@ from __future__ import annotations
 from .config import RunConfig
 from .engine.generate import Engine
 from .engine.runner import ModelRunner
-from .messages import TAG, Done, Drain, Drained, Lockstep, Stop, Want, Work
+from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Stop, Want, Work
 from .tokenizer import Tokenizer
 
 
@@ -27,7 +27,14 @@ def follow(runner: ModelRunner) -> None:
 
 
 def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
-    """Leader of a replica other than world rank 0's: pull work from the coordinator, run it, send results."""
+    """Leader of a replica other than world rank 0's: pull work from the coordinator, run it, send results;
+    its last message is ``Bye`` (the coordinator receives everything before finalizing)."""
+    rc = _lead(cfg, mesh, runner)
+    mesh.world_comm.send(Bye(), dest=0, tag=TAG)
+    return rc
+
+
+def _lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
     from mpi4py import MPI
     world = mesh.world_comm
     engine = Engine(runner, Tokenizer(cfg.model), default_seed=cfg.seed)

@@ -11,29 +11,51 @@ import pytest
 from click.testing import CliRunner
 
 from mpiinfer.cli import main
-from mpiinfer.tools.slurm import render
 
 FAKE = os.path.join(os.path.dirname(__file__), "fakeslurm")
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
 def test_rendered_scripts_parse_and_committed_examples_are_current():
-    for name, kw in EXAMPLES.items():
-        text = render(EXAMPLE_ARGS, **kw)
+    """The committed examples are what `mpiinfer slurm` prints for the command in their header, byte for byte:
+    the srun line carries every run option given ($VAR references stay expansions) and the PMI plugin."""
+    for name, args in EXAMPLES.items():
+        r = CliRunner().invoke(main, ["slurm"] + args)
+        assert r.exit_code == 0, r.output
+        text = r.output
         p = subprocess.run(["bash", "-n"], input=text, text=True, capture_output=True)
         assert p.returncode == 0, p.stderr
+        srun = next(line for line in text.splitlines() if line.startswith("srun "))
+        run_args = args[args.index("--") + 1:]
+        assert srun.endswith(" ".join(f'"{a}"' if a.startswith("$") else a for a in run_args) + " &"), srun
+        assert "--mpi=pmi2" in srun and "--cpus-per-task=${SLURM_CPUS_PER_TASK:-1}" in srun
         with open(os.path.join(ROOT, "slurm", name)) as f:
-            assert f.read() == text, f"slurm/{name} is stale: regenerate it with mpiinfer slurm"
+            assert f.read() == text, f"slurm/{name} is stale: regenerate it with mpiinfer {' '.join(args)}"
 
 
-EXAMPLE_ARGS = ["-m", "$MODEL", "-i", "$INPUT", "-o", "$OUTPUT"]
 EXAMPLES = {
-    "single_node.sbatch": dict(nodes=1, tasks_per_node=2, cpus_per_task=16, render_args=[
-        "--tasks-per-node", "2", "--cpus-per-task", "16", "--", "-m", "MODEL", "-i", "INPUT", "-o", "OUTPUT"]),
-    "multi_node_gpu.sbatch": dict(nodes=4, tasks_per_node=4, cpus_per_task=8, gpus_per_node=4, render_args=[
-        "--nodes", "4", "--tasks-per-node", "4", "--cpus-per-task", "8", "--gpus-per-node", "4", "--",
-        "-m", "MODEL", "-i", "INPUT", "-o", "OUTPUT", "--tp", "4"]),
+    "single_node.sbatch": ["--tasks-per-node", "2", "--cpus-per-task", "16", "--mpi", "pmi2", "--",
+                           "-m", "$MODEL", "-i", "$INPUT", "-o", "$OUTPUT"],
+    "multi_node_gpu.sbatch": ["--nodes", "4", "--tasks-per-node", "4", "--cpus-per-task", "8", "--gpus-per-node",
+                              "4", "--mpi", "pmi2", "--", "-m", "$MODEL", "-i", "$INPUT", "-o", "$OUTPUT",
+                              "--tp", "4"],
 }
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--", "-m", "M", "-i", "I", "-o", "O", "--tpp", "2"], "`mpiinfer run` has no option --tpp"),
+    (["--time", "5", "--grace", "300", "--", "-m", "M"], "--grace 300 s is not shorter than the time limit"),
+    (["--time", "soon", "--", "-m", "M"], "is not a Slurm time limit"),
+])
+def test_render_refuses(args, message):
+    r = CliRunner().invoke(main, ["slurm"] + args)
+    assert r.exit_code == 2 and message in r.output, r.output
+
+
+def test_parse_time():
+    from mpiinfer.tools.slurm import parse_time
+    assert [parse_time(t) for t in ("30", "1:30", "04:00:00", "2-0", "1-2:3", "1-02:03:04")] == [
+        1800, 90, 14400, 172800, 93780, 93784]
 
 
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec")
@@ -48,7 +70,7 @@ def test_time_limit_stops_cleanly_resubmits_and_resumes(model_dirs, tmp_path):
                                   "-o", str(out), "--threads", "1", "--flush-every", "1"])
     assert r.exit_code == 0, r.output
     script = tmp_path / "job.sbatch"
-    script.write_text(r.output.replace("srun --mpi=pmix", "srun"))
+    script.write_text(r.output)
     log = tmp_path / "sbatch.log"
     env = dict(os.environ, PATH=FAKE + os.pathsep + os.environ["PATH"], SLURM_NTASKS="2", FAKE_SBATCH_LOG=str(log),
                OMP_NUM_THREADS="1")
