@@ -139,16 +139,23 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
 @main.command()
 @click.option("-m", "--model", required=True, envvar=_env("MODEL"), show_envvar=True, help="Checkpoint directory.")
 @click.option("--world", type=click.IntRange(min=1), required=True, help="Number of ranks (mpiexec -n).")
-@click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True)
-@click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True)
-@click.option("--cp", type=click.IntRange(min=1), default=1, envvar=_env("CP"), show_envvar=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32")
+@click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
+              help="Tensor-parallel ranks per replica (as for run).")
+@click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
+              help="Expert-parallel ranks (MoE models; as for run).")
+@click.option("--cp", type=click.IntRange(min=1), default=1, envvar=_env("CP"), show_envvar=True,
+              help="Context-parallel ranks per replica (as for run).")
+@click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              envvar=_env("DTYPE"), show_envvar=True,
+              help="Weight dtype (auto, as for run: float32 on CPU, the checkpoint's dtype on GPU).")
+@click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
+              help="Where the ranks run (the dtype auto picks, and the memory the KV cache is sized from).")
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Default: the model's context.")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64)
-@click.option("--kv-budget", default=None, help="KV-cache memory per rank (default: max-batch x max-seq-len).")
+@click.option("--kv-budget", default=None, help="KV-cache memory per rank (default: sized as run sizes it).")
 @click.option("--memory-per-rank", default=None, help="Check that each rank fits in this much memory, e.g. 80GB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
+def plan(model, world, tp, ep, cp, dtype, device, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
     """Print the mesh and per-rank memory of a layout, without loading weights."""
     import json
 
@@ -156,7 +163,7 @@ def plan(model, world, tp, ep, cp, dtype, max_seq_len, max_batch, kv_budget, mem
     try:
         p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
                       kv_budget=parse_size(kv_budget) if kv_budget else None,
-                      memory_per_rank=parse_size(memory_per_rank) if memory_per_rank else None)
+                      memory_per_rank=parse_size(memory_per_rank) if memory_per_rank else None, device=device)
     except ConfigError as e:
         raise click.ClickException(str(e))
     click.echo(json.dumps(p, indent=1) if as_json else format_plan(p))

@@ -83,17 +83,30 @@ class Source:
         return out
 
 
-class Progress:
-    """Counts of this run and how they are shown: a tqdm bar on a terminal, a log line every ``every`` s
-    otherwise (Slurm logs), nothing with ``quiet``."""
+def count_records(cfg: RunConfig):
+    """An upper bound of the input's records for the progress total (lines of JSONL files; None otherwise)."""
+    from .io.readers import count_lines, detect_format
+    total = 0
+    for p in cfg.inputs:
+        if p == "-" or (cfg.input_format or detect_format(p)) not in ("jsonl", "openai"):
+            return None
+        total += count_lines(p)
+    return total
 
-    def __init__(self, done_before: int, quiet: bool, every: float):
+
+class Progress:
+    """Counts of this run and how they are shown: a tqdm bar on a terminal (with the input's size as total when
+    it can be counted cheaply, hence an ETA), a log line every ``every`` s otherwise (Slurm logs: the rate over
+    the last interval, and the time left at that rate), nothing with ``quiet``."""
+
+    def __init__(self, done_before: int, quiet: bool, every: float, total=None):
         from tqdm import tqdm
-        self.done_before, self.quiet, self.every = done_before, quiet, every
+        self.done_before, self.quiet, self.every, self.total = done_before, quiet, every, total
         self.n = self.errors = self.tokens = 0
         self.show_bar = not quiet and sys.stderr.isatty()
-        self.bar = tqdm(total=None, initial=done_before, unit="rec", disable=not self.show_bar, dynamic_ncols=True)
+        self.bar = tqdm(total=total, initial=done_before, unit="rec", disable=not self.show_bar, dynamic_ncols=True)
         self.t0 = self.last_log = time.perf_counter()
+        self._last = (0, 0)               # records, tokens at the last log line
 
     def add(self, res: Result) -> None:
         self.n += 1
@@ -103,9 +116,16 @@ class Progress:
         self.bar.update(1)
         now = time.perf_counter()
         if not self.show_bar and not self.quiet and now - self.last_log > self.every:
-            self.last_log = now
-            log.info("%d records done (%d errors), %.1f generated tok/s", self.done_before + self.n, self.errors,
-                     self.tokens / (now - self.t0))
+            dt, (n0, k0) = now - self.last_log, self._last
+            self.last_log, self._last = now, (self.n, self.tokens)
+            rate = (self.n - n0) / dt
+            done = self.done_before + self.n
+            left = ""
+            if self.total and rate > 0 and self.total > done:
+                s = int((self.total - done) / rate)
+                left = f", about {s // 3600}h{s % 3600 // 60:02d}m left"
+            log.info("%d%s records done (%d errors); last %.0f s: %.1f records/s, %.1f generated tok/s%s", done,
+                     f"/{self.total}" if self.total else "", self.errors, dt, rate, (self.tokens - k0) / dt, left)
 
     @property
     def seconds(self) -> float:
@@ -196,7 +216,7 @@ class Coordinator:
         # window: records taken and not yet finished, enough to keep every replica's batch full plus its prefetch
         window = max(256, 4 * self.engine.max_batch * self.mesh.dp)
         self.src = Source(items, window)
-        self.progress = Progress(plan.done, cfg.quiet, cfg.log_every)
+        self.progress = Progress(plan.done, cfg.quiet, cfg.log_every, count_records(cfg))
         # finished results wait for their gap without bound (beyond MEM_PENDING in the journal only)
         self.writer = OrderedWriter(inner, start_index=plan.done, max_pending=1 << 62, resolve=self._resolve)
         for i in sorted(plan.restored):

@@ -10,6 +10,7 @@ module that takes ``MPI.COMM_WORLD``; everything below receives it.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -49,6 +50,16 @@ EXIT_CRASH = 1          # a rank failed
 EXIT_CONFIG = 2         # refused before any compute: options, layout, checkpoint, input, output
 EXIT_MAX_ERRORS = 3     # more than --max-errors records failed
 EXIT_INTERRUPTED = 130  # Ctrl-C: every finished record kept, re-running resumes
+
+
+def default_threads(ranks_on_node: int) -> int:
+    """torch threads of a rank when neither --threads nor OMP_NUM_THREADS says: the cores this process may use
+    when the launcher bound it to some (srun --cpus-per-task, mpirun --bind-to), else the node's cores shared
+    among its ranks (torch's own default, every core, oversubscribes them as soon as two ranks share a node)."""
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    if usable < (os.cpu_count() or usable):
+        return max(1, usable)
+    return max(1, usable // max(1, ranks_on_node))
 
 
 def launcher_tasks() -> int:
@@ -191,16 +202,20 @@ def _setup(cfg: RunConfig, world):
     def place():
         from .device import Device
         local_rank, local_size = node_local(world)
-        return Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+        return Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus), local_size
 
-    device, error = _captured(place)
+    placed, error = _captured(place)
     _agree(world, error)
+    device, local_size = placed
     from .engine.runner import ModelRunner
+    engine_cfg = cfg.engine
+    if engine_cfg.threads is None and not os.environ.get("OMP_NUM_THREADS"):
+        engine_cfg = dataclasses.replace(engine_cfg, threads=default_threads(local_size))
 
     def build():
         mesh = Mesh.build(world, layout, cfg.allreduce, device.kind)
         inject("load", mesh.rank)
-        return mesh, ModelRunner(cfg.model, cfg.engine, mesh, device)
+        return mesh, ModelRunner(cfg.model, engine_cfg, mesh, device)
 
     built, error = _captured(build)
     _agree(world, error)

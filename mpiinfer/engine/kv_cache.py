@@ -1,7 +1,7 @@
 """Preallocated KV cache and the allocator of its rows.
 
 Owns: one ``(n_kv_local, pool_tokens, head_dim)`` key and value tensor per layer,
-allocated once from the memory budget, ``kv_bytes_per_token`` (the one formula for
+allocated once from the memory budget (``kv_budget``), ``kv_bytes_per_token`` (the one formula for
 what a cached token costs a rank, used by ``run``, ``plan`` and the benchmarks), and
 ``RegionAllocator``, which gives each
 sequence one contiguous run of pool rows sized for its prompt plus its maximum
@@ -17,6 +17,19 @@ import torch
 
 from ..config import ModelConfig
 from ..parallel.shard import kv_heads_for_rank
+
+DEFAULT_KV_FRACTION = 0.3       # of the memory free after loading the weights
+DEFAULT_KV_CAP = 8 << 30
+MIN_KV_TOKENS = 16              # a smaller cache is refused
+
+
+def kv_budget(max_batch: int, max_seq_len: int, per_token: int, free_bytes: int, asked: int | None = None) -> int:
+    """KV-cache bytes of a rank: ``asked`` (--kv-budget), else enough for ``max_batch`` sequences of
+    ``max_seq_len`` tokens, within DEFAULT_KV_FRACTION of ``free_bytes`` and DEFAULT_KV_CAP (``run`` and
+    ``plan`` both size it here)."""
+    if asked is not None:
+        return asked
+    return max(0, min(DEFAULT_KV_CAP, int(free_bytes * DEFAULT_KV_FRACTION), max_batch * max_seq_len * per_token))
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1, tp_rank: int = 0) -> int:

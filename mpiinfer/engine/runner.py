@@ -27,12 +27,10 @@ from ..models.step import StepBatch
 from ..parallel.shard import kv_heads_for_rank
 from ..weights.index import CheckpointIndex
 from ..weights.loader import FileRows, WeightSource
-from .kv_cache import KVCache, kv_bytes_per_token
+from .kv_cache import MIN_KV_TOKENS, KVCache, kv_budget, kv_bytes_per_token
 
 log = logging.getLogger("mpiinfer")
 
-_DEFAULT_KV_FRACTION = 0.3
-_DEFAULT_KV_CAP = 8 << 30
 
 
 class ModelRunner:
@@ -89,12 +87,10 @@ class ModelRunner:
         """The KV cache of ``--kv-budget`` bytes (default: enough for max_batch sequences of the longest allowed
         length, within a share of free memory)."""
         ec, per_tok = self.engine_cfg, self.kv_bytes_per_token
-        budget = ec.kv_budget_bytes
-        if budget is None:
-            useful = ec.max_batch * (ec.max_seq_len or self.cfg.max_position_embeddings) * per_tok
-            budget = min(_DEFAULT_KV_CAP, int(self.device.free_memory() * _DEFAULT_KV_FRACTION), useful)
+        budget = kv_budget(ec.max_batch, ec.max_seq_len or self.cfg.max_position_embeddings, per_tok,
+                           self.device.free_memory(), ec.kv_budget_bytes)
         pool = budget // per_tok
-        if pool < 16:
+        if pool < MIN_KV_TOKENS:
             raise ConfigError(f"--kv-budget {budget} bytes holds only {pool} tokens ({per_tok} bytes per token); "
                               "raise it")
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)

@@ -56,6 +56,8 @@ from typing import Any
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
 from .records import (
+    CHAT_URL,
+    COMPLETIONS_URL,
     INVALID_REQUEST,
     RecordError,
     _check_text,
@@ -68,8 +70,6 @@ from .records import (
     parse_sampling,
 )
 
-CHAT_URL = "/v1/chat/completions"
-COMPLETIONS_URL = "/v1/completions"
 URLS = (CHAT_URL, COMPLETIONS_URL)
 
 

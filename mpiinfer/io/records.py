@@ -32,6 +32,10 @@ from typing import Any
 from ..config import SamplingParams
 from ..messages import ErrorInfo, Request, Result
 
+# the OpenAI endpoints a record's result is written for (``--output-format openai``)
+CHAT_URL = "/v1/chat/completions"
+COMPLETIONS_URL = "/v1/completions"
+
 INVALID_JSON = "invalid_json"
 INVALID_ENCODING = "invalid_encoding"
 INVALID_REQUEST = "invalid_request"
@@ -340,7 +344,9 @@ def request_from_obj(obj: Any, line_no: int, index: int, defaults: SamplingParam
     except RecordError as e:
         e.id = rid
         raise
-    return Request(index=index, id=rid, sampling=sampling, **src)
+    # a chat record is written as a chat completion when the output is OpenAI's batch format
+    extra = {"url": CHAT_URL} if src.get("messages") is not None else {}
+    return Request(index=index, id=rid, sampling=sampling, extra=extra, **src)
 
 
 def error_result(index: int, id: Any, type: str, message: str) -> Result:

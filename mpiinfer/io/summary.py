@@ -28,6 +28,7 @@ import tempfile
 import time
 
 from ..messages import Result
+from .files import apply_user_mode
 
 PERCENTILES = (50, 90, 99)
 
@@ -168,6 +169,7 @@ class Summary:
                 f.write("\n")
                 f.flush()
                 os.fsync(f.fileno())
+            apply_user_mode(tmp)
             os.replace(tmp, path)
         except BaseException:
             try:

@@ -38,6 +38,7 @@ import numpy as np
 
 from ..config import ConfigError
 from ..dtypes import COMPUTE
+from ..io.files import apply_user_mode
 
 log = logging.getLogger(__name__)
 
@@ -481,12 +482,14 @@ def _check_out_dir(out_dir: str, overwrite: bool) -> None:
         if not os.path.isdir(out_dir):
             raise ConfigError(f"output path {out_dir} exists and is not a directory")
         if os.listdir(out_dir) and not overwrite:
-            raise ConfigError(f"output directory {out_dir} is not empty (pass overwrite=True to replace it)")
+            raise ConfigError(f"output directory {out_dir} is not empty (pass --overwrite to replace it)")
 
 
 def _commit(tmp: str, out_dir: str, overwrite: bool) -> None:
-    """Move the finished temp dir into place; an existing out_dir is replaced only after the new one is complete."""
+    """Move the finished temp dir into place (with the user's umask, not mkdtemp's 0700); an existing out_dir is
+    replaced only after the new one is complete."""
     _check_out_dir(out_dir, overwrite)
+    apply_user_mode(tmp)
     old = None
     if os.path.isdir(out_dir):
         if os.listdir(out_dir):

@@ -52,6 +52,7 @@ import torch
 
 from .. import dtypes
 from ..config import ModelConfig
+from ..io.files import user_mode
 
 __all__ = [
     "ARCHS",
@@ -158,6 +159,11 @@ def _knobs(arch: str, preset, overrides: dict | None) -> tuple[dict, dict]:
     else:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     rest = dict(overrides or {})
+    for k, v in rest.items():
+        # a size or count must be a positive integer (a typo would otherwise surface as a torch error)
+        known_int = isinstance(knobs.get(k), int) and not isinstance(knobs.get(k), bool)
+        if known_int and (not isinstance(v, int) or isinstance(v, bool) or v < 1):
+            raise ValueError(f"--set {k}={v!r}: {k} must be a positive integer")
     for k in _GEN_KNOBS:
         if k in rest:
             knobs[k] = rest.pop(k)
@@ -481,13 +487,11 @@ def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: dict
         if not os.path.isdir(out_dir) or os.path.islink(out_dir):
             raise FileExistsError(f"{out_dir} exists and is not a directory")
         if os.listdir(out_dir) and not overwrite:
-            raise FileExistsError(f"{out_dir} exists and is not empty (pass overwrite=True to replace it)")
+            raise FileExistsError(f"{out_dir} exists and is not empty (pass --overwrite to replace it)")
 
     tmp = tempfile.mkdtemp(prefix=f".{base}.tmp-", dir=parent)
     try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)
+        os.chmod(tmp, user_mode(is_dir=True))
         _write_json(os.path.join(tmp, "config.json"), cfg)
         _write_json(os.path.join(tmp, "generation_config.json"),
                     {"bos_token_id": BOS_ID, "eos_token_id": [EOS_ID, IM_END_ID]})

@@ -10,8 +10,9 @@ import torch
 
 from ..comm.mesh import Layout, Mesh
 from ..config import ModelConfig
-from ..device import parse_dtype
-from ..engine.kv_cache import kv_bytes_per_token
+from ..device import Device, parse_dtype
+from ..engine.kv_cache import MIN_KV_TOKENS, kv_bytes_per_token
+from ..engine.kv_cache import kv_budget as size_kv
 from ..models.registry import validate_layout
 
 RUNTIME_OVERHEAD = 600 << 20   # torch + MPI + Python per rank, measured on CPU (benchmarks/bench_parallel.py)
@@ -23,11 +24,14 @@ def _gib(n: int) -> str:
 
 def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1, dtype: str | None = None,
               max_seq_len: int | None = None, max_batch: int = 64, kv_budget: int | None = None,
-              memory_per_rank: int | None = None) -> dict:
+              memory_per_rank: int | None = None, device: str = "cpu") -> dict:
+    """``dtype`` None / "auto": what ``run`` takes on ``device`` (float32 on CPU, the checkpoint's on CUDA).  The
+    KV cache is sized as ``run`` sizes it (``engine.kv_cache.kv_budget``): the memory left after the weights
+    is ``memory_per_rank`` less the weights and the runtime, else this machine's free memory (CPU)."""
     cfg = ModelConfig.from_dir(model_dir)
     layout = Layout(world=world, tp=tp, cp=cp, ep=ep)
     validate_layout(cfg, layout)
-    tdtype = parse_dtype(dtype) or torch.float32
+    tdtype = parse_dtype(dtype) or Device(device).default_dtype(cfg.torch_dtype)
     esize = tdtype.itemsize
     seq = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     from ..models.llama import CausalLM
@@ -43,13 +47,17 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
             per_tok = kv_bytes_per_token(cfg, esize, tp, mesh.tp_rank)
             cache[key] = (wbytes, per_tok)
         wbytes, per_tok = cache[key]
-        # with cp > 1 each rank holds 1/cp of a long sequence's KV
-        kv = kv_budget if kv_budget is not None else max_batch * seq * per_tok // cp
+        if memory_per_rank is not None:
+            free = memory_per_rank - wbytes - RUNTIME_OVERHEAD
+        else:
+            free = Device("cpu").free_memory() if device == "cpu" else 1 << 62
+        kv = size_kv(max_batch, seq, per_tok, free, kv_budget)
         total = wbytes + kv + RUNTIME_OVERHEAD
         ranks.append({"rank": r, "dp": mesh.dp_rank, "cp": mesh.cp_rank, "tp": mesh.tp_rank, "ep": mesh.ep_rank,
                       "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "kv_bytes": kv,
-                      "kv_tokens": kv // per_tok * cp, "total_bytes": total,
-                      "fits": None if memory_per_rank is None else total <= memory_per_rank})
+                      "kv_tokens": kv // per_tok, "total_bytes": total,
+                      "fits": None if memory_per_rank is None else (total <= memory_per_rank
+                                                                    and kv // per_tok >= MIN_KV_TOKENS)})
     groups = {
         "tp": sorted({tuple(layout.tp_group(r)) for r in range(world)}),
         "cp": sorted({tuple(layout.cp_group(r)) for r in range(world)}),
@@ -70,8 +78,9 @@ def format_plan(p: dict) -> str:
         groups = p["groups"][axis]
         shown = " ".join("[" + " ".join(map(str, g)) + "]" for g in groups[:8])
         lines.append(f"  {axis + ' groups':16s} {shown}{' ...' if len(groups) > 8 else ''}")
-    lines.append(f"per rank (KV for {p['max_batch']} sequences x {p['max_seq_len']} tokens unless --kv-budget; "
-                 f"runtime overhead {_gib(p['runtime_overhead_bytes'])}):")
+    lines.append(f"per rank (KV as `run` sizes it: --kv-budget, else {p['max_batch']} sequences x {p['max_seq_len']} "
+                 f"tokens within 30% of the memory left after the weights and 8 GiB; runtime overhead "
+                 f"{_gib(p['runtime_overhead_bytes'])}):")
     lines.append(f"  {'rank':>4} {'dp':>3} {'cp':>3} {'tp':>3} {'ep':>3} {'weights':>11} {'KV/token':>9} "
                  f"{'KV':>11} {'total':>11}" + ("  fits" if p["memory_per_rank"] else ""))
     for r in p["ranks"]:

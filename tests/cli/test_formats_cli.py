@@ -1,5 +1,6 @@
 """Every input and output format through `mpiinfer run`, including resume of a cut-short output."""
 import json
+import os
 
 import h5py
 import numpy as np
@@ -86,3 +87,20 @@ def test_hdf5_in_and_out_with_resume(tiny, tmp_path):
     run(["-m", tiny, "-i", str(inp), "-o", str(out_h5), "--max-tokens", "6"])
     with h5py.File(out_h5, "r") as f:
         assert [list(x) for x in f["token_ids"][:]] == toks
+
+
+def test_jsonl_messages_written_as_chat_completions(tiny, tmp_path):
+    """A JSONL record with messages becomes a chat completion in an OpenAI batch output, a prompt a text one;
+    `created` is the job's start (kept on resume), not the input file's time."""
+    import time
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "c", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}) + "\n"
+                   + json.dumps({"id": "p", "prompt": "the sea", "max_tokens": 3}) + "\n")
+    os.utime(inp, (1_000_000_000, 1_000_000_000))
+    out = tmp_path / "out.jsonl"
+    t0 = int(time.time())
+    run(["-m", tiny, "-i", str(inp), "-o", str(out), "--output-format", "openai"])
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["response"]["body"]["object"] for r in recs] == ["chat.completion", "text_completion"]
+    assert "message" in recs[0]["response"]["body"]["choices"][0]
+    assert all(r["response"]["body"]["created"] >= t0 for r in recs)

@@ -53,3 +53,21 @@ def test_plan_refuses_like_run(model_dirs):
     assert code != 0 and "--tp 8 is larger than num_key_value_heads=2 and does not divide num_attention_heads=4" in out
     code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--ep", "2"])
     assert code != 0 and "has no experts" in out
+
+
+def test_plan_sizes_the_kv_cache_as_run_does(model_dirs):
+    """A layout that runs in 1 GB per rank fits in plan's answer, and the KV tokens plan reports are the pool the
+    runner allocates from the same budget."""
+    from mpiinfer.comm.mesh import Layout, Mesh
+    from mpiinfer.config import EngineConfig
+    from mpiinfer.device import Device
+    from mpiinfer.engine.runner import ModelRunner
+    d = model_dirs("llama")
+    code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--memory-per-rank", "1GB"])
+    assert code == 0 and "fits in" in out and "does NOT" not in out, out
+    code, out = plan(["-m", d, "--world", "2", "--tp", "2", "--kv-budget", "3MB", "--json"])
+    assert code == 0, out
+    for r in json.loads(out)["ranks"]:
+        runner = ModelRunner(d, EngineConfig(kv_budget_bytes=3_000_000), Mesh(Layout(world=2, tp=2), r["rank"]),
+                             Device("cpu"))
+        assert runner.pool_tokens == r["kv_tokens"]
