@@ -95,9 +95,6 @@ def parse_dtype(name: str | None):
     if name is None or name == "auto":
         return None
     try:
-        key = dtypes.canonical(name)
+        return dtypes.torch_dtype(dtypes.compute_name(name))
     except ValueError:
-        key = None
-    if key not in dtypes.COMPUTE:
-        raise ConfigError(f"unknown --dtype {name!r} (use float32, bfloat16 or float16)")
-    return dtypes.torch_dtype(key)
+        raise ConfigError(f"unknown --dtype {name!r} (use float32, bfloat16 or float16)") from None

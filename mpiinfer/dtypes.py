@@ -28,6 +28,17 @@ def canonical(name) -> str:
     return key
 
 
+def compute_name(name) -> str:
+    """The canonical name of a dtype models may compute in; ValueError naming the choices otherwise."""
+    try:
+        key = canonical(name)
+    except ValueError:
+        key = None
+    if key not in COMPUTE:
+        raise ValueError(f"unsupported dtype {name!r} (use float32, bfloat16 or float16)")
+    return key
+
+
 def torch_dtype(name):
     key = canonical(name)
     if key in UNLOADABLE:

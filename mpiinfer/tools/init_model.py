@@ -135,13 +135,7 @@ _CORPUS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 def _canon_dtype(dtype) -> str:
-    try:
-        name = dtypes.canonical(dtype)
-    except ValueError:
-        name = None
-    if name not in dtypes.COMPUTE:
-        raise ValueError(f"unsupported dtype {dtype!r}; use float32, bfloat16 or float16")
-    return name
+    return dtypes.compute_name(dtype)
 
 
 def _round_up(n: int, m: int) -> int:
