@@ -365,15 +365,18 @@ class Coordinator:
         return entry
 
     def _after_write(self) -> None:
-        """Keep the journal durable: after each output flush it is rewritten to just the results still waiting
-        (when none waits in the journal only), else fsynced every --flush-every results / 5 s."""
+        """Keep the journal durable and short: after an output flush it is rewritten to just the results still
+        waiting (when none waits in the journal only, and it has at least doubled since it was last rewritten:
+        the rewrites cost O(1) per byte journaled even behind a slow record); else it is fsynced every
+        --flush-every results / 5 s."""
         if self.journal is None:
             return
         if self.writer.inner.flushes != self._flushes:
             self.writer.flush()            # records written after that flush are durable too
             self._flushes = self.writer.inner.flushes
-            if not self.spilled:
-                self.journal.rewrite(self.writer.waiting())
+            j = self.journal
+            if not self.spilled and (not self.writer.pending or j.size > 2 * j.rewritten_size + (1 << 20)):
+                j.rewrite(self.writer.waiting())
                 self._unsynced, self._synced_at = 0, time.monotonic()
                 return
         self._unsynced += 1

@@ -214,6 +214,7 @@ class Journal:
         if self.fd is not None:
             os.close(self.fd)
         self._open()
+        self.rewritten_size = self.size
 
     def close(self, remove: bool = False) -> None:
         if self.fd is None:
