@@ -258,3 +258,21 @@ def test_bad_set_up_refused_early(tiny, tmp_path, case):
         assert took < 5, took              # generous: a shared, noisy machine; typically well under a second
     assert code == 2, err
     assert want in err and "Traceback" not in err and "loaded" not in err, err
+
+
+def test_a_sigterm_during_loading_stops_cleanly(tiny, tmp_path):
+    """SIGTERM while the model loads (Slurm's warning can come early) is not lost: the job stops before it
+    computes anything, exits 0 and says how to resume; the re-run does the whole job."""
+    inp, out = write_input(tmp_path / "a.jsonl", 6), str(tmp_path / "out.jsonl")
+    env = dict(os.environ, OMP_NUM_THREADS="1", MPIINFER_TEST_FAULT="load:0:sleep=3")
+    p = subprocess.Popen([sys.executable, "-m", "mpiinfer", "run", "-m", tiny, "-i", inp, "-o", out, "--max-tokens",
+                          "3"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(1.5)                               # inside the 3 s pause before the weights are read
+    p.send_signal(signal.SIGTERM)
+    _, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "stopped by SIGTERM" in err and "re-run the same command to resume" in err, err
+    assert (open(out).read() if os.path.exists(out) else "") == ""
+    code, text = run_cli(["-m", tiny, "-i", inp, "-o", out, "--max-tokens", "3"])
+    assert code == 0, text
+    assert [json.loads(x)["id"] for x in open(out)] == [f"p{i}" for i in range(6)]
