@@ -1,9 +1,9 @@
 """What a re-run may trust about the output it continues: the manifest, the completion journal, the plan.
 
-Owns three files beside ``OUTPUT`` and the decision made from them, on world rank 0, before any rank reads
+Owns two files beside ``OUTPUT`` and the decision made from them, on world rank 0, before any rank reads
 weights (``plan_resume``):
 
-* ``OUTPUT.manifest.json`` (written when a job starts an output): every input's absolute path, size and a
+* ``OUTPUT.manifest.json`` (written by every run before the model loads): every input's absolute path, size and a
   content fingerprint (sha256 over its size, first and last 16 MiB; a directory: every file's relative
   path, size and fingerprint), the options that change results (model directory, dtype, sampling
   defaults, max tokens, seed, input and output formats, prompt template, dataset), and the job's start
@@ -11,11 +11,10 @@ weights (``plan_resume``):
   inputs or options differ is refused with the differences named; ``--overwrite`` starts over.
 * ``OUTPUT.journal.jsonl``: every finished result, in completion order, as one JSON line written to the OS
   as soon as the coordinator has it (so killing any process loses nothing that finished) and fsynced with
-  the output.  The ordered output is written from the results as their gaps close; whenever the output is
-  flushed the journal is rewritten to the results still waiting for a gap.  A re-run writes the journaled
-  results instead of recomputing them; a finished job removes the journal.
-* ``--retry-errors``: the records of the output that are errors are computed again; every good record is
-  kept as it is (the output is rebuilt in input order from the old one, the journal and the new results).
+  the output.  The ordered output is written from the results as their gaps close; after an output flush
+  the journal is rewritten to the results still waiting for a gap (when none waits or it has doubled since
+  its last rewrite).  A re-run writes the journaled results instead of recomputing them; a finished job
+  removes the journal.
 
 The records already in the output are also checked against the input: the id of each of them must be the
 id the input gives at that position (stdin cannot be read twice: its ids are not checked).
@@ -250,35 +249,20 @@ def written_key(item, out_fmt: str):
     return item.id
 
 
-def output_records(path: str, out_fmt: str, count: int) -> list:
-    """The first ``count`` records of an output as Results (keys and errors; text and tokens for rebuilding)."""
+def output_keys(path: str, out_fmt: str, count: int) -> list:
+    """What identifies each of the first ``count`` records of an output (``written_key`` of its input record)."""
     if out_fmt == "hdf5":
-        from .hdf5 import read_hdf5_results
-        return read_hdf5_results(path)[:count]
-    from .openai_batch import result_from_batch_output
+        import h5py
+        with h5py.File(path, "r", swmr=True, libver="latest") as f:
+            return [v.decode("utf-8", "surrogatepass") if isinstance(v, bytes) else v for v in f["ids"][:count]]
+    key = "custom_id" if out_fmt == "openai" else "id"
     out = []
     with open(path, "rb") as f:
-        for i, raw in enumerate(f):
-            if i >= count:
+        for raw in f:
+            if len(out) >= count:
                 break
-            rec = json.loads(raw)
-            out.append(result_from_batch_output(rec, i) if out_fmt == "openai" else _jsonl_result(rec, i))
+            out.append(json.loads(raw).get(key))
     return out
-
-
-def _jsonl_result(rec: dict, index: int) -> Result:
-    if "error" in rec:
-        e = rec["error"]
-        return Result(index=index, id=rec["id"], error=ErrorInfo(e["type"], e["message"]))
-    return Result(index=index, id=rec["id"], text=rec["text"], token_ids=list(rec["token_ids"]),
-                  finish_reason=rec["finish_reason"], prompt_tokens=rec["usage"]["prompt_tokens"],
-                  logprobs=rec.get("logprobs"))
-
-
-def _output_key(r: Result, out_fmt: str):
-    if out_fmt == "openai":
-        return r.extra.get("custom_id")
-    return r.id
 
 
 def _refuse(cfg: RunConfig, why: str) -> ConfigError:
@@ -345,8 +329,7 @@ def _plan(cfg: RunConfig, out_fmt: str, read_inputs) -> ResumePlan:
 def _check_against_input(cfg: RunConfig, plan: ResumePlan, read_inputs) -> None:
     """The ids of the records already in the output, and of the journaled results, are the input's ids at
     those positions; the input has at least one record; ``plan.todo`` says whether any record is left."""
-    keys = [_output_key(r, plan.out_fmt) for r in output_records(cfg.output, plan.out_fmt, plan.done)] \
-        if plan.done else []
+    keys = output_keys(cfg.output, plan.out_fmt, plan.done) if plan.done else []
     last = max(plan.restored, default=-1)
     seen = 0
     plan.todo = False
