@@ -164,6 +164,7 @@ def _journal_lines(out):
         return 0
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_a_stop_behind_a_slow_record_loses_no_finished_work(tiny, tmp_path, sig):
     """The first record is slow; the records after it finish and wait.  Killing the job (SIGKILL), stopping it

@@ -191,6 +191,7 @@ def test_max_errors_stops_the_job(tiny, tmp_path):
     assert "more than --max-errors 3 records failed" in p.stderr
 
 
+@pytest.mark.slow
 def test_sigterm_drains_running_sequences_on_every_replica(tiny, tmp_path):
     """dp=2: after SIGTERM with --drain-seconds, no new record starts, but the two slow records that were running
     finish (they are the first two, so they are in the output), and the re-run completes the job."""
