@@ -46,6 +46,7 @@ class Result:
     # timings (seconds) for the summary: time to first token and total
     ttft: float | None = None
     latency: float | None = None
+    max_tokens_clipped_to: int | None = None   # the record's max_tokens did not fit the context: it got this many
 
     def to_record(self) -> dict:
         """The output JSONL record (the contract in README.md)."""
@@ -60,6 +61,8 @@ class Result:
         }
         if self.logprobs is not None:
             rec["logprobs"] = list(self.logprobs)
+        if self.max_tokens_clipped_to is not None:
+            rec["max_tokens_clipped_to"] = self.max_tokens_clipped_to
         return rec
 
 

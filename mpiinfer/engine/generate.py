@@ -164,7 +164,8 @@ class Engine:
                       finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
-                      latency=now - seq.t_added)
+                      latency=now - seq.t_added,
+                      max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None)
 
     # -------------------------------------------------------------- convenience
     def generate(self, requests: Iterable) -> Iterator[Result]:

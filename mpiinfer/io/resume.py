@@ -131,7 +131,7 @@ def result_to_json(r: Result) -> dict:
     return {"index": r.index, "id": r.id, "text": r.text, "token_ids": list(r.token_ids),
             "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs,
             "error": None if r.error is None else [r.error.type, r.error.message], "extra": r.extra,
-            "ttft": r.ttft, "latency": r.latency}
+            "ttft": r.ttft, "latency": r.latency, "max_tokens_clipped_to": r.max_tokens_clipped_to}
 
 
 def result_from_json(d: dict) -> Result:
@@ -139,7 +139,7 @@ def result_from_json(d: dict) -> Result:
     return Result(index=int(d["index"]), id=d["id"], text=d["text"], token_ids=list(d["token_ids"]),
                   finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"],
                   error=None if err is None else ErrorInfo(err[0], err[1]), extra=dict(d.get("extra") or {}),
-                  ttft=d.get("ttft"), latency=d.get("latency"))
+                  ttft=d.get("ttft"), latency=d.get("latency"), max_tokens_clipped_to=d.get("max_tokens_clipped_to"))
 
 
 def _line(r: Result) -> bytes:

@@ -95,6 +95,7 @@ class Summary:
         self.ok = 0
         self.errors = 0
         self.errors_by_type: dict[str, int] = {}
+        self.max_tokens_clipped = 0   # records whose max_tokens the context clipped
         self.prompt_tokens = 0
         self.completion_tokens = 0
         self.ttft = Reservoir(reservoir_size, seed)
@@ -124,6 +125,8 @@ class Summary:
             self.errors_by_type[t] = self.errors_by_type.get(t, 0) + 1
             return
         self.ok += 1
+        if r.max_tokens_clipped_to is not None:
+            self.max_tokens_clipped += 1
         n = len(r.token_ids)
         self.prompt_tokens += r.prompt_tokens
         self.completion_tokens += n
@@ -141,6 +144,7 @@ class Summary:
             "ok": self.ok,
             "errors": self.errors,
             "errors_by_type": dict(sorted(self.errors_by_type.items())),
+            "max_tokens_clipped": self.max_tokens_clipped,
             "resumed_records": self.resumed,
             "restored_from_journal": self.restored,
             "in_output": self.in_output,

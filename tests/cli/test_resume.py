@@ -277,3 +277,17 @@ def test_a_sigterm_during_loading_stops_cleanly(tiny, tmp_path):
     code, text = run_cli(["-m", tiny, "-i", inp, "-o", out, "--max-tokens", "3"])
     assert code == 0, text
     assert [json.loads(x)["id"] for x in open(out)] == [f"p{i}" for i in range(6)]
+
+
+def test_max_tokens_clipped_by_the_context_is_recorded(tiny, tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "long", "prompt": "the sea", "max_tokens": 500, "ignore_eos": True}) + "\n"
+                   + json.dumps({"id": "short", "prompt": "the sea", "max_tokens": 5, "ignore_eos": True}) + "\n")
+    out = str(tmp_path / "out.jsonl")
+    code, text = run_cli(["-m", tiny, "-i", str(inp), "-o", out, "--max-seq-len", "40"])
+    assert code == 0, text
+    long, short = [json.loads(x) for x in open(out)]
+    assert long["finish_reason"] == "length" and long["max_tokens_clipped_to"] == len(long["token_ids"]) < 500
+    assert long["usage"]["prompt_tokens"] + len(long["token_ids"]) == 40
+    assert "max_tokens_clipped_to" not in short and len(short["token_ids"]) == 5
+    assert json.load(open(out + ".summary.json"))["max_tokens_clipped"] == 1
