@@ -91,9 +91,9 @@ def result_options(cfg: RunConfig, out_fmt: str) -> dict:
     }
 
 
-def make_manifest(cfg: RunConfig, out_fmt: str, created: int | None = None) -> dict:
+def make_manifest(cfg: RunConfig, out_fmt: str) -> dict:
     return {"version": MANIFEST_VERSION, "inputs": [describe_input(p) for p in cfg.inputs],
-            "options": result_options(cfg, out_fmt), "created": int(time.time()) if created is None else created}
+            "options": result_options(cfg, out_fmt), "created": int(time.time())}
 
 
 def manifest_differences(old: dict, new: dict) -> list:
@@ -245,7 +245,8 @@ def written_key(item, out_fmt: str):
     if out_fmt == "openai":
         return ex["custom_id"] if "custom_id" in ex else str(item.id)
     if out_fmt == "hdf5":
-        return str(item.id).replace("\0", "")
+        from .hdf5 import _no_nul
+        return _no_nul(str(item.id))             # as the HDF5 writer stores it
     return item.id
 
 

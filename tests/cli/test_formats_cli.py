@@ -104,3 +104,21 @@ def test_jsonl_messages_written_as_chat_completions(tiny, tmp_path):
     assert [r["response"]["body"]["object"] for r in recs] == ["chat.completion", "text_completion"]
     assert "message" in recs[0]["response"]["body"]["choices"][0]
     assert all(r["response"]["body"]["created"] >= t0 for r in recs)
+
+
+def test_hdf5_output_with_nul_in_ids_resumes(tiny, tmp_path):
+    """HDF5 stores a NUL of an id as U+FFFD: the resume check compares ids the same way."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": f"a\u0000{i}", "prompt": "the sea", "max_tokens": 3}) + "\n"
+                           for i in range(6)))
+    out = tmp_path / "o.h5"
+    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    with h5py.File(out, "r") as f:
+        full = [list(x) for x in f["token_ids"][:]]
+    with h5py.File(out, "a") as f:
+        for name in f:
+            f[name].resize((3,) + f[name].shape[1:])
+    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    with h5py.File(out, "r") as f:
+        assert [list(x) for x in f["token_ids"][:]] == full
+        assert [x.decode() for x in f["ids"][:]] == [f"a\ufffd{i}" for i in range(6)]
