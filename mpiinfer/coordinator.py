@@ -151,6 +151,7 @@ class Coordinator:
         self.stop_signal = None           # the signal that stopped this run
         self.drain_until = 0.0            # while stopping: finish running sequences until then
         self.drained: set = set()         # leaders with nothing running any more
+        self.byes: set = set()            # leaders that sent their last message
         self.src = self.writer = self.summary = self.progress = self.journal = None
         self.spilled = 0                  # waiting results that are only in the journal
         self._flushes = 0                 # output flushes seen (the journal is compacted after each)
@@ -315,15 +316,16 @@ class Coordinator:
         return requests
 
     # ------------------------------------------------------------------ collect
-    def _collect(self, block: bool, until: float | None = None) -> None:
-        """Take the leaders' messages: work requests (``Want``), finished results (``Done``), ``Drained``.
-        ``block``: wait for one first (polling, so that a signal is seen at once; ``until``: a deadline)."""
+    def _collect(self, block: bool, until: float | None = None, wake_on_signal: bool = True) -> None:
+        """Take the leaders' messages: work requests (``Want``), finished results (``Done``), ``Drained``,
+        ``Bye``.  ``block``: wait for one first (polling, so that a new stop request is seen at once unless
+        ``wake_on_signal`` is off; ``until``: a deadline)."""
         MPI = self._mpi()
         status = MPI.Status()
         world = self.world
         while block and not world.iprobe(source=MPI.ANY_SOURCE, tag=TAG):
-            if (self.signals is not None and self.signals.received and self.stop_signal is None) or \
-                    (until is not None and time.monotonic() >= until):
+            new_signal = self.signals is not None and self.signals.received and self.stop_signal is None
+            if (wake_on_signal and new_signal) or (until is not None and time.monotonic() >= until):
                 return
             time.sleep(2e-4)
         while world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
@@ -334,6 +336,8 @@ class Coordinator:
                 self._write_all(msg.results)
             elif isinstance(msg, Drained):
                 self.drained.add(status.Get_source())
+            elif isinstance(msg, Bye):
+                self.byes.add(status.Get_source())
 
     # ------------------------------------------------------------------ write
     def _write_all(self, results: list) -> None:
@@ -394,18 +398,10 @@ class Coordinator:
         elif not self.lock:
             for r in self.leaders:
                 self.world.send(Stop(abandon=abandon), dest=r, tag=TAG)
-        MPI = self._mpi()
-        status, left = MPI.Status(), set(self.leaders)
         deadline = time.monotonic() + BYE_TIMEOUT_S
-        while left and time.monotonic() < deadline:
-            if not self.world.iprobe(source=MPI.ANY_SOURCE, tag=TAG, status=status):
-                time.sleep(2e-4)
-                continue
-            msg = self.world.recv(source=status.Get_source(), tag=TAG)
-            if isinstance(msg, Bye):
-                left.discard(status.Get_source())
-            elif isinstance(msg, Done) and self.writer is not None:
-                self._write_all(msg.results)
+        while not self.byes >= set(self.leaders) and time.monotonic() < deadline:
+            self._collect(block=True, until=deadline, wake_on_signal=False)
+        left = set(self.leaders) - self.byes
         if left:
             log.warning("replica leaders %s did not say goodbye within %.0f s", sorted(left), BYE_TIMEOUT_S)
 
