@@ -39,8 +39,9 @@ def main():
 
 
 @main.command()
-@click.option("-m", "--model", required=True, envvar=_env("MODEL"), show_envvar=True,
-              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json).")
+@click.option("-m", "--model", default=None, envvar=_env("MODEL"), show_envvar=True,
+              help="Hugging Face checkpoint directory (config.json, *.safetensors, tokenizer.json); required "
+                   "except with --engine null.")
 @click.option("-i", "--input", "inputs", multiple=True, required=True, envvar=_env("INPUT"), show_envvar=True,
               help="Input: JSONL, OpenAI batch JSONL, HDF5 (.h5) or a directory of .txt/.md documents; "
                    "repeatable; '-' reads JSONL from stdin.")
@@ -106,6 +107,10 @@ def main():
               help="Allow more ranks than GPUs on a node.")
 @click.option("--overwrite", is_flag=True, envvar=_env("OVERWRITE"), show_envvar=True,
               help="Start over instead of resuming an existing output.")
+@click.option("--retry-errors", is_flag=True, envvar=_env("RETRY_ERRORS"), show_envvar=True,
+              help="Compute again only the records whose result in OUTPUT is an error (after fixing the input or "
+                   "raising --max-seq-len), keeping every good record as it is, in input order; also finishes an "
+                   "incomplete OUTPUT.")
 @click.option("--flush-every", type=click.IntRange(min=1), default=100, envvar=_env("FLUSH_EVERY"),
               show_envvar=True, help="fsync the output at least every N records (and every 5 s).")
 @click.option("--max-errors", type=click.IntRange(min=0), default=None, envvar=_env("MAX_ERRORS"),
@@ -114,24 +119,32 @@ def main():
               show_envvar=True, help="After SIGTERM / SIGUSR1: take no new work and let running sequences finish "
                                      "for up to this long before stopping (scripts from `mpiinfer slurm` set half "
                                      "of --grace).")
+@click.option("--engine", "engine_kind", type=click.Choice(["model", "null"]), default="model",
+              envvar=_env("ENGINE"), show_envvar=True,
+              help="null: no model; every record gets --max-tokens made-up tokens at once (measures the "
+                   "coordinator and the files: benchmarks/bench_coordinator.py).")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
-        drain_seconds, quiet):
+        drain_seconds, retry_errors, engine_kind, quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
+    if retry_errors and overwrite:
+        raise click.UsageError("--retry-errors keeps the output's good records; --overwrite starts over: pick one")
+    if model is None and engine_kind == "model":
+        raise click.UsageError("Missing option '-m' / '--model' (a checkpoint directory).")
     cfg = RunConfig(
         model=model, inputs=tuple(inputs), output=output, input_format=input_format, output_format=output_format,
         prompt_template=prompt_template.replace("\\n", "\n") if prompt_template else None, dataset=dataset,
         defaults=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k),
         seed=seed,
-        engine=EngineConfig(device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
+        engine=EngineConfig(kind=engine_kind, device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
                             share_gpus=share_gpus, cp_min_tokens=cp_min_tokens, cp_short=cp_short,
                             pack_weights={"auto": None, "on": True, "off": False}[pack_weights]),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
-        overwrite=overwrite, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
+        overwrite=overwrite, retry_errors=retry_errors, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
         drain_seconds=drain_seconds)
     sys.exit(run_job(cfg))
 

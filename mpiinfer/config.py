@@ -269,6 +269,7 @@ class ParallelConfig:
 @dataclass(frozen=True)
 class EngineConfig:
     """How one replica's engine runs: device, dtype and memory."""
+    kind: str = "model"             # "null": no model, each result max_tokens made-up tokens (engine/null.py)
     device: str = "cpu"
     dtype: str | None = None        # None: float32 on CPU, the checkpoint's dtype on GPU
     max_batch: int = 64                # sequences decoding at once
@@ -287,7 +288,7 @@ class EngineConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str
+    model: str | None                 # None only with the null engine
     inputs: tuple
     output: str
     defaults: SamplingParams = field(default_factory=SamplingParams)
@@ -300,6 +301,7 @@ class RunConfig:
     dataset: str | None = None           # HDF5 inputs: dataset of token arrays
     seed: int = 0                      # base seed for sampled requests that give none
     overwrite: bool = False
+    retry_errors: bool = False           # compute again the records whose result in the output is an error
     quiet: bool = False
     flush_every: int = 100
     max_errors: int | None = None

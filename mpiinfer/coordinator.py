@@ -139,12 +139,10 @@ class Coordinator:
     """World rank 0: feeds its own engine and the other replica leaders, writes every result in order."""
 
     def __init__(self, cfg: RunConfig, mesh, runner, plan: ResumePlan, signals=None):
-        from .engine.generate import Engine
-        from .tokenizer import Tokenizer
+        from .replica import make_engine
         self.cfg, self.mesh, self.world, self.plan = cfg, mesh, mesh.world_comm, plan
         self.leaders = [mesh.layout.replica_leader(d) for d in range(1, mesh.dp)]
-        self.tok = Tokenizer(cfg.model)
-        self.engine = Engine(runner, self.tok, default_seed=cfg.seed)
+        self.engine, self.token_str = make_engine(cfg, runner)
         self.lock = mesh.wide_ep          # replicas step together
         self.wants = {r: 0 for r in self.leaders}
         self.signals = signals            # job.Signals: stop requests (None: only the input's end stops)
@@ -154,6 +152,7 @@ class Coordinator:
         self.byes: set = set()            # leaders that sent their last message
         self.src = self.writer = self.summary = self.progress = self.journal = None
         self.spilled = 0                  # waiting results that are only in the journal
+        self.journaled = 0                # results journaled (restored ones included)
         self._flushes = 0                 # output flushes seen (the journal is compacted after each)
         self._unsynced, self._synced_at = 0, time.monotonic()
 
@@ -187,10 +186,16 @@ class Coordinator:
         cfg, plan = self.cfg, self.plan
         done, restored = plan.done, plan.restored
         if not plan.todo and not restored:
-            log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
+            if plan.retrying:
+                log.info("nothing to retry: none of the %d records in %s is an error", done, cfg.output)
+            else:
+                log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
             self._release_leaders(abandon=False)
             return None
-        items = (it for it in read_inputs(cfg, done) if it.index not in restored)
+        if plan.retrying:       # the whole input is read again: the records to compute are among all of them
+            items = (it for it in read_inputs(cfg, 0) if plan.computes(it.index) and it.index not in restored)
+        else:
+            items = (it for it in read_inputs(cfg, done) if it.index not in restored)
         first = next(items, None)
         if first is None and not restored:
             if not done:                         # stdin (files were checked before the model loaded)
@@ -198,28 +203,42 @@ class Coordinator:
             log.info("nothing to do: all %d input records are already in %s", done, cfg.output)
             self._release_leaders(abandon=False)
             return None
-        if done or restored:
+        if plan.retrying:
+            log.info("retrying the %d error records of %s (its %d good records are kept as they are)%s",
+                     len(plan.retry), cfg.output, plan.kept,
+                     f", {len(restored)} finished ones in its journal" if restored else "")
+        elif done or restored:
             log.info("resuming: %d records already in %s%s", done, cfg.output,
                      f", {len(restored)} finished ones in its journal" if restored else "")
         return itertools.chain([first], items) if first is not None else iter(())
 
     def _open(self, items) -> None:
+        from .io.resume import iter_output, retry_path
         from .io.summary import Summary
         from .io.writers import OrderedWriter, open_output
         cfg, plan = self.cfg, self.plan
         if cfg.output != "-":
             self.journal = Journal(journal_path(cfg.output), [plan.restored[i] for i in sorted(plan.restored)])
+            self.journaled = len(plan.restored)
         created = plan.manifest["created"] if plan.manifest else None
-        inner = open_output(cfg.output, plan.out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
-                            model=os.path.basename(os.path.normpath(cfg.model)), created=created,
-                            token_str=lambda t: self.tok.decode([t], skip_special_tokens=False))
-        self.summary = Summary(mesh=self.mesh.describe(), resumed=plan.done)
+        # --retry-errors writes a new output beside the old one, which it replaces only once complete
+        path = retry_path(cfg.output) if plan.retrying else cfg.output
+        inner = open_output(path, plan.out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
+                            model=os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "null",
+                            created=created, token_str=self.token_str)
+        kept = None
+        if plan.retrying:
+            kept = ((i, entry) for i, (_, is_error, entry) in enumerate(iter_output(cfg.output, plan.out_fmt,
+                                                                                    plan.done)) if not is_error)
+        self.summary = Summary(mesh=self.mesh.describe(), resumed=plan.kept)
+        self.summary.retried = len(plan.retry or ())
         # window: records taken and not yet finished, enough to keep every replica's batch full plus its prefetch
         window = max(256, 4 * self.engine.max_batch * self.mesh.dp)
         self.src = Source(items, window)
-        self.progress = Progress(plan.done, cfg.quiet, cfg.log_every, count_records(cfg))
+        self.progress = Progress(plan.kept, cfg.quiet, cfg.log_every, count_records(cfg))
         # finished results wait for their gap without bound (beyond MEM_PENDING in the journal only)
-        self.writer = OrderedWriter(inner, start_index=plan.done, max_pending=1 << 62, resolve=self._resolve)
+        self.writer = OrderedWriter(inner, start_index=0 if plan.retrying else plan.done, max_pending=1 << 62,
+                                    resolve=self._resolve, kept=kept)
         for i in sorted(plan.restored):
             self.writer.write(plan.restored[i])
         self.summary.restored = len(plan.restored)
@@ -267,7 +286,7 @@ class Coordinator:
         if drain > 0:
             log.warning("%s: taking no new work; sequences running now may finish for up to %.0f s",
                         signal.Signals(self.stop_signal).name, drain)
-            self.engine.sched.waiting.clear()      # not started: computed on resume
+            self.engine.drop_waiting()             # not started: computed on resume
             for r in self.leaders:
                 self.world.send(Drain(), dest=r, tag=TAG)
         else:
@@ -341,26 +360,32 @@ class Coordinator:
 
     # ------------------------------------------------------------------ write
     def _write_all(self, results: list) -> None:
-        for res in results:
-            self._write(res)
-
-    def _write(self, res: Result) -> None:
-        entry = res
-        if self.journal is not None:
-            where = self.journal.append(res)
-            if self.writer.pending >= MEM_PENDING and res.index != self.writer.next_index:
+        """Journal ``results`` with one write (on the OS before anything else happens to them), hand each to
+        the ordered writer, then keep the journal short and durable and check --max-errors (after the whole
+        batch: a journal rewrite in its middle would drop the rest of it from the journal)."""
+        if not results:
+            return
+        places = self.journal.append_many(results) if self.journal is not None else [None] * len(results)
+        self.journaled += len(results)
+        for res, where in zip(results, places):
+            entry = res
+            if where is not None and self.writer.pending >= MEM_PENDING and res.index != self.writer.next_index:
                 entry = where
                 self.spilled += 1
-        self.writer.write(entry)
-        self._after_write()
-        self.summary.add(res)
-        self.src.in_flight -= 1
-        self.progress.add(res)
+            self.writer.write(entry)
+            self.summary.add(res)
+            self.progress.add(res)
+        self.src.in_flight -= len(results)
+        self._after_write(len(results))
         cfg = self.cfg
-        if res.error is not None and cfg.max_errors is not None and self.progress.errors > cfg.max_errors:
+        if cfg.max_errors is not None and self.progress.errors > cfg.max_errors:
+            last = next(r.error for r in reversed(results) if r.error is not None)
             raise MaxErrorsExceeded(f"more than --max-errors {cfg.max_errors} records failed (last: "
-                                    f"{res.error.type}: {res.error.message}); the records before the stop are in "
+                                    f"{last.type}: {last.message}); the records before the stop are in "
                                     f"{cfg.output}")
+
+    def _write(self, res: Result) -> None:
+        self._write_all([res])
 
     def _resolve(self, entry) -> Result:
         if isinstance(entry, Spilled):
@@ -368,14 +393,15 @@ class Coordinator:
             return self.journal.read(entry)
         return entry
 
-    def _after_write(self) -> None:
+    def _after_write(self, n: int) -> None:
         """Keep the journal durable and short: after an output flush it is rewritten to just the results still
         waiting (when none waits in the journal only, and it has at least doubled since it was last rewritten:
         the rewrites cost O(1) per byte journaled even behind a slow record); else it is fsynced every
         --flush-every results / 5 s."""
         if self.journal is None:
             return
-        if self.writer.inner.flushes != self._flushes:
+        if self.writer.inner.flushes != self._flushes and not self.plan.retrying:
+            # (while retrying, the new output is not the output until it is complete: the journal keeps all)
             self.writer.flush()            # records written after that flush are durable too
             self._flushes = self.writer.inner.flushes
             j = self.journal
@@ -383,7 +409,7 @@ class Coordinator:
                 j.rewrite(self.writer.waiting())
                 self._unsynced, self._synced_at = 0, time.monotonic()
                 return
-        self._unsynced += 1
+        self._unsynced += n
         if self._unsynced >= self.cfg.flush_every or time.monotonic() - self._synced_at >= 5.0:
             self.journal.sync()
             self._unsynced, self._synced_at = 0, time.monotonic()
@@ -406,7 +432,6 @@ class Coordinator:
             log.warning("replica leaders %s did not say goodbye within %.0f s", sorted(left), BYE_TIMEOUT_S)
 
     def _close(self, failed: bool) -> None:
-        from .io.summary import summary_path
         abandon = self.stop_signal is not None or failed
         # on a failure the leaders are not released: job.run prints the error and aborts every rank, and a
         # leader that finalized meanwhile could race the abort and swallow the message.  In lockstep the
@@ -414,6 +439,9 @@ class Coordinator:
         if not failed:
             self._release_leaders(abandon, lockstep_done=True)
         self.progress.close()
+        if self.plan.retrying:
+            self._close_retry(abandon)
+            return self._write_summary()
         if abandon:
             try:
                 self.writer.close()     # flushes what is in order; results after a gap stay in the journal
@@ -431,6 +459,30 @@ class Coordinator:
                 self.journal.close()
         self.summary.in_output = self.writer.next_index
         self.summary.journaled = waiting
+        self._write_summary()
+
+    def _close_retry(self, abandon: bool) -> None:
+        """--retry-errors: a complete new output replaces the output (then the journal goes); a stopped one is
+        removed and every result this retry finished stays in the journal for the next one."""
+        from .io.files import fsync_dir
+        from .io.resume import retry_path
+        cfg, tmp = self.cfg, retry_path(self.cfg.output)
+        try:
+            self.writer.close()
+        except RuntimeError:
+            abandon = True
+        if not abandon:
+            os.replace(tmp, cfg.output)
+            fsync_dir(cfg.output)
+            self.journal.close(remove=True)
+            self.summary.in_output, self.summary.journaled = self.writer.next_index, 0
+            return
+        os.remove(tmp)
+        self.journal.close()
+        self.summary.in_output, self.summary.journaled = self.plan.done, self.journaled
+
+    def _write_summary(self) -> None:
+        from .io.summary import summary_path
         self.summary.finish()
         sp = summary_path(self.cfg.output)
         if sp:

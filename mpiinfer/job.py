@@ -189,8 +189,11 @@ def _setup(cfg: RunConfig, world):
         p = cfg.parallel
         layout = Layout(world=world.Get_size(), tp=p.tp, cp=p.cp, ep=p.ep)
         plan = None
+        if cfg.engine.kind == "null" and layout.dp != layout.world:
+            raise ConfigError("--engine null runs data-parallel replicas only (no --tp, --cp or --ep)")
         if world.Get_rank() == 0:
-            _check_model(cfg, layout)
+            if cfg.engine.kind == "model":
+                _check_model(cfg, layout)
             _check_output(cfg)
             plan = _plan_resume(cfg)
         return layout, plan
@@ -200,21 +203,25 @@ def _setup(cfg: RunConfig, world):
     layout, plan = checked
 
     def place():
-        from .device import Device
         local_rank, local_size = node_local(world)
+        if cfg.engine.kind == "null":           # no model: no device, no torch
+            return None, local_size
+        from .device import Device
         return Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus), local_size
 
     placed, error = _captured(place)
     _agree(world, error)
     device, local_size = placed
-    from .engine.runner import ModelRunner
     engine_cfg = cfg.engine
     if engine_cfg.threads is None and not os.environ.get("OMP_NUM_THREADS"):
         engine_cfg = dataclasses.replace(engine_cfg, threads=default_threads(local_size))
 
     def build():
-        mesh = Mesh.build(world, layout, cfg.allreduce, device.kind)
+        mesh = Mesh.build(world, layout, cfg.allreduce, device.kind if device else "cpu")
         inject("load", mesh.rank)
+        if cfg.engine.kind == "null":
+            return mesh, None
+        from .engine.runner import ModelRunner
         return mesh, ModelRunner(cfg.model, engine_cfg, mesh, device)
 
     built, error = _captured(build)
@@ -248,7 +255,8 @@ def _run(cfg: RunConfig, world, signals: Signals) -> int:
         else:
             rc = lead(cfg, mesh, runner)
     finally:
-        runner.release_followers()
+        if runner is not None:
+            runner.release_followers()
     mesh.close()
     return rc
 

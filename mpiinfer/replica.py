@@ -11,13 +11,22 @@ steps its leader sends over ``mesh.replica_comm`` until the leader says there ar
 from __future__ import annotations
 
 from .config import RunConfig
-from .engine.generate import Engine
-from .engine.runner import ModelRunner
 from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Stop, Want, Work
-from .tokenizer import Tokenizer
 
 
-def follow(runner: ModelRunner) -> None:
+def make_engine(cfg: RunConfig, runner):
+    """The replica leader's engine and the function that spells one token id (for the writers): the model's,
+    or with ``--engine null`` (``runner`` None) the model-free one."""
+    if cfg.engine.kind == "null":
+        from .engine import null
+        return null.NullEngine(cfg.engine.max_batch), lambda t: null.decode([t])
+    from .engine.generate import Engine
+    from .tokenizer import Tokenizer
+    tok = Tokenizer(cfg.model)
+    return Engine(runner, tok, default_seed=cfg.seed), lambda t: tok.decode([t], skip_special_tokens=False)
+
+
+def follow(runner) -> None:
     """Follower: run the leader's steps until it sends None."""
     while True:
         batch = runner.receive()
@@ -26,7 +35,7 @@ def follow(runner: ModelRunner) -> None:
         runner.run(batch)
 
 
-def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
+def lead(cfg: RunConfig, mesh, runner) -> int:
     """Leader of a replica other than world rank 0's: pull work from the coordinator, run it, send results;
     its last message is ``Bye`` (the coordinator receives everything before finalizing)."""
     rc = _lead(cfg, mesh, runner)
@@ -34,10 +43,10 @@ def lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
     return rc
 
 
-def _lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
+def _lead(cfg: RunConfig, mesh, runner) -> int:
     from mpi4py import MPI
     world = mesh.world_comm
-    engine = Engine(runner, Tokenizer(cfg.model), default_seed=cfg.seed)
+    engine, _ = make_engine(cfg, runner)
     asked = 0                     # requests asked for and not yet received
     finishing = False             # no more work will come
     draining = False              # the job stops: finish what runs, start nothing new
@@ -56,7 +65,7 @@ def _lead(cfg: RunConfig, mesh, runner: ModelRunner) -> int:
                 finishing = True
             elif isinstance(msg, Drain):
                 finishing = draining = True
-                engine.sched.waiting.clear()          # not started: computed on resume
+                engine.drop_waiting()                 # not started: computed on resume
             elif isinstance(msg, Work) and not draining:
                 asked -= len(msg.items)
                 errors = [err for err in map(engine.add, msg.items) if err is not None]

@@ -111,6 +111,10 @@ class Engine:
         """Sequences that could still start now (for pull-based work distribution)."""
         return self.sched.free_capacity()
 
+    def drop_waiting(self) -> None:
+        """Forget the requests not started yet (a stop: they are computed on resume)."""
+        self.sched.waiting.clear()
+
     # -------------------------------------------------------------- stepping
     def step(self) -> list:
         """Run one model step; return the Results of the sequences that finished."""

@@ -27,3 +27,17 @@ def apply_user_mode(path: str) -> None:
                 os.chmod(os.path.join(root, f), user_mode())
     else:
         os.chmod(path, user_mode())
+
+
+def fsync_dir(path: str) -> None:
+    """Make a rename or a new file in ``path``'s folder durable (best effort: some file systems refuse)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

@@ -250,6 +250,10 @@ class Hdf5Writer:
                 or time.monotonic() - self._last_flush >= self.flush_every_seconds):
             self.flush()
 
+    def write_kept(self, result: Result) -> None:
+        """A record of an earlier output, read back as a Result (``--retry-errors`` keeps good records)."""
+        self.write(result)
+
     def _columns(self, rs: list) -> dict:
         cols = {k: [] for k in OUTPUT_DATASETS}
         for r in rs:
@@ -366,24 +370,29 @@ def recover_hdf5(path) -> int:
     return count
 
 
-def read_hdf5_results(path, start_index: int = 0) -> list:
-    """Read an HDF5 output back into Results (tests and tools; loads the whole file)."""
+def iter_hdf5_results(path, count: int | None = None, start_index: int = 0, chunk_rows: int = 4096):
+    """The rows of an HDF5 output as Results, read ``chunk_rows`` at a time (the first ``count`` rows, or all
+    complete ones)."""
     h5py = _h5py()
-    out = []
+    dec = lambda b: b.decode("utf-8", "surrogatepass") if isinstance(b, bytes) else b
     with h5py.File(os.fspath(path), "r", swmr=True, libver="latest") as f:
         n = min(f[k].shape[0] for k in OUTPUT_DATASETS)
-        c = {k: f[k][:n] for k in OUTPUT_DATASETS}
-    dec = lambda b: b.decode("utf-8", "surrogatepass") if isinstance(b, bytes) else b
-    for i in range(n):
-        et = dec(c["error_type"][i])
-        if et:
-            out.append(Result(index=start_index + i, id=dec(c["ids"][i]),
-                              error=ErrorInfo(et, dec(c["error_message"][i]))))
-            continue
-        lp = c["logprobs"][i]
-        out.append(Result(index=start_index + i, id=dec(c["ids"][i]), text=dec(c["text"][i]),
-                          token_ids=c["token_ids"][i].tolist(),
-                          finish_reason=dec(c["finish_reason"][i]) or None,
-                          prompt_tokens=int(c["prompt_tokens"][i]),
-                          logprobs=lp.tolist() if len(lp) else None))
-    return out
+        n = n if count is None else min(n, count)
+        for lo in range(0, n, chunk_rows):
+            hi = min(n, lo + chunk_rows)
+            c = {k: f[k][lo:hi] for k in OUTPUT_DATASETS}
+            for j in range(hi - lo):
+                i = start_index + lo + j
+                et = dec(c["error_type"][j])
+                if et:
+                    yield Result(index=i, id=dec(c["ids"][j]), error=ErrorInfo(et, dec(c["error_message"][j])))
+                    continue
+                lp = c["logprobs"][j]
+                yield Result(index=i, id=dec(c["ids"][j]), text=dec(c["text"][j]),
+                             token_ids=c["token_ids"][j].tolist(), finish_reason=dec(c["finish_reason"][j]) or None,
+                             prompt_tokens=int(c["prompt_tokens"][j]), logprobs=lp.tolist() if len(lp) else None)
+
+
+def read_hdf5_results(path, start_index: int = 0) -> list:
+    """Read an HDF5 output back into Results (tests and tools; the whole file)."""
+    return list(iter_hdf5_results(path, start_index=start_index))

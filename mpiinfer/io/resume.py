@@ -81,7 +81,7 @@ def result_options(cfg: RunConfig, out_fmt: str) -> dict:
     """The options that change what a record's result is (a resumed job must use the same)."""
     d = cfg.defaults
     return {
-        "model": os.path.abspath(cfg.model),
+        "model": os.path.abspath(cfg.model) if cfg.engine.kind == "model" else f"<{cfg.engine.kind} engine>",
         "dtype": cfg.engine.dtype or "auto",
         "max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,
         "seed": cfg.seed,
@@ -96,13 +96,19 @@ def make_manifest(cfg: RunConfig, out_fmt: str) -> dict:
             "options": result_options(cfg, out_fmt), "created": int(time.time())}
 
 
-def manifest_differences(old: dict, new: dict) -> list:
-    """Human-readable differences between a stored manifest and this run's (empty: the same job)."""
+# what --retry-errors may change: the inputs' content (a fixed record; every kept record's id is checked) and
+# the context limit (a record that was too long); never what decides a kept record's result
+RETRY_MAY_CHANGE = ("max_seq_len",)
+
+
+def manifest_differences(old: dict, new: dict, retry: bool = False) -> list:
+    """Human-readable differences between a stored manifest and this run's (empty: the same job).  ``retry``:
+    those that --retry-errors does not allow (see ``RETRY_MAY_CHANGE``)."""
     diffs = []
     oi, ni = old.get("inputs", []), new["inputs"]
     if [i.get("path") for i in oi] != [i.get("path") for i in ni]:
         diffs.append(f"inputs were {[i.get('path') for i in oi]}, now {[i.get('path') for i in ni]}")
-    else:
+    elif not retry:
         for a, b in zip(oi, ni):
             if a.get("size") != b.get("size"):
                 diffs.append(f"input {b['path']} was {a.get('size')} bytes, now {b.get('size')}")
@@ -110,7 +116,7 @@ def manifest_differences(old: dict, new: dict) -> list:
                 diffs.append(f"input {b['path']} has the same size but other content")
     oo, no = old.get("options", {}), new["options"]
     for k in sorted(set(oo) | set(no)):
-        if oo.get(k) != no.get(k):
+        if oo.get(k) != no.get(k) and not (retry and k in RETRY_MAY_CHANGE):
             diffs.append(f"{k} was {oo.get(k)!r}, now {no.get(k)!r}")
     return diffs
 
@@ -188,13 +194,22 @@ class Journal:
         self.size = os.fstat(self.fd).st_size
 
     def append(self, r: Result) -> Spilled:
-        data = _line(r)
-        where = Spilled(r.index, self.size, len(data))
+        return self.append_many([r])[0]
+
+    def append_many(self, results: list) -> list:
+        """Journal ``results`` with one write (a step's or a message's results: one system call, not one per
+        result); their ``Spilled`` places, in order."""
+        lines = [_line(r) for r in results]
+        places, at = [], self.size
+        for r, line in zip(results, lines):
+            places.append(Spilled(r.index, at, len(line)))
+            at += len(line)
+        data = memoryview(b"".join(lines))
         while data:
             n = os.write(self.fd, data)
             data = data[n:]
-        self.size += where.length
-        return where
+        self.size = at
+        return places
 
     def read(self, s: Spilled) -> Result:
         return result_from_json(json.loads(os.pread(self.fd, s.length, s.offset)))
@@ -237,6 +252,27 @@ class ResumePlan:
     restored: dict = field(default_factory=dict)
     manifest: dict | None = None
     todo: bool = True                  # some input record is neither in the output nor journaled
+    # --retry-errors: the indices below ``done`` whose record in the output is an error, computed again; the
+    # output is rewritten (the good records copied as they are, in input order) under ``retry_path``
+    retry: set | None = None
+
+    @property
+    def retrying(self) -> bool:
+        return self.retry is not None
+
+    @property
+    def kept(self) -> int:
+        """Records of the output this run keeps as they are."""
+        return self.done - len(self.retry or ())
+
+    def computes(self, index: int) -> bool:
+        """Whether input record ``index`` is computed (or restored from the journal) by this run."""
+        return index >= self.done or (self.retry is not None and index in self.retry)
+
+
+def retry_path(output: str) -> str:
+    """Where ``--retry-errors`` writes the new output before it replaces ``output``."""
+    return output + ".retry.tmp"
 
 
 def written_key(item, out_fmt: str):
@@ -250,20 +286,27 @@ def written_key(item, out_fmt: str):
     return item.id
 
 
-def output_keys(path: str, out_fmt: str, count: int) -> list:
-    """What identifies each of the first ``count`` records of an output (``written_key`` of its input record)."""
+def iter_output(path: str, out_fmt: str, count: int):
+    """The first ``count`` records of an output, streamed: ``(key, is_error, entry)`` per record, where ``key``
+    is its ``written_key`` and ``entry`` what ``--retry-errors`` copies into the new output: the raw line of a
+    JSONL / OpenAI output, a ``Result`` read back from an HDF5 one."""
+    if count <= 0:
+        return
     if out_fmt == "hdf5":
-        import h5py
-        with h5py.File(path, "r", swmr=True, libver="latest") as f:
-            return [v.decode("utf-8", "surrogatepass") if isinstance(v, bytes) else v for v in f["ids"][:count]]
-    key = "custom_id" if out_fmt == "openai" else "id"
-    out = []
+        from .hdf5 import iter_hdf5_results
+        for r in iter_hdf5_results(path, count):
+            yield r.id, r.error is not None, r
+        return
+    openai = out_fmt == "openai"
     with open(path, "rb") as f:
-        for raw in f:
-            if len(out) >= count:
+        for n, raw in enumerate(f):
+            if n >= count:
                 break
-            out.append(json.loads(raw).get(key))
-    return out
+            rec = json.loads(raw)
+            if openai:
+                yield rec.get("custom_id"), rec.get("error") is not None, raw
+            else:
+                yield rec.get("id"), "error" in rec, raw
 
 
 def _refuse(cfg: RunConfig, why: str) -> ConfigError:
@@ -294,10 +337,12 @@ def _plan(cfg: RunConfig, out_fmt: str, read_inputs) -> ResumePlan:
     from .writers import recover_output
     out = cfg.output
     if out == "-":
+        if cfg.retry_errors:
+            raise ConfigError("--retry-errors rewrites an output file: it cannot be used with --output -")
         return ResumePlan(out_fmt)
     mpath, jpath = manifest_path(out), journal_path(out)
     if cfg.overwrite:
-        for p in (out, mpath, jpath):
+        for p in (out, mpath, jpath, retry_path(out)):
             if os.path.exists(p):
                 os.remove(p)
     manifest = make_manifest(cfg, out_fmt)
@@ -308,47 +353,66 @@ def _plan(cfg: RunConfig, out_fmt: str, read_inputs) -> ResumePlan:
                 old = json.load(f)
         except (OSError, ValueError) as e:
             raise _refuse(cfg, f"its manifest {mpath} cannot be read ({e})") from None
-        diffs = manifest_differences(old, manifest)
+        diffs = manifest_differences(old, manifest, retry=cfg.retry_errors)
         if diffs:
-            raise _refuse(cfg, "it was written by a job with other inputs or options: " + "; ".join(diffs))
+            what = ("--retry-errors keeps its good records, so only the inputs' content and --max-seq-len may "
+                    "change, not: " if cfg.retry_errors else "it was written by a job with other inputs or options: ")
+            raise _refuse(cfg, what + "; ".join(diffs))
         manifest["created"] = old.get("created", manifest["created"])
     elif os.path.exists(out) and os.path.getsize(out) > 0:
+        if cfg.retry_errors:
+            raise _refuse(cfg, "it has no manifest (written by an older mpiinfer?), so --retry-errors cannot "
+                               "check that it was written with these options")
         log.warning("%s has no manifest (written by an older mpiinfer?): only its records' ids are checked "
                     "against the input", out)
+    if cfg.retry_errors and cfg.inputs == ("-",):
+        raise ConfigError("--retry-errors reads the input alongside the output: it cannot read stdin")
     try:
         done = recover_output(out, out_fmt)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    restored = {i: r for i, r in read_journal(jpath).items() if i >= done}
-    plan = ResumePlan(out_fmt, done, restored, manifest)
+    journal = read_journal(jpath)
+    plan = ResumePlan(out_fmt, done, {}, manifest, retry=set() if cfg.retry_errors and done else None)
+    if os.path.exists(retry_path(out)):
+        os.remove(retry_path(out))      # a retry's new output that never replaced the output: its results are journaled
     if cfg.inputs == ("-",):
+        plan.restored = {i: r for i, r in journal.items() if i >= done}
         return plan                     # stdin: read once, by the job itself
-    _check_against_input(cfg, plan, read_inputs)
+    _check_against_input(cfg, plan, journal, read_inputs)
     return plan
 
 
-def _check_against_input(cfg: RunConfig, plan: ResumePlan, read_inputs) -> None:
+def _check_against_input(cfg: RunConfig, plan: ResumePlan, journal: dict, read_inputs) -> None:
     """The ids of the records already in the output, and of the journaled results, are the input's ids at
-    those positions; the input has at least one record; ``plan.todo`` says whether any record is left."""
-    keys = output_keys(cfg.output, plan.out_fmt, plan.done) if plan.done else []
-    last = max(plan.restored, default=-1)
+    those positions; the input has at least one record; ``plan.todo`` says whether any record is left.  Fills
+    ``plan.restored`` (the journaled results this run writes instead of computing) and, with --retry-errors,
+    ``plan.retry`` (the error records of the output).  Output and input are read side by side (flat memory)."""
+    output = iter_output(cfg.output, plan.out_fmt, plan.done)
+    last = max(journal, default=-1)
     seen = 0
     plan.todo = False
     for item in read_inputs(0):
         i = item.index
         seen = i + 1
         if i < plan.done:
-            want = written_key(item, plan.out_fmt)
-            if keys[i] != want:
-                raise _refuse(cfg, f"its record {i + 1} has id {keys[i]!r} but input record {i + 1} has id "
-                                   f"{want!r}: it was written for another input")
-        elif i in plan.restored:
-            if plan.restored[i].id != item.id:
+            key, is_error, _ = next(output)
+            if is_error and plan.retry is not None:
+                plan.retry.add(i)           # replaced: its id may change (a malformed line's is its line number)
+            else:
+                want = written_key(item, plan.out_fmt)
+                if key != want:
+                    raise _refuse(cfg, f"its record {i + 1} has id {key!r} but input record {i + 1} has id "
+                                       f"{want!r}: it was written for another input")
+                continue
+        if i in journal and not (plan.retry is not None and journal[i].error is not None):
+            # (--retry-errors computes an error again even when an interrupted retry journaled it)
+            if journal[i].id != item.id:
                 raise _refuse(cfg, f"its journal holds a result for record {i + 1} with id "
-                                   f"{plan.restored[i].id!r} but that input record has id {item.id!r}")
+                                   f"{journal[i].id!r} but that input record has id {item.id!r}")
+            plan.restored[i] = journal[i]
         else:
             plan.todo = True
-            if i > last:
+            if i > last and i >= plan.done:
                 break
     if seen == 0:
         raise ConfigError(f"the input ({', '.join(cfg.inputs)}) has no records")

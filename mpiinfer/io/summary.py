@@ -102,17 +102,19 @@ class Summary:
         self.per_token = Reservoir(reservoir_size, seed + 1)
         self.t_start = time.monotonic()
         self.t_end: float | None = None
+        self.cpu_start, self.cpu_end = time.process_time(), None   # of world rank 0 (coordinator + its replica)
         # where this run's records are when it ends (set by the coordinator)
         self.restored = 0       # finished by an earlier run, journaled, written by this one
         self.in_output = 0      # records in the output file
         self.journaled = 0      # finished records still waiting in the journal for a gap in the output
+        self.retried = 0        # --retry-errors: error records of the output computed again
 
     def start(self) -> None:
-        self.t_start = time.monotonic()
-        self.t_end = None
+        self.t_start, self.cpu_start = time.monotonic(), time.process_time()
+        self.t_end = self.cpu_end = None
 
     def finish(self) -> None:
-        self.t_end = time.monotonic()
+        self.t_end, self.cpu_end = time.monotonic(), time.process_time()
 
     @property
     def records(self) -> int:
@@ -146,12 +148,14 @@ class Summary:
             "errors_by_type": dict(sorted(self.errors_by_type.items())),
             "max_tokens_clipped": self.max_tokens_clipped,
             "resumed_records": self.resumed,
+            "retried_errors": self.retried,
             "restored_from_journal": self.restored,
             "in_output": self.in_output,
             "journaled": self.journaled,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
             "wall_time_s": wall,
+            "rank0_cpu_s": (self.cpu_end if self.cpu_end is not None else time.process_time()) - self.cpu_start,
             "records_per_s": rate(self.records),
             "generated_tokens_per_s": rate(self.completion_tokens),
             "ttft_s": self.ttft.percentiles(),

@@ -103,6 +103,15 @@ class JsonlWriter:
                 or time.monotonic() - self._last_flush >= self.flush_every_seconds):
             self.flush()
 
+    def write_kept(self, line: bytes) -> None:
+        """Write a record of an earlier output exactly as it was (``--retry-errors`` keeps good records)."""
+        if self.closed:
+            raise ValueError(f"write to closed JsonlWriter({self.path!r})")
+        self._buf.append(line if line.endswith(b"\n") else line + b"\n")
+        self.records_written += 1
+        if len(self._buf) >= self.flush_every_records:
+            self.flush()
+
     def record(self, result: Result) -> dict:
         """The JSON object written for ``result`` (subclasses change the record format)."""
         return result.to_record()
@@ -175,7 +184,7 @@ class OrderedWriter:
     written, so the output stays an exact prefix of the input).
     """
 
-    def __init__(self, inner, start_index: int = 0, max_pending: int = 10000, resolve=None):
+    def __init__(self, inner, start_index: int = 0, max_pending: int = 10000, resolve=None, kept=None):
         if max_pending < 0:
             raise ValueError(f"max_pending must be >= 0, got {max_pending}")
         self.inner = inner
@@ -184,6 +193,31 @@ class OrderedWriter:
         self.max_pending = max_pending
         self._pending: dict[int, Result] = {}
         self.closed = False
+        # kept: (index, entry) in index order, records of an earlier output that take their place as they are
+        # (``inner.write_kept(entry)``); the results given to ``write`` fill the other indices
+        self._kept = iter(kept) if kept is not None else None
+        self._next_kept = None
+        self.kept_written = 0
+        self._take_kept()
+        self._advance()
+
+    def _take_kept(self) -> None:
+        self._next_kept = next(self._kept, None) if self._kept is not None else None
+
+    def _advance(self) -> None:
+        """Write whatever continues the output in order: waiting results and kept records."""
+        resolve, pending = self.resolve, self._pending
+        while True:
+            if self._next_kept is not None and self._next_kept[0] == self.next_index:
+                self.inner.write_kept(self._next_kept[1])
+                self.kept_written += 1
+                self._take_kept()
+            else:
+                nxt = pending.pop(self.next_index, None) if pending else None
+                if nxt is None:
+                    return
+                self.inner.write(resolve(nxt) if resolve else nxt)
+            self.next_index += 1
 
     @property
     def pending(self) -> int:
@@ -197,7 +231,7 @@ class OrderedWriter:
         if self.closed:
             raise ValueError("write to closed OrderedWriter")
         i = result.index
-        if i < self.next_index or i in self._pending:
+        if i < self.next_index or i in self._pending or (self._next_kept is not None and i == self._next_kept[0]):
             raise ValueError(f"OrderedWriter: duplicate result for index {i} (id {result.id!r})")
         if i != self.next_index:
             if len(self._pending) >= self.max_pending:
@@ -210,13 +244,7 @@ class OrderedWriter:
         resolve = self.resolve
         self.inner.write(resolve(result) if resolve else result)
         self.next_index += 1
-        pending = self._pending
-        while pending:
-            nxt = pending.pop(self.next_index, None)
-            if nxt is None:
-                break
-            self.inner.write(resolve(nxt) if resolve else nxt)
-            self.next_index += 1
+        self._advance()
 
     def flush(self) -> None:
         self.inner.flush()

@@ -291,3 +291,104 @@ def test_max_tokens_clipped_by_the_context_is_recorded(tiny, tmp_path):
     assert long["usage"]["prompt_tokens"] + len(long["token_ids"]) == 40
     assert "max_tokens_clipped_to" not in short and len(short["token_ids"]) == 5
     assert json.load(open(out + ".summary.json"))["max_tokens_clipped"] == 1
+
+
+def _retry_inputs(tmp_path, fixed):
+    """12 records: record 3 malformed (fixed: a good one), record 7 too long for --max-seq-len 64."""
+    lines = [json.dumps({"id": f"p{i}", "prompt": f"the sea and the sky number {i}"}) for i in range(12)]
+    lines[7] = json.dumps({"id": "p7", "prompt": " ".join(["sea"] * 200)})
+    lines[3] = json.dumps({"id": "p3", "prompt": "fixed now"}) if fixed else '{"id": "p3", "prompt": '
+    path = tmp_path / "in.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _rewrite_record(out, fmt, i, text):
+    """Change the text of record i of a JSONL / OpenAI output: what a recomputation could never produce."""
+    lines = open(out).read().splitlines(keepends=True)
+    rec = json.loads(lines[i])
+    if fmt == "openai":
+        rec["response"]["body"]["choices"][0]["text"] = text
+    else:
+        rec["text"] = text
+    lines[i] = json.dumps(rec, ensure_ascii=False) + "\n"
+    open(out, "w").writelines(lines)
+    return lines[i]
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "openai", "hdf5"])
+def test_retry_errors_computes_only_the_errors(tiny, tmp_path, fmt):
+    """--retry-errors after fixing a malformed line and raising --max-seq-len: the two error records are
+    computed, every good record is kept as it was (a marked one stays marked), the output is in input order and
+    otherwise what a fresh run of the fixed job writes; an incomplete output is finished too."""
+    from mpiinfer.io.hdf5 import read_hdf5_results
+    ext = ".h5" if fmt == "hdf5" else ".jsonl"
+    out, ref = str(tmp_path / f"out{ext}"), str(tmp_path / f"ref{ext}")
+    base = ["-m", tiny, "--max-tokens", "4", *(["--output-format", "openai"] if fmt == "openai" else [])]
+    code, text = run_cli([*base, "-i", _retry_inputs(tmp_path, fixed=False), "-o", out, "--max-seq-len", "64"])
+    assert code == 0, text
+    if fmt == "hdf5":
+        errors = [r.index for r in read_hdf5_results(out) if r.error is not None]
+    else:
+        errors = [i for i, x in enumerate(open(out)) if json.loads(x).get("error")]
+        marked = _rewrite_record(out, fmt, 0, "KEPT AS IT WAS")
+        with open(out, "r+") as f:                  # the job was stopped before its last record
+            lines = f.readlines()
+            f.seek(0)
+            f.truncate()
+            f.writelines(lines[:11])
+    assert errors == [3, 7]
+    fixed = _retry_inputs(tmp_path, fixed=True)
+    code, text = run_cli([*base, "-i", fixed, "-o", ref, "--max-seq-len", "1024"])
+    assert code == 0, text
+    # options that decide a kept record's result cannot change
+    code, text = run_cli([*base[:-2], "--max-tokens", "5", "-i", fixed, "-o", out, "--retry-errors"])
+    assert code == 2 and "max_tokens" in text, text
+    code, text = run_cli([*base, "-i", fixed, "-o", out, "--max-seq-len", "1024", "--retry-errors"])
+    assert code == 0, text
+    assert "retrying the 2 error records" in text
+    summary = json.load(open(out + ".summary.json"))
+    assert summary["retried_errors"] == 2 and summary["errors"] == 0
+    assert summary["records"] == (2 if fmt == "hdf5" else 3) and summary["in_output"] == 12
+    if fmt == "hdf5":
+        assert [vars(r) for r in read_hdf5_results(out)] == [vars(r) for r in read_hdf5_results(ref)]
+    else:
+        want = open(ref).read().splitlines(keepends=True)
+        want[0] = marked
+        assert open(out).read().splitlines(keepends=True) == want
+    assert not os.path.exists(journal_path(out)) and not os.path.exists(out + ".retry.tmp")
+    code, text = run_cli([*base, "-i", fixed, "-o", out, "--max-seq-len", "1024", "--retry-errors"])
+    assert code == 0 and "nothing to retry" in text, text
+
+
+def test_retry_errors_checks_ids_and_uses_the_journal(tiny, tmp_path):
+    """An input whose ids moved is refused; results an interrupted retry journaled are written, not computed
+    again (its half-written new output is discarded); --retry-errors and --overwrite exclude each other."""
+    out = str(tmp_path / "out.jsonl")
+    base = ["-m", tiny, "--max-tokens", "4"]
+    code, text = run_cli([*base, "-i", _retry_inputs(tmp_path, fixed=False), "-o", out, "--max-seq-len", "64"])
+    assert code == 0, text
+    before = open(out).read()
+    fixed = _retry_inputs(tmp_path, fixed=True)
+    good = open(fixed).read()
+    open(fixed, "w").write(good.replace('"p5"', '"q5"'))
+    code, text = run_cli([*base, "-i", fixed, "-o", out, "--retry-errors"])
+    assert code == 2 and "'p5'" in text and "'q5'" in text, text
+    open(fixed, "w").write(good)
+    # an interrupted retry: record 7 journaled (marked), a partial new output left behind
+    with open(journal_path(out), "w") as f:
+        f.write(json.dumps(result_to_json(coordinator.Result(index=7, id="p7", text="FROM THE JOURNAL",
+                                                             token_ids=[5, 6], finish_reason="length",
+                                                             prompt_tokens=201))) + "\n")
+    open(out + ".retry.tmp", "w").write('{"id": "p0"')
+    code, text = run_cli([*base, "-i", fixed, "-o", out, "--max-seq-len", "1024", "--retry-errors"])
+    assert code == 0, text
+    recs = [json.loads(x) for x in open(out)]
+    assert [r["id"] for r in recs] == [f"p{i}" for i in range(12)]
+    assert recs[7]["text"] == "FROM THE JOURNAL" and "error" not in recs[3]
+    assert [x for i, x in enumerate(open(out)) if i not in (3, 7)] == \
+        [x for i, x in enumerate(before.splitlines(keepends=True)) if i not in (3, 7)]
+    summary = json.load(open(out + ".summary.json"))
+    assert summary["restored_from_journal"] == 1 and summary["records"] == 1
+    code, text = run_cli([*base, "-i", fixed, "-o", out, "--retry-errors", "--overwrite"])
+    assert code == 2 and "pick one" in text

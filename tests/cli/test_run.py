@@ -182,3 +182,27 @@ def test_long_run_of_bad_lines_then_good(tiny, tmp_path):
     assert code == 0, text
     recs = read_jsonl(out)
     assert len(recs) == 301 and all("error" in r for r in recs[:300]) and "error" not in recs[300]
+
+
+def test_null_engine_runs_without_a_model(tmp_path):
+    """--engine null: every record gets --max-tokens made-up tokens, in input order, with no checkpoint;
+    parse errors stay error records; resume checks work as with a model; --model is required otherwise."""
+    inp = write(tmp_path / "in.jsonl", [json.dumps({"id": f"r{i}", "prompt": "p" * (i + 1)}) for i in range(300)]
+                + ['{"id": "bad", "prompt": ', '{"id": "five", "prompt": "x", "max_tokens": 5}'])
+    out = str(tmp_path / "out.jsonl")
+    code, text = run_cli(["run", "--engine", "null", "-i", inp, "-o", out, "--max-tokens", "3", "--max-batch", "7"])
+    assert code == 0, text
+    recs = read_jsonl(out)
+    assert [r["id"] for r in recs] == [f"r{i}" for i in range(300)] + [301, "five"]
+    assert all(r["token_ids"] == [0, 1, 2] and r["text"] == "abc" for r in recs[:300]), recs[:2]
+    assert recs[7]["usage"] == {"prompt_tokens": 8, "completion_tokens": 3}
+    assert recs[300]["error"]["type"] == "invalid_json" and recs[301]["text"] == "abcde"
+    summary = json.load(open(out + ".summary.json"))
+    assert summary["records"] == 302 and summary["errors"] == 1 and summary["rank0_cpu_s"] > 0
+    # resuming works as with a model: the finished output is a no-op, other options are refused
+    code, text = run_cli(["run", "--engine", "null", "-i", inp, "-o", out, "--max-tokens", "3"])
+    assert code == 0 and "nothing to do" in text
+    code, text = run_cli(["run", "--engine", "null", "-i", inp, "-o", out, "--max-tokens", "4"])
+    assert code == 2 and "max_tokens" in text
+    code, text = run_cli(["run", "-i", inp, "-o", str(tmp_path / "o2.jsonl")])
+    assert code == 2 and "--model" in text

@@ -71,6 +71,25 @@ def test_data_parallel_equals_one_rank(n, flags, tiny, reference, tmp_path):
     assert len(got) == 401
 
 
+@pytest.mark.parametrize("n", by_ranks([(2,), (4,)], ranks=lambda c: c[0]))
+def test_null_engine_data_parallel_equals_one_rank(n, tmp_path):
+    """The model-free engine (the coordinator benchmark's) gives the same output on any number of replicas,
+    in input order, every record once."""
+    inp = make_input(tmp_path / "in.jsonl", 3000)
+    one, many = str(tmp_path / "one.jsonl"), str(tmp_path / "many.jsonl")
+    base = ["run", "--engine", "null", "-i", inp, "--max-batch", "16"]
+    run([sys.executable, "-m", "mpiinfer", *base, "-o", one])
+    run([MPIEXEC, "-n", str(n), sys.executable, "-m", "mpiinfer", *base, "-o", many])
+    got = lines(many)
+    assert got == lines(one) and len(got) == 3001
+    assert [json.loads(x)["id"] for x in got[:3000]] == [f"r{i}" for i in range(3000)]
+    assert json.load(open(many + ".summary.json"))["records"] == 3001
+    if n == 2:      # no model: no model-parallel layouts
+        p = subprocess.run([MPIEXEC, "-n", "2", sys.executable, "-m", "mpiinfer", *base, "-o", many, "--tp", "2"],
+                           capture_output=True, text=True, timeout=120)
+        assert p.returncode == 2 and "data-parallel replicas only" in p.stderr, p.stderr
+
+
 def _ranks_of(root):
     """PIDs of the mpiinfer rank processes under a launcher process (what Slurm signals)."""
     info = {}

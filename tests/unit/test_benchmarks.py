@@ -60,3 +60,16 @@ def test_bench_kernels_quick(tmp_path):
         assert c["gflops"] > 0
         # every kernel computes the same product as MKL's x @ w.t() (bfloat16 to its precision)
         assert c["max_rel_err_vs_mkl"] <= (2e-2 if k.startswith("bf16") else 1e-4), (o, i, m, k)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_coordinator_quick(tmp_path):
+    out = tmp_path / "coordinator.json"
+    text = _run("bench_coordinator.py", "--quick", "--dp", "1,2", "--json", str(out))
+    res = json.loads(out.read_text())
+    assert {(r["dp"], r["format"]) for r in res["rows"]} == {(1, "jsonl"), (1, "openai"), (2, "jsonl"), (2, "openai")}
+    for r in res["rows"]:
+        assert r["records_per_s"] > 0 and r["capacity_records_per_s"] == pytest.approx(1e6 / r["cpu_us_per_record"])
+        assert all(run["records"] == run["lines"] == 5000 for run in r["runs"])
+    assert "replicas at 10 rec/s" in text
