@@ -26,6 +26,19 @@ def make_engine(cfg: RunConfig, runner):
     return Engine(runner, tok, default_seed=cfg.seed), lambda t: tok.decode([t], skip_special_tokens=False)
 
 
+POLL_S = 2e-4    # an idle leader's wait between probes for the coordinator's next message
+
+
+def _recv(world):
+    """The coordinator's next message, waited for by probing with short sleeps: a blocking receive spins a core
+    (MPICH, Open MPI) that an oversubscribed node's ranks need, e.g. a rank that computes.  Costs at most
+    POLL_S of latency per message."""
+    import time
+    while not world.iprobe(source=0, tag=TAG):
+        time.sleep(POLL_S)
+    return world.recv(source=0, tag=TAG)
+
+
 def follow(runner) -> None:
     """Follower: run the leader's steps until it sends None."""
     while True:
@@ -56,9 +69,9 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
         if not finishing and room > 0:
             world.send(Want(room), dest=0, tag=TAG)
             asked += room
-        # block for a message only when there is nothing to compute (never in lockstep)
+        # wait for a message only when there is nothing to compute (never in lockstep)
         while world.iprobe(source=0, tag=TAG) or not (engine.has_work() or finishing or lock):
-            msg = world.recv(source=0, tag=TAG)
+            msg = _recv(world)
             if isinstance(msg, Stop):
                 if msg.abandon:
                     return 0
@@ -73,7 +86,7 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
                     world.send(Done(errors), dest=0, tag=TAG)
         if draining and not engine.has_work():
             world.send(Drained(), dest=0, tag=TAG)
-            while not isinstance(msg := world.recv(source=0, tag=TAG), Stop):
+            while not isinstance(msg := _recv(world), Stop):
                 pass                                   # work sent before the drain: dropped
             return 0
         if lock:

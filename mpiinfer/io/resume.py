@@ -21,6 +21,7 @@ id the input gives at that position (stdin cannot be read twice: its ids are not
 """
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import logging
@@ -255,6 +256,9 @@ class ResumePlan:
     # --retry-errors: the indices below ``done`` whose record in the output is an error, computed again; the
     # output is rewritten (the good records copied as they are, in input order) under ``retry_path``
     retry: set | None = None
+    # hashes of the ids of the output's records (not with --retry-errors, which reads the whole input again): the
+    # coordinator goes on from them to notice ids that repeat (``coordinator.DuplicateIds``)
+    seen_ids: array.array = field(default_factory=lambda: array.array("q"))
 
     @property
     def retrying(self) -> bool:
@@ -273,6 +277,15 @@ class ResumePlan:
 def retry_path(output: str) -> str:
     """Where ``--retry-errors`` writes the new output before it replaces ``output``."""
     return output + ".retry.tmp"
+
+
+def id_hash(key) -> int:
+    """64 bits standing for an id (a set of them notices repeated ids in ~60 bytes per record; a collision only
+    reports a repeat that is not one)."""
+    try:
+        return hash(key)
+    except TypeError:
+        return hash(repr(key))
 
 
 def written_key(item, out_fmt: str):
@@ -403,6 +416,8 @@ def _check_against_input(cfg: RunConfig, plan: ResumePlan, journal: dict, read_i
                 if key != want:
                     raise _refuse(cfg, f"its record {i + 1} has id {key!r} but input record {i + 1} has id "
                                        f"{want!r}: it was written for another input")
+                if plan.retry is None and not isinstance(item, Result):
+                    plan.seen_ids.append(id_hash(key))
                 continue
         if i in journal and not (plan.retry is not None and journal[i].error is not None):
             # (--retry-errors computes an error again even when an interrupted retry journaled it)

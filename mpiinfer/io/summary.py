@@ -108,6 +108,7 @@ class Summary:
         self.in_output = 0      # records in the output file
         self.journaled = 0      # finished records still waiting in the journal for a gap in the output
         self.retried = 0        # --retry-errors: error records of the output computed again
+        self.duplicate_ids = 0  # records read this run whose id an earlier record has
 
     def start(self) -> None:
         self.t_start, self.cpu_start = time.monotonic(), time.process_time()
@@ -149,6 +150,7 @@ class Summary:
             "max_tokens_clipped": self.max_tokens_clipped,
             "resumed_records": self.resumed,
             "retried_errors": self.retried,
+            "duplicate_ids": self.duplicate_ids,
             "restored_from_journal": self.restored,
             "in_output": self.in_output,
             "journaled": self.journaled,

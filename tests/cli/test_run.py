@@ -206,3 +206,32 @@ def test_null_engine_runs_without_a_model(tmp_path):
     assert code == 2 and "max_tokens" in text
     code, text = run_cli(["run", "-i", inp, "-o", str(tmp_path / "o2.jsonl")])
     assert code == 2 and "--model" in text
+
+
+def test_duplicate_ids_are_kept_apart_and_reported(tmp_path):
+    """Records that repeat an id (or an OpenAI custom_id) are computed and written each at its own position,
+    named in the log and counted in the summary, also across a resume."""
+    recs = [{"id": i, "prompt": f"p{i}"} for i in ["a", "b", "a", "c", 5, "b"]] + [{"prompt": "no id: line 7"}]
+    inp = write(tmp_path / "in.jsonl", [json.dumps(r) for r in recs] + [json.dumps({"id": 7, "prompt": "x"})])
+    out = str(tmp_path / "out.jsonl")
+    code, text = run_cli(["run", "--engine", "null", "-i", inp, "-o", out, "--max-tokens", "2"])
+    assert code == 0, text
+    assert [r["id"] for r in read_jsonl(out)] == ["a", "b", "a", "c", 5, "b", 7, 7]
+    assert "input record 3 has the id 'a' of an earlier record" in text and "record 6 has the id 'b'" in text
+    assert json.load(open(out + ".summary.json"))["duplicate_ids"] == 3   # a, b, and the 7 of line 7
+    # resumed after 4 records: the repeats after them are still noticed, against the output's ids
+    lines = open(out).readlines()
+    open(out, "w").writelines(lines[:4])
+    code, text = run_cli(["run", "--engine", "null", "-i", inp, "-o", out, "--max-tokens", "2"])
+    assert code == 0, text
+    assert json.load(open(out + ".summary.json"))["duplicate_ids"] == 2 and open(out).readlines() == lines
+    # OpenAI batch input: custom_id
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+    oin = write(tmp_path / "batch.jsonl", [json.dumps({"custom_id": c, "method": "POST", "url": "/v1/chat/completions",
+                                                       "body": body}) for c in ["x", "y", "x"]])
+    oout = str(tmp_path / "batch_out.jsonl")
+    code, text = run_cli(["run", "--engine", "null", "-i", oin, "-o", oout, "--max-tokens", "2"])
+    assert code == 0, text
+    assert [r["custom_id"] for r in read_jsonl(oout)] == ["x", "y", "x"]
+    assert len({r["id"] for r in read_jsonl(oout)}) == 3            # the response ids stay distinct
+    assert json.load(open(oout + ".summary.json"))["duplicate_ids"] == 1 and "'x'" in text
