@@ -229,6 +229,7 @@ class Coordinator:
         self.stop_signal = None           # the signal that stopped this run
         self.drain_until = 0.0            # while stopping: finish running sequences until then
         self.drained: set = set()         # leaders with nothing running any more
+        self.lock_draining = False        # wide EP: the replicas drain together (Lockstep.DRAIN_*)
         self.byes: set = set()            # leaders that sent their last message
         self.src = self.writer = self.summary = self.progress = self.journal = None
         self.spilled = 0                  # waiting results that are only in the journal
@@ -333,9 +334,15 @@ class Coordinator:
             self._collect(block=False)
             self._dispatch()
             if self.lock:
-                code = Lockstep.STOP if src.stopped else (
-                    Lockstep.STEP if engine.has_work() or not src.exhausted or src.in_flight > 0 else Lockstep.IDLE)
-                if self.mesh.dp_comm.allreduce(int(code), op=self._mpi().MAX) != Lockstep.STEP:
+                if not src.stopped:
+                    code = Lockstep.mine(engine.has_work() or not src.exhausted or src.in_flight > 0, False)
+                elif self._draining_lockstep():
+                    code = Lockstep.mine(engine.has_work(), True)
+                else:
+                    code = Lockstep.STOP
+                result = self.mesh.dp_comm.allreduce(int(code), op=self._mpi().MAX)
+                step, self.lock_draining = Lockstep.go_on(result, self.lock_draining)
+                if not step:
                     return
                 self._write_all(engine.step())
                 continue
@@ -363,16 +370,20 @@ class Coordinator:
             return
         self.stop_signal = self.signals.received[0]
         self.src.stopped = True
-        drain = 0.0 if self.signals.interrupted or self.lock else self.cfg.drain_seconds
+        drain = 0.0 if self.signals.interrupted else self.cfg.drain_seconds
         self.drain_until = time.monotonic() + drain
         if drain > 0:
             log.warning("%s: taking no new work; sequences running now may finish for up to %.0f s",
                         signal.Signals(self.stop_signal).name, drain)
             self.engine.drop_waiting()             # not started: computed on resume
-            for r in self.leaders:
+            for r in [] if self.lock else self.leaders:     # in lockstep the leaders learn it from the code
                 self.world.send(Drain(), dest=r, tag=TAG)
         else:
             self.drained = set(self.leaders)
+
+    def _draining_lockstep(self) -> bool:
+        """Wide EP: still draining (before the deadline, no Ctrl-C); whether anything runs is the reduced code's."""
+        return not (self.signals is not None and self.signals.interrupted) and time.monotonic() < self.drain_until
 
     def _draining(self) -> bool:
         """Still stopping: before the drain deadline, with a sequence running here or on a leader."""
@@ -502,7 +513,7 @@ class Coordinator:
         when MPI finalizes (MPICH under ``srun --mpi=pmi2`` can hang in MPI_Finalize otherwise), and results
         that finished meanwhile are written, or journaled."""
         if self.lock and not lockstep_done:   # the leaders are in the lockstep loop: end it with them
-            self.mesh.dp_comm.allreduce(int(Lockstep.IDLE), op=self._mpi().MAX)
+            self.mesh.dp_comm.allreduce(int(Lockstep.STOP), op=self._mpi().MAX)
         elif not self.lock:
             for r in self.leaders:
                 self.world.send(Stop(abandon=abandon), dest=r, tag=TAG)

@@ -113,7 +113,28 @@ class Stop:
 
 class Lockstep(IntEnum):
     """With wide EP all replica leaders step together: before each step every leader contributes one code to a
-    MAX-allreduce over ``mesh.dp_comm`` and all act on the maximum."""
-    IDLE = 0      # nothing to compute here (the coordinator: and nothing left to read or collect): end when all are
-    STEP = 1      # someone has work: every replica runs a step (an idle one with zero tokens)
-    STOP = 2      # the coordinator stops (a signal): every leader ends now
+    MAX-allreduce over ``mesh.dp_comm`` and all act on the maximum.  A stop with a drain: the coordinator's first
+    DRAIN_* code switches every leader to draining (take no new work, drop what has not started) and that round
+    still steps; from then on all contribute DRAIN_*, so DRAIN_IDLE means nothing runs anywhere: all end."""
+    IDLE = 0        # nothing to compute here (the coordinator: and nothing left to read or collect): end when all are
+    STEP = 1        # someone has work: every replica runs a step (an idle one with zero tokens)
+    DRAIN_IDLE = 2  # draining, nothing running here
+    DRAIN_STEP = 3  # draining, sequences still running here
+    STOP = 4        # the coordinator stops now (Ctrl-C, or the drain's time is up): every leader ends
+
+    @staticmethod
+    def mine(busy: bool, draining: bool) -> Lockstep:
+        if draining:
+            return Lockstep.DRAIN_STEP if busy else Lockstep.DRAIN_IDLE
+        return Lockstep.STEP if busy else Lockstep.IDLE
+
+    @staticmethod
+    def go_on(result: int, draining: bool) -> tuple:
+        """What the reduced code means for a participant: (step now?, draining from now on?)."""
+        if result == Lockstep.STOP:
+            return False, draining
+        if result >= Lockstep.DRAIN_IDLE:
+            if not draining:                     # the first drain round: everyone still steps once
+                return True, True
+            return result == Lockstep.DRAIN_STEP, True
+        return result == Lockstep.STEP, draining

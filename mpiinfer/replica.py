@@ -84,14 +84,18 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
                 errors = [err for err in map(engine.add, msg.items) if err is not None]
                 if errors:
                     world.send(Done(errors), dest=0, tag=TAG)
-        if draining and not engine.has_work():
+        if draining and not lock and not engine.has_work():
             world.send(Drained(), dest=0, tag=TAG)
             while not isinstance(msg := _recv(world), Stop):
                 pass                                   # work sent before the drain: dropped
             return 0
         if lock:
-            state = Lockstep.STEP if engine.has_work() else Lockstep.IDLE
-            if mesh.dp_comm.allreduce(int(state), op=MPI.MAX) != Lockstep.STEP:
+            result = mesh.dp_comm.allreduce(int(Lockstep.mine(engine.has_work(), draining)), op=MPI.MAX)
+            step, now_draining = Lockstep.go_on(result, draining)
+            if now_draining and not draining:       # the job stops: finish what runs, start nothing new
+                finishing = draining = True
+                engine.drop_waiting()
+            if not step:
                 return 0
             results = engine.step()
             if results:

