@@ -1,7 +1,8 @@
-"""Jobs on a real one-node Slurm: srun with the MPICH wheel's PMI-2 gives the same output as one process, srun
-without a PMI plugin is refused, and the script `mpiinfer slurm` writes survives its time-limit chain (the
-warning, the clean stop through Slurm, the drain, the re-submission of a piped script with the options given
-to sbatch, the resume) with every record exactly once.  Every wait is bounded."""
+"""Jobs on a real one-node Slurm: srun with the MPICH wheel's PMI-2 and with the Open MPI wheel's PMIx gives the
+same output as one process, srun without a PMI plugin is refused, and the script `mpiinfer slurm` writes survives
+a real time-limit chain on both MPIs (Slurm's warning, the clean stop through Slurm, the drain, the re-submission
+of a piped script with the options given to sbatch, the resume) with every record exactly once.  Every wait is
+bounded."""
 import json
 import os
 import re
@@ -65,57 +66,11 @@ def _job(env, jid):
     return dict(re.findall(r"(\w+)=(\S*)", p.stdout))
 
 
-def _lines(path):
-    try:
-        with open(path) as f:
-            return f.read().count("\n")
-    except FileNotFoundError:
-        return 0
-
-
 def _wait(cond, timeout, what):
     t0 = time.time()
     while not cond():
         assert time.time() - t0 < timeout, f"timed out after {timeout} s waiting for {what}"
         time.sleep(0.2)
-
-
-def test_time_limit_chain_resubmits_and_resumes(slurm, tiny, tmp_path):
-    n = 8000
-    inp, out = make_input(tmp_path / "in.jsonl", n), str(tmp_path / "out.jsonl")
-    r = subprocess.run([sys.executable, "-m", "mpiinfer", "slurm", "--tasks-per-node", "2", "--time", "30",
-                        "--grace", "60", "--max-resubmits", "5", "--mpi", MPI, "--", "-m", tiny, "-i", inp, "-o", out,
-                        "--threads", "1", "--max-batch", "16", "--flush-every", "20"],
-                       env=slurm, capture_output=True, text=True, timeout=60)
-    assert r.returncode == 0, r.stderr
-    # submitted through a pipe, with a name and a time limit that only the sbatch command line gives
-    p = subprocess.run(["sbatch", "--parsable", "--job-name=chain", "--time=20", f"--chdir={tmp_path}"],
-                       input=r.stdout, env=slurm, capture_output=True, text=True, timeout=60, cwd=tmp_path)
-    assert p.returncode == 0, p.stderr
-    jobs = [p.stdout.strip().split(";")[0]]
-    for stop in range(2):                       # two time limits, then the last allocation finishes the job
-        jid = jobs[-1]
-        _wait(lambda jid=jid: _job(slurm, jid).get("JobState") == "RUNNING", 120, f"job {jid} to run")
-        start = _lines(out)
-        _wait(lambda start=start: _lines(out) >= start + 1000, 180, f"job {jid} to write records")
-        # what --signal=B:USR1@GRACE does before the time limit, sent now
-        subprocess.run(["scancel", "--signal=USR1", "--batch", jid], env=slurm, check=True, timeout=30)
-        _wait(lambda jid=jid: _job(slurm, jid).get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"),
-              180, f"job {jid} to end")
-        _wait(lambda jid=jid: any(int(j) > int(jid) for j in _squeue(slurm)), 60, "the re-submitted job")
-        jobs.append(max(_squeue(slurm), key=int))
-    _wait(lambda: not _squeue(slurm), 300, "the chain to finish")
-    logs = {j: (tmp_path / f"mpiinfer-{j}.log").read_text() for j in jobs}
-    for j in jobs:
-        info = _job(slurm, j)
-        assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (j, info, logs[j])
-        assert info.get("JobName") == "chain" and info.get("TimeLimit") == "00:20:00", (j, info)
-    for j in jobs[:-1]:
-        assert "re-submitting to resume" in logs[j] and "srun: forcing job termination" not in logs[j], logs[j]
-    assert "re-submitting" not in logs[jobs[-1]]
-    ids = [json.loads(x)["id"] for x in open(out)]
-    assert ids == list(range(n))
-    assert not os.path.exists(out + ".journal.jsonl")
 
 
 def test_open_mpi_srun_pmix_layouts_equal_one_process(slurm, openmpi, tiny, tmp_path):
@@ -136,37 +91,43 @@ def test_open_mpi_srun_pmix_layouts_equal_one_process(slurm, openmpi, tiny, tmp_
         assert open(out).read() == want, name
 
 
-def test_open_mpi_real_time_limit_chain(slurm, openmpi, tiny, tmp_path):
-    """The script of `mpiinfer slurm --mpi pmix` on Open MPI, under a real 2-minute time limit: Slurm's own
-    warning (USR1 up to a minute before the limit), the stop through Slurm, the drain, the re-submission and the
-    resume, until the job is done: every job COMPLETED with exit 0, at least one re-submission, every id once."""
+@pytest.mark.parametrize("mpi", ["mpich", "openmpi"])
+def test_real_time_limit_chain(slurm, request, tiny, tmp_path, mpi):
+    """The script of `mpiinfer slurm`, on MPICH (--mpi pmi2) and on Open MPI (--mpi pmix), under a real 2-minute
+    time limit given on the sbatch command line to a piped script (which says 30): Slurm's own warning (USR1 up
+    to a minute before the limit), the stop through Slurm, the drain, the re-submission with the job's name and
+    time limit, and the resume, until the job is done: every job COMPLETED with exit 0 and that name and limit,
+    at least one re-submission, every id once, no journal left."""
     n = 20000
     inp, out = str(tmp_path / "in.jsonl"), str(tmp_path / "out.jsonl")
     with open(inp, "w") as f:
         f.writelines(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 40}) + "\n"
                      for i in range(n))
-    env = dict(slurm, PATH=os.path.dirname(openmpi[0]) + os.pathsep + slurm["PATH"])   # its `mpiinfer` runs
-    r = subprocess.run(["mpiinfer", "slurm", "--tasks-per-node", "2", "--time", "2", "--grace", "60",
-                        "--max-resubmits", "6", "--mpi", "pmix", "--", "-m", tiny, "-i", inp, "-o", out,
-                        "--threads", "1", "--max-batch", "16", "--flush-every", "50"],
+    env = dict(slurm)
+    if mpi == "openmpi":     # its venv's `mpiinfer` is what the script runs
+        env["PATH"] = os.path.dirname(request.getfixturevalue("openmpi")[0]) + os.pathsep + env["PATH"]
+    r = subprocess.run([sys.executable, "-m", "mpiinfer", "slurm", "--tasks-per-node", "2", "--time", "30",
+                        "--grace", "60", "--max-resubmits", "6", "--mpi", {"mpich": MPI, "openmpi": "pmix"}[mpi], "--",
+                        "-m", tiny, "-i", inp, "-o", out, "--threads", "1", "--max-batch", "16", "--flush-every", "50"],
                        env=env, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    p = subprocess.run(["sbatch", "--parsable", f"--chdir={tmp_path}"], input=r.stdout, env=env, capture_output=True,
-                       text=True, timeout=60, cwd=tmp_path)
+    p = subprocess.run(["sbatch", "--parsable", "--job-name=chain", "--time=2", f"--chdir={tmp_path}"],
+                       input=r.stdout, env=env, capture_output=True, text=True, timeout=60, cwd=tmp_path)
     assert p.returncode == 0, p.stderr
     first = int(p.stdout.strip().split(";")[0])
-    _wait(lambda: _squeue(env) and True, 60, "the job to be queued")
     _wait(lambda: not _squeue(env), 900, "the chain to finish")
-    jobs = sorted(int(j) for j in re.findall(r"JobId=(\d+)", subprocess.run(
-        ["scontrol", "show", "job"], env=env, capture_output=True, text=True, timeout=30).stdout) if int(j) >= first)
+    listed = subprocess.run(["scontrol", "show", "job"], env=env, capture_output=True, text=True, timeout=30).stdout
+    jobs = sorted(j for j in map(int, re.findall(r"JobId=(\d+)", listed)) if j >= first)
     logs = {j: (tmp_path / f"mpiinfer-{j}.log").read_text() for j in jobs}
     assert len(jobs) >= 2, logs
     for j in jobs:
         info = _job(env, str(j))
         assert info.get("JobState") == "COMPLETED" and info.get("ExitCode") == "0:0", (j, info, logs[j])
+        assert info.get("JobName") == "chain" and info.get("TimeLimit") == "00:02:00", (j, info)
     for j in jobs[:-1]:
         assert "time limit near" in logs[j] and "re-submitting to resume" in logs[j], logs[j]
         assert "srun: forcing job termination" not in logs[j], logs[j]
+    assert "re-submitting" not in logs[jobs[-1]]
     ids = [json.loads(x)["id"] for x in open(out)]
     assert ids == list(range(n))
     assert not os.path.exists(out + ".journal.jsonl")
