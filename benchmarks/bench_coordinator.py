@@ -62,13 +62,14 @@ def main(argv=None) -> int:
     ap.add_argument("--formats", default="jsonl,openai", help="output formats (openai: OpenAI batch output)")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--replica-rate", type=float, default=10.0, help="records/s one replica finishes")
-    ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "coordinator.json"))
+    ap.add_argument("--json", default=None, help="where to save results (default: benchmarks/results/"
+                    "coordinator.json, coordinator_quick.json with --quick)")
     ap.add_argument("--quick", action="store_true", help="smoke test: 5,000 records, one round")
     a = ap.parse_args(argv)
     if a.quick:
         a.n, a.rounds = 5000, 1
-        if a.json.endswith("coordinator.json"):
-            a.json = a.json.replace("coordinator.json", "coordinator_quick.json")
+    if a.json is None:
+        a.json = os.path.join(ROOT, "benchmarks", "results", "coordinator_quick.json" if a.quick else "coordinator.json")
     dps = [int(x) for x in a.dp.split(",")]
     fmts = a.formats.split(",")
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
