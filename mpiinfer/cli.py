@@ -88,6 +88,9 @@ def main():
               envvar=_env("PACK_WEIGHTS"), show_envvar=True,
               help="CPU: reorder weights once for oneDNN (auto: bfloat16 always, float32 when --max-batch >= 4, "
                    "as measured faster).")
+@click.option("--prefix-cache", type=click.Choice(["on", "off"]), default="on", envvar=_env("PREFIX_CACHE"),
+              show_envvar=True, help="Share the KV cache of prompt prefixes that requests have in common (a "
+                                     "system prompt, few-shot examples, a document) instead of computing it again.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
               help="Tensor-parallel ranks per replica.")
 @click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
@@ -126,7 +129,7 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
-        drain_seconds, retry_errors, engine_kind, quiet):
+        drain_seconds, retry_errors, engine_kind, prefix_cache, quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
     if retry_errors and overwrite:
@@ -142,7 +145,8 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
                             share_gpus=share_gpus, cp_min_tokens=cp_min_tokens, cp_short=cp_short,
-                            pack_weights={"auto": None, "on": True, "off": False}[pack_weights]),
+                            pack_weights={"auto": None, "on": True, "off": False}[pack_weights],
+                            prefix_cache=prefix_cache == "on"),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, retry_errors=retry_errors, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
         drain_seconds=drain_seconds)

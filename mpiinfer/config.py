@@ -284,6 +284,8 @@ class EngineConfig:
     cp_min_tokens: int = 1024              # with --cp > 1: prompts at least this long are split over CP ranks
     cp_short: str = "spread"               # with --cp > 1: shorter prompts spread over the CP ranks, or "first"
     pack_weights: bool | None = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
+    prefix_cache: bool = True           # share the KV blocks of equal prompt prefixes (engine/kv_cache.py)
+    kv_block: int = 16                  # rows per KV block (kv_cache.KV_BLOCK)
 
 
 @dataclass(frozen=True)

@@ -577,6 +577,7 @@ class Coordinator:
     def _write_summary(self) -> None:
         from .io.summary import summary_path
         self.summary.duplicate_ids = self.duplicates.count
+        self.summary.peak_running = getattr(self.engine, "peak_running", 0)
         self.summary.finish()
         sp = summary_path(self.cfg.output)
         if sp:

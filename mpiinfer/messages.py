@@ -47,6 +47,9 @@ class Result:
     ttft: float | None = None
     latency: float | None = None
     max_tokens_clipped_to: int | None = None   # the record's max_tokens did not fit the context: it got this many
+    # for the summary only (never in a record: they depend on what else ran, and resume must be byte-identical)
+    preemptions: int = 0                       # times its sequence lost its KV blocks and started over
+    cached_tokens: int = 0                     # prompt tokens found in the prefix cache, not computed
 
     def to_record(self) -> dict:
         """The output JSONL record (the contract in README.md)."""

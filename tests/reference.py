@@ -9,7 +9,10 @@ def hf_greedy(model_dir, prompts, max_new_tokens):
     model.eval()
     out = []
     for p in prompts:
-        g = model.generate(torch.tensor([p]), max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
+        # an explicit mask: without one generate takes every pad_token_id (0) in the prompt for padding
+        ids = torch.tensor([p])
+        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                           min_new_tokens=max_new_tokens,
                            do_sample=False, output_logits=True, return_dict_in_generate=True,
                            eos_token_id=None, pad_token_id=0)
         toks = g.sequences[0, len(p):].tolist()

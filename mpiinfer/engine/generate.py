@@ -38,10 +38,12 @@ class Engine:
         # with cp > 1, requests below cp_min_tokens are independent work: "spread" gives each to the least
         # loaded CP rank (data parallelism inside the CP group), "first" keeps them all on CP rank 0
         self.sched = Scheduler(self.cp, runner.pool_tokens, max_batch or ec.max_batch,
-                               step_tokens or ec.prefill_chunk_tokens, cp_short or ec.cp_short)
+                               step_tokens or ec.prefill_chunk_tokens, cp_short or ec.cp_short,
+                               block_size=ec.kv_block, prefix_cache=ec.prefix_cache)
         self.eos = frozenset(self.cfg.eos_token_ids)
         self.steps = 0
         self.tokens_generated = 0
+        self.peak_running = 0          # most sequences holding KV cache at once
         # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
         self.lockstep = runner.mesh.wide_ep
 
@@ -77,7 +79,7 @@ class Engine:
         use_cp = self.cp > 1 and len(ids) >= self.cp_min_tokens
         need = max(rows_needed(len(ids), max_new, self.cp, use_cp))
         usable = self.sched.usable_rows
-        if need > usable:
+        if max(self.sched.blocks_needed(len(ids), max_new, use_cp)) * self.sched.bs > usable:
             where = (f"{need} KV-cache rows on each of the {self.cp} CP ranks" if use_cp else
                      f"{need} KV-cache rows")
             hint = "" if self.cp > 1 else " or split the document over ranks with --cp"
@@ -86,11 +88,13 @@ class Engine:
                                f"of a rank holds {usable}: raise --kv-budget, lower max_tokens{hint}")
         eos = frozenset() if sp.ignore_eos else self.eos
         eos = eos | frozenset(sp.stop_token_ids)
-        gen = None
+        new_gen = None
         if sp.temperature > 0:
             seed = sp.seed if sp.seed is not None else (self.default_seed * 1_000_003 + req.index)
-            gen = make_generator(seed, self.runner.device.torch)
-        return Sequence(req, ids, max_new, eos, gen, cp=use_cp, t_added=time.perf_counter())
+            dev = self.runner.device.torch
+            new_gen = lambda: make_generator(seed, dev)
+        return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
+                        t_added=time.perf_counter(), new_generator=new_gen)
 
     def add(self, req: Request) -> Result | None:
         """Queue a request; returns an error Result right away when it cannot run."""
@@ -119,12 +123,13 @@ class Engine:
     def step(self) -> list:
         """Run one model step; return the Results of the sequences that finished."""
         self.sched.admit()
+        self.sched.grow()                      # a block for every decode's next token (preempting if it must)
+        self.peak_running = max(self.peak_running, len(self.sched.running))
         if not self.sched.running and not self.lockstep:
             return []
         batch, planned, sampled = self.sched.plan()
         logits = self.runner.execute(batch)
-        for seq, n in planned:                 # advance the cache counters of every sequence in the step
-            seq.n_cached += n
+        self.sched.advance(planned)            # cache counters; finished prompt blocks into the prefix cache
         self.steps += 1
         finished = []
         if sampled:
@@ -169,7 +174,8 @@ class Engine:
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
                       latency=now - seq.t_added,
-                      max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None)
+                      max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None,
+                      preemptions=seq.preemptions, cached_tokens=seq.cached_tokens)
 
     # -------------------------------------------------------------- convenience
     def generate(self, requests: Iterable) -> Iterator[Result]:

@@ -1,18 +1,25 @@
-"""Preallocated KV cache and the allocator of its rows.
+"""Preallocated KV cache, its blocks, and the prefix cache over them.
 
-Owns: one ``(n_kv_local, pool_tokens, head_dim)`` key and value tensor per layer,
-allocated once from the memory budget (``kv_budget``), ``kv_bytes_per_token`` (the one formula for
-what a cached token costs a rank, used by ``run``, ``plan`` and the benchmarks), and
-``RegionAllocator``, which gives each
-sequence one contiguous run of pool rows sized for its prompt plus its maximum
-new tokens (reserved at admission, so a running sequence can never run out of
-cache and nothing is ever preempted).  Contiguous per-sequence rows let attention
-read a plain strided view: no gather, no block table.
+Owns: one ``(n_kv_local, pool_tokens, head_dim)`` key and value tensor per layer, allocated once from the
+memory budget (``kv_budget``), ``kv_bytes_per_token`` (the one formula for what a cached token costs a rank,
+used by ``run``, ``plan`` and the benchmarks), and ``BlockPool``: the pool's rows in blocks of ``block_size``
+(``KV_BLOCK``), handed out as a sequence's tokens are written (its prompt at admission, then one block at a
+time while it decodes: nothing is reserved for ``max_tokens``), reference-counted, and the prefix cache: full
+prompt blocks keyed by a hash chain of their tokens, shared by every sequence whose prompt starts the same way,
+kept after their last user until the space is needed (least recently used first).
+
+Attention reads a sequence's rows as *extents* (runs of consecutive rows): the pool places a new sequence in
+the middle of the largest free run and grows it into the block after its last one when that is free, so a
+sequence is usually one extent (a plain strided view, no copy); a shared prefix adds one.  A CP sequence gets
+one contiguous run per CP rank, sized for its prompt and all its new tokens (``allocate_run``).
 """
 from __future__ import annotations
 
 import bisect
+import collections
+import hashlib
 
+import numpy as np
 import torch
 
 from ..config import ModelConfig
@@ -21,6 +28,7 @@ from ..parallel.shard import kv_heads_for_rank
 DEFAULT_KV_FRACTION = 0.3       # of the memory free after loading the weights
 DEFAULT_KV_CAP = 8 << 30
 MIN_KV_TOKENS = 16              # a smaller cache is refused
+KV_BLOCK = 16                   # rows per block (see BlockPool)
 
 
 def kv_budget(max_batch: int, max_seq_len: int, per_token: int, free_bytes: int, asked: int | None = None) -> int:
@@ -51,44 +59,207 @@ class KVCache:
         return sum(t.numel() * t.element_size() for t in self.k + self.v)
 
 
-class RegionAllocator:
-    """First-fit allocator of contiguous row ranges in ``[0, size)``; free ranges are coalesced."""
+class FreeRuns:
+    """The free blocks of ``[0, size)`` as coalesced runs (sorted starts, start -> length)."""
 
     def __init__(self, size: int):
         self.size = size
-        self._starts = [0]          # sorted starts of free ranges
-        self._len = {0: size}       # start -> length
+        self._starts = [0] if size else []
+        self._len = {0: size} if size else {}
+        self.count = size
 
-    @property
-    def free_rows(self) -> int:
-        return sum(self._len.values())
+    def runs(self) -> list:
+        return [(s, self._len[s]) for s in self._starts]
 
-    def alloc(self, n: int):
-        """Start row of a free run of ``n`` rows, or None when none is large enough."""
+    def take(self, b: int) -> bool:
+        """Take block ``b`` if it is free."""
+        i = bisect.bisect_right(self._starts, b) - 1
+        if i < 0:
+            return False
+        s = self._starts[i]
+        n = self._len[s]
+        if b >= s + n:
+            return False
+        del self._starts[i], self._len[s]
+        if b > s:
+            self._starts.insert(i, s)
+            self._len[s] = b - s
+            i += 1
+        if b + 1 < s + n:
+            self._starts.insert(i, b + 1)
+            self._len[b + 1] = s + n - b - 1
+        self.count -= 1
+        return True
+
+    def take_run(self, n: int) -> int | None:
+        """First block of ``n`` consecutive free blocks (first fit), or None."""
         for s in self._starts:
-            ln = self._len[s]
-            if ln >= n:
-                i = bisect.bisect_left(self._starts, s)
-                del self._starts[i]
-                del self._len[s]
-                if ln > n:
-                    bisect.insort(self._starts, s + n)
-                    self._len[s + n] = ln - n
+            if self._len[s] >= n:
+                for b in range(s, s + n):
+                    self.take(b)
                 return s
         return None
 
-    def free(self, start: int, n: int) -> None:
-        i = bisect.bisect_left(self._starts, start)
-        # merge with the next free range
-        if i < len(self._starts) and self._starts[i] == start + n:
-            nxt = self._starts.pop(i)
-            n += self._len.pop(nxt)
-        # merge with the previous free range
+    def take_spaced(self, n: int) -> list:
+        """``n`` free blocks placed with room to grow: in the middle of the largest run when one holds them all
+        (at its start when it starts the pool), else whole runs, largest first.  Assumes ``count >= n``."""
+        if not n:
+            return []
+        s, ln = max(self.runs(), key=lambda r: (r[1], -r[0]))
+        if ln >= n:
+            at = s if s == 0 else s + (ln - n) // 2
+            for b in range(at, at + n):
+                self.take(b)
+            return list(range(at, at + n))
+        out = []
+        for s, ln in sorted(self.runs(), key=lambda r: (-r[1], r[0])):
+            k = min(ln, n - len(out))
+            for b in range(s, s + k):
+                self.take(b)
+            out.extend(range(s, s + k))
+            if len(out) == n:
+                break
+        return out
+
+    def give(self, b: int) -> None:
+        """Free block ``b`` (coalescing with its neighbours)."""
+        n = 1
+        i = bisect.bisect_left(self._starts, b)
+        assert i == len(self._starts) or self._starts[i] > b, f"block {b} freed twice"
+        if i < len(self._starts) and self._starts[i] == b + 1:
+            n += self._len.pop(self._starts.pop(i))
         if i > 0:
             prv = self._starts[i - 1]
-            if prv + self._len[prv] == start:
+            assert prv + self._len[prv] <= b, f"block {b} freed twice"
+            if prv + self._len[prv] == b:
                 self._len[prv] += n
+                self.count += 1
                 return
-            assert prv + self._len[prv] < start, "double free in RegionAllocator"
-        self._starts.insert(i, start)
-        self._len[start] = n
+        self._starts.insert(i, b)
+        self._len[b] = n
+        self.count += 1
+
+
+def block_hashes(tokens, block_size: int) -> list:
+    """The hash chain of the full blocks of ``tokens``: block j's key covers every token up to its end, so equal
+    keys mean equal prefixes (blake2b, 128 bits: a collision would silently reuse another prompt's cache)."""
+    out, prev = [], b""
+    arr = np.asarray(tokens, dtype=np.int64)
+    for j in range(len(tokens) // block_size):
+        prev = hashlib.blake2b(prev + arr[j * block_size:(j + 1) * block_size].tobytes(), digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+class BlockPool:
+    """The blocks of one rank's KV pool: free runs, reference counts, and the prefix cache (hash -> block of
+    registered full prompt blocks; those nobody uses wait in ``lru``, evicted oldest first when blocks run
+    short).  Every block is exactly one of: free, in use (``ref > 0``), cached and unused (in ``lru``)."""
+
+    def __init__(self, num_blocks: int, block_size: int = KV_BLOCK, prefix_cache: bool = True):
+        self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, prefix_cache
+        self.free = FreeRuns(num_blocks)
+        self.ref = [0] * num_blocks
+        self.hash_of: dict = {}                    # block -> its key (registered blocks)
+        self.block_of: dict = {}                   # key -> block
+        self.lru: collections.OrderedDict = collections.OrderedDict()   # unused cached blocks, oldest first
+        self.hits = self.lookups = 0                # prompt blocks found in the cache / looked for
+
+    @property
+    def available(self) -> int:
+        """Blocks that can be handed out now (free ones and unused cached ones)."""
+        return self.free.count + len(self.lru)
+
+    def _evict(self, n: int) -> None:
+        while self.free.count < n and self.lru:
+            b, _ = self.lru.popitem(last=False)
+            del self.block_of[self.hash_of.pop(b)]
+            self.free.give(b)
+
+    def allocate(self, n: int, after: int | None = None) -> list | None:
+        """``n`` blocks (reference 1), continuing after block ``after`` where those are free; None if the pool
+        cannot give them."""
+        if self.available < n:
+            return None
+        self._evict(n)
+        out = []
+        nxt = None if after is None else after + 1
+        while nxt is not None and len(out) < n and nxt < self.num_blocks and self.free.take(nxt):
+            out.append(nxt)
+            nxt += 1
+        out += self.free.take_spaced(n - len(out))
+        for b in out:
+            self.ref[b] = 1
+        return out
+
+    def allocate_run(self, n: int) -> int | None:
+        """First of ``n`` consecutive blocks (reference 1), evicting unused cached blocks if it must; or None."""
+        s = self.free.take_run(n)
+        while s is None and self.lru:
+            self._evict(self.free.count + 1)
+            s = self.free.take_run(n)
+        if s is not None:
+            for b in range(s, s + n):
+                self.ref[b] = 1
+        return s
+
+    def lookup(self, keys: list) -> list:
+        """The cached blocks of the longest prefix of ``keys`` (a reference taken on each)."""
+        out = []
+        for h in keys:
+            b = self.block_of.get(h)
+            if b is None:
+                break
+            out.append(b)
+        for b in out:
+            if self.ref[b] == 0:
+                del self.lru[b]
+            self.ref[b] += 1
+        self.lookups += len(keys)
+        self.hits += len(out)
+        return out
+
+    def register(self, b: int, key: bytes) -> None:
+        """Block ``b`` (in use, fully written) holds the prompt prefix ``key``; a key cached already keeps
+        its block (``b`` stays private to its sequence)."""
+        if key not in self.block_of and b not in self.hash_of:
+            self.block_of[key] = b
+            self.hash_of[b] = key
+
+    def release(self, blocks) -> None:
+        """Drop a reference on each of ``blocks``: a block nobody uses any more is freed, or, when it is in the
+        prefix cache, kept there (most recently used)."""
+        for b in blocks:
+            self.ref[b] -= 1
+            assert self.ref[b] >= 0, f"block {b} released more often than taken"
+            if self.ref[b] == 0:
+                if b in self.hash_of:
+                    self.lru[b] = None
+                else:
+                    self.free.give(b)
+
+    def check(self) -> None:
+        """Every block in exactly one state (tests)."""
+        free = {b for s, n in self.free.runs() for b in range(s, s + n)}
+        assert len(free) == self.free.count
+        for b in range(self.num_blocks):
+            states = (b in free) + (self.ref[b] > 0) + (b in self.lru)
+            assert states == 1, (b, b in free, self.ref[b], b in self.lru)
+        assert all(self.ref[b] == 0 for b in self.lru) and all(b in self.hash_of for b in self.lru)
+
+
+def extents(blocks: list, block_size: int, rows: int) -> list:
+    """The runs of consecutive pool rows of the first ``rows`` rows held by ``blocks``: [(start, length)]."""
+    out = []
+    left = rows
+    for b in blocks:
+        if left <= 0:
+            break
+        n = min(block_size, left)
+        start = b * block_size
+        if out and out[-1][0] + out[-1][1] == start:
+            out[-1] = (out[-1][0], out[-1][1] + n)
+        else:
+            out.append((start, n))
+        left -= n
+    return out

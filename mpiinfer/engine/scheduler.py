@@ -1,9 +1,13 @@
 """The replica leader's scheduler: which sequences hold KV cache, and what each model step computes.
 
-Owns: ``Sequence`` (one request's state across steps), admission into the KV cache (a contiguous region
-per sequence and CP rank, sized prompt + max new tokens and reserved up front, FIFO), the CP routing of
-ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0), and
-the per-step plan: every decoding sequence contributes one token, then prompt chunks fill the step's token
+Owns: ``Sequence`` (one request's state across steps); admission into the KV cache, FIFO: an ordinary
+sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the longest prefix of them found in
+the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
+takes one contiguous run per CP rank for its prompt and all its new tokens.  When a decoding sequence finds no
+free block, the newest ordinary sequence on that rank is preempted (its blocks freed; it starts over later,
+first in line).  Also the CP routing of ordinary sequences (each to the CP rank with the fewest tokens still
+to process, or all on rank 0), the registration of finished prompt blocks in the prefix cache, and the
+per-step plan: every decoding sequence contributes one token, then prompt chunks fill the step's token
 budget; a CP prompt goes whole, one load-balanced shard per CP rank.  No model, no tokenizer, no MPI: the
 ``Engine`` executes the plan and samples.
 """
@@ -17,7 +21,7 @@ import torch
 from ..messages import Request
 from ..models.step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 from ..parallel.shard import cp_local_count, shard_positions
-from .kv_cache import RegionAllocator
+from .kv_cache import KV_BLOCK, BlockPool, block_hashes, extents
 
 
 @dataclass
@@ -29,8 +33,11 @@ class Sequence:
     generator: torch.Generator | None
     cp: bool = False                   # context-parallel: prompt and KV spread over the CP ranks
     home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
-    kv_base: list = field(default_factory=list)   # per CP rank (one entry, on ``home``, when not CP)
-    kv_cap: list = field(default_factory=list)
+    kv_base: list = field(default_factory=list)   # CP: first row of its run on each CP rank
+    kv_cap: list = field(default_factory=list)    # CP: rows of that run
+    blocks: list = field(default_factory=list)    # not CP: its KV blocks on ``home``, in token order
+    keys: list | None = None           # not CP: prefix-cache keys of its full prompt blocks
+    registered: int = 0                # leading prompt blocks that are in the prefix cache
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -38,10 +45,20 @@ class Sequence:
     t_first: float | None = None
     finish_reason: str | None = None
     text: str | None = None
+    new_generator: object = None       # () -> a fresh generator (sampled sequences start over with it)
+    preemptions: int = 0               # times it lost its blocks and started over
+    cached_tokens: int = 0             # prompt tokens found in the prefix cache (the last admission)
 
     @property
     def in_prefill(self) -> bool:
         return self.n_cached < len(self.prompt)
+
+    def restart(self) -> None:
+        """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
+        self.blocks, self.registered, self.n_cached = [], 0, 0
+        self.out, self.logprobs, self.t_first, self.finish_reason, self.text = [], [], None, None, None
+        if self.new_generator is not None:
+            self.generator = self.new_generator()
 
     def ranks(self, cp: int) -> list:
         """The CP ranks holding this sequence's KV cache, in ``kv_base`` order."""
@@ -62,15 +79,22 @@ class Scheduler:
 
     With cp > 1 every rank keeps its last pool row as scratch for K/V a non-owner must not store."""
 
-    def __init__(self, cp: int, pool_tokens: int, max_batch: int, step_tokens: int, cp_short: str = "spread"):
+    def __init__(self, cp: int, pool_tokens: int, max_batch: int, step_tokens: int, cp_short: str = "spread",
+                 block_size: int = KV_BLOCK, prefix_cache: bool = True):
         if cp_short not in ("spread", "first"):
             raise ValueError(f"cp_short must be 'spread' or 'first', not {cp_short!r}")
         self.cp, self.max_batch, self.step_tokens, self.cp_short = cp, max_batch, step_tokens, cp_short
+        self.bs = block_size
         self.scratch_row = pool_tokens - 1 if cp > 1 else -1
-        self.usable_rows = pool_tokens - (1 if cp > 1 else 0)
-        self.allocs = [RegionAllocator(self.usable_rows) for _ in range(cp)]
+        num_blocks = (pool_tokens - (1 if cp > 1 else 0)) // block_size
+        self.usable_rows = num_blocks * block_size
+        self.pools = [BlockPool(num_blocks, block_size, prefix_cache) for _ in range(cp)]
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
+        self.preemptions = 0
+        # (CP rank, prefix key) -> the running sequence computing that prompt block: a sequence whose prompt
+        # continues with it waits to share it instead of computing it too (a bulk job admits many at once)
+        self.pending: dict = {}
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -79,35 +103,99 @@ class Scheduler:
         """Sequences that could still start now (for pull-based work distribution)."""
         return max(0, self.max_batch - len(self.running) - len(self.waiting))
 
+    def blocks_needed(self, prompt_len: int, max_new: int, use_cp: bool) -> list:
+        """Blocks a sequence can ever hold on each CP rank it spans (one entry when not CP)."""
+        return [-(-n // self.bs) for n in rows_needed(prompt_len, max_new, self.cp, use_cp)]
+
     # -------------------------------------------------------------- admission
     def admit(self) -> None:
-        """Move waiting sequences into the running set while batch slots and KV regions allow (FIFO)."""
+        """Move waiting sequences into the running set while batch slots and KV blocks allow (FIFO)."""
         while self.waiting and len(self.running) < self.max_batch:
             seq = self.waiting[0]
-            need = rows_needed(len(seq.prompt), seq.max_new, self.cp, seq.cp)
-            if seq.cp:
-                bases = []
-                for r, n in enumerate(need):
-                    b = self.allocs[r].alloc(n)
-                    if b is None:
-                        break
-                    bases.append(b)
-                if len(bases) < len(need):
-                    for r, b in enumerate(bases):
-                        self.allocs[r].free(b, need[r])
-                    break   # FIFO: wait for regions to free (no starvation of long prompts)
-            else:
-                bases = None
-                for r in self._homes():
-                    b = self.allocs[r].alloc(need[0])
-                    if b is not None:
-                        seq.home, bases = r, [b]
-                        break
-                if bases is None:
-                    break
+            if not (self._admit_cp(seq) if seq.cp else self._admit_local(seq)):
+                break   # FIFO: wait for blocks to free (no starvation of long prompts)
             self.waiting.popleft()
-            seq.kv_base, seq.kv_cap = bases, need
             self.running.append(seq)
+
+    def _admit_cp(self, seq: Sequence) -> bool:
+        need = rows_needed(len(seq.prompt), seq.max_new, self.cp, True)
+        starts = []
+        for r, n in enumerate(need):
+            s0 = self.pools[r].allocate_run(-(-n // self.bs))
+            if s0 is None:
+                for rr, st in enumerate(starts):
+                    self.pools[rr].release(range(st, st + -(-need[rr] // self.bs)))
+                return False
+            starts.append(s0)
+        seq.kv_base, seq.kv_cap = [st * self.bs for st in starts], need
+        return True
+
+    def _admit_local(self, seq: Sequence) -> bool:
+        L, bs = len(seq.prompt), self.bs
+        for r in self._homes():
+            pool = self.pools[r]
+            hits = []
+            if pool.prefix_cache:
+                if seq.keys is None:
+                    seq.keys = block_hashes(seq.prompt, bs)
+                hits = pool.lookup(seq.keys[:(L - 1) // bs])        # at least one token is computed
+            nxt = len(hits)
+            if pool.prefix_cache and nxt < (L - 1) // bs and (r, seq.keys[nxt]) in self.pending:
+                # a running sequence is computing this prompt's next block right now: wait for it and share it
+                pool.release(hits)
+                continue
+            need = -(-L // bs) - len(hits)
+            # room for the running decodes on this rank to grow by a block each
+            reserve = sum(1 for s in self.running if not s.cp and s.home == r)
+            if pool.available - need < reserve:
+                pool.release(hits)
+                continue
+            seq.home = r
+            seq.blocks = hits + pool.allocate(need, after=hits[-1] if hits else None)
+            seq.n_cached = seq.cached_tokens = len(hits) * bs
+            seq.registered = len(hits)
+            if pool.prefix_cache:
+                for k in seq.keys[len(hits):]:
+                    self.pending.setdefault((r, k), seq)
+            return True
+        return False
+
+    def grow(self) -> None:
+        """Before a step: every decoding sequence has a row for the token it feeds in; where a rank has no free
+        block, its newest ordinary sequence is preempted (possibly the one that needed the block)."""
+        for seq in list(self.running):
+            while not seq.cp and not seq.in_prefill and seq in self.running and \
+                    seq.n_cached + 1 > len(seq.blocks) * self.bs:
+                got = self.pools[seq.home].allocate(1, after=seq.blocks[-1] if seq.blocks else None)
+                if got is not None:
+                    seq.blocks += got
+                    break
+                victim = next(s for s in reversed(self.running) if not s.cp and s.home == seq.home)
+                self.preempt(victim)
+
+    def preempt(self, seq: Sequence) -> None:
+        """Free ``seq``'s blocks and put it first in line to start over."""
+        self.running.remove(seq)
+        self.pools[seq.home].release(seq.blocks)
+        self._drop_pending(seq)
+        seq.restart()
+        seq.preemptions += 1
+        self.preemptions += 1
+        self.waiting.appendleft(seq)
+
+    def advance(self, planned: list) -> None:
+        """After a step: the sequences' cache counters, and their prompt blocks completed in it registered in
+        the prefix cache."""
+        for seq, n in planned:
+            seq.n_cached += n
+            if seq.keys is not None and not seq.cp:
+                full = min(seq.n_cached // self.bs, len(seq.keys))
+                pool = self.pools[seq.home]
+                for j in range(seq.registered, full):
+                    pool.register(seq.blocks[j], seq.keys[j])
+                    if self.pending.get((seq.home, seq.keys[j])) is seq:
+                        del self.pending[(seq.home, seq.keys[j])]
+                seq.registered = max(seq.registered, full)
 
     def _homes(self) -> list:
         """CP ranks to try for a new ordinary sequence, least loaded first: by the tokens its ordinary sequences
@@ -123,10 +211,20 @@ class Scheduler:
         return sorted(range(self.cp), key=lambda r: (load[r][0], load[r][1], r))
 
     def finish(self, seq: Sequence) -> None:
-        """Take a finished sequence out of the running set and free its KV regions."""
+        """Take a finished sequence out of the running set and release its KV blocks."""
         self.running.remove(seq)
-        for r, b, n in zip(seq.ranks(self.cp), seq.kv_base, seq.kv_cap):
-            self.allocs[r].free(b, n)
+        if seq.cp:
+            for r, (base, cap) in enumerate(zip(seq.kv_base, seq.kv_cap)):
+                b0 = base // self.bs
+                self.pools[r].release(range(b0, b0 + -(-cap // self.bs)))
+        else:
+            self.pools[seq.home].release(seq.blocks)
+            self._drop_pending(seq)
+
+    def _drop_pending(self, seq: Sequence) -> None:
+        for k in seq.keys[seq.registered:] if seq.keys else ():
+            if self.pending.get((seq.home, k)) is seq:
+                del self.pending[(seq.home, k)]
 
     # -------------------------------------------------------------- planning
     def plan(self) -> tuple:
@@ -142,13 +240,13 @@ class Scheduler:
                 continue
             p = seq.n_cached                              # position of the token fed in
             if not seq.cp:
-                P[seq.home].add([seq.out[-1]], [p], seq.kv_base[0], p + 1, sample=True)
+                P[seq.home].add([seq.out[-1]], [p], extents(seq.blocks, self.bs, p + 1), p + 1, sample=True)
                 sampled[seq.home].append(seq)
                 budget[seq.home] -= 1
             else:
                 for r in range(cp):
                     kl = cp_local_count(len(seq.prompt), p + 1, cp, r)
-                    P[r].add([seq.out[-1]], [p], seq.kv_base[r], kl, sample=(r == 0), mode=MODE_CP_DECODE,
+                    P[r].add([seq.out[-1]], [p], [(seq.kv_base[r], kl)], kl, sample=(r == 0), mode=MODE_CP_DECODE,
                              plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r))
                     budget[r] -= 1
                 sampled[0].append(seq)
@@ -162,7 +260,7 @@ class Scheduler:
                     continue
                 for r in range(cp):
                     pos = shard_positions(L, cp, r).tolist()
-                    P[r].add([seq.prompt[j] for j in pos], pos, seq.kv_base[r], len(pos), sample=(r == 0),
+                    P[r].add([seq.prompt[j] for j in pos], pos, [(seq.kv_base[r], len(pos))], len(pos), sample=(r == 0),
                              mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
                     budget[r] -= len(pos)
                 planned.append((seq, L))
@@ -173,7 +271,7 @@ class Scheduler:
                 continue
             n = min(budget[h], L - seq.n_cached)
             P[h].add(seq.prompt[seq.n_cached:seq.n_cached + n], range(seq.n_cached, seq.n_cached + n),
-                     seq.kv_base[0], seq.n_cached + n, sample=(seq.n_cached + n == L))
+                     extents(seq.blocks, self.bs, seq.n_cached + n), seq.n_cached + n, sample=(seq.n_cached + n == L))
             budget[h] -= n
             planned.append((seq, n))
             if seq.n_cached + n == L:
@@ -189,17 +287,17 @@ class _RankPlan:
     """Accumulates one CP rank's part of a step."""
 
     def __init__(self):
-        self.ids, self.pos, self.qs, self.ql, self.kb, self.kl, self.rows = [], [], [], [], [], [], []
+        self.ids, self.pos, self.qs, self.ql, self.ext, self.kl, self.rows = [], [], [], [], [], [], []
         self.mode, self.plen, self.glen, self.write = [], [], [], []
 
-    def add(self, ids, pos, kv_base, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1):
+    def add(self, ids, pos, ext, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1):
         t = len(self.ids)
         self.ids.extend(ids)
         self.pos.extend(pos)
         n = len(self.ids) - t
         self.qs.append(t)
         self.ql.append(n)
-        self.kb.append(kv_base)
+        self.ext.append(ext)
         self.kl.append(kv_len)
         self.mode.append(mode)
         self.plen.append(plen)
@@ -210,7 +308,9 @@ class _RankPlan:
 
     def batch(self, cp: int, cp_rank: int, scratch: int) -> StepBatch:
         b = StepBatch(torch.tensor(self.ids, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64),
-                      self.qs, self.ql, self.kb, self.kl, torch.tensor(self.rows, dtype=torch.int64))
+                      self.qs, self.ql, [e[0][0] for e in self.ext], self.kl,
+                      torch.tensor(self.rows, dtype=torch.int64),
+                      kv_ext=self.ext if any(len(e) > 1 for e in self.ext) else None)
         if cp > 1:
             b.mode, b.prompt_len, b.glen, b.write = self.mode, self.plen, self.glen, self.write
             b.cp, b.cp_rank, b.scratch_row = cp, cp_rank, scratch

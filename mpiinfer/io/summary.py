@@ -98,6 +98,9 @@ class Summary:
         self.max_tokens_clipped = 0   # records whose max_tokens the context clipped
         self.prompt_tokens = 0
         self.completion_tokens = 0
+        self.prompt_tokens_cached = 0     # found in the prefix cache, not computed
+        self.preemptions = 0              # sequences that lost their KV blocks and started over
+        self.peak_running = 0             # most sequences in world rank 0's replica at once (its KV cache)
         self.ttft = Reservoir(reservoir_size, seed)
         self.per_token = Reservoir(reservoir_size, seed + 1)
         self.t_start = time.monotonic()
@@ -132,6 +135,8 @@ class Summary:
             self.max_tokens_clipped += 1
         n = len(r.token_ids)
         self.prompt_tokens += r.prompt_tokens
+        self.prompt_tokens_cached += r.cached_tokens
+        self.preemptions += r.preemptions
         self.completion_tokens += n
         if r.ttft is not None:
             self.ttft.add(float(r.ttft))
@@ -156,6 +161,9 @@ class Summary:
             "journaled": self.journaled,
             "prompt_tokens": self.prompt_tokens,
             "completion_tokens": self.completion_tokens,
+            "prompt_tokens_cached": self.prompt_tokens_cached,
+            "preemptions": self.preemptions,
+            "peak_running_sequences": self.peak_running,
             "wall_time_s": wall,
             "rank0_cpu_s": (self.cpu_end if self.cpu_end is not None else time.process_time()) - self.cpu_start,
             "records_per_s": rate(self.records),

@@ -70,9 +70,16 @@ def decode_group(batch: StepBatch, window, row_bytes: int) -> DecodeGroup | None
     L = int(kl.max())
     if 2 * L * row_bytes > DECODE_GATHER_BYTES:
         return None
-    base = torch.tensor([batch.kv_base[i] for i in sel])
     ar = torch.arange(L)
-    idx = base[:, None] + torch.minimum(ar[None, :], kl[:, None] - 1)
+    if all(batch.contiguous(i) for i in sel):
+        base = torch.tensor([batch.kv_base[i] for i in sel])
+        idx = base[:, None] + torch.minimum(ar[None, :], kl[:, None] - 1)
+    else:                                   # paged rows: each sequence's, padded with its last row
+        idx = torch.empty(len(sel), L, dtype=torch.int64)
+        for j, i in enumerate(sel):
+            r = torch.from_numpy(batch.rows(i))
+            idx[j, :len(r)] = r
+            idx[j, len(r):] = r[-1]
     invalid = (ar[None, :] >= kl[:, None])[None, :, None, :]
     rows = torch.tensor([batch.q_start[i] for i in sel])
     return DecodeGroup(set(sel), rows, idx, invalid)
@@ -84,19 +91,25 @@ class AttentionPlan:
     batch: StepBatch
     group: DecodeGroup | None = None              # decodes attended together
     local: list = field(default_factory=list)        # sequence indices attended one by one on this rank
+    paged: dict = field(default_factory=dict)        # of those, the ones in several runs: index -> (runs, rows)
     ring: list = field(default_factory=list)         # (sequence index, RingPlan) of CP prompts
     cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
 
     @staticmethod
     def build(batch: StepBatch, cp_comm, window: int | None, row_bytes: int,
-              group_decodes: bool) -> AttentionPlan:
+              group_decodes: bool, device=None) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``)."""
         plan = AttentionPlan(batch, decode_group(batch, window, row_bytes) if group_decodes else None)
+        if plan.group is not None and device is not None:
+            plan.group = DecodeGroup(plan.group.seqs, plan.group.rows, plan.group.idx.to(device),
+                                     plan.group.invalid.to(device))
         grouped = plan.group.seqs if plan.group is not None else ()
         for i in range(len(batch.q_start)):
             mode = batch.seq_mode(i)
             if mode == MODE_LOCAL and i not in grouped:
                 plan.local.append(i)
+                if not batch.contiguous(i):
+                    plan.paged[i] = (batch.extents(i), torch.from_numpy(batch.rows(i)).to(device))
             elif mode == MODE_CP_PREFILL:
                 qs, ql = batch.q_start[i], batch.q_len[i]
                 plan.ring.append((i, RingPlan.build(batch.positions[qs:qs + ql], batch.kv_positions(i), cp_comm,
@@ -155,7 +168,11 @@ class Attention(nn.Module):
             self._attend_decodes(q, k_cache, v_cache, out, *plan.group[1:])
         for i in plan.local:
             qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
-            out[qs:qs + ql] = self._attend(q[qs:qs + ql], k_cache[:, base:base + kl], v_cache[:, base:base + kl], kl)
+            if i in plan.paged:
+                out[qs:qs + ql] = self._attend_paged(q[qs:qs + ql], k_cache, v_cache, kl, *plan.paged[i])
+            else:
+                out[qs:qs + ql] = self._attend(q[qs:qs + ql], k_cache[:, base:base + kl], v_cache[:, base:base + kl],
+                                               kl)
         for i, ring_plan in plan.ring:
             qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
             out[qs:qs + ql] = ring_attention(
@@ -187,6 +204,21 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask,
                                                enable_gqa=True, scale=self.scale)
         return o[0].transpose(0, 1)                                     # (ql, n_q, hd)
+
+    def _attend_paged(self, q, k_cache, v_cache, kl, runs, rows):
+        """``_attend`` of a sequence whose cache rows are in several runs: a decode scores each run where it is
+        (no copy of K/V: only the scores are joined); a prompt chunk attends a gathered copy of its rows."""
+        if q.shape[0] == 1 and (self.window is None or kl <= self.window):
+            qg = q.view(self.n_kv, self.group, self.head_dim)            # (n_kv, group, hd)
+            s = torch.cat([torch.matmul(qg, k_cache[:, a:a + n].transpose(1, 2)) for a, n in runs], dim=-1)
+            p = torch.softmax(s.float() * self.scale, dim=-1).to(v_cache.dtype)   # (n_kv, group, kl)
+            o, at = None, 0
+            for a, n in runs:
+                part = torch.matmul(p[..., at:at + n], v_cache[:, a:a + n])
+                o = part if o is None else o + part
+                at += n
+            return o.reshape(1, self.n_q, self.head_dim)
+        return self._attend(q, k_cache.index_select(1, rows), v_cache.index_select(1, rows), kl)
 
     def _attend_decodes(self, q, k_cache, v_cache, out, rows, idx, invalid):
         """One-token decode attention of B sequences at once: their cache rows gathered into (n_kv, B, L, hd)

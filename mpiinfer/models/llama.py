@@ -118,7 +118,8 @@ class CausalLM(nn.Module):
         attn = self.layers[0].attn
         plan = AttentionPlan.build(batch, self.mesh.cp_comm, attn.window,
                                    row_bytes=kv.k[0].element_size() * attn.n_kv * attn.head_dim,
-                                   group_decodes=kv.k[0].device.type != "cpu" or kv.k[0].dtype != torch.float32)
+                                   group_decodes=kv.k[0].device.type != "cpu" or kv.k[0].dtype != torch.float32,
+                                   device=dev)
         x = self.embed(ids)                                              # (T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, plan, rope, kv.k[i], kv.v[i], write_index)

@@ -4,7 +4,9 @@
 builds it, followers receive its arrays).  Tokens of all sequences are packed in
 one ``(T,)`` array; sequence ``i`` owns rows ``q_start[i] : q_start[i] + q_len[i]``
 and its KV cache lives at pool rows ``kv_base[i] : kv_base[i] + kv_len[i]``
-(``kv_len`` counts the tokens cached on this rank after this step, these included).
+(``kv_len`` counts the tokens cached on this rank after this step, these included), or, when
+``kv_ext`` is given and its entry has several runs, in the runs ``kv_ext[i] = [(start, rows), ...]``
+in token order (paged blocks: a shared prefix, a sequence that grew into blocks elsewhere).
 
 Context parallelism (cp > 1) gives each CP rank its own batch.  ``mode[i]``:
 ``MODE_LOCAL`` = an ordinary sequence (on one CP rank, its home: the engine spreads them),
@@ -48,6 +50,7 @@ class StepBatch:
     cp_rank: int = 0
     scratch_row: int = -1
     gather_logits: int = 0       # cp > 1: every CP rank's logits rows go to the leader after the step
+    kv_ext: list | None = None   # per sequence: its cache rows as runs [(start, rows)]; None: all one run
 
     @property
     def num_tokens(self) -> int:
@@ -56,6 +59,17 @@ class StepBatch:
     def seq_mode(self, i: int) -> int:
         return self.mode[i] if self.mode else MODE_LOCAL
 
+    def extents(self, i: int) -> list:
+        """Sequence i's cache rows as runs of consecutive pool rows, in token order."""
+        return self.kv_ext[i] if self.kv_ext is not None else [(self.kv_base[i], self.kv_len[i])]
+
+    def contiguous(self, i: int) -> bool:
+        return self.kv_ext is None or len(self.kv_ext[i]) == 1
+
+    def rows(self, i: int) -> np.ndarray:
+        """Pool row of each of sequence i's cached tokens, in token order."""
+        return np.concatenate([np.arange(s, s + n, dtype=np.int64) for s, n in self.extents(i)])
+
     @property
     def write_index(self) -> torch.Tensor:
         """Pool row of every packed token (where its K/V are written; a scratch row when not written)."""
@@ -63,8 +77,10 @@ class StepBatch:
         for i, (qs, ql, base, kl) in enumerate(zip(self.q_start, self.q_len, self.kv_base, self.kv_len)):
             if self.write and not self.write[i]:
                 idx[qs:qs + ql] = self.scratch_row
-            else:
+            elif self.contiguous(i):
                 idx[qs:qs + ql] = np.arange(base + kl - ql, base + kl)
+            else:
+                idx[qs:qs + ql] = self.rows(i)[kl - ql:kl]
         return torch.from_numpy(idx)
 
     def kv_positions(self, i: int) -> torch.Tensor:
@@ -80,6 +96,9 @@ class StepBatch:
             "cp": np.array([self.mode, self.prompt_len, self.glen, self.write], dtype=np.int64).reshape(4, -1)
             if self.mode else None,
             "cp_meta": (self.cp, self.cp_rank, self.scratch_row, self.gather_logits),
+            "ext": None if self.kv_ext is None else (
+                np.array([len(e) for e in self.kv_ext], dtype=np.int64),
+                np.array([x for e in self.kv_ext for run in e for x in run], dtype=np.int64)),
         }
 
     @staticmethod
@@ -92,4 +111,11 @@ class StepBatch:
             c = a["cp"]
             b.mode, b.prompt_len, b.glen, b.write = c[0].tolist(), c[1].tolist(), c[2].tolist(), c[3].tolist()
         b.cp, b.cp_rank, b.scratch_row, b.gather_logits = a.get("cp_meta", (1, 0, -1, 0))
+        if a.get("ext") is not None:
+            counts, flat = a["ext"]
+            runs = flat.reshape(-1, 2).tolist()
+            b.kv_ext, at = [], 0
+            for c in counts.tolist():
+                b.kv_ext.append([tuple(r) for r in runs[at:at + c]])
+                at += c
         return b

@@ -1,0 +1,216 @@
+"""The paged KV cache: the block pool's invariants, attention over paged rows, and the engine with prefix
+caching and preemption against transformers (greedy tokens identical, logprobs within 1e-4 in float32)."""
+import random
+
+import pytest
+import torch
+
+from mpiinfer.comm.mesh import Mesh
+from mpiinfer.config import EngineConfig, SamplingParams
+from mpiinfer.device import Device
+from mpiinfer.engine.generate import Engine
+from mpiinfer.engine.kv_cache import BlockPool, FreeRuns, block_hashes, extents
+from mpiinfer.engine.runner import ModelRunner
+from mpiinfer.messages import Request
+from mpiinfer.models.attention import Attention, decode_group
+from mpiinfer.models.step import StepBatch
+from mpiinfer.tokenizer import Tokenizer
+
+from ..reference import hf_greedy
+
+NEW = 12
+
+
+# ------------------------------------------------------------------ the block pool
+
+def test_free_runs_take_and_give_coalesce():
+    f = FreeRuns(10)
+    assert f.take(3) and not f.take(3) and f.count == 9
+    assert f.runs() == [(0, 3), (4, 6)]
+    assert f.take_run(4) == 4 and f.runs() == [(0, 3), (8, 2)]
+    assert f.take_spaced(2) == [0, 1]                  # the largest run starts the pool: placed at its start
+    for b in (3, 0, 5, 1, 4, 7, 6):
+        f.give(b)
+    assert f.runs() == [(0, 10)] and f.count == 10
+    with pytest.raises(AssertionError):
+        f.give(2)
+    g = FreeRuns(100)
+    g.take(0)
+    assert g.take_spaced(10) == list(range(45, 55))    # the middle of the largest run: room to grow on both sides
+
+
+def test_block_pool_random_workload_keeps_its_invariants():
+    """Random admissions (prefix lookups), growth, registration, releases and evictions: every block is always
+    in exactly one state, references never go negative, an evicted block was never in use, and at the end
+    every block is free or cached."""
+    rng = random.Random(7)
+    pool = BlockPool(64, block_size=4)
+    live = []                                         # (blocks, keys) of running sequences
+    prefixes = [[rng.randrange(50) for _ in range(40)] for _ in range(3)]
+    for step in range(3000):
+        op = rng.random()
+        if op < 0.35 and len(live) < 12:
+            toks = rng.choice(prefixes)[:rng.randrange(1, 40)] + [rng.randrange(50) for _ in range(rng.randrange(8))]
+            keys = block_hashes(toks, 4)
+            hits = pool.lookup(keys[:(len(toks) - 1) // 4])
+            new = pool.allocate(-(-len(toks) // 4) - len(hits), after=hits[-1] if hits else None)
+            if new is None:
+                pool.release(hits)
+            else:
+                blocks = hits + new
+                for j in range(len(hits), len(keys)):
+                    pool.register(blocks[j], keys[j])
+                live.append(blocks)
+        elif op < 0.7 and live:
+            blocks = rng.choice(live)
+            got = pool.allocate(1, after=blocks[-1])
+            if got is not None:
+                blocks += got
+        elif live:
+            pool.release(live.pop(rng.randrange(len(live))))
+        in_use = {b for blocks in live for b in blocks}
+        assert not in_use & set(pool.lru), "a block in use is in the eviction list"
+        if step % 50 == 0:
+            pool.check()
+    for blocks in live:
+        pool.release(blocks)
+    pool.check()
+    assert pool.available == 64 and not any(pool.ref) and pool.hits > 0
+
+
+def test_a_shared_prefix_is_found_and_kept_until_evicted():
+    pool = BlockPool(8, block_size=4)
+    a = list(range(12))
+    keys = block_hashes(a, 4)
+    assert keys == block_hashes(a + [99], 4)[:3] and block_hashes([1] + a[1:], 4)[0] != keys[0]
+    blocks = pool.allocate(3)
+    for b, k in zip(blocks, keys):
+        pool.register(b, k)
+    pool.release(blocks)                               # cached, unused
+    assert pool.available == 8 and len(pool.lru) == 3
+    again = pool.lookup(keys[:2])
+    assert again == blocks[:2] and pool.ref[blocks[0]] == 1 and blocks[2] in pool.lru
+    pool.allocate(6)                                   # needs 6 of the 5 free + 1 cached: evicts the unused one
+    assert blocks[2] not in pool.lru and keys[2] not in pool.block_of and keys[0] in pool.block_of
+    assert pool.allocate(1) is None                    # 2 in use by the lookup, 6 just allocated
+    pool.check()
+
+
+def test_extents_join_consecutive_blocks():
+    assert extents([3, 4, 9, 10, 11, 2], 4, 21) == [(12, 8), (36, 12), (8, 1)]
+    assert extents([5], 4, 3) == [(20, 3)]
+
+
+# ------------------------------------------------------------------ attention over paged rows
+
+class _Heads:
+    n_kv, group, head_dim, n_q, scale, window = 2, 3, 16, 6, 0.25, None
+    _attend = Attention._attend
+
+
+@pytest.mark.parametrize("ql", [1, 5])
+def test_paged_attention_equals_contiguous(ql):
+    g = torch.Generator().manual_seed(1)
+    a = _Heads()
+    kc = torch.randn(a.n_kv, 64, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, 64, a.head_dim, generator=g)
+    runs = [(40, 7), (8, 16), (60, 3)]                 # 26 rows in token order
+    rows = torch.cat([torch.arange(s, s + n) for s, n in runs])
+    q = torch.randn(ql, a.n_q, a.head_dim, generator=g)
+    got = Attention._attend_paged(a, q, kc, vc, 26, runs, rows)
+    want = Attention._attend(a, q, kc[:, rows], vc[:, rows], 26)
+    assert torch.allclose(got, want, atol=1e-6)
+
+
+def test_grouped_decodes_read_paged_rows():
+    g = torch.Generator().manual_seed(2)
+    a = _Heads()
+    kc = torch.randn(a.n_kv, 80, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, 80, a.head_dim, generator=g)
+    ext = [[(0, 4), (20, 3)], [(40, 9)], [(8, 2), (30, 5), (60, 1)], [(70, 6)]]
+    kl = [sum(n for _, n in e) for e in ext]
+    b = StepBatch(torch.zeros(4, dtype=torch.long), torch.zeros(4, dtype=torch.long), [0, 1, 2, 3], [1] * 4,
+                  [e[0][0] for e in ext], kl, torch.arange(4), kv_ext=ext)
+    group = decode_group(b, None, 64)
+    q = torch.randn(4, a.n_q, a.head_dim, generator=g)
+    got = torch.empty_like(q)
+    Attention._attend_decodes(a, q, kc, vc, got, *group[1:])
+    for i in range(4):
+        r = torch.from_numpy(b.rows(i))
+        want = Attention._attend(a, q[i:i + 1], kc[:, r], vc[:, r], kl[i])
+        assert torch.allclose(got[i:i + 1], want, atol=1e-6), i
+    again = StepBatch.from_arrays(b.to_arrays())     # what followers receive
+    assert again.kv_ext == ext and again.write_index.tolist() == [b.rows(i)[-1] for i in range(4)]
+
+
+# ------------------------------------------------------------------ the engine against transformers
+
+def shared_prefix_prompts(vocab, seed=0):
+    """Prompts sharing prefixes of many lengths with a block size of 16: inside the first block, exactly at a
+    block edge, a prompt equal to a block-aligned prefix of others, two equal prompts, one prompt a prefix of
+    another, and one unrelated."""
+    g = torch.Generator().manual_seed(seed)
+    rnd = lambda n: torch.randint(0, vocab, (n,), generator=g).tolist()
+    p = rnd(70)
+    return [p[:5] + rnd(6), p[:16] + rnd(9), p[:32], p[:33] + rnd(4), p, p, p[:40], p + rnd(11), rnd(23),
+            p[:16] + rnd(9)]
+
+
+def run(model_dir, prompts, prefix_cache=True, kv_budget=1 << 24, max_batch=3, step_tokens=24, new=NEW):
+    ec = EngineConfig(kv_budget_bytes=kv_budget, prefix_cache=prefix_cache)
+    runner = ModelRunner(model_dir, ec, Mesh.single(), Device("cpu"))
+    engine = Engine(runner, Tokenizer(model_dir), max_batch=max_batch, step_tokens=step_tokens)
+    sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
+    reqs = [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]
+    res = sorted(engine.generate(reqs), key=lambda r: r.index)
+    assert [r.error for r in res] == [None] * len(prompts)
+    for pool in engine.sched.pools:                   # no leak: every block free or in the prefix cache
+        pool.check()
+        assert pool.available == pool.num_blocks and not any(pool.ref)
+    return res, engine
+
+
+def assert_matches(ref, res):
+    for i, ((toks, lps), r) in enumerate(zip(ref, res)):
+        assert r.token_ids == toks, i
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4, i
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mixtral", {}),
+                                            ("mistral", {"sliding_window": 20})])
+def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
+    d = model_dirs(arch, **overrides)
+    prompts = shared_prefix_prompts(Tokenizer(d).vocab_size)
+    ref = hf_greedy(d, prompts, NEW)
+    on, eng = run(d, prompts)
+    assert_matches(ref, on)
+    cached = [r.cached_tokens for r in on]
+    assert sum(cached) >= 100 and cached[8] == 0, cached     # the unrelated prompt shares nothing
+    assert eng.sched.pools[0].hits > 0
+    off, eng_off = run(d, prompts, prefix_cache=False)
+    assert_matches(ref, off)
+    assert sum(r.cached_tokens for r in off) == 0 and eng_off.sched.pools[0].hits == 0
+
+
+def test_preemption_under_a_tiny_kv_budget_matches_transformers(model_dirs):
+    """A cache of 8 blocks of 16 rows for 5 sequences at once: decodes run out of blocks, the newest sequence
+    is preempted and recomputed later; every result is still exactly transformers' (sampled ones too: a
+    preempted sequence starts over with its seed)."""
+    d = model_dirs("llama")
+    prompts = shared_prefix_prompts(Tokenizer(d).vocab_size, seed=3)[:6]
+    ref = hf_greedy(d, prompts, 30)
+    probe = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 20), Mesh.single(), Device("cpu"))
+    budget = 8 * 16 * probe.kv_bytes_per_token
+    for prefix_cache in (True, False):
+        res, eng = run(d, prompts, prefix_cache=prefix_cache, kv_budget=budget, max_batch=5, new=30)
+        assert eng.sched.preemptions > 0 and sum(r.preemptions for r in res) == eng.sched.preemptions
+        assert_matches(ref, res)
+    # sampled: the same samples with and without preemption
+    sp = SamplingParams(max_tokens=30, temperature=0.9, seed=11, ignore_eos=True)
+    outs = []
+    for budget_ in (1 << 24, budget):
+        runner = ModelRunner(d, EngineConfig(kv_budget_bytes=budget_), Mesh.single(), Device("cpu"))
+        engine = Engine(runner, Tokenizer(d), max_batch=5, step_tokens=24)
+        outs.append([r.token_ids for r in sorted(engine.generate(
+            [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]), key=lambda r: r.index)])
+    assert engine.sched.preemptions > 0 and outs[0] == outs[1]
