@@ -230,6 +230,9 @@ class ModelConfig:
         )
 
 
+MAX_N = 128                   # most samples per request (OpenAI's limit)
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. Temperature 0 means greedy."""
@@ -242,6 +245,7 @@ class SamplingParams:
     stop_token_ids: tuple = ()
     logprobs: bool = False
     ignore_eos: bool = False
+    n: int = 1                # samples per request (choices); MAX_N at most
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -254,6 +258,8 @@ class SamplingParams:
             raise ValueError(f"top_k must be a non-negative integer, got {self.top_k!r}")
         if self.seed is not None and (not isinstance(self.seed, int) or self.seed < 0 or self.seed >= 2**63):
             raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
+        if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
 
     def replace(self, **kw) -> SamplingParams:
         return dataclasses.replace(self, **kw)

@@ -21,7 +21,7 @@ import time
 
 from .config import ConfigError, RunConfig
 from .io.resume import Journal, ResumePlan, Spilled, journal_path
-from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Result, Stop, Want, Work
+from .messages import TAG, Bye, Done, Drain, Drained, ErrorInfo, Lockstep, Result, Stop, Want, Work
 
 log = logging.getLogger("mpiinfer")
 
@@ -190,7 +190,7 @@ class Progress:
 
     def add(self, res: Result) -> None:
         self.n += 1
-        self.tokens += len(res.token_ids)
+        self.tokens += res.completion_tokens
         if res.error is not None:
             self.errors += 1
         self.bar.update(1)
@@ -235,6 +235,7 @@ class Coordinator:
         self.spilled = 0                  # waiting results that are only in the journal
         self.journaled = 0                # results journaled (restored ones included)
         self.duplicates = DuplicateIds(plan.out_fmt, plan.seen_ids)
+        self.one_choice = plan.out_fmt == "hdf5"   # HDF5 output holds one sample per record
         self._flushes = 0                 # output flushes seen (the journal is compacted after each)
         self._unsynced, self._synced_at = 0, time.monotonic()
 
@@ -423,6 +424,10 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
+            elif self.one_choice and item.sampling.n > 1:
+                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
+                    "invalid_request", f"n={item.sampling.n}: HDF5 output holds one sample per record; write "
+                                       "JSONL or OpenAI output for n > 1")))
             else:
                 requests.append(item)
         return requests

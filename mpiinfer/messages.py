@@ -33,6 +33,21 @@ class ErrorInfo:
 
 
 @dataclass
+class Choice:
+    """One of the ``n`` samples of a request (``Result.choices`` when n > 1)."""
+    text: str
+    token_ids: list
+    finish_reason: str | None
+    logprobs: list | None = None
+
+    def to_record(self) -> dict:
+        rec = {"text": self.text, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason}
+        if self.logprobs is not None:
+            rec["logprobs"] = list(self.logprobs)
+        return rec
+
+
+@dataclass
 class Result:
     index: int
     id: Any
@@ -50,11 +65,23 @@ class Result:
     # for the summary only (never in a record: they depend on what else ran, and resume must be byte-identical)
     preemptions: int = 0                       # times its sequence lost its KV blocks and started over
     cached_tokens: int = 0                     # prompt tokens found in the prefix cache, not computed
+    # n > 1: every sample, in order (seeds seed + i); text / token_ids / finish_reason / logprobs are choice 0's
+    choices: list | None = None
+
+    @property
+    def completion_tokens(self) -> int:
+        return sum(len(c.token_ids) for c in self.choices) if self.choices else len(self.token_ids)
 
     def to_record(self) -> dict:
         """The output JSONL record (the contract in README.md)."""
         if self.error is not None:
             return {"id": self.id, "error": {"type": self.error.type, "message": self.error.message}}
+        if self.choices:
+            rec = {"id": self.id, "choices": [c.to_record() for c in self.choices],
+                   "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}}
+            if self.max_tokens_clipped_to is not None:
+                rec["max_tokens_clipped_to"] = self.max_tokens_clipped_to
+            return rec
         rec = {
             "id": self.id,
             "text": self.text,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
-from ..messages import ErrorInfo, Request, Result
+from ..messages import Choice, ErrorInfo, Request, Result
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence, rows_needed
@@ -44,6 +44,7 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.peak_running = 0          # most sequences holding KV cache at once
+        self._samples: dict = {}       # request index -> its finished samples so far (sampled, n > 1)
         # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
         self.lockstep = runner.mesh.wide_ep
 
@@ -88,20 +89,37 @@ class Engine:
                                f"of a rank holds {usable}: raise --kv-budget, lower max_tokens{hint}")
         eos = frozenset() if sp.ignore_eos else self.eos
         eos = eos | frozenset(sp.stop_token_ids)
+        return self._sequence(req, ids, max_new, eos, use_cp, 0)
+
+    def _sequence(self, req: Request, ids: list, max_new: int, eos: frozenset, use_cp: bool, i: int) -> Sequence:
+        """Sample ``i`` of a request.  Sampled: its own generator, seeded ``seed + i`` (the record's seed, else one
+        derived from --seed and the record's position, samples 2**40 apart), so results never depend on the
+        batch, the layout or a preemption."""
+        sp = req.sampling
         new_gen = None
         if sp.temperature > 0:
-            seed = sp.seed if sp.seed is not None else (self.default_seed * 1_000_003 + req.index)
+            if sp.seed is not None:
+                seed = (sp.seed + i) % (1 << 63)
+            else:
+                seed = (self.default_seed * 1_000_003 + req.index + (i << 40)) % (1 << 63)
             dev = self.runner.device.torch
             new_gen = lambda: make_generator(seed, dev)
         return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
-                        t_added=time.perf_counter(), new_generator=new_gen)
+                        t_added=time.perf_counter(), new_generator=new_gen, sample=i)
 
     def add(self, req: Request) -> Result | None:
-        """Queue a request; returns an error Result right away when it cannot run."""
+        """Queue a request; returns an error Result right away when it cannot run.  With ``n`` > 1 and sampling,
+        ``n`` sequences queue together: the prefix cache gives the later ones the first one's prompt blocks (one
+        prefill); greedy ``n`` runs once and its result is repeated."""
         seq = self.prepare(req)
         if isinstance(seq, Result):
             return seq
         self.sched.waiting.append(seq)
+        n = req.sampling.n
+        if n > 1 and req.sampling.temperature > 0:
+            self._samples[req.index] = [None] * n
+            for i in range(1, n):
+                self.sched.waiting.append(self._sequence(req, seq.prompt, seq.max_new, seq.eos, seq.cp, i))
         return None
 
     @staticmethod
@@ -116,7 +134,11 @@ class Engine:
         return self.sched.free_capacity()
 
     def drop_waiting(self) -> None:
-        """Forget the requests not started yet (a stop: they are computed on resume)."""
+        """Forget the requests not started yet (a stop: they are computed on resume).  A request whose samples
+        have not all started is dropped whole: its running samples finish, but give no result."""
+        for seq in self.sched.waiting:
+            if seq.req.index in self._samples:
+                self._samples[seq.req.index] = None
         self.sched.waiting.clear()
 
     # -------------------------------------------------------------- stepping
@@ -147,7 +169,31 @@ class Engine:
                     finished.append(seq)
         for seq in finished:
             self.sched.finish(seq)
-        return [self._result(s) for s in finished]
+        return [r for r in map(self._finished, finished) if r is not None]
+
+    def _finished(self, seq: Sequence) -> Result | None:
+        """The Result of a finished sequence's request, once all its samples are done (None until then)."""
+        r = self._result(seq)
+        n = seq.req.sampling.n
+        if n == 1:
+            return r
+        choice = Choice(r.text, r.token_ids, r.finish_reason, r.logprobs)
+        if seq.req.index in self._samples and self._samples[seq.req.index] is None:
+            return None                              # dropped by a stop: computed again on resume
+        got = self._samples.get(seq.req.index)
+        if got is None:                              # greedy: every sample is this one
+            r.choices = [choice] * n
+            return r
+        got[seq.sample] = (choice, r)
+        if any(g is None for g in got):
+            return None
+        del self._samples[seq.req.index]
+        first = got[0][1]
+        first.choices = [c for c, _ in got]
+        first.ttft = min((x.ttft for _, x in got if x.ttft is not None), default=None)
+        first.latency = max(x.latency for _, x in got)
+        first.preemptions = sum(x.preemptions for _, x in got)
+        return first
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         if tok in seq.eos:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 
-from ..messages import Request, Result
+from ..messages import Choice, Request, Result
 
 NULL_VOCAB = "abcdefghijklmnopqrstuvwxyz"
 
@@ -54,8 +54,10 @@ class NullEngine:
                 plen = sum(len(str(m.get("content", ""))) for m in req.messages)
             else:
                 plen = len(req.prompt or "")
+            k = req.sampling.n
+            choices = [Choice(decode(ids), ids, "length") for _ in range(k)] if k > 1 else None
             out.append(Result(index=req.index, id=req.id, text=decode(ids), token_ids=ids, finish_reason="length",
-                              prompt_tokens=plen, extra=req.extra, ttft=0.0, latency=0.0))
-            self.tokens_generated += n
+                              prompt_tokens=plen, extra=req.extra, ttft=0.0, latency=0.0, choices=choices))
+            self.tokens_generated += n * k
         self.steps += 1
         return out

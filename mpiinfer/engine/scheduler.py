@@ -48,6 +48,7 @@ class Sequence:
     new_generator: object = None       # () -> a fresh generator (sampled sequences start over with it)
     preemptions: int = 0               # times it lost its blocks and started over
     cached_tokens: int = 0             # prompt tokens found in the prefix cache (the last admission)
+    sample: int = 0                    # which of the request's n samples
 
     @property
     def in_prefill(self) -> bool:

@@ -22,7 +22,8 @@ Rules:
   ``stop_token_ids``, ``ignore_eos``.  Absent fields take the *run* defaults
   (``--temperature`` etc.), not OpenAI's (temperature 1).  Type and range errors
   are errors, as in JSONL.
-* Unsupported features are errors, not silently dropped: ``n``/``best_of`` > 1,
+* ``n`` samples (1-128, seeds ``seed + i``) come back as ``choices[i]`` with ``index`` i.
+* Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
   ``stream: true``, ``echo: true``, ``suffix``, top-k logprobs
   (``top_logprobs`` > 0, or completion ``logprobs`` > 0), several prompts in one
   completion request, non-text content parts.
@@ -54,7 +55,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..config import SamplingParams
-from ..messages import ErrorInfo, Request, Result
+from ..messages import Choice, ErrorInfo, Request, Result
 from .records import (
     CHAT_URL,
     COMPLETIONS_URL,
@@ -144,7 +145,7 @@ def _completion_prompt(p: Any) -> dict:
 
 def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParams:
     s = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                  "stop_token_ids", "ignore_eos")}
+                                  "stop_token_ids", "ignore_eos", "n")}
     s["max_tokens"] = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         s["max_tokens"] = _int_value("body.max_completion_tokens", body["max_completion_tokens"])
@@ -195,10 +196,9 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
         if not isinstance(model, str):
             raise _bad(f"body.model must be a string, {_got(model)}")
         extra["model"] = model
-    for key in ("n", "best_of"):
-        v = body.get(key)
-        if v is not None and _int_value(f"body.{key}", v) != 1:
-            raise _unsupported(f"body.{key}={v} (one choice per request)")
+    best_of = body.get("best_of")
+    if best_of is not None and _int_value("body.best_of", best_of) not in (1, body.get("n") or 1):
+        raise _unsupported(f"body.best_of={best_of} (choices are not ranked: n samples are returned)")
     if body.get("stream") is not None and body["stream"] is not False:
         raise _unsupported("body.stream")
     chat = url == CHAT_URL
@@ -285,26 +285,30 @@ def batch_output_record(result: Result, created: int, model: str = "",
                 "error": {"code": result.error.type, "message": result.error.message}}
     url = ex.get("url") or default_url
     chat = url == CHAT_URL
-    ids = list(result.token_ids)
-    lp = None
-    if result.logprobs is not None:
-        fn = token_str or token_id_str
-        lp = (_chat_logprobs if chat else _completion_logprobs)(ids, list(result.logprobs), fn)
-    choice: dict = {"index": 0}
-    if chat:
-        choice["message"] = {"role": "assistant", "content": result.text}
-    else:
-        choice["text"] = result.text
-    choice["logprobs"] = lp
-    choice["finish_reason"] = result.finish_reason
+    samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs)]
+    choices = []
+    for i, c in enumerate(samples):
+        lp = None
+        if c.logprobs is not None:
+            fn = token_str or token_id_str
+            lp = (_chat_logprobs if chat else _completion_logprobs)(list(c.token_ids), list(c.logprobs), fn)
+        choice: dict = {"index": i}
+        if chat:
+            choice["message"] = {"role": "assistant", "content": c.text}
+        else:
+            choice["text"] = c.text
+        choice["logprobs"] = lp
+        choice["finish_reason"] = c.finish_reason
+        choices.append(choice)
+    ntok = result.completion_tokens
     body = {
         "id": ("chatcmpl-" if chat else "cmpl-") + _hex("body", result.index, cid),
         "object": "chat.completion" if chat else "text_completion",
         "created": int(created),
         "model": ex.get("model") or model,
-        "choices": [choice],
-        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": len(ids),
-                  "total_tokens": result.prompt_tokens + len(ids)},
+        "choices": choices,
+        "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": ntok,
+                  "total_tokens": result.prompt_tokens + ntok},
     }
     return {"id": rid, "custom_id": cid,
             "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),

@@ -12,7 +12,8 @@ Rules (JSONL contract):
   non-negative ints);
 * optional ``id`` (string or int; the 1-based line number when absent) and the
   sampling overrides ``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
-  ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``, ``ignore_eos``; a
+  ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``, ``ignore_eos``, and ``n``
+  (samples of this prompt, 1-128: the result then has ``choices``); a
   per-record value replaces the run default (``stop`` lists are not merged);
 * a JSON ``null`` for any known field means "absent" (default / line number);
 * any other field is an error (typos are caught, with a did-you-mean hint).
@@ -42,7 +43,7 @@ INVALID_REQUEST = "invalid_request"
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
-                   "stop", "stop_token_ids", "logprobs", "ignore_eos")
+                   "stop", "stop_token_ids", "logprobs", "ignore_eos", "n")
 ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS
 _ALLOWED_SET = frozenset(ALLOWED_FIELDS)
 MESSAGE_FIELDS = ("role", "content")
@@ -299,6 +300,7 @@ _SAMPLING_CHECKS = {
     "stop_token_ids": _token_ids_value,
     "logprobs": _bool_value,
     "ignore_eos": _bool_value,
+    "n": _int_value,
 }
 assert tuple(_SAMPLING_CHECKS) == SAMPLING_FIELDS
 

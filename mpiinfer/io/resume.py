@@ -22,6 +22,7 @@ id the input gives at that position (stdin cannot be read twice: its ids are not
 from __future__ import annotations
 
 import array
+import dataclasses
 import hashlib
 import json
 import logging
@@ -30,7 +31,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..config import ConfigError, RunConfig
-from ..messages import ErrorInfo, Result
+from ..messages import Choice, ErrorInfo, Result
 
 log = logging.getLogger("mpiinfer")
 
@@ -139,7 +140,8 @@ def result_to_json(r: Result) -> dict:
             "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs,
             "error": None if r.error is None else [r.error.type, r.error.message], "extra": r.extra,
             "ttft": r.ttft, "latency": r.latency, "max_tokens_clipped_to": r.max_tokens_clipped_to,
-            "preemptions": r.preemptions, "cached_tokens": r.cached_tokens}
+            "preemptions": r.preemptions, "cached_tokens": r.cached_tokens,
+            "choices": None if r.choices is None else [dataclasses.asdict(c) for c in r.choices]}
 
 
 def result_from_json(d: dict) -> Result:
@@ -148,7 +150,8 @@ def result_from_json(d: dict) -> Result:
                   finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"],
                   error=None if err is None else ErrorInfo(err[0], err[1]), extra=dict(d.get("extra") or {}),
                   ttft=d.get("ttft"), latency=d.get("latency"), max_tokens_clipped_to=d.get("max_tokens_clipped_to"),
-                  preemptions=int(d.get("preemptions") or 0), cached_tokens=int(d.get("cached_tokens") or 0))
+                  preemptions=int(d.get("preemptions") or 0), cached_tokens=int(d.get("cached_tokens") or 0),
+                  choices=None if d.get("choices") is None else [Choice(**c) for c in d["choices"]])
 
 
 def _line(r: Result) -> bytes:

@@ -133,7 +133,7 @@ class Summary:
         self.ok += 1
         if r.max_tokens_clipped_to is not None:
             self.max_tokens_clipped += 1
-        n = len(r.token_ids)
+        n = r.completion_tokens
         self.prompt_tokens += r.prompt_tokens
         self.prompt_tokens_cached += r.cached_tokens
         self.preemptions += r.preemptions

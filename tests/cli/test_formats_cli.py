@@ -122,3 +122,28 @@ def test_hdf5_output_with_nul_in_ids_resumes(tiny, tmp_path):
     with h5py.File(out, "r") as f:
         assert [list(x) for x in f["token_ids"][:]] == full
         assert [x.decode() for x in f["ids"][:]] == [f"a\ufffd{i}" for i in range(6)]
+
+
+def test_n_samples_in_jsonl_openai_and_hdf5_outputs(tiny, tmp_path):
+    """n = 3 comes back as a JSONL ``choices`` list and as OpenAI ``choices[i]``; HDF5 output (one sample per
+    record) makes it an error record and the job goes on; the summary counts every sample's tokens."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "a", "prompt": "the sea", "n": 3, "temperature": 0.8, "seed": 4,
+                               "max_tokens": 5, "ignore_eos": True}) + "\n"
+                   + json.dumps({"id": "b", "prompt": "old man", "max_tokens": 5, "ignore_eos": True}) + "\n")
+    out = tmp_path / "o.jsonl"
+    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    a, b = [json.loads(x) for x in out.read_text().splitlines()]
+    assert len(a["choices"]) == 3 and "text" not in a and "text" in b and "choices" not in b
+    assert a["usage"]["completion_tokens"] == 15 and all(len(c["token_ids"]) == 5 for c in a["choices"])
+    assert json.loads((tmp_path / "o.jsonl.summary.json").read_text())["completion_tokens"] == 20
+    oa = tmp_path / "o_openai.jsonl"
+    run(["-m", tiny, "-i", str(inp), "-o", str(oa), "--output-format", "openai"])
+    ch = json.loads(oa.read_text().splitlines()[0])["response"]["body"]["choices"]
+    assert [c["index"] for c in ch] == [0, 1, 2]
+    assert [c["text"] for c in ch] == [c["text"] for c in a["choices"]]
+    h5 = tmp_path / "o.h5"
+    run(["-m", tiny, "-i", str(inp), "-o", str(h5)])
+    with h5py.File(h5, "r") as f:
+        assert f["error_type"][0].decode() == "invalid_request" and "n=3" in f["error_message"][0].decode()
+        assert f["error_type"][1].decode() == "" and len(f["token_ids"][1]) == 5

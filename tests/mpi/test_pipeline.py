@@ -25,6 +25,8 @@ def make_input(path, n, seed=0, max_tokens=(1, 24)):
                    "max_tokens": rng.randint(*max_tokens)}
             if i % 7 == 3:
                 rec.update(temperature=0.9, seed=i)     # sampled records must also resume identically
+            if i % 11 == 5:
+                rec["n"] = 3                            # samples (some sampled: i = 38, 115, ...) in every layout
             f.write(json.dumps(rec) + "\n")
         f.write("{not json\n")                          # one malformed line among them
     return str(path)
@@ -57,6 +59,10 @@ def reference(tiny, tmp_path_factory):
     inp = make_input(d / "in.jsonl", 400)
     out = str(d / "one.jsonl")
     run(cmd(1, tiny, inp, out, "--max-batch", "8"))
+    recs = [json.loads(x) for x in lines(out)]
+    with_n = [r for r in recs if "choices" in r]
+    assert len(with_n) == len(range(5, 400, 11)) and all(len(r["choices"]) == 3 for r in with_n)
+    assert any(len({tuple(c["token_ids"]) for c in r["choices"]}) > 1 for r in with_n)   # sampled ones differ
     return inp, lines(out)
 
 

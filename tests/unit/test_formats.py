@@ -91,7 +91,7 @@ def test_openai_completion_request():
     ({**chat("a"), "custom_id": 5}, "custom_id must be a string", None),
     ({**chat("a"), "method": "GET"}, "POST", "a"),
     ({**chat("a"), "body": "x"}, "body must be an object", "a"),
-    (chat("a", n=2), "n=2", "a"),
+    (chat("a", n=129), "n must be an integer from 1 to 128", "a"),   # n samples: 1-128
     (chat("a", n="1"), "n must be an integer", "a"),
     (chat("a", stream=True), "stream", "a"),
     (chat("a", top_logprobs=2), "top_logprobs", "a"),
