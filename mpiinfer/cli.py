@@ -91,6 +91,10 @@ def main():
 @click.option("--prefix-cache", type=click.Choice(["on", "off"]), default="on", envvar=_env("PREFIX_CACHE"),
               show_envvar=True, help="Share the KV cache of prompt prefixes that requests have in common (a "
                                      "system prompt, few-shot examples, a document) instead of computing it again.")
+@click.option("--routing", type=click.Choice(["prefix", "round-robin"]), default="prefix",
+              envvar=_env("ROUTING"), show_envvar=True,
+              help="With several replicas: send records that start alike to the same replica, so they share its "
+                   "prefix cache (prefix), or hand records out in input order (round-robin).")
 @click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
               help="Tensor-parallel ranks per replica.")
 @click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
@@ -129,7 +133,7 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
-        drain_seconds, retry_errors, engine_kind, prefix_cache, quiet):
+        drain_seconds, retry_errors, engine_kind, prefix_cache, routing, quiet):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
     if retry_errors and overwrite:
@@ -149,7 +153,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
                             prefix_cache=prefix_cache == "on"),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, retry_errors=retry_errors, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
-        drain_seconds=drain_seconds)
+        drain_seconds=drain_seconds, routing=routing)
     sys.exit(run_job(cfg))
 
 

@@ -314,4 +314,5 @@ class RunConfig:
     flush_every: int = 100
     max_errors: int | None = None
     drain_seconds: float = 0.0              # after SIGTERM / SIGUSR1: let running sequences finish this long
+    routing: str = "prefix"                 # dp > 1: "prefix" (records sharing a prefix meet) | "round-robin"
     log_every: float = 30.0

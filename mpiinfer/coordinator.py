@@ -12,6 +12,7 @@ sent anywhere.  With wide EP the replicas step together: one MAX-allreduce of a 
 """
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
 import os
@@ -141,26 +142,106 @@ class DuplicateIds:
                         if self.count == self.NAMED else "")
 
 
-class Source:
-    """The input stream with a bounded window: items taken but not yet written never exceed ``window``."""
+PREFIX_KEY_CHARS = 256      # prefix-affine routing: records whose first 256 characters agree share a replica
+PREFIX_KEY_TOKENS = 64      # (token-id records: their first 64 ids)
 
-    def __init__(self, items, window: int):
+
+def prefix_key(item) -> int | None:
+    """What decides which replica a record goes to under prefix-affine routing: a hash of the start of its
+    prompt (messages: roles and contents in order; token ids: the first ones), or None (an error result)."""
+    if isinstance(item, Result):
+        return None
+    if item.prompt_token_ids is not None:
+        return hash(tuple(item.prompt_token_ids[:PREFIX_KEY_TOKENS]))
+    if item.messages is not None:
+        parts, n = [], 0
+        for m in item.messages:
+            t = f"{m.get('role')}\x00{m.get('content')}\x01"
+            parts.append(t)
+            n += len(t)
+            if n >= PREFIX_KEY_CHARS:
+                break
+        return hash("".join(parts)[:PREFIX_KEY_CHARS])
+    return hash((item.prompt or "")[:PREFIX_KEY_CHARS])
+
+
+class Source:
+    """The input stream with a bounded window: items taken but not yet written never exceed ``window``.
+
+    ``affine``: prefix-affine routing.  Up to ``lookahead`` records are read ahead; a replica asking for work
+    gets, oldest first, the records whose prefix key (``prefix_key``) is already its own; when that is not
+    enough, it takes the oldest key no replica has yet, one at a time (keys spread as the replicas ask), else,
+    so that no replica idles, it joins the key with the most records waiting (a busy prefix ends up on several
+    replicas, each computing it once).  Records
+    that share a long prefix (a system prompt, few-shot examples, one document) thus meet in one replica's
+    prefix cache instead of being computed once per replica.  The output order and resume are unchanged:
+    results are written by input position whatever order they finish in."""
+
+    def __init__(self, items, window: int, affine: bool = False, lookahead: int = 0):
         self.items = items
         self.window = window
         self.in_flight = 0
-        self.exhausted = False
         self.stopped = False
+        self.affine, self.lookahead = affine, lookahead
+        self.ahead: list = []              # read, not yet handed out (affine), in input order
+        self.owner: dict = {}              # prefix key -> the replicas its records go to
+        self._done = False                 # the stream has ended
 
-    def take(self, n: int) -> list:
-        out = []
-        while not self.exhausted and not self.stopped and len(out) < n and self.in_flight < self.window:
-            item = next(self.items, None)
-            if item is None:
-                self.exhausted = True
+    @property
+    def exhausted(self) -> bool:
+        return self._done and not self.ahead
+
+    def _next(self):
+        if self._done:
+            return None
+        item = next(self.items, None)
+        if item is None:
+            self._done = True
+        return item
+
+    def take(self, n: int, replica: int = 0) -> list:
+        if self.stopped:
+            return []
+        n = min(n, self.window - self.in_flight)
+        if n <= 0:
+            return []
+        if not self.affine:
+            out = []
+            while len(out) < n and (item := self._next()) is not None:
+                out.append(item)
+            self.in_flight += len(out)
+            return out
+        while len(self.ahead) < self.lookahead and (item := self._next()) is not None:
+            self.ahead.append((prefix_key(item), item))
+        pick = self._mine(n, replica)
+        while len(pick) < n:
+            # not enough of its own: it takes the oldest key nobody has, else joins the key with the most
+            # records waiting (a busy prefix ends up on several replicas, each computing it once), so that no
+            # replica idles while records wait
+            rest = [k for j, (k, _) in enumerate(self.ahead) if j not in pick]
+            if not rest:
                 break
-            out.append(item)
-            self.in_flight += 1
+            new = next((k for k in rest if k not in self.owner), None)
+            if new is not None:
+                self.owner[new] = {replica}
+            else:
+                self.owner[collections.Counter(rest).most_common(1)[0][0]].add(replica)
+            pick |= self._mine(n - len(pick), replica, skip=pick)
+        out = [self.ahead[j][1] for j in sorted(pick)]
+        self.ahead = [x for j, x in enumerate(self.ahead) if j not in pick]
+        self.in_flight += len(out)
         return out
+
+    def _mine(self, n: int, replica: int, skip=frozenset()) -> set:
+        """Up to ``n`` positions in ``ahead``, oldest first, of records for ``replica``: of keys it has, and error
+        results."""
+        pick = set()
+        for j, (key, _) in enumerate(self.ahead):
+            if len(pick) >= n:
+                break
+            if j not in skip and (key is None or replica in self.owner.get(key, ())):
+                pick.add(j)
+        return pick
 
 
 def count_records(cfg: RunConfig):
@@ -318,7 +399,8 @@ class Coordinator:
         self.summary.retried = len(plan.retry or ())
         # window: records taken and not yet finished, enough to keep every replica's batch full plus its prefetch
         window = max(256, 4 * self.engine.max_batch * self.mesh.dp)
-        self.src = Source(items, window)
+        affine = cfg.routing == "prefix" and self.mesh.dp > 1
+        self.src = Source(items, window, affine=affine, lookahead=window)
         self.progress = Progress(plan.kept, cfg.quiet, cfg.log_every, count_records(cfg))
         # finished results wait for their gap without bound (beyond MEM_PENDING in the journal only)
         self.writer = OrderedWriter(inner, start_index=0 if plan.retrying else plan.done, max_pending=1 << 62,
@@ -405,7 +487,7 @@ class Coordinator:
         that failed to parse are written at once."""
         for r in self.leaders:
             if self.wants[r] > 0:
-                items = self.src.take(self.wants[r])
+                items = self.src.take(self.wants[r], replica=r)
                 if items:
                     self.wants[r] -= len(items)
                     requests = self._requests(items)
