@@ -31,6 +31,12 @@ MIN_KV_TOKENS = 16              # a smaller cache is refused
 KV_BLOCK = 16                   # rows per block (see BlockPool)
 
 
+def usable_blocks(pool_tokens: int, cp: int, block_size: int = KV_BLOCK) -> int:
+    """Blocks the scheduler hands out from a pool of ``pool_tokens`` rows (with cp > 1 the last row is a
+    scratch row); ``run`` and ``plan`` both count them here."""
+    return max(0, pool_tokens - (1 if cp > 1 else 0)) // block_size
+
+
 def kv_budget(max_batch: int, max_seq_len: int, per_token: int, free_bytes: int, asked: int | None = None) -> int:
     """KV-cache bytes of a rank: ``asked`` (--kv-budget), else enough for ``max_batch`` sequences of
     ``max_seq_len`` tokens, within DEFAULT_KV_FRACTION of ``free_bytes`` and DEFAULT_KV_CAP (``run`` and

@@ -21,7 +21,7 @@ import torch
 from ..messages import Request
 from ..models.step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 from ..parallel.shard import cp_local_count, shard_positions
-from .kv_cache import KV_BLOCK, BlockPool, block_hashes, extents
+from .kv_cache import KV_BLOCK, BlockPool, block_hashes, extents, usable_blocks
 
 
 @dataclass
@@ -87,7 +87,7 @@ class Scheduler:
         self.cp, self.max_batch, self.step_tokens, self.cp_short = cp, max_batch, step_tokens, cp_short
         self.bs = block_size
         self.scratch_row = pool_tokens - 1 if cp > 1 else -1
-        num_blocks = (pool_tokens - (1 if cp > 1 else 0)) // block_size
+        num_blocks = usable_blocks(pool_tokens, cp, block_size)
         self.usable_rows = num_blocks * block_size
         self.pools = [BlockPool(num_blocks, block_size, prefix_cache) for _ in range(cp)]
         self.waiting: collections.deque = collections.deque()

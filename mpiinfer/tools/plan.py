@@ -11,7 +11,7 @@ import torch
 from ..comm.mesh import Layout, Mesh
 from ..config import ModelConfig
 from ..device import Device, parse_dtype
-from ..engine.kv_cache import MIN_KV_TOKENS, kv_bytes_per_token
+from ..engine.kv_cache import KV_BLOCK, MIN_KV_TOKENS, kv_bytes_per_token, usable_blocks
 from ..engine.kv_cache import kv_budget as size_kv
 from ..models.registry import validate_layout
 
@@ -55,7 +55,8 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
         total = wbytes + kv + RUNTIME_OVERHEAD
         ranks.append({"rank": r, "dp": mesh.dp_rank, "cp": mesh.cp_rank, "tp": mesh.tp_rank, "ep": mesh.ep_rank,
                       "weight_bytes": wbytes, "kv_bytes_per_token": per_tok, "kv_bytes": kv,
-                      "kv_tokens": kv // per_tok, "total_bytes": total,
+                      "kv_tokens": kv // per_tok, "kv_blocks": usable_blocks(kv // per_tok, cp),
+                      "total_bytes": total,
                       "fits": None if memory_per_rank is None else (total <= memory_per_rank
                                                                     and kv // per_tok >= MIN_KV_TOKENS)})
     groups = {
@@ -80,13 +81,13 @@ def format_plan(p: dict) -> str:
         lines.append(f"  {axis + ' groups':16s} {shown}{' ...' if len(groups) > 8 else ''}")
     lines.append(f"per rank (KV as `run` sizes it: --kv-budget, else {p['max_batch']} sequences x {p['max_seq_len']} "
                  f"tokens within 30% of the memory left after the weights and 8 GiB; runtime overhead "
-                 f"{_gib(p['runtime_overhead_bytes'])}):")
+                 f"{_gib(p['runtime_overhead_bytes'])}; blocks of {KV_BLOCK} tokens, taken as tokens are written):")
     lines.append(f"  {'rank':>4} {'dp':>3} {'cp':>3} {'tp':>3} {'ep':>3} {'weights':>11} {'KV/token':>9} "
-                 f"{'KV':>11} {'total':>11}" + ("  fits" if p["memory_per_rank"] else ""))
+                 f"{'KV':>11} {'KV blocks':>10} {'total':>11}" + ("  fits" if p["memory_per_rank"] else ""))
     for r in p["ranks"]:
         lines.append(f"  {r['rank']:>4} {r['dp']:>3} {r['cp']:>3} {r['tp']:>3} {r['ep']:>3} "
                      f"{_gib(r['weight_bytes']):>11} {r['kv_bytes_per_token'] / 1024:>7.1f}Ki "
-                     f"{_gib(r['kv_bytes']):>11} {_gib(r['total_bytes']):>11}"
+                     f"{_gib(r['kv_bytes']):>11} {r['kv_blocks']:>10} {_gib(r['total_bytes']):>11}"
                      + (("  yes" if r["fits"] else "  NO") if p["memory_per_rank"] else ""))
     if p["memory_per_rank"]:
         ok = all(r["fits"] for r in p["ranks"])

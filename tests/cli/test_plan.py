@@ -71,3 +71,5 @@ def test_plan_sizes_the_kv_cache_as_run_does(model_dirs):
         runner = ModelRunner(d, EngineConfig(kv_budget_bytes=3_000_000), Mesh(Layout(world=2, tp=2), r["rank"]),
                              Device("cpu"))
         assert runner.pool_tokens == r["kv_tokens"]
+        from mpiinfer.engine.scheduler import Scheduler
+        assert Scheduler(1, runner.pool_tokens, 8, 64).pools[0].num_blocks == r["kv_blocks"] > 0
