@@ -5,6 +5,9 @@ four ways a sequence is attended, chosen per sequence by ``AttentionPlan``:
 
 * local: an ordinary sequence's prompt chunk or decode on the rank that holds its whole cache
   (``Attention._attend``: SDPA for prompts, a grouped-head matmul for one-token decodes);
+* shared-prefix group: one-token decodes whose caches begin with the same blocks (a shared system prompt,
+  document or n samples' prompt, from the prefix cache): the shared rows are read once for all of them in one
+  batched matmul and each one's own rows after, partial softmaxes merged (``Attention._attend_shared``);
 * decode group: the one-token decodes of many ordinary sequences at once, their cache rows gathered
   into one padded batch (``Attention._attend_decodes``; where it measured faster, see below);
 * CP ring: a context-parallel prompt whose K/V blocks travel the ring of CP ranks
@@ -50,6 +53,43 @@ DECODE_GROUP_MIN = 4
 DECODE_GATHER_BYTES = 1 << 20
 
 
+SHARED_MIN_ROWS = 16      # a shared-prefix group needs at least this many common rows (a block)
+
+
+class SharedGroup(NamedTuple):
+    """One-token decodes whose cache rows start with the same run ``start : start + length``: their sequence
+    indices, packed rows (G,), and each one's remaining rows as runs [(start, rows)]."""
+    seqs: list
+    rows: torch.Tensor
+    start: int
+    length: int
+    tails: list
+
+
+def shared_groups(batch: StepBatch, window, taken=frozenset()) -> list:
+    """Groups of at least two one-token decodes of ordinary sequences whose first cache run starts at the same
+    row, sharing at least SHARED_MIN_ROWS rows (the shortest first run of the group)."""
+    by_start: dict = {}
+    for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len)):
+        if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and (window is None or kl <= window):
+            ext = batch.extents(i)
+            by_start.setdefault(ext[0][0], []).append((i, ext))
+    groups = []
+    for start, members in by_start.items():
+        if len(members) < 2:
+            continue
+        n = min(ext[0][1] for _, ext in members)
+        if n < SHARED_MIN_ROWS:
+            continue
+        tails = []
+        for _, ext in members:
+            first = ext[0][1] - n
+            tails.append(([(start + n, first)] if first else []) + list(ext[1:]))
+        groups.append(SharedGroup([i for i, _ in members], torch.tensor([batch.q_start[i] for i, _ in members]),
+                                  start, n, tails))
+    return groups
+
+
 class DecodeGroup(NamedTuple):
     """One-token decodes attended together: their sequence indices, packed rows (B,), pool-row index (B, L)
     and padding mask (1, B, 1, L)."""
@@ -59,11 +99,11 @@ class DecodeGroup(NamedTuple):
     invalid: torch.Tensor
 
 
-def decode_group(batch: StepBatch, window, row_bytes: int) -> DecodeGroup | None:
-    """The one-token decodes of ordinary sequences in ``batch`` to attend together, or None when the
-    per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each)."""
+def decode_group(batch: StepBatch, window, row_bytes: int, taken=frozenset()) -> DecodeGroup | None:
+    """The one-token decodes of ordinary sequences in ``batch`` (not in ``taken``) to attend together, or None
+    when the per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each)."""
     sel = [i for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len))
-           if ql == 1 and batch.seq_mode(i) == MODE_LOCAL and (window is None or kl <= window)]
+           if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and (window is None or kl <= window)]
     if len(sel) < DECODE_GROUP_MIN:
         return None
     kl = torch.tensor([batch.kv_len[i] for i in sel])
@@ -90,6 +130,7 @@ class AttentionPlan:
     """How every sequence of one step is attended; the same for every layer of the step."""
     batch: StepBatch
     group: DecodeGroup | None = None              # decodes attended together
+    shared: list = field(default_factory=list)       # SharedGroups: decodes that share their first cache rows
     local: list = field(default_factory=list)        # sequence indices attended one by one on this rank
     paged: dict = field(default_factory=dict)        # of those, the ones in several runs: index -> (runs, rows)
     ring: list = field(default_factory=list)         # (sequence index, RingPlan) of CP prompts
@@ -99,11 +140,14 @@ class AttentionPlan:
     def build(batch: StepBatch, cp_comm, window: int | None, row_bytes: int,
               group_decodes: bool, device=None) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``)."""
-        plan = AttentionPlan(batch, decode_group(batch, window, row_bytes) if group_decodes else None)
+        shared = shared_groups(batch, window) if batch.kv_ext is not None else []
+        taken = frozenset(i for g in shared for i in g.seqs)
+        plan = AttentionPlan(batch, decode_group(batch, window, row_bytes, taken) if group_decodes else None,
+                             shared=[g._replace(rows=g.rows.to(device)) if device is not None else g for g in shared])
         if plan.group is not None and device is not None:
             plan.group = DecodeGroup(plan.group.seqs, plan.group.rows, plan.group.idx.to(device),
                                      plan.group.invalid.to(device))
-        grouped = plan.group.seqs if plan.group is not None else ()
+        grouped = (plan.group.seqs if plan.group is not None else frozenset()) | taken
         for i in range(len(batch.q_start)):
             mode = batch.seq_mode(i)
             if mode == MODE_LOCAL and i not in grouped:
@@ -164,6 +208,8 @@ class Attention(nn.Module):
         v_cache.index_copy_(1, write_index, v.transpose(0, 1))
         out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
         b = plan.batch
+        for g in plan.shared:
+            self._attend_shared(q, k_cache, v_cache, out, g)
         if plan.group is not None:
             self._attend_decodes(q, k_cache, v_cache, out, *plan.group[1:])
         for i in plan.local:
@@ -219,6 +265,36 @@ class Attention(nn.Module):
                 at += n
             return o.reshape(1, self.n_q, self.head_dim)
         return self._attend(q, k_cache.index_select(1, rows), v_cache.index_select(1, rows), kl)
+
+    def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup):
+        """One-token decodes of G sequences whose caches begin with the same ``g.length`` rows: those rows are
+        scored and summed once for all G x group query heads (one matmul each, no copy), each sequence's own
+        rows after them one by one; the two partial softmaxes (max, sum, weighted values) merge exactly."""
+        G, hd, grp = len(g.seqs), self.head_dim, self.group
+        a, n = g.start, g.length
+        qg = q[g.rows].view(G, self.n_kv, grp, hd).transpose(0, 1).reshape(self.n_kv, G * grp, hd)
+        s = torch.matmul(qg, k_cache[:, a:a + n].transpose(1, 2)).float() * self.scale   # (n_kv, G*grp, n)
+        m = s.amax(-1, keepdim=True)
+        p = torch.exp(s - m)
+        den = p.sum(-1, keepdim=True)
+        num = torch.matmul(p.to(v_cache.dtype), v_cache[:, a:a + n]).float()           # (n_kv, G*grp, hd)
+        for j, runs in enumerate(g.tails):
+            if not runs:
+                continue
+            sl = slice(j * grp, (j + 1) * grp)
+            qj = qg[:, sl]                                                              # (n_kv, grp, hd)
+            st = torch.cat([torch.matmul(qj, k_cache[:, b:b + r].transpose(1, 2)) for b, r in runs],
+                           dim=-1).float() * self.scale                                 # (n_kv, grp, t)
+            mt = torch.maximum(m[:, sl], st.amax(-1, keepdim=True))
+            c = torch.exp(m[:, sl] - mt)                                                # rescales the shared part
+            pt = torch.exp(st - mt)
+            ot, at = num[:, sl] * c, 0
+            for b, r in runs:
+                ot = ot + torch.matmul(pt[..., at:at + r].to(v_cache.dtype), v_cache[:, b:b + r]).float()
+                at += r
+            num[:, sl], den[:, sl] = ot, den[:, sl] * c + pt.sum(-1, keepdim=True)
+        o = (num / den).view(self.n_kv, G, grp, hd).transpose(0, 1).reshape(G, self.n_q, hd)
+        out[g.rows] = o.to(out.dtype)
 
     def _attend_decodes(self, q, k_cache, v_cache, out, rows, idx, invalid):
         """One-token decode attention of B sequences at once: their cache rows gathered into (n_kv, B, L, hd)

@@ -12,7 +12,7 @@ from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.kv_cache import BlockPool, FreeRuns, block_hashes, extents
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request
-from mpiinfer.models.attention import Attention, decode_group
+from mpiinfer.models.attention import Attention, AttentionPlan, decode_group
 from mpiinfer.models.step import StepBatch
 from mpiinfer.tokenizer import Tokenizer
 
@@ -141,6 +141,37 @@ def test_grouped_decodes_read_paged_rows():
         assert torch.allclose(got[i:i + 1], want, atol=1e-6), i
     again = StepBatch.from_arrays(b.to_arrays())     # what followers receive
     assert again.kv_ext == ext and again.write_index.tolist() == [b.rows(i)[-1] for i in range(4)]
+
+
+def test_shared_prefix_decodes_read_the_common_rows_once():
+    """Decodes whose caches start with the same run are one SharedGroup (the shortest first run is the common
+    part; a sequence whose own rows continue it gets the rest as its tail, one whose cache is all common rows
+    none); attended together they equal each one attended alone.  A lone or too short start is no group."""
+    from mpiinfer.models.attention import SHARED_MIN_ROWS, shared_groups
+    g = torch.Generator().manual_seed(3)
+    a = _Heads()
+    kc = torch.randn(a.n_kv, 200, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, 200, a.head_dim, generator=g)
+    ext = [[(0, 48), (100, 5)], [(0, 53)], [(0, 48), (120, 16), (150, 2)], [(0, 48)], [(60, 30)],
+           [(90, 8), (140, 1)], [(90, 8), (170, 3)]]
+    kl = [sum(n for _, n in e) for e in ext]
+    B = len(ext)
+    b = StepBatch(torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), list(range(B)), [1] * B,
+                  [e[0][0] for e in ext], kl, torch.arange(B), kv_ext=ext)
+    groups = shared_groups(b, None)
+    assert SHARED_MIN_ROWS > 8 and len(groups) == 1                 # (90, 8) is shorter than a block
+    [sg] = groups
+    assert sg.seqs == [0, 1, 2, 3] and (sg.start, sg.length) == (0, 48)
+    assert sg.tails == [[(100, 5)], [(48, 5)], [(120, 16), (150, 2)], []]
+    q = torch.randn(B, a.n_q, a.head_dim, generator=g)
+    got = torch.zeros_like(q)
+    Attention._attend_shared(a, q, kc, vc, got, sg)
+    for i in sg.seqs:
+        r = torch.from_numpy(b.rows(i))
+        want = Attention._attend(a, q[i:i + 1], kc[:, r], vc[:, r], kl[i])
+        assert torch.allclose(got[i:i + 1], want, atol=1e-6), i
+    plan = AttentionPlan.build(b, None, None, 64, group_decodes=False)
+    assert [x.seqs for x in plan.shared] == [[0, 1, 2, 3]] and plan.local == [4, 5, 6]
 
 
 # ------------------------------------------------------------------ the engine against transformers
