@@ -292,6 +292,7 @@ class EngineConfig:
     pack_weights: bool | None = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
     prefix_cache: bool = True           # share the KV blocks of equal prompt prefixes (engine/kv_cache.py)
     kv_block: int = 16                  # rows per KV block (kv_cache.KV_BLOCK)
+    prefix_min_blocks: int = 4          # shortest prefix-cache hit taken (kv_cache.MIN_SHARED_BLOCKS)
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,8 @@ class Engine:
         # loaded CP rank (data parallelism inside the CP group), "first" keeps them all on CP rank 0
         self.sched = Scheduler(self.cp, runner.pool_tokens, max_batch or ec.max_batch,
                                step_tokens or ec.prefill_chunk_tokens, cp_short or ec.cp_short,
-                               block_size=ec.kv_block, prefix_cache=ec.prefix_cache)
+                               block_size=ec.kv_block, prefix_cache=ec.prefix_cache,
+                               min_shared_blocks=ec.prefix_min_blocks)
         self.eos = frozenset(self.cfg.eos_token_ids)
         self.steps = 0
         self.tokens_generated = 0

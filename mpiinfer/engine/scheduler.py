@@ -21,7 +21,7 @@ import torch
 from ..messages import Request
 from ..models.step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 from ..parallel.shard import cp_local_count, shard_positions
-from .kv_cache import KV_BLOCK, BlockPool, block_hashes, extents, usable_blocks
+from .kv_cache import KV_BLOCK, MIN_SHARED_BLOCKS, BlockPool, block_hashes, extents, usable_blocks
 
 
 @dataclass
@@ -81,11 +81,12 @@ class Scheduler:
     With cp > 1 every rank keeps its last pool row as scratch for K/V a non-owner must not store."""
 
     def __init__(self, cp: int, pool_tokens: int, max_batch: int, step_tokens: int, cp_short: str = "spread",
-                 block_size: int = KV_BLOCK, prefix_cache: bool = True):
+                 block_size: int = KV_BLOCK, prefix_cache: bool = True, min_shared_blocks: int = MIN_SHARED_BLOCKS):
         if cp_short not in ("spread", "first"):
             raise ValueError(f"cp_short must be 'spread' or 'first', not {cp_short!r}")
         self.cp, self.max_batch, self.step_tokens, self.cp_short = cp, max_batch, step_tokens, cp_short
         self.bs = block_size
+        self.min_shared = min_shared_blocks
         self.scratch_row = pool_tokens - 1 if cp > 1 else -1
         num_blocks = usable_blocks(pool_tokens, cp, block_size)
         self.usable_rows = num_blocks * block_size
@@ -140,11 +141,17 @@ class Scheduler:
                 if seq.keys is None:
                     seq.keys = block_hashes(seq.prompt, bs)
                 hits = pool.lookup(seq.keys[:(L - 1) // bs])        # at least one token is computed
-            nxt = len(hits)
-            if pool.prefix_cache and nxt < (L - 1) // bs and (r, seq.keys[nxt]) in self.pending:
-                # a running sequence is computing this prompt's next block right now: wait for it and share it
+            nxt = end = len(hits)
+            while pool.prefix_cache and end < (L - 1) // bs and (r, seq.keys[end]) in self.pending:
+                end += 1
+            if end > nxt and end >= self.min_shared:
+                # running sequences are computing this prompt's next blocks right now, enough of them to be worth
+                # sharing: wait for them instead of computing them too
                 pool.release(hits)
                 continue
+            if len(hits) < self.min_shared:                         # not worth a split cache (MIN_SHARED_BLOCKS)
+                pool.release(hits)
+                hits = []
             need = -(-L // bs) - len(hits)
             # room for the running decodes on this rank to grow by a block each
             reserve = sum(1 for s in self.running if not s.cp and s.home == r)

@@ -150,28 +150,55 @@ def test_shared_prefix_decodes_read_the_common_rows_once():
     from mpiinfer.models.attention import SHARED_MIN_ROWS, shared_groups
     g = torch.Generator().manual_seed(3)
     a = _Heads()
-    kc = torch.randn(a.n_kv, 200, a.head_dim, generator=g)
-    vc = torch.randn(a.n_kv, 200, a.head_dim, generator=g)
-    ext = [[(0, 48), (100, 5)], [(0, 53)], [(0, 48), (120, 16), (150, 2)], [(0, 48)], [(60, 30)],
-           [(90, 8), (140, 1)], [(90, 8), (170, 3)]]
+    kc = torch.randn(a.n_kv, 500, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, 500, a.head_dim, generator=g)
+    ext = [[(0, 300), (400, 5)], [(0, 305)], [(0, 300), (420, 16), (450, 2)], [(0, 300)], [(310, 30)],
+           [(340, 8), (470, 1)], [(340, 8), (480, 3)], [(0, 250), (490, 2)]]
     kl = [sum(n for _, n in e) for e in ext]
     B = len(ext)
     b = StepBatch(torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), list(range(B)), [1] * B,
                   [e[0][0] for e in ext], kl, torch.arange(B), kv_ext=ext)
+    assert shared_groups(b, None) == []                             # with the last one, 250 rows are common
+    ext, B = ext[:-1], B - 1
+    kl = kl[:-1]
+    b = StepBatch(torch.zeros(B, dtype=torch.long), torch.zeros(B, dtype=torch.long), list(range(B)), [1] * B,
+                  [e[0][0] for e in ext], kl, torch.arange(B), kv_ext=ext)
     groups = shared_groups(b, None)
-    assert SHARED_MIN_ROWS > 8 and len(groups) == 1                 # (90, 8) is shorter than a block
+    assert 250 < SHARED_MIN_ROWS <= 300 and len(groups) == 1         # (340, 8) is far too short
     [sg] = groups
-    assert sg.seqs == [0, 1, 2, 3] and (sg.start, sg.length) == (0, 48)
-    assert sg.tails == [[(100, 5)], [(48, 5)], [(120, 16), (150, 2)], []]
+    assert sg.seqs == [0, 1, 2, 3] and (sg.start, sg.length) == (0, 300)
+    assert sg.tails == [[(400, 5)], [(300, 5)], [(420, 16), (450, 2)], []]
     q = torch.randn(B, a.n_q, a.head_dim, generator=g)
     got = torch.zeros_like(q)
     Attention._attend_shared(a, q, kc, vc, got, sg)
     for i in sg.seqs:
         r = torch.from_numpy(b.rows(i))
         want = Attention._attend(a, q[i:i + 1], kc[:, r], vc[:, r], kl[i])
-        assert torch.allclose(got[i:i + 1], want, atol=1e-6), i
+        assert torch.allclose(got[i:i + 1], want, atol=1e-5), i
     plan = AttentionPlan.build(b, None, None, 64, group_decodes=False)
-    assert [x.seqs for x in plan.shared] == [[0, 1, 2, 3]] and plan.local == [4, 5, 6]
+    assert [x.seqs for x in plan.shared] == [[0, 1, 2, 3]] and plan.local == []
+    assert [r for r, _ in plan.decodes] == [4, 5, 6] and plan.decodes[0][1] == ext[4]
+    assert [w.tolist() for _, w in plan.decodes[1:]] == [b.rows(i).tolist() for i in (5, 6)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_decode_loop_equals_attention_over_gathered_rows(dtype):
+    """The per-sequence decode loop (one run or several) gives what attention over the sequence's rows gives."""
+    g = torch.Generator().manual_seed(4)
+    a = _Heads()
+    a.n_q, a.group = 6, 3
+    kc = torch.randn(a.n_kv, 120, a.head_dim, generator=g).to(dtype)
+    vc = torch.randn(a.n_kv, 120, a.head_dim, generator=g).to(dtype)
+    runs = [[(10, 30)], [(50, 16), (0, 5), (100, 2)], [(70, 1)]]
+    items = [(r, e if len(e) == 1 else torch.cat([torch.arange(s, s + n) for s, n in e])) for r, e in enumerate(runs)]
+    q = torch.randn(3, a.n_q, a.head_dim, generator=g).to(dtype)
+    got = torch.zeros_like(q)
+    Attention._attend_decode_loop(a, q, kc, vc, got, items)
+    for r, e in enumerate(runs):
+        rows = torch.cat([torch.arange(s, s + n) for s, n in e])
+        want = Attention._attend(a, q[r:r + 1], kc[:, rows], vc[:, rows], len(rows))
+        tol = 1e-6 if dtype == torch.float32 else 2e-2
+        assert torch.allclose(got[r:r + 1].float(), want.float(), atol=tol), r
 
 
 # ------------------------------------------------------------------ the engine against transformers
@@ -187,8 +214,10 @@ def shared_prefix_prompts(vocab, seed=0):
             p[:16] + rnd(9)]
 
 
-def run(model_dir, prompts, prefix_cache=True, kv_budget=1 << 24, max_batch=3, step_tokens=24, new=NEW):
-    ec = EngineConfig(kv_budget_bytes=kv_budget, prefix_cache=prefix_cache)
+def run(model_dir, prompts, prefix_cache=True, kv_budget=1 << 24, max_batch=3, step_tokens=24, new=NEW,
+        min_blocks=1):
+    # min_blocks=1: every hit is taken, so that prefixes of every length are shared (the default takes 4+)
+    ec = EngineConfig(kv_budget_bytes=kv_budget, prefix_cache=prefix_cache, prefix_min_blocks=min_blocks)
     runner = ModelRunner(model_dir, ec, Mesh.single(), Device("cpu"))
     engine = Engine(runner, Tokenizer(model_dir), max_batch=max_batch, step_tokens=step_tokens)
     sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
@@ -218,6 +247,10 @@ def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
     cached = [r.cached_tokens for r in on]
     assert sum(cached) >= 100 and cached[8] == 0, cached     # the unrelated prompt shares nothing
     assert eng.sched.pools[0].hits > 0
+    default, _ = run(d, prompts, min_blocks=EngineConfig().prefix_min_blocks)
+    assert_matches(ref, default)
+    dc = [r.cached_tokens for r in default]
+    assert sum(dc) >= 128 and all(c == 0 or c >= 64 for c in dc), dc          # hits of 4+ blocks only
     off, eng_off = run(d, prompts, prefix_cache=False)
     assert_matches(ref, off)
     assert sum(r.cached_tokens for r in off) == 0 and eng_off.sched.pools[0].hits == 0

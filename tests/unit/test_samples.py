@@ -37,7 +37,7 @@ def _run(engine, reqs):
 
 def test_sample_i_is_the_request_alone_with_seed_plus_i(model_dirs):
     d = model_dirs("llama")
-    prompts = _prompts(Tokenizer(d).vocab_size)
+    prompts = _prompts(Tokenizer(d).vocab_size, length=100)   # 6+ full blocks: the forks share them
     n = 4
     sp = SamplingParams(max_tokens=10, temperature=1.0, top_p=0.95, seed=100, ignore_eos=True, logprobs=True, n=n)
     alone = {}
@@ -48,7 +48,7 @@ def test_sample_i_is_the_request_alone_with_seed_plus_i(model_dirs):
             alone[i, s] = r.token_ids
     # the same samples in one batch, in waves of 3 sequences, without the prefix cache, and under preemption
     probe = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 20), Mesh.single(), Device("cpu"))
-    for kw in ({}, {"max_batch": 3}, {"prefix_cache": False}, {"kv_budget": 10 * 16 * probe.kv_bytes_per_token}):
+    for kw in ({}, {"max_batch": 3}, {"prefix_cache": False}, {"kv_budget": 9 * 16 * probe.kv_bytes_per_token}):
         eng = _engine(d, **kw)
         res = _run(eng, [Request(i, f"r{i}", sp.replace(seed=100 * (i + 1)), prompt_token_ids=p)
                          for i, p in enumerate(prompts)])
@@ -66,12 +66,12 @@ def test_sample_i_is_the_request_alone_with_seed_plus_i(model_dirs):
 
 
 def test_forks_share_the_prompt_blocks(model_dirs):
-    """n sampled forks of a 45-token prompt compute its 2 full blocks once: the other forks compute only the
-    13-token tail (less than a block), with the prefix cache on; off, every fork computes all 45."""
+    """n sampled forks of a 100-token prompt compute its 6 full blocks once: the other forks compute only the
+    4-token tail (less than a block), with the prefix cache on; off, every fork computes all 100."""
     d = model_dirs("llama")
-    [p] = _prompts(Tokenizer(d).vocab_size, k=1)
+    [p] = _prompts(Tokenizer(d).vocab_size, k=1, length=100)
     sp = SamplingParams(max_tokens=4, temperature=0.8, seed=3, ignore_eos=True, n=5)
-    for prefix_cache, expect in ((True, 45 + 4 * 13), (False, 5 * 45)):
+    for prefix_cache, expect in ((True, 100 + 4 * 4), (False, 5 * 100)):
         eng = _engine(d, prefix_cache=prefix_cache)
         computed = []
         advance = eng.sched.advance
