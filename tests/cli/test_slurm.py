@@ -64,10 +64,13 @@ def test_time_limit_stops_cleanly_resubmits_and_resumes(model_dirs, tmp_path):
     d = model_dirs("llama")
     inp = tmp_path / "in.jsonl"
     with open(inp, "w") as f:
-        f.writelines(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 24}) + "\n" for i in range(3000))
+        f.writelines(json.dumps({"id": i, "prompt": f"the sea {i} " * (1 + i % 13), "max_tokens": 24}) + "\n" for i in range(3000))
     out = tmp_path / "out.jsonl"
     r = CliRunner().invoke(main, ["slurm", "--tasks-per-node", "2", "--grace", "60", "--", "-m", d, "-i", str(inp),
-                                  "-o", str(out), "--threads", "1", "--flush-every", "1"])
+                                  "-o", str(out), "--threads", "1", "--flush-every", "1",
+                                  # few sequences at once: the job lasts well past the first flush on a fast machine
+                                  # too (the whole job took ~1 s at the default 64, before the signal could land)
+                                  "--max-batch", "4"])
     assert r.exit_code == 0, r.output
     script = tmp_path / "job.sbatch"
     script.write_text(r.output)
