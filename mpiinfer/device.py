@@ -39,6 +39,10 @@ class Device:
     @staticmethod
     def resolve(name: str = "auto", local_rank: int | None = None, local_size: int = 1,
                 allow_shared_gpu: bool = False) -> Device:
+        """This rank's device.  ``cuda``: GPU ``node-local rank % visible GPUs`` (a launcher that gives each
+        rank its own GPU through CUDA_VISIBLE_DEVICES leaves one visible: index 0); whether two ranks of a
+        node ended up on one GPU is checked across the ranks afterwards (``job.place``, by GPU UUID), since
+        visible counts alone cannot tell.  ``cuda:N``: that GPU, for one rank per node unless shared."""
         name = (name or "auto").lower()
         if name == "auto":
             name = "cuda" if torch.cuda.is_available() else "cpu"
@@ -49,13 +53,25 @@ class Device:
                 raise ConfigError("--device cuda was asked for but no CUDA GPU is visible to this process")
             n = torch.cuda.device_count()
             if ":" in name:
-                return Device("cuda", int(name.split(":", 1)[1]))
+                try:
+                    idx = int(name.split(":", 1)[1])
+                except ValueError:
+                    raise ConfigError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)") from None
+                if not 0 <= idx < n:
+                    raise ConfigError(f"--device {name}: this process sees {n} GPU(s) (cuda:0..cuda:{n - 1})")
+                if local_size > 1 and not allow_shared_gpu:
+                    raise ConfigError(f"--device {name} puts all {local_size} ranks of this node on one GPU: "
+                                      "use --device cuda (one GPU per rank), or pass --share-gpus")
+                return Device("cuda", idx)
             lr = local_rank if local_rank is not None else (local_rank_from_env() or 0)
-            if local_size > n and not allow_shared_gpu:
-                raise ConfigError(f"{local_size} ranks on this node but only {n} GPU(s) visible: launch one rank "
-                                  "per GPU, or pass --share-gpus to place several ranks on one GPU")
             return Device("cuda", lr % n)
         raise ConfigError(f"unknown --device {name!r} (use auto, cpu, cuda or cuda:N)")
+
+    def uuid(self) -> str | None:
+        """The GPU's UUID (the same GPU seen through different CUDA_VISIBLE_DEVICES has the same one)."""
+        if self.kind != "cuda":
+            return None
+        return str(torch.cuda.get_device_properties(self.index).uuid)
 
     def default_dtype(self, checkpoint_dtype: str) -> torch.dtype:
         """float32 on CPU (exact parity with the float32 reference; pass --dtype bfloat16 for speed where

@@ -207,11 +207,14 @@ def _setup(cfg: RunConfig, world):
         if cfg.engine.kind == "null":           # no model: no device, no torch
             return None, local_size
         from .device import Device
-        return Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus), local_size
+        d = Device.resolve(cfg.engine.device, local_rank, local_size, cfg.engine.share_gpus)
+        d.activate()                  # before anything touches CUDA (the mesh's IPC buffers, NCCL)
+        return d, local_size
 
     placed, error = _captured(place)
     _agree(world, error)
     device, local_size = placed
+    _agree(world, _captured(lambda: _one_rank_per_gpu(world, device, cfg.engine.share_gpus))[1])
     engine_cfg = cfg.engine
     if engine_cfg.threads is None and not os.environ.get("OMP_NUM_THREADS"):
         engine_cfg = dataclasses.replace(engine_cfg, threads=default_threads(local_size))
@@ -226,7 +229,27 @@ def _setup(cfg: RunConfig, world):
 
     built, error = _captured(build)
     _agree(world, error)
+    runner = built[1]
+    if runner is not None:       # every rank has loaded: now collectives inside a replica are safe
+        _agree(world, _captured(runner.agree_kv)[1])
     return (*built, plan)
+
+
+def _one_rank_per_gpu(world, device, share_gpus: bool) -> None:
+    """Refuse two ranks of one node on one GPU (by UUID) unless ``--share-gpus``; collective over ``world``."""
+    from mpi4py import MPI
+    seen = world.allgather((MPI.Get_processor_name(), device.uuid() if device is not None else None))
+    if share_gpus:
+        return
+    owner: dict = {}
+    for rank, key in enumerate(seen):
+        if key[1] is None:
+            continue
+        if key in owner:
+            raise ConfigError(f"ranks {owner[key]} and {rank} on {key[0]} got the same GPU: launch one rank per "
+                              "GPU (e.g. srun --gpus-per-task=1, or fewer ranks per node), or pass --share-gpus "
+                              "to place several ranks on one GPU")
+        owner[key] = rank
 
 
 def _plan_resume(cfg: RunConfig):

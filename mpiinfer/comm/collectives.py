@@ -7,8 +7,9 @@ identity, so single-process code paths pay nothing.  ``all_reduce`` and ``all_ga
 take either an mpi4py communicator or a direct-data-access one (``Mesh.tp_reduce``:
 ``comm.dda.DDAComm``, ``comm.dda_cuda.CudaDDAComm``), which does the work itself; the
 other calls take mpi4py communicators.  The MPI paths pass CPU tensors as NumPy views
-(zero copy); they do not stage CUDA tensors (on GPUs only the DDA communicators'
-``all_reduce`` / ``all_gather`` take device tensors).
+(zero copy) and stage CUDA tensors through host memory (a copy each way; the result is on
+the input's device): correct with any MPI, and the fast GPU paths are the DDA
+communicators' (CuPy IPC, NCCL, CUDA-aware MPI in ``comm.dda_cuda``).
 """
 from __future__ import annotations
 
@@ -52,7 +53,11 @@ def all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
 
 
 def mpi_all_reduce(t: torch.Tensor, comm) -> torch.Tensor:
-    """MPI Allreduce in place (16-bit floats summed in float32)."""
+    """MPI Allreduce in place (16-bit floats summed in float32; a CUDA tensor through host memory)."""
+    if t.is_cuda:
+        h = t.to("cpu", torch.float32 if t.dtype in (torch.bfloat16, torch.float16) else t.dtype)
+        mpi_all_reduce(h, comm)
+        return t.copy_(h)
     if t.dtype == torch.bfloat16 or t.dtype == torch.float16:
         # MPI has no portable 16-bit float sum: reduce in float32 and cast back.
         f = t.float().contiguous()
@@ -76,6 +81,8 @@ def all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
 
 
 def mpi_all_gather(t: torch.Tensor, comm, dim: int = -1) -> torch.Tensor:
+    if t.is_cuda:
+        return mpi_all_gather(t.cpu(), comm, dim).to(t.device)
     n = comm.Get_size()
     t = t.contiguous()
     out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype)
@@ -88,6 +95,9 @@ def gather_to_root(t: torch.Tensor, comm, dim: int = -1, root: int = 0):
     """Concatenate ``t`` along ``dim`` on ``root`` only (others get None)."""
     if _is_trivial(comm):
         return t
+    if t.is_cuda:
+        out = gather_to_root(t.cpu(), comm, dim, root)
+        return None if out is None else out.to(t.device)
     n = comm.Get_size()
     t = t.contiguous()
     out = torch.empty((n,) + tuple(t.shape), dtype=t.dtype) if comm.Get_rank() == root else None
@@ -103,6 +113,8 @@ def all_gather_rows(t: torch.Tensor, shares: list, comm) -> torch.Tensor:
     """Concatenate each rank's rows (rank r holds rows shares[r]) over ``comm``."""
     if _is_trivial(comm):
         return t
+    if t.is_cuda:
+        return all_gather_rows(t.cpu(), shares, comm).to(t.device)
     MPI = mpi_module()
     h = t.shape[1]
     counts = [(b - a) * h for a, b in shares]
@@ -122,6 +134,9 @@ def alltoallv(rows, send_counts: Sequence[int], comm, recv_counts: Sequence[int]
     destination rank in rank order.  Counts are exchanged first (``Alltoall``) unless the caller
     already knows ``recv_counts`` (a second payload with the same routing, or the reply to an
     earlier exchange), then the payload with one ``Alltoallv``; bfloat16 travels as 16-bit words."""
+    if isinstance(rows, torch.Tensor) and rows.is_cuda:
+        res, counts = alltoallv(rows.cpu(), send_counts, comm, recv_counts)
+        return res.to(rows.device), counts
     MPI = mpi_module()
     is_torch = isinstance(rows, torch.Tensor)
     arr = rows

@@ -43,6 +43,7 @@ from .dda import (
     ALGOS,
     ARRIVE,
     BCAST,
+    DEFAULT_TIMEOUT_S,
     HEADER,
     SLICE,
     CommWrapper,
@@ -185,7 +186,7 @@ class CudaDDAComm(CommWrapper):
     path is NCCL, else MPI (CUDA-aware when ``cuda_aware_mpi()``, else host-staged)."""
 
     def __init__(self, comm, max_bytes: int = 8 << 20, algo: str = "auto",
-                 thresholds: dict | None = None, timeout: float = 30.0, use_nccl: bool | None = None):
+                 thresholds: dict | None = None, timeout: float = DEFAULT_TIMEOUT_S, use_nccl: bool | None = None):
         from mpi4py import MPI
         cp = _cupy()
         if algo not in ALGOS:
@@ -216,27 +217,63 @@ class CudaDDAComm(CommWrapper):
         rt.memset(self._own, 0, HEADER)
         rt.deviceSynchronize()
         handles = self.node.allgather(rt.ipcGetMemHandle(self._own))
-        self._bases = [self._own if r == self._me else rt.ipcOpenMemHandle(h, 1)   # lazy peer access
-                       for r, h in enumerate(handles)]
+        err = None
+        self._bases = []
+        for r, h in enumerate(handles):
+            try:                     # lazy peer access; fails without peer-to-peer between the two GPUs
+                self._bases.append(self._own if r == self._me else rt.ipcOpenMemHandle(h, 1))
+            except Exception as e:
+                err = f"rank {self._rank} cannot map the buffer of node rank {r}: {type(e).__name__}: {e}"
+                break
+        errs = [e for e in self.node.allgather(err) if e]
+        if errs:                     # agreed: every rank of the node raises (Mesh.build falls back to MPI)
+            for r, b in enumerate(self._bases):
+                if r != self._me:
+                    rt.ipcCloseMemHandle(b)
+            rt.free(self._own)
+            raise RuntimeError("CUDA IPC between this node's GPUs failed: " + errs[0])
         self._bases_dev = cp.asarray(np.array(self._bases, dtype=np.uint64))
         self._status_host = rt.hostAlloc(4, 2)                                    # cudaHostAllocMapped
         ctypes.c_int.from_address(self._status_host).value = 0
-        self._status_dev = rt.hostGetDevicePointer(self._status_host, 0)
-        self._signal = _kernels().get_function("dda_signal")
+        # the device's address of the mapped word (equal to the host's under unified addressing)
+        self._status_dev = rt.pointerGetAttributes(self._status_host).devicePointer
+        mod = _kernels()
+        self._signal = mod.get_function("dda_signal")
+        self._sum_k = {dt: mod.get_function(n) for dt, n in _SUM_KERNEL.items()}
+        self._streams: dict = {}
         self._timeout_ns = int(self.timeout * 1e9)
 
         self.nccl = None
         if use_nccl is not False:
-            try:
-                from cupy.cuda import nccl
-                uid = comm.bcast(nccl.get_unique_id() if self._rank == 0 else None, root=0)
-                self.nccl = nccl.NcclCommunicator(self._size, uid, self._rank)
-                self._nccl_mod = nccl
-            except Exception:        # not built, or ranks share a GPU ("Duplicate GPU detected")
-                if use_nccl:
-                    raise
-                self.nccl = None
+            self.nccl, why = self._nccl_init(comm)
+            if self.nccl is None and use_nccl:
+                raise RuntimeError(f"NCCL was asked for and could not start: {why}")
         self.node.Barrier()
+
+    def _nccl_init(self, comm):
+        """(NCCL communicator, None) or (None, why): the outcome agreed by every rank, so none waits in a
+        collective the others skipped (not built; ranks sharing a GPU: "Duplicate GPU detected")."""
+        uid = err = None
+        try:
+            from cupy.cuda import nccl
+            self._nccl_mod = nccl
+            if self._rank == 0:
+                uid = nccl.get_unique_id()
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+        errs = [e for e in comm.allgather(err) if e]          # agreed before the collective constructor
+        if errs:
+            return None, errs[0]
+        uid = comm.bcast(uid, root=0)
+        nc = None
+        try:
+            nc = nccl.NcclCommunicator(self._size, uid, self._rank)
+        except Exception as e:
+            err = f"{type(e).__name__}: {e}"
+        errs = [e for e in comm.allgather(err) if e]
+        if errs:
+            return None, errs[0]
+        return nc, None
 
     def set_algo(self, algo: str, thresholds: dict | None = None) -> None:
         if algo not in ALGOS:
@@ -272,7 +309,11 @@ class CudaDDAComm(CommWrapper):
 
     # ------------------------------------------------------------ pieces
     def _stream(self):
-        return _cupy().cuda.ExternalStream(torch.cuda.current_stream().cuda_stream)
+        ptr = torch.cuda.current_stream().cuda_stream
+        s = self._streams.get(ptr)
+        if s is None:
+            s = self._streams[ptr] = _cupy().cuda.ExternalStream(ptr)
+        return s
 
     def _sig(self, stream, publish, wait, e, wait_rank=-1):
         self._signal((1,), (1,), (self._bases_dev, np.int32(self._n), np.int32(self._me), np.int32(publish),
@@ -281,12 +322,12 @@ class CudaDDAComm(CommWrapper):
 
     def _copy(self, dst, src, nbytes, stream):
         if nbytes:
-            _cupy().cuda.runtime.memcpyAsync(dst, src, nbytes, 3, stream.ptr)   # device to device
+            _cupy().cuda.runtime.memcpyAsync(dst, src, nbytes, 4, stream.ptr)   # cudaMemcpyDefault (UVA)
 
     def _sum(self, t, stream, off, lo, hi, out_ptr, own_ptr):
         if hi <= lo:
             return
-        k = _kernels().get_function(_SUM_KERNEL[t.dtype])
+        k = self._sum_k[t.dtype]
         blocks, threads = launch_config(hi - lo)
         k((blocks,), (threads,), (self._bases_dev, np.int32(self._n), np.int64(off), np.int64(lo), np.int64(hi),
                                   np.uint64(out_ptr), np.uint64(own_ptr)), stream=stream)
@@ -319,9 +360,13 @@ class CudaDDAComm(CommWrapper):
     def all_reduce_tensor(self, t: torch.Tensor) -> torch.Tensor:
         if self._size == 1:
             return t
+        if self._closed:
+            raise RuntimeError("CudaDDAComm used after close()")
         if not t.is_cuda:
             raise TypeError("CudaDDAComm reduces CUDA tensors; use dda.DDAComm for CPU tensors")
         self.check()
+        if self.hierarchical and self.nccl is not None:
+            return self._large(t)          # NCCL spans the nodes itself: no node step before it
         if not t.is_contiguous():
             return t.copy_(self.all_reduce_tensor(t.contiguous()))
         nbytes = t.numel() * t.element_size()
@@ -369,9 +414,10 @@ class CudaDDAComm(CommWrapper):
         nbytes = t.numel() * t.element_size()
         out = torch.empty((self._size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
         if self.hierarchical or nbytes > self.capacity or self.algo == "mpi":
-            if self.nccl is not None and t.dtype in (torch.float32, torch.float16):
-                nccl = self._nccl_mod
-                code = nccl.NCCL_FLOAT32 if t.dtype == torch.float32 else nccl.NCCL_FLOAT16
+            nccl = self._nccl_mod if self.nccl is not None else None
+            code = None if nccl is None else {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
+                                              torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", None)}.get(t.dtype)
+            if code is not None:
                 self.nccl.allGather(t.data_ptr(), out.data_ptr(), t.numel(), code,
                                     torch.cuda.current_stream().cuda_stream)
             else:

@@ -121,6 +121,27 @@ class Layout:
         return [self.rank_of(d, c, b * self.etp + t % self.etp) for b in range(self.ep)]
 
 
+def _cuda_dda(tp_comm, allreduce: str, kw: dict):
+    """The CuPy IPC communicator over ``tp_comm``, or (``auto``, agreed by the group) ``tp_comm`` itself
+    when CuPy is missing or this node's GPUs cannot map each other's memory; ``dda`` insists."""
+    import logging
+    err = None
+    try:
+        from .dda_cuda import CudaDDAComm
+    except ImportError as e:
+        err = f"CuPy is not importable ({e}; pip install cupy-cuda12x)"
+    errs = [e for e in tp_comm.allgather(err) if e]
+    if not errs:
+        try:
+            return CudaDDAComm(tp_comm, algo=allreduce, **kw)
+        except RuntimeError as e:        # raised by every rank of the node together (IPC mapping refused)
+            errs = [str(e)]
+    if allreduce == "dda":
+        raise ConfigError(f"--allreduce dda on CUDA: {errs[0]}")
+    logging.getLogger("mpiinfer").warning("TP allreduce: MPI through host memory (%s)", errs[0])
+    return tp_comm
+
+
 def node_local(world_comm) -> tuple:
     """(node-local rank, ranks on this node) of the calling rank; collective over ``world_comm``."""
     from mpi4py import MPI
@@ -199,8 +220,7 @@ class Mesh:
         if L.tp > 1 and allreduce != "mpi":
             kw = {} if timeout is None else {"timeout": timeout}
             if device_kind == "cuda":
-                from .dda_cuda import CudaDDAComm
-                tp_reduce = CudaDDAComm(tp_comm, algo=allreduce, **kw)
+                tp_reduce = _cuda_dda(tp_comm, allreduce, kw)
             else:
                 from .dda import DDAComm
                 tp_reduce = DDAComm(tp_comm, algo=allreduce, **kw)

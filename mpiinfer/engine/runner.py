@@ -96,6 +96,23 @@ class ModelRunner:
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
         return KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, self.device.torch)
 
+    def agree_kv(self) -> None:
+        """Collective over the replica, once every rank has loaded: one pool size for all, the smallest (the
+        leader's scheduler hands out rows every rank must hold, and the free memory behind a default budget
+        differs between ranks, on a shared GPU above all).  A rank with more reallocates its cache smaller."""
+        comm = self.mesh.replica_comm
+        if comm is None or comm.Get_size() == 1:
+            return
+        from mpi4py import MPI
+        pool = comm.allreduce(self.kv.pool_tokens, op=MPI.MIN)
+        if pool < self.kv.pool_tokens:
+            kv = self.kv
+            self.kv = None
+            del kv
+            k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
+            self.kv = KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype,
+                              self.device.torch)
+
     @property
     def pool_tokens(self) -> int:
         return self.kv.pool_tokens

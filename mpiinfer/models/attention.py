@@ -150,7 +150,7 @@ class AttentionPlan:
         plan = AttentionPlan(batch, decode_group(batch, window, row_bytes, taken) if group_decodes else None,
                              shared=[g._replace(rows=g.rows.to(device)) if device is not None else g for g in shared])
         if plan.group is not None and device is not None:
-            plan.group = DecodeGroup(plan.group.seqs, plan.group.rows, plan.group.idx.to(device),
+            plan.group = DecodeGroup(plan.group.seqs, plan.group.rows.to(device), plan.group.idx.to(device),
                                      plan.group.invalid.to(device))
         grouped = (plan.group.seqs if plan.group is not None else frozenset()) | taken
         for i in range(len(batch.q_start)):

@@ -120,5 +120,5 @@ class VocabParallelEmbedding(nn.Module):
         local = ids - self.start
         mask = (local < 0) | (local >= self.stop - self.start)
         out = table[local.clamp(0, self.stop - self.start - 1)]
-        out[mask] = 0
+        out.masked_fill_(mask[:, None], 0)                       # (no host sync, unlike out[mask] = 0)
         return all_reduce(out, self.comm)

@@ -342,14 +342,18 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
                          f"({len(plan.q_pos)} queries, {plan.sizes[rank]} keys) or n_q % n_kv != 0")
     t_start = time.perf_counter()
 
+    dev = q.device
     qg = _group_q(q, n_kv, scale)                                      # (n_kv, Tq*g, hd)
-    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32)
-    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32)
-    qpos_t = torch.from_numpy(plan.q_pos)
+    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32, device=dev)
+    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32, device=dev)
+    qpos_t = torch.from_numpy(plan.q_pos).to(dev)
 
-    # two flat buffers of the largest block; block of s rows = first 2*n_kv*s*hd elements
+    # two flat buffers of the largest block; block of s rows = first 2*n_kv*s*hd elements.  They are host
+    # memory (what MPI sends; pinned on CUDA), and a CUDA rank computes on a device copy of each block.
     cap = 2 * n_kv * max(plan.sizes) * hd
-    bufs = [torch.empty(cap, dtype=k.dtype), torch.empty(cap if cp > 1 else 0, dtype=k.dtype)]
+    pin = dev.type == "cuda"
+    bufs = [torch.empty(cap, dtype=k.dtype, pin_memory=pin),
+            torch.empty(cap if cp > 1 else 0, dtype=k.dtype, pin_memory=pin)]
     own = bufs[0][:2 * n_kv * Tk * hd].view(2, n_kv, Tk, hd)
     own[0].copy_(k.transpose(0, 1))
     own[1].copy_(v.transpose(0, 1))
@@ -379,8 +383,10 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
 
         if rects:
             block = bufs[cur][:2 * n_kv * n_src * hd].view(2, n_kv, n_src, hd)
+            if dev.type != "cpu":
+                block = block.to(dev)      # a blocking copy: done before this buffer is received into again
             block = block.float() if block.dtype != torch.float32 else block   # reads only: safe while sending
-            kpos_t = torch.from_numpy(plan.kv_pos[src])
+            kpos_t = torch.from_numpy(plan.kv_pos[src]).to(dev)
             _attend_rects(qg, qpos_t, block[0], block[1], kpos_t, rects, group, plan.window,
                           acc_o, acc_lse, max_score_elems, poll)
         if reqs:
@@ -413,8 +419,8 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     Tq, n_q, hd = q.shape
     Tk, n_kv = k.shape[0], k.shape[1]
     group = n_q // n_kv
-    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32)
-    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32)
+    acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32, device=q.device)
+    acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32, device=q.device)
     if Tq and Tk:
         qg = _group_q(q, n_kv, scale)
         K = k.transpose(0, 1).float()                                  # (n_kv, Tk, hd)
@@ -422,7 +428,7 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         if q_pos is not None:
             qp, kp = _np_pos(q_pos), _np_pos(kv_pos)
             rects = plan_block(qp, kp, window)[0]
-            qp, kp = torch.from_numpy(qp), torch.from_numpy(kp)
+            qp, kp = torch.from_numpy(qp).to(q.device), torch.from_numpy(kp).to(q.device)
         else:
             qp = kp = None
             rects = [Rect(0, Tq, 0, Tk, False)]
@@ -452,9 +458,10 @@ def combine_across_ranks(out: torch.Tensor, lse: torch.Tensor, comm, return_lse:
     if comm is None or comm.Get_size() == 1:
         return (out, lse) if return_lse else out
     n = comm.Get_size()
-    packed = torch.cat((out, lse.unsqueeze(-1)), dim=-1).contiguous()  # (T, n_q, hd+1)
+    packed = torch.cat((out, lse.unsqueeze(-1)), dim=-1).contiguous().cpu()  # (T, n_q, hd+1), host for MPI
     allp = torch.empty((n,) + tuple(packed.shape), dtype=torch.float32)
     comm.Allgather(packed.numpy(), allp.numpy())
+    allp = allp.to(out.device)
     merged, mlse = merge_partials([allp[i, ..., :-1] for i in range(n)], [allp[i, ..., -1] for i in range(n)])
     return (merged, mlse) if return_lse else merged
 
