@@ -1,8 +1,13 @@
-"""Allreduce latency and bus bandwidth under mpiexec: DDA one-shot / two-shot / auto, MPI, gloo.
+"""Allreduce latency and bus bandwidth under mpiexec: DDA one-shot / two-shot / auto, MPI, gloo; NCCL on CUDA.
 
 Owns: ``bench_allreduce`` (the measurement), ``tune`` (writes the user's thresholds file,
 ``comm.dda.user_thresholds_path()``, read by ``DDAComm(algo="auto"|"dda")``; never a file inside the
-installed package) and ``main(argv)`` behind ``mpiexec -n 2 mpiinfer bench comm [--json F] [--tune]``.
+installed package) and ``main(argv)`` behind ``mpiexec -n 2 mpiinfer bench comm [--json F] [--tune]
+[--device cuda]``.  With ``--device cuda`` the buffers are CUDA tensors (``--share-gpus`` semantics: ranks
+beyond the GPUs share them): DDA is ``comm.dda_cuda.CudaDDAComm`` (CuPy IPC), ``mpi`` passes device
+buffers to a CUDA-aware MPI or stages them through the host (``collectives.mpi_all_reduce``), ``nccl`` is
+CuPy's NCCL (refused for two ranks on one GPU: its rows then say ``skipped``), gloo is not offered; every
+call is timed to the end of its work on the device (a stream synchronisation).
 Communicator: ``MPI.COMM_WORLD`` (or the one passed in); gloo is initialised on a TCPStore
 at 127.0.0.1 with the MPI rank and size.
 
@@ -32,6 +37,7 @@ from ..comm.collectives import mpi_all_reduce
 from ..comm.dda import DDAComm, load_thresholds, thresholds_for, user_thresholds_path
 
 DEFAULT_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "mpi", "gloo")
+CUDA_ALGOS = ("dda-1shot", "dda-2shot", "dda", "auto", "nccl", "mpi")
 DDA_MODE = {"dda-1shot": "1shot", "dda-2shot": "2shot", "dda": "dda", "auto": "auto"}
 
 
@@ -64,62 +70,112 @@ def _init_gloo(comm):
 
 
 def _time(op, x, iters: int, warmup: int, comm, ts: list) -> None:
-    """Append the seconds of ``iters`` back-to-back calls (after ``warmup`` untimed ones) to ``ts``."""
+    """Append the seconds of ``iters`` back-to-back calls (after ``warmup`` untimed ones) to ``ts``; a CUDA
+    buffer's call is timed until the device finished it."""
+    sync = torch.cuda.synchronize if x.is_cuda else (lambda: None)
     for _ in range(warmup):
         op(x)
+    sync()
     comm.Barrier()
     clock = time.perf_counter
     for _ in range(iters):
         t0 = clock()
         op(x)
+        sync()
         ts.append(clock() - t0)
 
 
-def _op(algo: str, dda, comm, dist):
+def _nccl(comm):
+    """(CuPy NCCL communicator over ``comm``, None) or (None, why not): agreed by every rank."""
+    err = None
+    nc = None
+    try:
+        from cupy.cuda import nccl
+        uid = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
+        nc = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+    except Exception as e:                       # not built, or ranks share a GPU ("Duplicate GPU detected")
+        err = f"{type(e).__name__}: {e}"
+    errs = [x for x in comm.allgather(err) if x]
+    return (nc, None) if not errs else (None, errs[0])
+
+
+def _nccl_op(nc):
+    from cupy.cuda import nccl
+    codes = {torch.float32: nccl.NCCL_FLOAT32}
+
+    def op(t):
+        nc.allReduce(t.data_ptr(), t.data_ptr(), t.numel(), codes[t.dtype], nccl.NCCL_SUM,
+                     torch.cuda.current_stream().cuda_stream)
+    return op
+
+
+def _op(algo: str, dda, comm, dist, nc=None):
     """The allreduce call of ``algo`` (a DDA mode is set on ``dda`` first)."""
     if algo in DDA_MODE:
         dda.set_algo(DDA_MODE[algo])
         return dda.all_reduce_tensor
     if algo == "mpi":
         return lambda t: mpi_all_reduce(t, comm)
+    if algo == "nccl":
+        return _nccl_op(nc)
     return lambda t: dist.all_reduce(t)
 
 
 def bench_allreduce(sizes: Sequence[int] | None = None, algos: Sequence[str] = DEFAULT_ALGOS,
                     iters: int = 200, json_path: str | None = None, comm=None,
-                    thresholds: dict | None = None, quiet: bool = False, rounds: int = 5) -> list:
-    """Measure every (size, algo); print a table on rank 0; write JSON rows there; return the rows."""
+                    thresholds: dict | None = None, quiet: bool = False, rounds: int = 5,
+                    device: str = "cpu") -> list:
+    """Measure every (size, algo); print a table on rank 0; write JSON rows there; return the rows.
+    ``device``: "cpu", or "cuda" for CUDA buffers (this rank's GPU: node-local rank modulo the GPUs)."""
     from mpi4py import MPI
     comm = comm if comm is not None else MPI.COMM_WORLD
     sizes = list(sizes or default_sizes())
     algos = list(dict.fromkeys(algos))
     n = comm.Get_size()
-    bad = [a for a in algos if a not in DEFAULT_ALGOS]
+    offered = CUDA_ALGOS if device == "cuda" else DEFAULT_ALGOS
+    bad = [a for a in algos if a not in offered]
     if bad:
-        raise ValueError(f"unknown algorithms {bad}; choose from {DEFAULT_ALGOS}")
+        raise ValueError(f"unknown algorithms {bad} for {device} buffers; choose from {offered}")
+    dev = torch.device("cpu")
+    if device == "cuda":
+        from ..comm.mesh import node_local
+        from ..device import Device
+        lr, ls = node_local(comm)
+        d = Device.resolve("cuda", lr, ls, allow_shared_gpu=True)
+        d.activate()
+        dev = d.torch
     dda = None
     if any(a in DDA_MODE for a in algos):
-        dda = DDAComm(comm, max_bytes=max(sizes), thresholds=thresholds)
+        if device == "cuda":
+            from ..comm.dda_cuda import CudaDDAComm
+            dda = CudaDDAComm(comm, max_bytes=max(sizes), thresholds=thresholds)
+        else:
+            dda = DDAComm(comm, max_bytes=max(sizes), thresholds=thresholds)
     dist = _init_gloo(comm) if "gloo" in algos else None
+    nc, nccl_err = _nccl(comm) if "nccl" in algos else (None, None)
+    skipped = {"nccl": nccl_err} if nccl_err else {}
+    timed = [a for a in algos if a not in skipped]
     rows = []
     # warm-up before the first size: without it the first sizes measured (8-32 B) came out 1.5-2x slower than
     # the next ones (cold caches, page faults of the shared slots, clock ramp-up)
-    x = torch.zeros(max(1, sizes[0] // 4), dtype=torch.float32)
-    for a in algos:
+    x = torch.zeros(max(1, sizes[0] // 4), dtype=torch.float32, device=dev)
+    for a in timed:
         if a != "gloo":
-            _time(_op(a, dda, comm, dist), x, 0, 2000, comm, [])
+            _time(_op(a, dda, comm, dist, nc), x, 0, 2000, comm, [])
     for nbytes in sizes:
         numel = max(1, nbytes // 4)
-        x = torch.zeros(numel, dtype=torch.float32)
+        x = torch.zeros(numel, dtype=torch.float32, device=dev)
         it = iters_for(nbytes, iters)
         chunk = max(2, -(-it // rounds))
-        samples = {a: [] for a in algos}
+        samples = {a: [] for a in timed}
         # algorithms take turns in ``rounds`` chunks, so a change in the machine's load
         # (shared machines) hits all of them alike instead of one column
         for _ in range(rounds):
-            for a in algos:
-                _time(_op(a, dda, comm, dist), x, chunk, min(5, chunk), comm, samples[a])
-        for a in algos:
+            for a in timed:
+                _time(_op(a, dda, comm, dist, nc), x, chunk, min(5, chunk), comm, samples[a])
+        for a, why in skipped.items():
+            rows.append({"op": "allreduce", "algo": a, "bytes": numel * 4, "ranks": n, "skipped": why})
+        for a in timed:
             lat = comm.allreduce(statistics.median(samples[a]), op=MPI.MAX)
             rows.append({"op": "allreduce", "algo": a, "bytes": numel * 4, "ranks": n,
                          "latency_us": round(lat * 1e6, 3),
@@ -128,7 +184,9 @@ def bench_allreduce(sizes: Sequence[int] | None = None, algos: Sequence[str] = D
         dda.close()
     if comm.Get_rank() == 0:
         if not quiet:
-            print(format_table(rows, algos), flush=True)
+            print(format_table(rows, algos, device), flush=True)
+            for a, why in skipped.items():
+                print(f"{a}: not measured ({why})", flush=True)
         if json_path:
             with open(json_path, "w") as f:
                 json.dump(rows, f, indent=1)
@@ -142,11 +200,11 @@ def _fmt_size(b: int) -> str:
     return f"{b} B"
 
 
-def format_table(rows: list, algos: Sequence[str]) -> str:
-    by = {(r["bytes"], r["algo"]): r for r in rows}
+def format_table(rows: list, algos: Sequence[str], device: str = "cpu") -> str:
+    by = {(r["bytes"], r["algo"]): r for r in rows if "latency_us" in r}
     sizes = sorted({r["bytes"] for r in rows})
     ranks = rows[0]["ranks"] if rows else 0
-    head = f"allreduce, {ranks} ranks: median latency us (busbw GB/s)"
+    head = f"allreduce, {ranks} ranks, {device} buffers: median latency us (busbw GB/s)"
     cols = ["size"] + list(algos) + (["mpi/auto"] if "auto" in algos and "mpi" in algos else [])
     lines = [head, " | ".join(f"{c:>18}" for c in cols)]
     for s in sizes:
@@ -154,7 +212,7 @@ def format_table(rows: list, algos: Sequence[str]) -> str:
         for a in algos:
             r = by.get((s, a))
             cells.append(f"{r['latency_us']:>9.1f} ({r['busbw_gbps']:>6.3f})" if r else f"{'-':>18}")
-        if len(cols) > len(algos) + 1:
+        if len(cols) > len(algos) + 1 and (s, "mpi") in by and (s, "auto") in by:
             cells.append(f"{by[(s, 'mpi')]['latency_us'] / by[(s, 'auto')]['latency_us']:>18.2f}")
         lines.append(" | ".join(cells))
     return "\n".join(lines)
@@ -219,7 +277,9 @@ def parse_sizes(spec: str) -> list:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="mpiinfer bench comm", description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", default="8:64M", help='"8:64M" powers of 2, "8:64M:4" powers of 4, or a list "8,1K,64K"')
-    ap.add_argument("--algos", default=",".join(DEFAULT_ALGOS))
+    ap.add_argument("--algos", default=None,
+                    help=f"comma list (default: {','.join(DEFAULT_ALGOS)}; with --device cuda: {','.join(CUDA_ALGOS)})")
+    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where the buffers live")
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--rounds", type=int, default=5, help="algorithms take turns this many times per size")
     ap.add_argument("--json", dest="json_path", default=None)
@@ -237,8 +297,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     th = None
     if a.thresholds_file is not None:
         th = thresholds_for(MPI.COMM_WORLD.Get_size(), load_thresholds(a.thresholds_file))
-    bench_allreduce(parse_sizes(a.sizes), [s.strip() for s in a.algos.split(",") if s.strip()],
-                    a.iters, a.json_path, thresholds=th, rounds=a.rounds)
+    algos = a.algos or ",".join(CUDA_ALGOS if a.device == "cuda" else DEFAULT_ALGOS)
+    bench_allreduce(parse_sizes(a.sizes), [s.strip() for s in algos.split(",") if s.strip()],
+                    a.iters, a.json_path, thresholds=th, rounds=a.rounds, device=a.device)
     return 0
 
 
