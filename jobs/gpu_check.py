@@ -66,7 +66,9 @@ class Ctx:
         self.t0 = time.monotonic()
         self.py = sys.executable
         self.mpiexec = shutil.which("mpiexec") or shutil.which("mpirun")
-        self.env = dict(os.environ, PYTHONUNBUFFERED="1")
+        # the checkout first on the path: the checks run this tree even where it could not be pip-installed
+        self.env = dict(os.environ, PYTHONUNBUFFERED="1",
+                        PYTHONPATH=os.pathsep.join([ROOT] + [p for p in [os.environ.get("PYTHONPATH")] if p]))
         self.env.setdefault("OMP_NUM_THREADS", "1" if self.dry else "4")
         if "Open MPI" in self._mpi_kind():
             self.env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1")

@@ -44,6 +44,11 @@ if [ ! -f "$VENV/.mpiinfer-gpu-ready" ]; then
   if "$BASE" -c "import sys, torch; sys.exit(0 if torch.version.cuda else 1)" 2>/dev/null; then
     echo "gpu_check.sh: $VENV on top of $BASE (CUDA torch $("$BASE" -c 'import torch; print(torch.__version__)'))"
     "$BASE" -m venv --system-site-packages "$VENV"
+    # when $BASE is itself a venv (the H200 image's python3 is /opt/torch/.venv), --system-site-packages reaches
+    # only the interpreter's own packages, not that venv's: a .pth file adds its site-packages (and their .pth files) after ours
+    SITE=$("$VENV/bin/python" -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")
+    "$BASE" -c "import site; print('import site; ' + '; '.join(f'site.addsitedir({d!r})' for d in site.getsitepackages()))" \
+      > "$SITE/_mpiinfer_gpu_base.pth"
   else
     echo "gpu_check.sh: $VENV with torch==${MPIINFER_GPU_TORCH:-2.13.0} and ${MPIINFER_GPU_CUPY:-cupy-cuda12x}"
     "$BASE" -m venv "$VENV"
@@ -55,7 +60,8 @@ if [ ! -f "$VENV/.mpiinfer-gpu-ready" ]; then
   fi
   # the project itself (editable, its missing dependencies from the wheels or the registries)
   if ! "$VENV/bin/python" -m pip install -q "${OFFLINE[@]}" -e ".[test]" 2>/dev/null; then
-    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e .
+    "$VENV/bin/python" -m pip install -q --no-deps --no-build-isolation -e . \
+      || echo "gpu_check.sh: mpiinfer not installed; the checks import it from this checkout (PYTHONPATH)"
   fi
   touch "$VENV/.mpiinfer-gpu-ready"
 fi
