@@ -31,6 +31,7 @@ import shutil
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -60,7 +61,10 @@ class Ctx:
         self.dry = args.dry_run
         self.device = "cpu" if self.dry else "cuda"
         self.out = os.path.abspath(args.out)
-        self.work = os.path.join(self.out, "work")
+        os.makedirs(self.out, exist_ok=True)
+        # checkpoints, inputs and outputs live apart from --out, which holds only the report (a device call
+        # brings back at most 8 files from $OUT: the 2.5 GB 1B checkpoint must not be among them)
+        self.work = os.path.abspath(args.work) if args.work else tempfile.mkdtemp(prefix="mpiinfer-gpu-check-")
         os.makedirs(self.work, exist_ok=True)
         self.budget = args.budget_s
         self.t0 = time.monotonic()
@@ -387,20 +391,21 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="run on CPU; report the CUDA-only parts as skipped")
     ap.add_argument("--out", default=os.environ.get("OUT") or os.path.join(ROOT, "runs", "gpu_check"))
+    ap.add_argument("--work", default=None, help="scratch directory (default: a new one under the temp dir)")
     ap.add_argument("--only", default="", help="comma list of check names (default: all)")
     ap.add_argument("--budget-s", type=float, default=480.0, help="checks that would start after this are skipped")
     ap.add_argument("--worker", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
     if a.worker:
         return worker(a.worker)
-    ctx = Ctx(a)
     only = {s.strip() for s in a.only.split(",") if s.strip()}
     unknown = only - {n for n, _ in CHECKS}
     if unknown:
         ap.error(f"unknown checks {sorted(unknown)}; choose from {[n for n, _ in CHECKS]}")
+    ctx = Ctx(a)
     mode = "dry run on CPU" if ctx.dry else "GPU"
-    print(f"gpu_check ({mode}): {len(only) or len(CHECKS)} checks, budget {ctx.budget:.0f} s, output {ctx.out}",
-          flush=True)
+    print(f"gpu_check ({mode}): {len(only) or len(CHECKS)} checks, budget {ctx.budget:.0f} s, report in {ctx.out}, "
+          f"scratch {ctx.work}", flush=True)
     results = []
     for name, fn in CHECKS:
         if only and name not in only and name != "env":
@@ -433,7 +438,10 @@ def main(argv=None):
     with open(path, "w") as f:
         json.dump(doc, f, indent=1)
     print(f"\nJSON: {path}")
-    return 1 if any(r["status"] == "FAIL" for r in results) else 0
+    failed = any(r["status"] == "FAIL" for r in results)
+    if not failed and not a.work:
+        shutil.rmtree(ctx.work, ignore_errors=True)        # kept when a check failed, to look at
+    return 1 if failed else 0
 
 
 def table(results, ctx):

@@ -2,7 +2,9 @@
 # Every GPU check in one run (at most 8 minutes on one GPU): one line per check, a summary table, JSON.
 #   bash jobs/gpu_check.sh                     # on a GPU node: makes .venv-gpu, then runs jobs/gpu_check.py
 #   bash jobs/gpu_check.sh --dry-run           # on CPU, in the project's .venv: the same logic, CUDA parts skipped
-#   bash jobs/gpu_check.sh --only env,tp2_dda  # some checks; --out DIR (default runs/gpu_check, or $OUT)
+#   bash jobs/gpu_check.sh --only env,tp2_dda  # some checks; --out DIR: the report (default runs/gpu_check, or
+#                                              # $OUT); --work DIR: scratch (default a new temp dir, removed when
+#                                              # every check passed)
 #   bash jobs/gpu_check.sh --fetch-wheels      # on a machine with pip access: download into .whl/ the wheels a GPU
 #                                              # node without internet needs (Python 3.12, manylinux x86-64)
 # The GPU environment is its own venv, never the CPU one (.venv):

@@ -22,8 +22,9 @@ def dry_run(tmp_path, *args, timeout=420):
 @pytest.mark.slow
 @pytest.mark.skipif(shutil.which("mpiexec") is None, reason="no mpiexec")
 def test_dry_run_every_check(tmp_path):
-    p = dry_run(tmp_path)
+    p = dry_run(tmp_path, "--work", str(tmp_path / "scratch"))
     assert p.returncode == 0, p.stdout + p.stderr
+    assert sorted(os.listdir(tmp_path)) == ["gpu_check.json", "scratch"]   # the report apart from the scratch
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     assert doc["mode"] == "dry run on CPU"
     by = {c["check"]: c for c in doc["checks"]}
@@ -55,7 +56,7 @@ def test_a_failing_check_is_reported_and_the_others_go_on(tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     (work / "models").write_text("not a directory")
-    p = dry_run(tmp_path, "--only", "parity_llama_fp32", timeout=120)
+    p = dry_run(tmp_path, "--only", "parity_llama_fp32", "--work", str(work), timeout=120)
     assert p.returncode == 1, p.stdout + p.stderr
     doc = json.loads((tmp_path / "gpu_check.json").read_text())
     st = {c["check"]: c for c in doc["checks"]}
