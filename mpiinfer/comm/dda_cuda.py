@@ -106,6 +106,36 @@ def cuda_aware_mpi(version: str = "", env=None, ompi_info=None) -> bool:
     return False
 
 
+def nccl_communicator(comm):
+    """(CuPy NCCL communicator over ``comm``, None) or (None, why not), the outcome agreed by every rank, so none
+    waits in a collective the others skipped (not built; ranks sharing a GPU: "Duplicate GPU detected")."""
+    uid = err = None
+    try:
+        from cupy.cuda import nccl
+        if comm.Get_rank() == 0:
+            uid = nccl.get_unique_id()
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    errs = [e for e in comm.allgather(err) if e]          # agreed before the collective constructor
+    if errs:
+        return None, errs[0]
+    uid = comm.bcast(uid, root=0)
+    nc = None
+    try:
+        nc = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
+    except Exception as e:
+        err = f"{type(e).__name__}: {e}"
+    errs = [e for e in comm.allgather(err) if e]
+    return (None, errs[0]) if errs else (nc, None)
+
+
+def nccl_dtype(dtype: torch.dtype):
+    """NCCL's code for a torch dtype (None: NCCL does not take it here)."""
+    from cupy.cuda import nccl
+    return {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
+            torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", None)}.get(dtype)
+
+
 def _ompi_info() -> str:
     try:
         return subprocess.run(["ompi_info", "--parsable", "--all"], capture_output=True, text=True,
@@ -245,35 +275,10 @@ class CudaDDAComm(CommWrapper):
 
         self.nccl = None
         if use_nccl is not False:
-            self.nccl, why = self._nccl_init(comm)
+            self.nccl, why = nccl_communicator(comm)
             if self.nccl is None and use_nccl:
                 raise RuntimeError(f"NCCL was asked for and could not start: {why}")
         self.node.Barrier()
-
-    def _nccl_init(self, comm):
-        """(NCCL communicator, None) or (None, why): the outcome agreed by every rank, so none waits in a
-        collective the others skipped (not built; ranks sharing a GPU: "Duplicate GPU detected")."""
-        uid = err = None
-        try:
-            from cupy.cuda import nccl
-            self._nccl_mod = nccl
-            if self._rank == 0:
-                uid = nccl.get_unique_id()
-        except Exception as e:
-            err = f"{type(e).__name__}: {e}"
-        errs = [e for e in comm.allgather(err) if e]          # agreed before the collective constructor
-        if errs:
-            return None, errs[0]
-        uid = comm.bcast(uid, root=0)
-        nc = None
-        try:
-            nc = nccl.NcclCommunicator(self._size, uid, self._rank)
-        except Exception as e:
-            err = f"{type(e).__name__}: {e}"
-        errs = [e for e in comm.allgather(err) if e]
-        if errs:
-            return None, errs[0]
-        return nc, None
 
     def set_algo(self, algo: str, thresholds: dict | None = None) -> None:
         if algo not in ALGOS:
@@ -335,10 +340,9 @@ class CudaDDAComm(CommWrapper):
     def _large(self, t: torch.Tensor, comm=None) -> torch.Tensor:
         """NCCL over the whole communicator, else MPI (CUDA-aware or host-staged)."""
         if comm is None and self.nccl is not None:
-            nccl = self._nccl_mod
-            code = {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
-                    torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", None)}.get(t.dtype)
+            code = nccl_dtype(t.dtype)
             if code is not None:
+                from cupy.cuda import nccl
                 self.nccl.allReduce(t.data_ptr(), t.data_ptr(), t.numel(), code, nccl.NCCL_SUM,
                                     torch.cuda.current_stream().cuda_stream)
                 return t
@@ -414,9 +418,7 @@ class CudaDDAComm(CommWrapper):
         nbytes = t.numel() * t.element_size()
         out = torch.empty((self._size,) + tuple(t.shape), dtype=t.dtype, device=t.device)
         if self.hierarchical or nbytes > self.capacity or self.algo == "mpi":
-            nccl = self._nccl_mod if self.nccl is not None else None
-            code = None if nccl is None else {torch.float32: nccl.NCCL_FLOAT32, torch.float16: nccl.NCCL_FLOAT16,
-                                              torch.bfloat16: getattr(nccl, "NCCL_BFLOAT16", None)}.get(t.dtype)
+            code = nccl_dtype(t.dtype) if self.nccl is not None else None
             if code is not None:
                 self.nccl.allGather(t.data_ptr(), out.data_ptr(), t.numel(), code,
                                     torch.cuda.current_stream().cuda_stream)

@@ -93,6 +93,10 @@ class ModelRunner:
         if pool < MIN_KV_TOKENS:
             raise ConfigError(f"--kv-budget {budget} bytes holds only {pool} tokens ({per_tok} bytes per token); "
                               "raise it")
+        return self._kv_cache(pool)
+
+    def _kv_cache(self, pool: int) -> KVCache:
+        """A KV cache of ``pool`` token rows of this rank's KV heads."""
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
         return KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, self.device.torch)
 
@@ -106,12 +110,8 @@ class ModelRunner:
         from mpi4py import MPI
         pool = comm.allreduce(self.kv.pool_tokens, op=MPI.MIN)
         if pool < self.kv.pool_tokens:
-            kv = self.kv
-            self.kv = None
-            del kv
-            k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
-            self.kv = KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype,
-                              self.device.torch)
+            self.kv = None                   # the larger cache is freed before the smaller one is made
+            self.kv = self._kv_cache(pool)
 
     @property
     def pool_tokens(self) -> int:

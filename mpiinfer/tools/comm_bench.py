@@ -85,26 +85,13 @@ def _time(op, x, iters: int, warmup: int, comm, ts: list) -> None:
         ts.append(clock() - t0)
 
 
-def _nccl(comm):
-    """(CuPy NCCL communicator over ``comm``, None) or (None, why not): agreed by every rank."""
-    err = None
-    nc = None
-    try:
-        from cupy.cuda import nccl
-        uid = comm.bcast(nccl.get_unique_id() if comm.Get_rank() == 0 else None, root=0)
-        nc = nccl.NcclCommunicator(comm.Get_size(), uid, comm.Get_rank())
-    except Exception as e:                       # not built, or ranks share a GPU ("Duplicate GPU detected")
-        err = f"{type(e).__name__}: {e}"
-    errs = [x for x in comm.allgather(err) if x]
-    return (nc, None) if not errs else (None, errs[0])
-
-
 def _nccl_op(nc):
     from cupy.cuda import nccl
-    codes = {torch.float32: nccl.NCCL_FLOAT32}
+
+    from ..comm.dda_cuda import nccl_dtype
 
     def op(t):
-        nc.allReduce(t.data_ptr(), t.data_ptr(), t.numel(), codes[t.dtype], nccl.NCCL_SUM,
+        nc.allReduce(t.data_ptr(), t.data_ptr(), t.numel(), nccl_dtype(t.dtype), nccl.NCCL_SUM,
                      torch.cuda.current_stream().cuda_stream)
     return op
 
@@ -152,7 +139,10 @@ def bench_allreduce(sizes: Sequence[int] | None = None, algos: Sequence[str] = D
         else:
             dda = DDAComm(comm, max_bytes=max(sizes), thresholds=thresholds)
     dist = _init_gloo(comm) if "gloo" in algos else None
-    nc, nccl_err = _nccl(comm) if "nccl" in algos else (None, None)
+    nc, nccl_err = None, None
+    if "nccl" in algos:
+        from ..comm.dda_cuda import nccl_communicator
+        nc, nccl_err = nccl_communicator(comm)
     skipped = {"nccl": nccl_err} if nccl_err else {}
     timed = [a for a in algos if a not in skipped]
     rows = []
