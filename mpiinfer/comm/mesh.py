@@ -132,10 +132,18 @@ def _cuda_dda(tp_comm, allreduce: str, kw: dict):
         err = f"CuPy is not importable ({e}; pip install cupy-cuda12x)"
     errs = [e for e in tp_comm.allgather(err) if e]
     if not errs:
+        dda = None
         try:
-            return CudaDDAComm(tp_comm, algo=allreduce, **kw)
-        except RuntimeError as e:        # raised by every rank of the node together (IPC mapping refused)
-            errs = [str(e)]
+            dda = CudaDDAComm(tp_comm, algo=allreduce, **kw)
+        except RuntimeError as e:        # raised by every rank of a node together (IPC mapping refused)
+            err = str(e)
+        # agreed over the whole group: a TP group spanning nodes where only one node's GPUs refuse falls back
+        # everywhere (the nodes that built one release it together, as they built it)
+        errs = [e for e in tp_comm.allgather(err) if e]
+        if not errs:
+            return dda
+        if dda is not None:
+            dda.close()
     if allreduce == "dda":
         raise ConfigError(f"--allreduce dda on CUDA: {errs[0]}")
     logging.getLogger("mpiinfer").warning("TP allreduce: MPI through host memory (%s)", errs[0])
