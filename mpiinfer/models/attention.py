@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native as native_kernels
 from ..comm.mesh import Mesh
 from ..config import ModelConfig
 from ..parallel.linear import ColumnParallelLinear, Part, RowParallelLinear
@@ -40,7 +41,7 @@ from ..parallel.ring import (
     ring_attention,
 )
 from ..parallel.shard import kv_heads_for_rank, q_heads_for_rank
-from .layers import RMSNorm, Rotary
+from .layers import RMSNorm, RopeTables, Rotary
 from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 
 # One-token decodes are attended together (``Attention._attend_decodes``) when there are at least
@@ -67,6 +68,7 @@ class SharedGroup(NamedTuple):
     start: int
     length: int
     tails: list
+    tails_native: native_kernels.DecodeRuns | None = None    # the tails for ``native.decode_attention``
 
 
 def shared_groups(batch: StepBatch, window, taken=frozenset()) -> list:
@@ -140,15 +142,34 @@ class AttentionPlan:
                                                      # its cache is one run, else its rows' index tensor)
     ring: list = field(default_factory=list)         # (sequence index, RingPlan) of CP prompts
     cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
+    native: native_kernels.DecodeRuns | None = None  # CPU: every other local decode, in one C kernel call
+    use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
     @staticmethod
     def build(batch: StepBatch, cp_comm, window: int | None, row_bytes: int,
-              group_decodes: bool, device=None) -> AttentionPlan:
-        """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``)."""
+              group_decodes: bool, device=None, use_native: bool = False) -> AttentionPlan:
+        """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``).
+        ``use_native``: the CPU kernels (``mpiinfer.native``) rotate and store K/V and attend every local one-token
+        decode not in a shared-prefix group (sliding windows included), in place of the decode group and loop."""
         shared = shared_groups(batch, window) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)
+        if use_native:
+            q_rows, runs, skip = [], [], []
+            for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len)):
+                if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL:
+                    q_rows.append(batch.q_start[i])
+                    runs.append(batch.extents(i))
+                    skip.append(max(0, kl - window) if window is not None else 0)
+            taken = taken | frozenset(i for i, (ql, _) in enumerate(zip(batch.q_len, batch.kv_len))
+                                      if ql == 1 and batch.seq_mode(i) == MODE_LOCAL)
+            group_decodes = False
         plan = AttentionPlan(batch, decode_group(batch, window, row_bytes, taken) if group_decodes else None,
                              shared=[g._replace(rows=g.rows.to(device)) if device is not None else g for g in shared])
+        if use_native:
+            plan.use_native = True
+            plan.native = native_kernels.DecodeRuns(q_rows, runs, skip)
+            plan.shared = [g._replace(tails_native=native_kernels.DecodeRuns(
+                [batch.q_start[i] for i in g.seqs], g.tails, None)) for g in plan.shared]
         if plan.group is not None and device is not None:
             plan.group = DecodeGroup(plan.group.seqs, plan.group.rows.to(device), plan.group.idx.to(device),
                                      plan.group.invalid.to(device))
@@ -205,22 +226,31 @@ class Attention(nn.Module):
         self.qkv.pack()
         self.o.pack()
 
-    def forward(self, x, plan: AttentionPlan, rope, k_cache, v_cache, write_index):
+    def forward(self, x, plan: AttentionPlan, rope: RopeTables, k_cache, v_cache, write_index):
         T, hd = x.shape[0], self.head_dim
+        nq, nkv = self.n_q * hd, self.n_kv * hd
         qkv = self.qkv(x)                                            # (T, (n_q + 2 n_kv) * hd)
-        q = qkv[:, :self.n_q * hd].view(T, self.n_q, hd)
-        k = qkv[:, self.n_q * hd:(self.n_q + self.n_kv) * hd].view(T, self.n_kv, hd)
-        v = qkv[:, (self.n_q + self.n_kv) * hd:].view(T, self.n_kv, hd)
+        q2, k2, v2 = qkv[:, :nq], qkv[:, nq:nq + nkv], qkv[:, nq + nkv:]
         if self.q_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        cos, sin = rope
-        q, k = Rotary.apply(q, cos, sin), Rotary.apply(k, cos, sin)   # (T, heads, hd)
-        k_cache.index_copy_(1, write_index, k.transpose(0, 1))          # cache: (n_kv, pool, hd)
-        v_cache.index_copy_(1, write_index, v.transpose(0, 1))
+            q2 = self.q_norm(q2.view(T, self.n_q, hd)).view(T, nq)
+            k2 = self.k_norm(k2.view(T, self.n_kv, hd)).view(T, nkv)
+        if plan.use_native:
+            # RoPE on q and k in place, then k and v into the cache (n_kv, pool, hd): one C call
+            native_kernels.rope_store(q2, k2, v2, rope.positions, rope.table_cos, rope.table_sin, k_cache, v_cache,
+                                      write_index)
+            q = q2.view(T, self.n_q, hd)
+        else:
+            q = Rotary.apply(q2.view(T, self.n_q, hd), rope.cos, rope.sin)    # (T, heads, hd)
+            k = Rotary.apply(k2.view(T, self.n_kv, hd), rope.cos, rope.sin)
+            k_cache.index_copy_(1, write_index, k.transpose(0, 1))          # cache: (n_kv, pool, hd)
+            v_cache.index_copy_(1, write_index, v2.view(T, self.n_kv, hd).transpose(0, 1))
         out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
         b = plan.batch
+        if plan.native is not None:
+            native_kernels.decode_attention(q.view(T, nq), k_cache, v_cache, plan.native, self.scale,
+                                            out.view(T, nq), self.n_q)
         for g in plan.shared:
-            self._attend_shared(q, k_cache, v_cache, out, g)
+            self._attend_shared(q, k_cache, v_cache, out, g, plan.use_native)
         if plan.group is not None:
             self._attend_decodes(q, k_cache, v_cache, out, *plan.group[1:])
         if plan.decodes:
@@ -294,10 +324,11 @@ class Attention(nn.Module):
                 p = torch.softmax(s.float() * self.scale, dim=-1).to(v_cache.dtype)
                 o4[r] = torch.matmul(p, V)
 
-    def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup):
+    def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup, use_native: bool = False):
         """One-token decodes of G sequences whose caches begin with the same ``g.length`` rows: those rows are
         scored and summed once for all G x group query heads (one matmul each, no copy), each sequence's own
-        rows after them one by one; the two partial softmaxes (max, sum, weighted values) merge exactly."""
+        rows after them one by one (``use_native``: all in one ``native.decode_attention`` call continuing from
+        the shared part's state); the two partial softmaxes (max, sum, weighted values) merge exactly."""
         G, hd, grp = len(g.seqs), self.head_dim, self.group
         a, n = g.start, g.length
         qg = q[g.rows].view(G, self.n_kv, grp, hd).transpose(0, 1).reshape(self.n_kv, G * grp, hd)
@@ -306,6 +337,14 @@ class Attention(nn.Module):
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
         num = torch.matmul(p.to(v_cache.dtype), v_cache[:, a:a + n]).float()           # (n_kv, G*grp, hd)
+        if use_native:
+            # state per decode and query head, KV head by KV head: (G, n_q) and (G, n_q, hd)
+            per = lambda t: t.view(self.n_kv, G, grp, -1).transpose(0, 1).reshape(G, self.n_q, -1)
+            T = q.shape[0]
+            native_kernels.decode_attention(q.view(T, self.n_q * hd), k_cache, v_cache, g.tails_native, self.scale,
+                                            out.view(T, self.n_q * hd), self.n_q,
+                                            init=(per(m), per(den), per(num)))
+            return
         for j, runs in enumerate(g.tails):
             if not runs:
                 continue

@@ -7,6 +7,7 @@ gate/up, row-parallel down: its allreduce over ``mesh.tp_reduce`` is the one in 
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -55,6 +56,17 @@ def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
     return inv
 
 
+class RopeTables(NamedTuple):
+    """One step's rotary tables: ``cos`` / ``sin`` (T, 1, head_dim) of the step's positions in the model dtype
+    (for ``Rotary.apply``), and the float32 tables ``table_cos`` / ``table_sin`` (positions, head_dim) with the
+    step's ``positions`` (T,) (for ``native.rope_store``, which rounds them as ``apply`` does)."""
+    cos: torch.Tensor
+    sin: torch.Tensor
+    positions: torch.Tensor
+    table_cos: torch.Tensor
+    table_sin: torch.Tensor
+
+
 class Rotary:
     """cos/sin tables grown on demand; ``apply`` rotates (T, heads, head_dim) by true positions."""
 
@@ -63,7 +75,7 @@ class Rotary:
         self.cos = self.sin = None
         self.device = device
 
-    def tables(self, positions: torch.Tensor, dtype: torch.dtype):
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> RopeTables:
         need = int(positions.max()) + 1 if positions.numel() else 1
         if self.cos is None or self.cos.shape[0] < need:
             n = max(need, 2 * (self.cos.shape[0] if self.cos is not None else 2048))
@@ -71,7 +83,8 @@ class Rotary:
             freqs = t[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)     # (n, head_dim)
             self.cos, self.sin = emb.cos(), emb.sin()
-        return self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :]
+        return RopeTables(self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :],
+                          positions, self.cos, self.sin)
 
     @staticmethod
     def apply(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

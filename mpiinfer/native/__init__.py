@@ -1,0 +1,207 @@
+"""CPU kernels in C for the per-token work between the matmuls (``kernels.c`` beside this file).
+
+Owns: building ``kernels.c`` once per machine type into a shared library (``cc -O3 -march=native -fopenmp``,
+cached under ``$MPIINFER_CACHE`` or ``~/.cache/mpiinfer``, keyed by the source, the compiler and the CPU's flags:
+nodes of another CPU type sharing a home directory build their own), loading it with ctypes, and two calls on
+contiguous CPU tensors of float32 or bfloat16:
+
+* ``decode_attention``: one-token decode attention of many sequences over a paged KV cache, reading each cache
+  run where it lies (no gather, no Python loop over sequences): one OpenMP item per (sequence, KV head);
+* ``rope_store``: rotary embedding of q and k in place and the step's K/V rows written into the cache (what
+  ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit).
+
+Why: at batch 200+ the decode attention as a loop of torch calls cost as much as all the matmuls of a step (2
+bmm + softmax per sequence and layer, ~10 us each; SmolLM2-135M at 222 sequences: ~200 ms a step of ~400).
+
+``available()`` is False when no C compiler works (or ``MPIINFER_NATIVE=0``): the models then use their torch
+paths, which stay the reference for these kernels in the tests.  The build is one compiler call (< 2 s); ranks
+building at once write their own temporary file and rename it into place.
+"""
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger("mpiinfer")
+
+SRC = Path(__file__).with_name("kernels.c")
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+MAX_GROUP = 64          # query heads per KV head the decode kernel holds (kernels.c's l[64])
+
+_LIB: list = []          # [ctypes.CDLL or None], once tried
+_I64, _F32 = ctypes.c_int64, ctypes.c_float
+_P, _INT = ctypes.c_void_p, ctypes.c_int
+
+
+def _cpu_key() -> str:
+    """The CPU's model and flags (what -march=native compiles for)."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+        return "\n".join(sorted({ln for ln in lines if ln.startswith(("model name", "flags"))}))
+    except OSError:
+        import platform
+        return platform.processor() + platform.machine()
+
+
+def _cache_dir() -> Path:
+    base = os.environ.get("MPIINFER_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "mpiinfer")
+    return Path(base) / "native"
+
+
+def _build() -> Path | None:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    if cc is None:
+        log.info("native kernels off: no C compiler (cc / gcc / $CC) found; using the torch paths")
+        return None
+    try:
+        version = subprocess.run([cc, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("native kernels off: %s --version failed (%s)", cc, e)
+        return None
+    src = SRC.read_bytes()
+    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_key().encode()]))
+    out = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
+    os.close(fd)
+    try:
+        p = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
+        if p.returncode != 0:
+            log.warning("native kernels off: %s failed to build %s:\n%s", cc, SRC, p.stderr[-2000:])
+            return None
+        os.replace(tmp, out)           # atomic: another rank building the same file is harmless
+        return out
+    except (OSError, subprocess.SubprocessError) as e:
+        log.warning("native kernels off: building %s failed (%s)", SRC, e)
+        return None
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _lib():
+    if not _LIB:
+        lib = None
+        if os.environ.get("MPIINFER_NATIVE", "1") not in ("0", "off", "no"):
+            so = _build()
+            if so is not None:
+                try:
+                    lib = ctypes.CDLL(str(so))
+                    lib.decode_attention.restype = None
+                    lib.decode_attention.argtypes = [
+                        _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _P, _P, _I64, _F32, _P, _I64,
+                        _P, _P, _P, _INT, _INT]
+                    lib.rope_store.restype = None
+                    lib.rope_store.argtypes = [
+                        _P, _I64, _INT, _P, _I64, _P, _I64, _INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P,
+                        _INT, _INT]
+                except OSError as e:
+                    log.warning("native kernels off: loading %s failed (%s)", so, e)
+                    lib = None
+        _LIB.append(lib)
+    return _LIB[0]
+
+
+def available() -> bool:
+    """The kernels are built and loaded (False: no compiler, a failed build, or MPIINFER_NATIVE=0)."""
+    return _lib() is not None
+
+
+def usable(device: torch.device, dtype: torch.dtype) -> bool:
+    """The kernels serve tensors of ``dtype`` on ``device``."""
+    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()
+
+
+def _bf16(t: torch.Tensor) -> int:
+    if t.dtype == torch.bfloat16:
+        return 1
+    if t.dtype == torch.float32:
+        return 0
+    raise TypeError(f"native kernels take float32 or bfloat16, not {t.dtype}")
+
+
+def _rows(t: torch.Tensor, width: int) -> int:
+    """The row stride of a (T, >= width) view whose rows are each contiguous."""
+    if t.dim() != 2 or t.stride(1) != 1 or t.shape[1] < width:
+        raise ValueError(f"expected a (T, {width}) view with contiguous rows, got shape {tuple(t.shape)} "
+                         f"strides {t.stride()}")
+    return t.stride(0)
+
+
+class DecodeRuns:
+    """The one-token decodes a step attends with ``decode_attention``, as the kernel reads them: packed query
+    rows (B,), each sequence's cache runs (``run_off`` (B + 1,), ``runs`` (R, 2) of start, rows), the rows a
+    sliding window leaves out at the start (``skip`` (B,) or None) and the longest attended length."""
+
+    def __init__(self, q_rows: list, run_lists: list, skip: list | None):
+        self.n = len(q_rows)
+        self.q_rows = torch.tensor(q_rows, dtype=torch.int64)
+        off, flat = [0], []
+        for runs in run_lists:
+            for a, n in runs:
+                flat += (a, n)
+            off.append(len(flat) // 2)
+        self.run_off = torch.tensor(off, dtype=torch.int64)
+        self.runs = torch.tensor(flat, dtype=torch.int64)
+        self.skip = None if skip is None or not any(skip) else torch.tensor(skip, dtype=torch.int64)
+        lengths = [sum(n for _, n in runs) - (skip[i] if skip else 0) for i, runs in enumerate(run_lists)]
+        self.max_rows = max(lengths, default=0)
+
+
+def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeRuns, scale: float,
+                     out: torch.Tensor, n_q: int, init=None) -> None:
+    """Write the attention of each decode's ``n_q`` query heads (at ``q[d.q_rows]``, heads ordered KV head by KV
+    head) over its cache runs into ``out[d.q_rows]``.  q, out: (T, >= n_q * hd) with contiguous rows; caches:
+    (n_kv, pool, hd) contiguous.  ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode
+    and query head ((B, n_q), (B, n_q), (B, n_q, hd)), to continue from."""
+    if d.n == 0:
+        return
+    n_kv, pool, hd = k_cache.shape
+    grp = n_q // n_kv
+    if grp > MAX_GROUP or n_q % n_kv:
+        raise ValueError(f"{n_q} query heads over {n_kv} KV heads: the kernel takes at most {MAX_GROUP} a KV head")
+    bf = _bf16(k_cache)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not (q.dtype == k_cache.dtype == out.dtype):
+        raise ValueError("decode_attention needs contiguous caches and q, caches and out of one dtype")
+    qs, os_ = _rows(q, n_q * hd), _rows(out, n_q * hd)
+    im = il = ia = None
+    if init is not None:
+        m, l, acc = (t.contiguous() for t in init)
+        im, il, ia = m.data_ptr(), l.data_ptr(), acc.data_ptr()
+    _lib().decode_attention(
+        q.data_ptr(), qs, k_cache.data_ptr(), v_cache.data_ptr(), pool, n_kv, grp, hd, d.n, d.q_rows.data_ptr(),
+        d.run_off.data_ptr(), d.runs.data_ptr(), d.skip.data_ptr() if d.skip is not None else None, d.max_rows,
+        scale, out.data_ptr(), os_, im, il, ia, bf, torch.get_num_threads())
+
+
+def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
+               sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, write_index: torch.Tensor) -> None:
+    """Rotate q (T, n_q * hd) and k (T, n_kv * hd) in place by ``positions`` with the float32 tables ``cos`` /
+    ``sin`` (positions, hd), then write k and v (T, n_kv * hd) into the caches (n_kv, pool, hd) at rows
+    ``write_index`` (T,).  Views with contiguous rows (e.g. slices of the fused qkv output)."""
+    n_kv, pool, hd = k_cache.shape
+    T = q.shape[0]
+    if T == 0:
+        return
+    n_q = q.shape[1] // hd
+    bf = _bf16(k_cache)
+    if not (q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError("rope_store: q, k, v and the caches must have one dtype")
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
+            and cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == hd):
+        raise ValueError("rope_store: contiguous caches, and float32 (positions, head_dim) tables")
+    pos = positions.contiguous()
+    widx = write_index.contiguous()
+    _lib().rope_store(q.data_ptr(), _rows(q, n_q * hd), n_q, k.data_ptr(), _rows(k, n_kv * hd), v.data_ptr(),
+                      _rows(v, n_kv * hd), n_kv, hd, T, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
+                      k_cache.data_ptr(), v_cache.data_ptr(), pool, widx.data_ptr(), bf, torch.get_num_threads())

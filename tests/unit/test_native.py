@@ -1,0 +1,190 @@
+"""The C kernels (``mpiinfer.native``) against the torch paths they replace, and the engine on them against
+transformers (with shared-prefix groups, sliding windows, q/k norms and bfloat16), and without them."""
+import pytest
+import torch
+
+from mpiinfer import native
+from mpiinfer.comm.mesh import Mesh
+from mpiinfer.config import EngineConfig, SamplingParams
+from mpiinfer.device import Device
+from mpiinfer.engine.generate import Engine
+from mpiinfer.engine.runner import ModelRunner
+from mpiinfer.messages import Request
+from mpiinfer.models import attention
+from mpiinfer.models.attention import Attention
+from mpiinfer.models.layers import Rotary
+from mpiinfer.tokenizer import Tokenizer
+
+from ..reference import hf_greedy
+from .test_prefix_cache import shared_prefix_prompts
+
+pytestmark = pytest.mark.skipif(not native.available(), reason="no C compiler: the native kernels are off")
+
+
+def _runs(g, pool, count):
+    out = []
+    for _ in range(count):
+        runs = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            n = int(torch.randint(1, 40, (1,), generator=g))
+            runs.append((int(torch.randint(0, pool - n, (1,), generator=g)), n))
+        out.append(runs)
+    return out
+
+
+def _reference(q, kc, vc, rows, scale):
+    """Attention of one decode's query heads (n_q, hd) over the cache rows ``rows``, in float64."""
+    n_kv, _, hd = kc.shape
+    K, V = kc[:, rows].double(), vc[:, rows].double()
+    qg = q.double().view(n_kv, -1, hd)
+    p = torch.softmax(qg @ K.transpose(1, 2) * scale, dim=-1)
+    return (p @ V).reshape(-1, hd)
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("grp", [1, 3, 8])
+def test_decode_attention_over_paged_runs(dtype, tol, grp):
+    g = torch.Generator().manual_seed(grp)
+    n_kv, hd, pool, T = 2, 32, 300, 14
+    n_q = n_kv * grp
+    kc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    qkv = torch.randn(T, (n_q + 2 * n_kv) * hd, generator=g).to(dtype)   # q as a strided slice of it
+    q = qkv[:, :n_q * hd]
+    runs = _runs(g, pool, 9)
+    q_rows = [1, 2, 3, 5, 6, 8, 9, 11, 13]
+    rows = [torch.cat([torch.arange(a, a + n) for a, n in r]) for r in runs]
+    skip = [0, 0, max(0, len(rows[2]) - 7), 0, len(rows[4]) - 1, 0, 0, 3 if len(rows[7]) > 3 else 0, 0]  # windows
+    out = torch.full((T, n_q * hd), float("nan"), dtype=dtype)
+    native.decode_attention(q, kc, vc, native.DecodeRuns(q_rows, runs, skip), 0.3, out, n_q)
+    for i, r in enumerate(q_rows):
+        want = _reference(q[r], kc, vc, rows[i][skip[i]:], 0.3)
+        got = out[r].view(n_q, hd).double()
+        assert torch.allclose(got, want, atol=tol, rtol=tol), i
+    untouched = sorted(set(range(T)) - set(q_rows))
+    assert torch.isnan(out[untouched].float()).all()          # only the decodes' rows are written
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+def test_decode_attention_continues_a_shared_prefix_state(dtype, tol):
+    """init = (max, sum, weighted values) of rows attended elsewhere: the result is attention over those rows
+    and the sequence's own ones together (a sequence with no rows of its own included)."""
+    g = torch.Generator().manual_seed(7)
+    n_kv, grp, hd, pool = 2, 4, 16, 200
+    n_q = n_kv * grp
+    kc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    q = torch.randn(3, n_q * hd, generator=g).to(dtype)
+    prefix = torch.arange(100, 140)
+    tails = [[(10, 5), (60, 9)], [], [(150, 30)]]
+    s = (q.view(3, n_kv, grp, hd).float() @ kc[:, prefix].float().transpose(1, 2).unsqueeze(0)) * 0.25
+    m = s.amax(-1)                                            # (3, n_kv, grp)
+    p = torch.exp(s - m[..., None])
+    init = (m.reshape(3, n_q), p.sum(-1).reshape(3, n_q), (p @ vc[:, prefix].float().unsqueeze(0)).reshape(3, n_q, hd))
+    out = torch.zeros(3, n_q * hd, dtype=dtype)
+    native.decode_attention(q, kc, vc, native.DecodeRuns([0, 1, 2], tails, None), 0.25, out, n_q, init=init)
+    for i, t in enumerate(tails):
+        rows = torch.cat([prefix] + [torch.arange(a, a + n) for a, n in t])
+        assert torch.allclose(out[i].view(n_q, hd).double(), _reference(q[i], kc, vc, rows, 0.25), atol=tol), i
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rope_store_is_bit_identical_to_the_torch_path(dtype):
+    g = torch.Generator().manual_seed(3)
+    n_q, n_kv, hd, pool, T = 6, 2, 64, 50, 9
+    qkv = torch.randn(T, (n_q + 2 * n_kv) * hd, generator=g).to(dtype)
+    pos = torch.tensor([0, 1, 2, 3, 40, 41, 1000, 7, 7])
+    inv = 1.0 / (500000.0 ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.arange(1024).float()[:, None] * inv[None, :]
+    emb = torch.cat((emb, emb), dim=-1)
+    cos, sin = emb.cos(), emb.sin()
+    widx = torch.tensor([3, 4, 5, 6, 7, 8, 49, 49, 49])      # the last three: a scratch row, written thrice
+    kc, vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype), torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    a, kc_a, vc_a = qkv.clone(), kc.clone(), vc.clone()
+    native.rope_store(a[:, :n_q * hd], a[:, n_q * hd:(n_q + n_kv) * hd], a[:, (n_q + n_kv) * hd:], pos, cos, sin,
+                      kc_a, vc_a, widx)
+    c, s = cos[pos].to(dtype)[:, None], sin[pos].to(dtype)[:, None]
+    q = Rotary.apply(qkv[:, :n_q * hd].view(T, n_q, hd), c, s)
+    k = Rotary.apply(qkv[:, n_q * hd:(n_q + n_kv) * hd].view(T, n_kv, hd), c, s)
+    v = qkv[:, (n_q + n_kv) * hd:].view(T, n_kv, hd)
+    assert torch.equal(a[:, :n_q * hd].view(T, n_q, hd), q)
+    assert torch.equal(a[:, n_q * hd:(n_q + n_kv) * hd].view(T, n_kv, hd), k)
+    assert torch.equal(a[:, (n_q + n_kv) * hd:], qkv[:, (n_q + n_kv) * hd:])         # v read, not changed
+    kc_b, vc_b = kc.clone(), vc.clone()
+    kc_b[:, widx[:6]], vc_b[:, widx[:6]] = k[:6].transpose(0, 1), v[:6].transpose(0, 1)
+    assert torch.equal(kc_a[:, :49], kc_b[:, :49]) and torch.equal(vc_a[:, :49], vc_b[:, :49])
+
+
+def test_without_a_compiler_the_torch_paths_run(monkeypatch, tmp_path, model_dirs):
+    """No C compiler: available() is False, the model takes its torch paths, and the engine still runs."""
+    monkeypatch.setattr(native, "_LIB", [])
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-cc"))
+    monkeypatch.setenv("MPIINFER_CACHE", str(tmp_path / "cache"))
+    assert not native.available()
+    d = model_dirs("llama")
+    runner = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 22), Mesh.single(), Device("cpu"))
+    assert runner.model.use_native is False
+    res = list(Engine(runner, Tokenizer(d)).generate([Request(0, 0, SamplingParams(max_tokens=4),
+                                                              prompt_token_ids=[5, 6, 7])]))
+    assert res[0].error is None and len(res[0].token_ids) == 4
+
+
+def _engine_run(d, prompts, dtype="float32", new=24):
+    runner = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 24, prefix_min_blocks=1, dtype=dtype), Mesh.single(),
+                         Device("cpu"))
+    eng = Engine(runner, Tokenizer(d), max_batch=len(prompts), step_tokens=48)
+    sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
+    res = sorted(eng.generate([Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]),
+                 key=lambda r: r.index)
+    return res, runner.model.use_native
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": 40})])
+def test_engine_on_the_kernels_matches_transformers(arch, overrides, model_dirs, monkeypatch):
+    """Shared-prefix groups formed (their threshold lowered to 16 rows), paged runs, windows; then the same with
+    the kernels off (the torch paths CUDA takes): both exactly transformers' tokens, logprobs within 1e-4."""
+    d = model_dirs(arch, **overrides)
+    prompts = shared_prefix_prompts(Tokenizer(d).vocab_size, seed=5)
+    ref = hf_greedy(d, prompts, 24)
+    monkeypatch.setattr(attention, "SHARED_MIN_ROWS", 16)
+    groups = []
+    real = Attention._attend_shared
+    monkeypatch.setattr(Attention, "_attend_shared", lambda self, *a: groups.append(a[4]) or real(self, *a))
+    for use in (True, False):
+        if not use:
+            monkeypatch.setattr(native, "usable", lambda *a: False)
+        groups.clear()
+        res, used = _engine_run(d, prompts)
+        assert used is use and groups, (use, groups)
+        for i, ((toks, lps), r) in enumerate(zip(ref, res)):
+            assert r.token_ids == toks, (use, i)
+            assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4, (use, i)
+
+
+def _agreement(res, ref):
+    """Tokens before each sequence's first token unlike the reference's, and the largest logprob difference over
+    them (their contexts are the same)."""
+    common, worst = 0, 0.0
+    for r, (toks, lps) in zip(res, ref):
+        n = next((i for i, (x, y) in enumerate(zip(r.token_ids, toks)) if x != y), len(toks))
+        common += n
+        worst = max([worst] + [abs(x - y) for x, y in zip(r.logprobs[:n], lps[:n])])
+    return common, worst
+
+
+def test_bfloat16_on_the_kernels_is_as_close_to_transformers_as_the_torch_paths(model_dirs, monkeypatch):
+    """bfloat16 against transformers in float32: near ties of a random tiny model flip in either path, so the
+    logprobs are compared where the contexts are still the same (up to each sequence's first differing token):
+    the kernels (float32 accumulation) are within bfloat16's tolerance (0.15, as jobs/gpu_check.py) and no
+    further than torch's bfloat16 path (measured 0.122 vs 0.121)."""
+    d = model_dirs("qwen2")
+    prompts = shared_prefix_prompts(Tokenizer(d).vocab_size, seed=6)
+    ref = hf_greedy(d, prompts, 16)
+    on, used = _engine_run(d, prompts, dtype="bfloat16", new=16)
+    assert used
+    monkeypatch.setattr(native, "usable", lambda *a: False)
+    off, used = _engine_run(d, prompts, dtype="bfloat16", new=16)
+    assert not used
+    (c_on, w_on), (c_off, w_off) = _agreement(on, ref), _agreement(off, ref)
+    assert c_on >= 4 * len(prompts) and c_off >= 4 * len(prompts), (c_on, c_off)    # not a vacuous comparison
+    assert w_on < 0.15 and w_off < 0.15 and w_on < w_off + 0.02, (w_on, w_off)
