@@ -11,8 +11,8 @@ log (``run_vllm_batch.sh``).  Start-up of each is reported apart.  Every system'
 
 Concurrency (``--old-tree``, a checkout of an engine before paged KV, e.g. ``git worktree add /tmp/base
 c1f85c1``): the first ``--conc-n`` prompts through each engine in-process under the same ``--conc-budget``,
-``--max-batch 256``, 1 thread; the number of sequences holding KV cache, averaged over the first
-``--conc-steps`` steps (and their maximum).  The old engine reserves prompt + max_tokens rows per sequence up
+``--max-batch 256``, 1 thread, every request at ``max_tokens`` = each of ``--conc-max-tokens``; the number of
+sequences holding KV cache, averaged over the first ``--conc-steps`` steps (and their maximum).  The old engine reserves prompt + max_tokens rows per sequence up
 front; the paged one takes blocks as tokens are written.
 
 JSON: ``benchmarks/results/bulk.json``.
@@ -97,13 +97,14 @@ from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request
 from mpiinfer.tokenizer import Tokenizer
 model, inp, budget, n, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+max_tokens = int(sys.argv[6])
 torch.set_num_threads(1)
 runner = ModelRunner(model, EngineConfig(kv_budget_bytes=budget, max_batch=256), Mesh.single(), Device("cpu"))
 tok = Tokenizer(model)
 eng = Engine(runner, tok, max_batch=256)
 recs = [json.loads(x) for x in open(inp)][:n]
 for i, r in enumerate(recs):
-    sp = SamplingParams(max_tokens=r["max_tokens"])
+    sp = SamplingParams(max_tokens=max_tokens)
     res = eng.add(Request(i, r["id"], sp, messages=r["messages"]))
     assert res is None or res.error is None, res
 counts = []
@@ -117,11 +118,11 @@ print(json.dumps({"package": mpiinfer.__file__, "pool_tokens": runner.pool_token
 """
 
 
-def concurrency(tree, model, inp, budget, n, steps):
+def concurrency(tree, model, inp, budget, n, steps, max_tokens):
     # ``python -c`` puts its working directory first on sys.path: run it in the tree to be measured
     tree = os.path.abspath(tree or ROOT)
     _, p = sh([sys.executable, "-c", CONC_DRIVER, os.path.abspath(model), os.path.abspath(inp), str(budget), str(n),
-               str(steps)], env={"PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}, cwd=tree)
+               str(steps), str(max_tokens)], env={"PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}, cwd=tree)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     if not r["package"].startswith(tree + os.sep):
         raise RuntimeError(f"measured {r['package']}, not the engine in {tree}")
@@ -138,6 +139,9 @@ def main(argv=None):
     ap.add_argument("--conc-n", type=int, default=256)
     ap.add_argument("--conc-steps", type=int, default=150)
     ap.add_argument("--conc-budget", type=int, default=256 << 20)
+    ap.add_argument("--conc-max-tokens", type=int, nargs="+", default=[128],
+                    help="max_tokens of every request in the concurrency runs, one pair of runs each (benchmark 1: "
+                         "128; the issue's example of answers much shorter than max_tokens: 512)")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "benchmarks", "results", "bulk"))
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bulk.json"))
@@ -156,11 +160,12 @@ def main(argv=None):
             json.dump(res, f, indent=1)
 
     if a.old_tree:
-        for name, tree in (("paged (this tree)", None), ("contiguous (old tree)", a.old_tree)):
-            r = concurrency(tree, a.model, plain, a.conc_budget, a.conc_n, a.conc_steps)
-            res.setdefault("concurrency", {})[name] = r
-            print(f"concurrency {name}: {r}", flush=True)
-            save()
+        for mt in a.conc_max_tokens:
+            for name, tree in (("paged (this tree)", None), ("contiguous (old tree)", a.old_tree)):
+                r = concurrency(tree, a.model, plain, a.conc_budget, a.conc_n, a.conc_steps, mt)
+                res.setdefault("concurrency", {}).setdefault(str(mt), {})[name] = r
+                print(f"concurrency max_tokens {mt}, {name}: {r}", flush=True)
+                save()
     mb = ["--max-batch", str(a.max_batch)]
     plan = [] if a.skip_throughput else [
         ("mpiinfer mpiexec -n 2 (1 thread each)", lambda o: mpiinfer(2, 1, a.model, plain, o, mb)),
@@ -193,12 +198,11 @@ def main(argv=None):
             ratio = f"{r['batch_tok_s'] / peer['batch_tok_s']:.2f}x" if peer else "-"
             print(f"| {name} | {r['startup_s']:.1f} | {r['batch_s']:.1f} | {r['completion_tokens']} | "
                   f"{r['batch_tok_s']:.1f} | {ratio} |")
-    if "concurrency" in res:
-        c = res["concurrency"]
+    for mt, c in res.get("concurrency", {}).items():
         new, old = c["paged (this tree)"], c["contiguous (old tree)"]
-        print(f"\nsequences holding KV at once, first {a.conc_n} prompts, --kv-budget {a.conc_budget >> 20} MiB: "
-              f"paged {new['mean_running']:.1f} (max {new['max_running']}), contiguous {old['mean_running']:.1f} "
-              f"(max {old['max_running']}): {new['mean_running'] / old['mean_running']:.2f}x")
+        print(f"\nsequences holding KV at once, first {a.conc_n} prompts, max_tokens {mt}, --kv-budget "
+              f"{a.conc_budget >> 20} MiB: paged {new['mean_running']:.1f} (max {new['max_running']}), contiguous "
+              f"{old['mean_running']:.1f} (max {old['max_running']}): {new['mean_running'] / old['mean_running']:.2f}x")
     save()
     print(f"-> {a.json}")
 

@@ -83,7 +83,7 @@ def main():
               envvar=_env("STEP_TOKENS"),
               show_envvar=True, help="Token budget of one step (prompt chunks + decodes).")
 @click.option("--threads", type=click.IntRange(min=1), default=None, envvar=_env("THREADS"), show_envvar=True,
-              help="torch threads per rank (default: torch's choice).")
+              help="torch threads per rank (default: OMP_NUM_THREADS, else the cores bound to the rank, else the node's cores / its ranks).")
 @click.option("--pack-weights", type=click.Choice(["auto", "on", "off"]), default="auto",
               envvar=_env("PACK_WEIGHTS"), show_envvar=True,
               help="CPU: reorder weights once for oneDNN (auto: bfloat16 always, float32 when --max-batch >= 4, "
@@ -95,6 +95,10 @@ def main():
               envvar=_env("ROUTING"), show_envvar=True,
               help="With several replicas: send records that start alike to the same replica, so they share its "
                    "prefix cache (prefix), or hand records out in input order (round-robin).")
+@click.option("--served-model-name", "served_model_names", multiple=True, envvar=_env("SERVED_MODEL_NAME"),
+              show_envvar=True, help="A name an OpenAI batch body's \"model\" may give (repeatable; default: the "
+                                     "model directory's name or path); a record naming another model is an error "
+                                     "record, as in vLLM. Output bodies of requests without one carry the first.")
 @click.option("--tp", type=click.IntRange(min=1), default=1, envvar=_env("TP"), show_envvar=True,
               help="Tensor-parallel ranks per replica.")
 @click.option("--ep", type=click.IntRange(min=1), default=1, envvar=_env("EP"), show_envvar=True,
@@ -133,7 +137,7 @@ def main():
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
 def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
         kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
-        drain_seconds, retry_errors, engine_kind, prefix_cache, routing, quiet):
+        drain_seconds, retry_errors, engine_kind, prefix_cache, routing, quiet, served_model_names):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
     if retry_errors and overwrite:
@@ -153,7 +157,7 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
                             prefix_cache=prefix_cache == "on"),
         parallel=ParallelConfig(tp=tp, ep=ep, cp=cp), allreduce=allreduce,
         overwrite=overwrite, retry_errors=retry_errors, quiet=quiet, flush_every=flush_every, max_errors=max_errors,
-        drain_seconds=drain_seconds, routing=routing)
+        drain_seconds=drain_seconds, routing=routing, served_model_names=tuple(served_model_names))
     sys.exit(run_job(cfg))
 
 

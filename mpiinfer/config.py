@@ -246,6 +246,16 @@ class SamplingParams:
     logprobs: bool = False
     ignore_eos: bool = False
     n: int = 1                # samples per request (choices); MAX_N at most
+    # OpenAI / vLLM logits processing, applied before choosing a token (logprobs stay the model's own):
+    presence_penalty: float = 0.0     # minus this for every token already in the output
+    frequency_penalty: float = 0.0    # minus this x how often the token is in the output
+    repetition_penalty: float = 1.0   # tokens of prompt or output: logit / p if > 0, else logit * p (HF, vLLM)
+    logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
+
+    @property
+    def processes_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
+                    or self.logit_bias)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
@@ -260,6 +270,16 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
+        if not (0.0 < self.repetition_penalty <= 2.0):
+            raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        for t, b in self.logit_bias:
+            if not isinstance(t, int) or t < 0:
+                raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")
+            if not -100.0 <= b <= 100.0:
+                raise ValueError(f"logit_bias values must be in [-100, 100], got {b!r} for token {t}")
 
     def replace(self, **kw) -> SamplingParams:
         return dataclasses.replace(self, **kw)
@@ -292,7 +312,7 @@ class EngineConfig:
     pack_weights: bool | None = None    # CPU: reorder weights for oneDNN; None: by dtype and max_batch
     prefix_cache: bool = True           # share the KV blocks of equal prompt prefixes (engine/kv_cache.py)
     kv_block: int = 16                  # rows per KV block (kv_cache.KV_BLOCK)
-    prefix_min_blocks: int = 4          # shortest prefix-cache hit taken (kv_cache.MIN_SHARED_BLOCKS)
+    prefix_min_blocks: int | None = None  # shortest prefix-cache hit taken (None: kv_cache.MIN_SHARED_BLOCKS*)
 
 
 @dataclass(frozen=True)
@@ -316,4 +336,21 @@ class RunConfig:
     max_errors: int | None = None
     drain_seconds: float = 0.0              # after SIGTERM / SIGUSR1: let running sequences finish this long
     routing: str = "prefix"                 # dp > 1: "prefix" (records sharing a prefix meet) | "round-robin"
+    served_model_names: tuple = ()          # names an OpenAI body's "model" may give (default: the model dir's)
     log_every: float = 30.0
+
+    def model_names(self) -> frozenset | None:
+        """The names an OpenAI body's ``model`` may give (None: any, with the null engine): the
+        ``--served-model-name`` values, else the model directory's name and the path as given."""
+        if self.served_model_names:
+            return frozenset(self.served_model_names)
+        if self.model is None:
+            return None
+        return frozenset((os.path.basename(os.path.normpath(self.model)), self.model))
+
+    @property
+    def output_model_name(self) -> str:
+        """``model`` of an OpenAI output body whose request named none."""
+        if self.served_model_names:
+            return self.served_model_names[0]
+        return os.path.basename(os.path.normpath(self.model)) if self.model else "null"

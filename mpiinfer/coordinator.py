@@ -51,7 +51,8 @@ def read_inputs(cfg: RunConfig, done: int):
         # a single input skips cheaply inside its reader; with several, skipped records are counted
         inner_skip = skip if len(cfg.inputs) == 1 else 0
         for item in open_input(path, cfg.input_format, defaults=cfg.defaults, start_index=index, skip=inner_skip,
-                               prompt_template=cfg.prompt_template, dataset=cfg.dataset):
+                               prompt_template=cfg.prompt_template, dataset=cfg.dataset,
+                               served_model_names=cfg.model_names()):
             last = item.index
             if skip and not inner_skip:
                 skip -= 1
@@ -389,7 +390,7 @@ class Coordinator:
         # --retry-errors writes a new output beside the old one, which it replaces only once complete
         path = retry_path(cfg.output) if plan.retrying else cfg.output
         inner = open_output(path, plan.out_fmt, flush_every_records=cfg.flush_every, flush_every_seconds=5.0,
-                            model=os.path.basename(os.path.normpath(cfg.model)) if cfg.model else "null",
+                            model=cfg.output_model_name,
                             created=created, token_str=self.token_str)
         kept = None
         if plan.retrying:

@@ -17,9 +17,18 @@ import time
 from collections.abc import Iterable, Iterator
 
 from ..messages import Choice, ErrorInfo, Request, Result
+from .kv_cache import MIN_SHARED_BLOCKS, MIN_SHARED_BLOCKS_NATIVE
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence, rows_needed
+
+
+def min_shared_blocks(ec, native: bool) -> int:
+    """The shortest prefix-cache hit taken: the engine config's ``prefix_min_blocks``, else every hit on the CPU
+    kernels (a split cache costs them nothing) and 4 blocks on the torch paths (kv_cache.MIN_SHARED_BLOCKS)."""
+    if ec.prefix_min_blocks is not None:
+        return ec.prefix_min_blocks
+    return MIN_SHARED_BLOCKS_NATIVE if native else MIN_SHARED_BLOCKS
 
 
 class Engine:
@@ -40,7 +49,8 @@ class Engine:
         self.sched = Scheduler(self.cp, runner.pool_tokens, max_batch or ec.max_batch,
                                step_tokens or ec.prefill_chunk_tokens, cp_short or ec.cp_short,
                                block_size=ec.kv_block, prefix_cache=ec.prefix_cache,
-                               min_shared_blocks=ec.prefix_min_blocks)
+                               min_shared_blocks=min_shared_blocks(ec, getattr(getattr(runner, "model", None),
+                                                                                 "use_native", False)))
         self.eos = frozenset(self.cfg.eos_token_ids)
         self.steps = 0
         self.tokens_generated = 0
@@ -71,6 +81,10 @@ class Engine:
             return self._error(req, "invalid_request", str(e))
         if not ids:
             return self._error(req, "invalid_request", "the prompt encodes to zero tokens")
+        bad = [t for t, _ in req.sampling.logit_bias if t >= self.cfg.vocab_size]
+        if bad:
+            return self._error(req, "invalid_request", f"logit_bias names token id {bad[0]} >= vocab_size "
+                                                       f"{self.cfg.vocab_size}")
         if len(ids) >= self.max_seq_len:
             return self._error(req, "prompt_too_long",
                                f"prompt has {len(ids)} tokens; this run allows at most {self.max_seq_len - 1} "
@@ -157,7 +171,7 @@ class Engine:
         finished = []
         if sampled:
             toks, lps = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
-                               [s.req.sampling.logprobs for s in sampled])
+                               [s.req.sampling.logprobs for s in sampled], [(s.prompt, s.out) for s in sampled])
             now = time.perf_counter()
             for seq, tok, lp in zip(sampled, toks, lps):
                 if seq.t_first is None:

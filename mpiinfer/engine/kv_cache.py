@@ -34,11 +34,15 @@ MIN_KV_TOKENS = 16              # a smaller cache is refused
 # in the same budget (less rounding up per sequence); 8 only adds block bookkeeping.
 KV_BLOCK = 16
 # A prefix-cache hit shorter than this many blocks is not taken: the sequence computes those tokens into its own
-# blocks instead.  Sharing splits a sequence's cache into two runs, and every later decode step pays for it: on
-# the 2-core CI CPU (float32, SmolLM2-135M, 62 sequences) attention over two runs cost 4.4 ms per layer against
-# 2.8 ms for one, so a 1-block hit (the chat template's default system prompt) made a 96-prompt chat job 30%
-# slower (41.7 s against 32.6 s), while recomputing up to 3 blocks once costs less than ~100 split decode steps.
-MIN_SHARED_BLOCKS = 4
+# blocks instead.  Sharing splits a sequence's cache into two runs.  With the CPU kernels (mpiinfer.native) a
+# split costs nothing (the decode kernel reads runs where they lie), so every hit is taken: a 256-prompt chat job
+# (SmolLM2-135M float32, 2 threads) took 42.5 s sharing the chat template's 1-block system prompt against 45.2 s
+# without.  On the torch paths (CUDA, or no C compiler) every later decode step pays for the split: on the 2-core
+# CI CPU (float32, 62 sequences) attention over two runs cost 4.4 ms per layer against 2.8 ms for one, so a
+# 1-block hit made a 96-prompt chat job 30% slower (41.7 s against 32.6 s), while recomputing up to 3 blocks once
+# costs less than ~100 split decode steps.
+MIN_SHARED_BLOCKS = 4               # the torch paths
+MIN_SHARED_BLOCKS_NATIVE = 1        # the CPU kernels
 
 
 def usable_blocks(pool_tokens: int, cp: int, block_size: int = KV_BLOCK) -> int:

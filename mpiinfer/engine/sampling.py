@@ -1,11 +1,15 @@
-"""Token selection from logits: greedy, temperature, top-k, top-p, per-request seeds.
+"""Token selection from logits: logit bias and penalties, greedy, temperature, top-k, top-p, per-request seeds.
 
 Owns: turning one step's float32 logits (S, vocab) into S token ids and their
 logprobs.  Every sampled request has its own ``torch.Generator`` seeded from its
 seed and draws exactly one sample per step, so its tokens do not depend on what
 else is in the batch.  Greedy rows are an argmax over the whole batch at once.
-Logprobs are those of the model's own distribution (log-softmax of the raw
-logits), whatever the temperature.
+Rows whose request asks for ``logit_bias`` or a penalty are processed first, in
+vLLM's order (``process_logits``): bias, repetition penalty over prompt and
+output tokens (Hugging Face's ``RepetitionPenaltyLogitsProcessor``), frequency and
+presence penalties over output tokens (OpenAI's formula).  Logprobs are those of
+the model's own distribution (log-softmax of the raw logits), whatever the
+temperature or processing (vLLM's default ``raw_logprobs``).
 """
 from __future__ import annotations
 
@@ -34,14 +38,38 @@ def filter_logits(x: torch.Tensor, temperature: float, top_k: int, top_p: float)
     return x
 
 
-def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list):
-    """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted)."""
+def process_logits(x: torch.Tensor, p, prompt: list, out: list) -> torch.Tensor:
+    """One row's logits (vocab,) after ``p``'s logit bias and penalties (a new tensor; ``x`` is not changed).
+    ``prompt`` / ``out``: the sequence's prompt and generated token ids so far."""
+    x = x.clone()
+    V = x.shape[0]
+    if p.logit_bias:
+        ids = torch.tensor([t for t, _ in p.logit_bias if t < V], dtype=torch.int64, device=x.device)
+        x.index_add_(0, ids, torch.tensor([b for t, b in p.logit_bias if t < V], dtype=x.dtype, device=x.device))
+    if p.repetition_penalty != 1.0:
+        seen = torch.tensor(list(prompt) + list(out), dtype=torch.int64, device=x.device).unique()
+        v = x[seen]
+        x[seen] = torch.where(v < 0, v * p.repetition_penalty, v / p.repetition_penalty)
+    if (p.frequency_penalty or p.presence_penalty) and out:
+        counts = torch.bincount(torch.tensor(out, dtype=torch.int64, device=x.device), minlength=V)[:V].to(x.dtype)
+        x -= p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(x.dtype)
+    return x
+
+
+def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list, histories: list | None = None):
+    """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted).
+    ``histories[i]``: (prompt ids, output ids) of row i, needed where its params process logits."""
     S = logits.shape[0]
     tokens = torch.argmax(logits, dim=-1)               # greedy for every row, overwritten below
     for i in range(S):
         p = params[i]
+        row = logits[i]
+        if p.processes_logits:
+            row = process_logits(row, p, *histories[i])
+            if p.temperature <= 0:
+                tokens[i] = torch.argmax(row)
         if p.temperature > 0:
-            x = filter_logits(logits[i], p.temperature, p.top_k, p.top_p)
+            x = filter_logits(row, p.temperature, p.top_k, p.top_p)
             probs = torch.softmax(x, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     lp = [None] * S

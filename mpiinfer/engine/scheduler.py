@@ -24,7 +24,7 @@ from ..parallel.shard import cp_local_count, shard_positions
 from .kv_cache import KV_BLOCK, MIN_SHARED_BLOCKS, BlockPool, block_hashes, extents, usable_blocks
 
 
-@dataclass
+@dataclass(eq=False)      # identity: ``seq in running`` / ``running.remove(seq)`` must not compare every field
 class Sequence:
     req: Request
     prompt: list

@@ -23,12 +23,18 @@ Rules:
   (``--temperature`` etc.), not OpenAI's (temperature 1).  Type and range errors
   are errors, as in JSONL.
 * ``n`` samples (1-128, seeds ``seed + i``) come back as ``choices[i]`` with ``index`` i.
+* ``presence_penalty``, ``frequency_penalty``, ``logit_bias`` and vLLM's
+  ``repetition_penalty`` are applied (``engine.sampling``).
+* ``model``, when given, must be one of the job's names (``--served-model-name``,
+  else the model directory's name or path), else the record is a 404 error record.
 * Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
   ``stream: true``, ``echo: true``, ``suffix``, top-k logprobs
   (``top_logprobs`` > 0, or completion ``logprobs`` > 0), several prompts in one
-  completion request, non-text content parts.
-* Any other body field (``presence_penalty``, ``user``, ``response_format``...)
-  is ignored, as the OpenAI API ignores many.
+  completion request, non-text content parts, and every body field not listed in
+  ``BODY_FIELDS``: a few that change nothing are accepted (``HARMLESS_FIELDS``:
+  ``user``, ``metadata``...; ``DEFAULT_ONLY``: ``response_format`` ``{"type": "text"}``,
+  ``tools: []``...), any other is refused (``response_format`` json, ``tools``, guided
+  decoding, ``min_tokens``...), since it would change the result.
 
 ``Request.extra`` / ``Result.extra`` carry ``custom_id``, ``url`` and ``model``
 (body.model) so the writer can echo them.  A bad record becomes an error
@@ -40,13 +46,20 @@ Output lines (``batch_output_record``) follow OpenAI's batch output file::
     {"id": "batch_req_<hex>", "custom_id": ..., "error": null,
      "response": {"status_code": 200, "request_id": "req_<hex>",
                   "body": <chat.completion | text_completion object>}}
-    {"id": "batch_req_<hex>", "custom_id": ..., "response": null,
-     "error": {"code": <error type>, "message": ...}}
 
-Every id is a hash of (index, custom_id), never random, so a resumed run
-writes the same bytes as an uninterrupted one.  (vLLM's run-batch writes random
-``vllm-<uuid>`` ids and, for failures, a 400 ``response`` without a body plus
-``error``; we use OpenAI's non-HTTP error shape, ``response: null``.)
+and a failed request is written as both readers of such files expect it: OpenAI's
+(a 4xx ``response`` whose body is the error) and vLLM's run-batch (``error`` holds
+an ``ErrorResponse``)::
+
+    {"id": "batch_req_<hex>", "custom_id": ...,
+     "response": {"status_code": 400 | 404, "request_id": "req_<hex>", "body": {"error": E}},
+     "error": {"error": E}}
+    E = {"message": ..., "type": <error type>, "param": "model" | null, "code": 400 | 404}
+
+404 (``param: "model"``) for a body naming a model this job does not serve
+(``--served-model-name``), 400 for every other request error.  Every id is a hash
+of (index, custom_id), never random, so a resumed run writes the same bytes as an
+uninterrupted one (vLLM's run-batch writes random ``vllm-<uuid>`` ids).
 """
 from __future__ import annotations
 
@@ -60,6 +73,7 @@ from .records import (
     CHAT_URL,
     COMPLETIONS_URL,
     INVALID_REQUEST,
+    MODEL_NOT_FOUND,
     RecordError,
     _check_text,
     _got,
@@ -144,8 +158,8 @@ def _completion_prompt(p: Any) -> dict:
 
 
 def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParams:
-    s = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop",
-                                  "stop_token_ids", "ignore_eos", "n")}
+    s = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
+                                  "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")}
     s["max_tokens"] = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         s["max_tokens"] = _int_value("body.max_completion_tokens", body["max_completion_tokens"])
@@ -169,7 +183,32 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
         raise
 
 
-def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra: dict) -> Request:
+# Body fields by what mpiinfer does with them.  Every other field is refused (an error record), since a field that
+# changes the result must never be dropped silently.
+BODY_FIELDS = frozenset((
+    "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
+    "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "logprobs", "top_logprobs", "presence_penalty",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "stream", "echo", "suffix"))
+# accepted and ignored: they do not change the completion (bookkeeping, or options of features never used here)
+HARMLESS_FIELDS = frozenset(("user", "metadata", "store", "service_tier", "stream_options", "prompt_cache_key",
+                             "safety_identifier", "parallel_tool_calls"))
+# accepted at these values only: the defaults, which ask for nothing
+DEFAULT_ONLY = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+                "functions": ([],), "modalities": (["text"],)}
+
+
+def _check_body_fields(body: dict) -> None:
+    for k, v in body.items():
+        if v is None or k in BODY_FIELDS or k in HARMLESS_FIELDS:
+            continue
+        if k in DEFAULT_ONLY and v in DEFAULT_ONLY[k]:
+            continue
+        raise _unsupported(f"body.{k}" + (f" = {v!r}" if k in DEFAULT_ONLY else "") +
+                           " (it would change the result; see the README's table of OpenAI body fields)")
+
+
+def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra: dict,
+             served: frozenset | None = None) -> Request:
     if not isinstance(obj, dict):
         raise _bad(f"record must be a JSON object, {_got(obj)}")
     cid = obj.get("custom_id")
@@ -196,6 +235,11 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
         if not isinstance(model, str):
             raise _bad(f"body.model must be a string, {_got(model)}")
         extra["model"] = model
+        if served is not None and model and model not in served:
+            raise RecordError(MODEL_NOT_FOUND, f"The model `{model}` does not exist. Valid names: "
+                                               f"{', '.join(sorted(served))} (the model directory's name, or "
+                                               f"--served-model-name)")
+    _check_body_fields(body)
     best_of = body.get("best_of")
     if best_of is not None and _int_value("body.best_of", best_of) not in (1, body.get("n") or 1):
         raise _unsupported(f"body.best_of={best_of} (choices are not ranked: n samples are returned)")
@@ -219,15 +263,16 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
 
 
 def parse_openai_record(obj_or_line: Any, line_no: int, index: int,
-                        defaults: SamplingParams) -> Request | Result:
-    """Raw line bytes/str or a parsed value -> Request, or an error Result. Never raises."""
+                        defaults: SamplingParams, served: frozenset | None = None) -> Request | Result:
+    """Raw line bytes/str or a parsed value -> Request, or an error Result. Never raises.  ``served``: the names
+    a body's ``model`` may have (None: any)."""
     extra: dict = {"custom_id": None}
     try:
         if isinstance(obj_or_line, (bytes, bytearray, memoryview, str)):
             obj = decode_line(obj_or_line)
         else:
             obj = obj_or_line
-        return _request(obj, line_no, index, defaults, extra)
+        return _request(obj, line_no, index, defaults, extra, served)
     except RecordError as e:
         err = ErrorInfo(e.type, e.message)
     except Exception as e:  # a record must never take the job down
@@ -268,6 +313,11 @@ def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) 
             "text_offset": offsets}
 
 
+def error_status(error_type: str) -> int:
+    """The HTTP status of an error record: 404 for a model this job does not serve, else 400 (the request)."""
+    return 404 if error_type == MODEL_NOT_FOUND else 400
+
+
 def batch_output_record(result: Result, created: int, model: str = "",
                         token_str: Callable[[int], str] | None = None,
                         default_url: str = COMPLETIONS_URL) -> dict:
@@ -281,8 +331,13 @@ def batch_output_record(result: Result, created: int, model: str = "",
     cid = ex["custom_id"] if "custom_id" in ex else str(result.id)
     rid = "batch_req_" + _hex("batch_req", result.index, cid)
     if result.error is not None:
-        return {"id": rid, "custom_id": cid, "response": None,
-                "error": {"code": result.error.type, "message": result.error.message}}
+        status = error_status(result.error.type)
+        err = {"message": result.error.message, "type": result.error.type,
+               "param": "model" if result.error.type == MODEL_NOT_FOUND else None, "code": status}
+        return {"id": rid, "custom_id": cid,
+                "response": {"status_code": status, "request_id": "req_" + _hex("req", result.index, cid),
+                             "body": {"error": err}},
+                "error": {"error": err}}
     url = ex.get("url") or default_url
     chat = url == CHAT_URL
     samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs)]
@@ -322,6 +377,9 @@ def result_from_batch_output(rec: dict, index: int) -> Result:
     extra = {"custom_id": cid}
     if rec.get("error") is not None:
         e = rec["error"]
+        if isinstance(e.get("error"), dict):           # vLLM's ErrorResponse shape (written since 0.2)
+            e = e["error"]
+            return Result(index=index, id=cid, error=ErrorInfo(e.get("type"), e.get("message")), extra=extra)
         return Result(index=index, id=cid, error=ErrorInfo(e.get("code"), e.get("message")), extra=extra)
     body = rec["response"]["body"]
     ch = body["choices"][0]

@@ -18,6 +18,7 @@ passed over cheaply (not parsed) but still consume their indices (resume).
 """
 from __future__ import annotations
 
+import functools
 import io
 import json
 import os
@@ -75,13 +76,15 @@ def iter_jsonl(path_or_stream: Source, defaults: SamplingParams = SamplingParams
 
 
 def iter_openai(path_or_stream: Source, defaults: SamplingParams = SamplingParams(),
-                start_index: int = 0, *, skip: int = 0) -> Iterator[Item]:
-    """Stream an OpenAI batch JSONL input lazily (as ``iter_jsonl``; records per ``openai_batch``)."""
+                start_index: int = 0, *, skip: int = 0, served_model_names=None) -> Iterator[Item]:
+    """Stream an OpenAI batch JSONL input lazily (as ``iter_jsonl``; records per ``openai_batch``).
+    ``served_model_names``: the names a body's ``model`` may give (None: any)."""
     defaults.validate()
     if skip < 0:
         raise ValueError(f"skip must be >= 0, got {skip}")
     f, owned = _open_binary(path_or_stream)
-    return _line_items(f, owned, parse_openai_record, defaults, start_index, skip)
+    parse = functools.partial(parse_openai_record, served=served_model_names)
+    return _line_items(f, owned, parse, defaults, start_index, skip)
 
 
 def _line_items(f, owned: bool, parse, defaults: SamplingParams, index: int, skip: int) -> Iterator[Item]:
@@ -154,7 +157,7 @@ READERS: dict[str, Callable[..., Iterator[Item]]] = {
 # Format-specific options open_input passes on; an option meant for another format is ignored.
 OPTIONS: dict[str, tuple] = {
     "jsonl": (),
-    "openai": (),
+    "openai": ("served_model_names",),
     "hdf5": ("dataset", "ids_dataset", "chunk_rows"),
     "text": ("prompt_template", "recursive"),
 }

@@ -40,10 +40,12 @@ COMPLETIONS_URL = "/v1/completions"
 INVALID_JSON = "invalid_json"
 INVALID_ENCODING = "invalid_encoding"
 INVALID_REQUEST = "invalid_request"
+MODEL_NOT_FOUND = "model_not_found"
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
-                   "stop", "stop_token_ids", "logprobs", "ignore_eos", "n")
+                   "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")
 ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS
 _ALLOWED_SET = frozenset(ALLOWED_FIELDS)
 MESSAGE_FIELDS = ("role", "content")
@@ -289,6 +291,19 @@ def _token_ids_value(key: str, v: Any) -> tuple:
     return tuple(_parse_token_list(key, v, allow_empty=True))
 
 
+def _logit_bias_value(key: str, v: Any) -> tuple:
+    """OpenAI's map of token id (a decimal string, or an integer in JSONL) -> bias, as sorted pairs."""
+    if not isinstance(v, dict):
+        raise _bad(f"{key} must be an object mapping token ids to biases, {_got(v)}")
+    out = []
+    for k, b in v.items():
+        t = k if _is_int(k) else int(k) if isinstance(k, str) and k.isdigit() and k.isascii() else None
+        if t is None:
+            raise _bad(f"{key} keys must be token ids, got {k!r}")
+        out.append((t, _float_value(f"{key}[{k!r}]", b)))
+    return tuple(sorted(out))
+
+
 # Sampling field -> type check/conversion; ranges come from SamplingParams.validate.
 _SAMPLING_CHECKS = {
     "max_tokens": _int_value,
@@ -301,6 +316,10 @@ _SAMPLING_CHECKS = {
     "logprobs": _bool_value,
     "ignore_eos": _bool_value,
     "n": _int_value,
+    "presence_penalty": _float_value,
+    "frequency_penalty": _float_value,
+    "repetition_penalty": _float_value,
+    "logit_bias": _logit_bias_value,
 }
 assert tuple(_SAMPLING_CHECKS) == SAMPLING_FIELDS
 

@@ -82,7 +82,8 @@ def describe_input(path: str) -> dict:
 def result_options(cfg: RunConfig, out_fmt: str) -> dict:
     """The options that change what a record's result is (a resumed job must use the same)."""
     d = cfg.defaults
-    return {
+    names = {"served_model_names": sorted(cfg.served_model_names)} if cfg.served_model_names else {}
+    return names | {
         "model": os.path.abspath(cfg.model) if cfg.engine.kind == "model" else f"<{cfg.engine.kind} engine>",
         "dtype": cfg.engine.dtype or "auto",
         "max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,

@@ -1,7 +1,7 @@
-"""CPU kernels in C for the per-token work between the matmuls (``kernels.c`` beside this file).
+"""CPU kernels in C for the per-token work between the matmuls (``kernels.c``, ``rope.c`` beside this file).
 
-Owns: building ``kernels.c`` once per machine type into a shared library (``cc -O3 -march=native -fopenmp``,
-cached under ``$MPIINFER_CACHE`` or ``~/.cache/mpiinfer``, keyed by the source, the compiler and the CPU's flags:
+Owns: building ``kernels.c`` and ``rope.c`` once per machine type into a shared library (``cc -O3 -march=native
+-fopenmp``, cached under ``$MPIINFER_CACHE`` or ``~/.cache/mpiinfer``, keyed by the source, the compiler and the CPU's flags:
 nodes of another CPU type sharing a home directory build their own), loading it with ctypes, and two calls on
 contiguous CPU tensors of float32 or bfloat16:
 
@@ -14,8 +14,8 @@ Why: at batch 200+ the decode attention as a loop of torch calls cost as much as
 bmm + softmax per sequence and layer, ~10 us each; SmolLM2-135M at 222 sequences: ~200 ms a step of ~400).
 
 ``available()`` is False when no C compiler works (or ``MPIINFER_NATIVE=0``): the models then use their torch
-paths, which stay the reference for these kernels in the tests.  The build is one compiler call (< 2 s); ranks
-building at once write their own temporary file and rename it into place.
+paths, which stay the reference for these kernels in the tests.  The build is three compiler calls (~1 s); ranks
+building at once write their own temporary files and rename the library into place.
 """
 from __future__ import annotations
 
@@ -32,8 +32,11 @@ import torch
 
 log = logging.getLogger("mpiinfer")
 
-SRC = Path(__file__).with_name("kernels.c")
-FLAGS = ["-O3", "-march=native", "-fopenmp", "-ffp-contract=off", "-fPIC", "-shared", "-std=c11"]
+HERE = Path(__file__).parent
+# (source, its own flags): the attention may fuse multiply-adds; the rotary embedding must round as torch does
+SOURCES = (("kernels.c", ["-ffp-contract=fast"]), ("rope.c", ["-ffp-contract=off"]))
+HEADERS = ("common.h",)
+FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
 MAX_GROUP = 64          # query heads per KV head the decode kernel holds (kernels.c's l[64])
 
 _LIB: list = []          # [ctypes.CDLL or None], once tried
@@ -66,27 +69,35 @@ def _build() -> Path | None:
     except (OSError, subprocess.SubprocessError) as e:
         log.info("native kernels off: %s --version failed (%s)", cc, e)
         return None
-    src = SRC.read_bytes()
-    key = hashlib.sha256(b"\0".join([src, " ".join(FLAGS).encode(), version.encode(), _cpu_key().encode()]))
+    parts = [(HERE / name).read_bytes() + " ".join(flags).encode() for name, flags in SOURCES]
+    parts += [(HERE / name).read_bytes() for name in HEADERS]
+    key = hashlib.sha256(b"\0".join(parts + [" ".join(FLAGS).encode(), version.encode(), _cpu_key().encode()]))
     out = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    tmpdir = tempfile.mkdtemp(dir=out.parent)
     try:
-        p = subprocess.run([cc, *FLAGS, str(SRC), "-o", tmp, "-lm"], capture_output=True, text=True, timeout=300)
-        if p.returncode != 0:
-            log.warning("native kernels off: %s failed to build %s:\n%s", cc, SRC, p.stderr[-2000:])
-            return None
+        objs = []
+        for name, flags in SOURCES:
+            obj = os.path.join(tmpdir, name + ".o")
+            _compile([cc, *FLAGS, *flags, "-c", str(HERE / name), "-o", obj])
+            objs.append(obj)
+        tmp = os.path.join(tmpdir, "kernels.so")
+        _compile([cc, "-shared", "-fopenmp", *objs, "-o", tmp, "-lm"])
         os.replace(tmp, out)           # atomic: another rank building the same file is harmless
         return out
-    except (OSError, subprocess.SubprocessError) as e:
-        log.warning("native kernels off: building %s failed (%s)", SRC, e)
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("native kernels off: building them with %s failed (%s)", cc, e)
         return None
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def _compile(cmd: list) -> None:
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    if p.returncode != 0:
+        raise RuntimeError(f"{' '.join(cmd)}:\n{p.stderr[-2000:]}")
 
 
 def _lib():

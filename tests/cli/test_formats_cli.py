@@ -47,21 +47,33 @@ def test_openai_batch_roundtrip_and_resume(tiny, tmp_path):
             url = "/v1/chat/completions" if i % 2 else "/v1/completions"
             f.write(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": url, "body": body}) + "\n")
         f.write(json.dumps({"custom_id": "bad", "method": "POST", "url": "/v1/embeddings", "body": {}}) + "\n")
+        f.write(json.dumps({"custom_id": "other", "method": "POST", "url": "/v1/completions",
+                            "body": {"model": "another-model", "prompt": "x"}}) + "\n")
     out = tmp_path / "out.jsonl"
-    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    run(["-m", tiny, "-i", str(inp), "-o", str(out), "--served-model-name", "m"])
     full = out.read_text()
     recs = [json.loads(x) for x in full.splitlines()]
-    assert [r["custom_id"] for r in recs] == [f"c{i}" for i in range(6)] + ["bad"]
+    assert [r["custom_id"] for r in recs] == [f"c{i}" for i in range(6)] + ["bad", "other"]
     for i, r in enumerate(recs[:6]):
         body = r["response"]["body"]
         assert r["error"] is None and r["response"]["status_code"] == 200
         assert body["object"] == ("chat.completion" if i % 2 else "text_completion")
         assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
-    assert recs[6]["response"] is None and recs[6]["error"]["code"]
+    assert recs[6]["response"]["status_code"] == 400 and recs[6]["error"]["error"]["type"] == "invalid_request"
+    e = recs[7]["error"]["error"]                      # a model this job does not serve: vLLM's 404
+    assert recs[7]["response"]["status_code"] == 404 and e["param"] == "model" and "another-model" in e["message"]
+    assert {r["response"]["body"]["model"] for r in recs[:6]} == {"m"}
     # cut the output short (torn line) and resume: byte-identical file
     out.write_text(full[:len(full) // 2])
-    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    run(["-m", tiny, "-i", str(inp), "-o", str(out), "--served-model-name", "m"])
     assert out.read_text() == full
+    # the model directory's own name is served when no --served-model-name is given
+    named = tmp_path / "named.jsonl"
+    named.write_text(json.dumps({"custom_id": "d", "method": "POST", "url": "/v1/completions",
+                                 "body": {"model": os.path.basename(tiny), "prompt": "x", "max_tokens": 2}}) + "\n")
+    run(["-m", tiny, "-i", str(named), "-o", str(tmp_path / "named_out.jsonl")])
+    rec = json.loads((tmp_path / "named_out.jsonl").read_text())
+    assert rec["error"] is None and rec["response"]["body"]["model"] == os.path.basename(tiny)
 
 
 def test_hdf5_in_and_out_with_resume(tiny, tmp_path):

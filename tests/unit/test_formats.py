@@ -56,8 +56,35 @@ def test_openai_chat_request():
     assert isinstance(r, Request) and r.id == "a" and r.index == 7
     assert r.messages == [{"role": "user", "content": "hi"}] and r.prompt is None
     assert r.sampling == DEFAULTS.replace(max_tokens=5, temperature=0.5, top_p=0.9, seed=3,
-                                          stop=("\n",), logprobs=True)
+                                          stop=("\n",), logprobs=True, presence_penalty=0.1)
     assert r.extra == {"custom_id": "a", "url": CHAT_URL, "model": "m1"}
+
+
+def test_openai_body_fields_are_applied_accepted_or_refused():
+    """Nothing that changes a result is dropped: harmless fields and default values pass, others are refused."""
+    ok = parse(chat("a", user="u", metadata={"k": "v"}, store=False, service_tier="auto", response_format={"type": "text"},
+                    tools=[], tool_choice="none", parallel_tool_calls=True, stream_options=None, logit_bias=None))
+    assert isinstance(ok, Request) and ok.sampling == DEFAULTS
+    for field, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
+                         ("tool_choice", "auto"), ("guided_json", {}), ("min_tokens", 3), ("frobnicate", 1),
+                         ("structured_outputs", {"choice": ["a"]}), ("reasoning_effort", "low")]:
+        r = parse(chat("a", **{field: value}))
+        assert isinstance(r, Result) and r.error.type == "invalid_request", field
+        assert f"body.{field}" in r.error.message and "not supported" in r.error.message, r.error.message
+
+
+def test_openai_model_must_be_served():
+    def parse_served(obj, served):
+        return parse_openai_record(json.dumps(obj).encode(), 1, 0, DEFAULTS, served=frozenset(served))
+    assert isinstance(parse_served(chat("a"), {"m1", "other"}), Request)
+    no_model = chat("b")
+    del no_model["body"]["model"]
+    assert isinstance(parse_served(no_model, {"x"}), Request)              # no model named: the loaded one
+    r = parse_served(chat("c"), {"demo"})
+    assert r.error.type == "model_not_found" and "`m1` does not exist" in r.error.message and "demo" in r.error.message
+    rec = batch_output_record(r, 0)
+    assert check_batch_output(rec) == "error"
+    assert rec["response"]["status_code"] == 404 and rec["error"]["error"]["param"] == "model"
 
 
 def test_openai_chat_variants():
@@ -196,8 +223,12 @@ def check_batch_output(rec):
     _check(rec, {"id": str, "custom_id": (str, NONE), "response": (dict, NONE), "error": (dict, NONE)})
     assert rec["id"].startswith("batch_req_")
     if rec["error"] is not None:
-        assert rec["response"] is None
-        _check(rec["error"], {"code": str, "message": str}, "error")
+        # vLLM's ErrorResponse in "error", OpenAI's 4xx response with the error as its body
+        _check(rec["error"], {"error": dict}, "error")
+        e = rec["error"]["error"]
+        _check(e, {"message": str, "type": str, "param": (str, NONE), "code": int}, "error.error")
+        assert rec["response"] == {"status_code": e["code"], "request_id": rec["response"]["request_id"],
+                                   "body": {"error": e}} and e["code"] in (400, 404)
         return "error"
     assert rec["response"] is not None
     resp = rec["response"]
@@ -252,7 +283,8 @@ def test_openai_output_schema_and_round_trip(tmp_path):
     assert recs[1]["response"]["body"]["choices"][0]["logprobs"]["content"][1] == \
         {"token": "token_id:6", "logprob": -1.0, "bytes": list(b"token_id:6"), "top_logprobs": []}
     assert recs[3]["response"]["body"]["choices"][0]["logprobs"]["token_logprobs"] == [-0.5, -1.0, -2.0]
-    assert recs[4]["error"]["code"] == "invalid_request" and "/v1/bad" in recs[4]["error"]["message"]
+    e = recs[4]["error"]["error"]
+    assert e["type"] == "invalid_request" and e["code"] == 400 and "/v1/bad" in e["message"]
     assert len({r["id"] for r in recs}) == 5
     back = [result_from_batch_output(r, i) for i, r in enumerate(recs)]
     for b, r in zip(back, results):
