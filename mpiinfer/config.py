@@ -231,6 +231,7 @@ class ModelConfig:
 
 
 MAX_N = 128                   # most samples per request (OpenAI's limit)
+MAX_TOP_LOGPROBS = 20         # most alternatives per position (OpenAI's limit)
 
 
 @dataclass(frozen=True)
@@ -251,6 +252,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0    # minus this x how often the token is in the output
     repetition_penalty: float = 1.0   # tokens of prompt or output: logit / p if > 0, else logit * p (HF, vLLM)
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
+    top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
 
     @property
     def processes_logits(self) -> bool:
@@ -270,6 +272,10 @@ class SamplingParams:
             raise ValueError(f"seed must be a non-negative 64-bit integer, got {self.seed!r}")
         if not isinstance(self.n, int) or not 1 <= self.n <= MAX_N:
             raise ValueError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
+        if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
+            raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs: true")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2.0 <= getattr(self, name) <= 2.0:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")

@@ -507,6 +507,10 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
+            elif self.one_choice and item.sampling.top_logprobs:
+                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
+                    "invalid_request", "top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write "
+                                       "JSONL or OpenAI output for the alternatives")))
             elif self.one_choice and item.sampling.n > 1:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", f"n={item.sampling.n}: HDF5 output holds one sample per record; write "

@@ -39,12 +39,20 @@ class Choice:
     token_ids: list
     finish_reason: str | None
     logprobs: list | None = None
+    top_logprobs: list | None = None       # per position: [[token id, logprob], ...], most likely first
 
     def to_record(self) -> dict:
         rec = {"text": self.text, "token_ids": list(self.token_ids), "finish_reason": self.finish_reason}
         if self.logprobs is not None:
             rec["logprobs"] = list(self.logprobs)
+        if self.top_logprobs is not None:
+            rec["top_logprobs"] = top_logprobs_record(self.top_logprobs)
         return rec
+
+
+def top_logprobs_record(top: list) -> list:
+    """JSONL ``top_logprobs``: per position, the alternatives as ``{"token_id", "logprob"}``, most likely first."""
+    return [[{"token_id": t, "logprob": v} for t, v in pos] for pos in top]
 
 
 @dataclass
@@ -56,6 +64,7 @@ class Result:
     finish_reason: str | None = None       # "stop" | "length"
     prompt_tokens: int = 0
     logprobs: list | None = None
+    top_logprobs: list | None = None       # per position: [[token id, logprob], ...] (top_logprobs > 0)
     error: ErrorInfo | None = None
     extra: dict = field(default_factory=dict)
     # timings (seconds) for the summary: time to first token and total
@@ -91,6 +100,8 @@ class Result:
         }
         if self.logprobs is not None:
             rec["logprobs"] = list(self.logprobs)
+        if self.top_logprobs is not None:
+            rec["top_logprobs"] = top_logprobs_record(self.top_logprobs)
         if self.max_tokens_clipped_to is not None:
             rec["max_tokens_clipped_to"] = self.max_tokens_clipped_to
         return rec

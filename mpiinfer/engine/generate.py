@@ -170,15 +170,17 @@ class Engine:
         self.steps += 1
         finished = []
         if sampled:
-            toks, lps = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
+            toks, lps, tops = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
                                [s.req.sampling.logprobs for s in sampled], [(s.prompt, s.out) for s in sampled])
             now = time.perf_counter()
-            for seq, tok, lp in zip(sampled, toks, lps):
+            for seq, tok, lp, top in zip(sampled, toks, lps, tops):
                 if seq.t_first is None:
                     seq.t_first = now
                 seq.out.append(tok)
                 if lp is not None:
                     seq.logprobs.append(lp)
+                if top is not None:
+                    seq.top_logprobs.append(top)
                 self.tokens_generated += 1
                 if self._check_stop(seq, tok):
                     finished.append(seq)
@@ -192,7 +194,7 @@ class Engine:
         n = seq.req.sampling.n
         if n == 1:
             return r
-        choice = Choice(r.text, r.token_ids, r.finish_reason, r.logprobs)
+        choice = Choice(r.text, r.token_ids, r.finish_reason, r.logprobs, r.top_logprobs)
         if seq.req.index in self._samples and self._samples[seq.req.index] is None:
             return None                              # dropped by a stop: computed again on resume
         got = self._samples.get(seq.req.index)
@@ -233,6 +235,7 @@ class Engine:
         return Result(index=seq.req.index, id=seq.req.id, text=text, token_ids=list(seq.out),
                       finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
+                      top_logprobs=list(seq.top_logprobs) if seq.req.sampling.top_logprobs else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
                       latency=now - seq.t_added,
                       max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None,

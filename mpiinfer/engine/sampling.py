@@ -57,7 +57,8 @@ def process_logits(x: torch.Tensor, p, prompt: list, out: list) -> torch.Tensor:
 
 
 def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list, histories: list | None = None):
-    """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted).
+    """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted, top list with
+    None where not wanted, else the row's ``top_logprobs`` most likely [token id, logprob] pairs, most likely first).
     ``histories[i]``: (prompt ids, output ids) of row i, needed where its params process logits."""
     S = logits.shape[0]
     tokens = torch.argmax(logits, dim=-1)               # greedy for every row, overwritten below
@@ -73,10 +74,20 @@ def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: 
             probs = torch.softmax(x, dim=-1)
             tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
     lp = [None] * S
+    top = [None] * S
     rows = [i for i in range(S) if want_logprobs[i]]
     if rows:
         r = torch.tensor(rows, device=logits.device)
-        chosen = torch.log_softmax(logits[r], dim=-1).gather(1, tokens[r][:, None])[:, 0]
+        logp = torch.log_softmax(logits[r], dim=-1)
+        chosen = logp.gather(1, tokens[r][:, None])[:, 0]
         for j, v in zip(rows, chosen.tolist()):
             lp[j] = v
-    return tokens.tolist(), lp
+        k = max(params[i].top_logprobs for i in rows)
+        if k:
+            vals, ids = torch.topk(logp, k, dim=-1)
+            vals, ids = vals.tolist(), ids.tolist()
+            for n, j in enumerate(rows):
+                kj = params[j].top_logprobs
+                if kj:
+                    top[j] = [[t, v] for t, v in zip(ids[n][:kj], vals[n][:kj])]
+    return tokens.tolist(), lp, top

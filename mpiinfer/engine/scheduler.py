@@ -41,6 +41,7 @@ class Sequence:
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
     t_added: float = 0.0
     t_first: float | None = None
     finish_reason: str | None = None
@@ -58,6 +59,7 @@ class Sequence:
         """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
         self.blocks, self.registered, self.n_cached = [], 0, 0
         self.out, self.logprobs, self.t_first, self.finish_reason, self.text = [], [], None, None, None
+        self.top_logprobs = []
         if self.new_generator is not None:
             self.generator = self.new_generator()
 

@@ -27,9 +27,10 @@ Rules:
   ``repetition_penalty`` are applied (``engine.sampling``).
 * ``model``, when given, must be one of the job's names (``--served-model-name``,
   else the model directory's name or path), else the record is a 404 error record.
+* ``top_logprobs`` k (chat, with ``logprobs: true``) and completion ``logprobs`` k (0-20) add
+  the k most likely tokens at each position, in OpenAI's shapes.
 * Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
-  ``stream: true``, ``echo: true``, ``suffix``, top-k logprobs
-  (``top_logprobs`` > 0, or completion ``logprobs`` > 0), several prompts in one
+  ``stream: true``, ``echo: true``, ``suffix``, several prompts in one
   completion request, non-text content parts, and every body field not listed in
   ``BODY_FIELDS``: a few that change nothing are accepted (``HARMLESS_FIELDS``:
   ``user``, ``metadata``...; ``DEFAULT_ONLY``: ``response_format`` ``{"type": "text"}``,
@@ -166,15 +167,12 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
     lp = body.get("logprobs")
     if chat:
         s["logprobs"] = lp
-        top = body.get("top_logprobs")
-        if top is not None and _int_value("body.top_logprobs", top) > 0:
-            raise _unsupported("body.top_logprobs > 0 (only the sampled token's logprob is returned)")
+        s["top_logprobs"] = body.get("top_logprobs")
     elif lp is not None:
-        if _int_value("body.logprobs", lp) > 0:
-            raise _unsupported("body.logprobs > 0 (top logprobs; use 0 for the sampled token's logprob)")
-        if lp < 0:
+        if _int_value("body.logprobs", lp) < 0:
             raise _bad(f"body.logprobs must be >= 0, got {lp}")
         s["logprobs"] = True
+        s["top_logprobs"] = lp                    # completions: logprobs k = the k most likely tokens too
     try:
         return parse_sampling(s, defaults)
     except RecordError as e:
@@ -293,24 +291,29 @@ def token_id_str(token_id: int) -> str:
     return f"token_id:{token_id}"
 
 
-def _chat_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) -> dict:
+def _token_bytes(s: str) -> list:
+    return list(s.encode("utf-8", "surrogatepass"))
+
+
+def _chat_logprobs(ids: list, lps: list, token_str: Callable[[int], str], top: list | None = None) -> dict:
     content = []
-    for t, lp in zip(ids, lps):
+    for i, (t, lp) in enumerate(zip(ids, lps)):
         s = token_str(t)
-        content.append({"token": s, "logprob": lp,
-                        "bytes": list(s.encode("utf-8", "surrogatepass")), "top_logprobs": []})
+        alts = [] if top is None else [{"token": token_str(a), "logprob": v, "bytes": _token_bytes(token_str(a))}
+                                      for a, v in top[i]]
+        content.append({"token": s, "logprob": lp, "bytes": _token_bytes(s), "top_logprobs": alts})
     return {"content": content}
 
 
-def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str]) -> dict:
+def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str], top: list | None = None) -> dict:
     tokens, offsets, pos = [], [], 0
     for t in ids:
         s = token_str(t)
         tokens.append(s)
         offsets.append(pos)
         pos += len(s)
-    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": None,
-            "text_offset": offsets}
+    alts = None if top is None else [{token_str(a): v for a, v in reversed(p)} for p in top]   # first wins a tie
+    return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": alts, "text_offset": offsets}
 
 
 def error_status(error_type: str) -> int:
@@ -340,13 +343,15 @@ def batch_output_record(result: Result, created: int, model: str = "",
                 "error": {"error": err}}
     url = ex.get("url") or default_url
     chat = url == CHAT_URL
-    samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs)]
+    samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs,
+                                        result.top_logprobs)]
     choices = []
     for i, c in enumerate(samples):
         lp = None
         if c.logprobs is not None:
             fn = token_str or token_id_str
-            lp = (_chat_logprobs if chat else _completion_logprobs)(list(c.token_ids), list(c.logprobs), fn)
+            lp = (_chat_logprobs if chat else _completion_logprobs)(list(c.token_ids), list(c.logprobs), fn,
+                                                                    c.top_logprobs)
         choice: dict = {"index": i}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}

@@ -155,7 +155,16 @@ def test_n_samples_in_jsonl_openai_and_hdf5_outputs(tiny, tmp_path):
     assert [c["index"] for c in ch] == [0, 1, 2]
     assert [c["text"] for c in ch] == [c["text"] for c in a["choices"]]
     h5 = tmp_path / "o.h5"
+    with open(inp, "a") as f:            # alternatives too: JSONL and OpenAI outputs hold them, HDF5 refuses
+        f.write(json.dumps({"id": "c", "prompt": "blue sky", "max_tokens": 3, "logprobs": True, "top_logprobs": 2})
+                + "\n")
     run(["-m", tiny, "-i", str(inp), "-o", str(h5)])
     with h5py.File(h5, "r") as f:
         assert f["error_type"][0].decode() == "invalid_request" and "n=3" in f["error_message"][0].decode()
         assert f["error_type"][1].decode() == "" and len(f["token_ids"][1]) == 5
+        assert f["error_type"][2].decode() == "invalid_request" and "top_logprobs" in f["error_message"][2].decode()
+    out2 = tmp_path / "o2.jsonl"
+    run(["-m", tiny, "-i", str(inp), "-o", str(out2)])
+    c = json.loads(out2.read_text().splitlines()[2])
+    assert len(c["top_logprobs"]) == 3 and all(len(p) == 2 for p in c["top_logprobs"])
+    assert [p[0]["token_id"] for p in c["top_logprobs"]] == c["token_ids"]

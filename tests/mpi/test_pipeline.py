@@ -27,6 +27,9 @@ def make_input(path, n, seed=0, max_tokens=(1, 24)):
                 rec.update(temperature=0.9, seed=i)     # sampled records must also resume identically
             if i % 11 == 5:
                 rec["n"] = 3                            # samples (some sampled: i = 38, 115, ...) in every layout
+            if i % 13 == 6:                             # penalties and bias, chosen on the leader (some sampled)
+                rec.update(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=-0.2,
+                           logit_bias={str(rng.randint(0, 400)): 3.0})
             f.write(json.dumps(rec) + "\n")
         f.write("{not json\n")                          # one malformed line among them
     return str(path)
