@@ -253,6 +253,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # tokens of prompt or output: logit / p if > 0, else logit * p (HF, vLLM)
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
     top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
+    prompt_logprobs: bool = False     # the logprob of every prompt token given the ones before it (scoring)
 
     @property
     def processes_logits(self) -> bool:
@@ -260,8 +261,13 @@ class SamplingParams:
                     or self.logit_bias)
 
     def validate(self) -> None:
-        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.max_tokens == 0 and not self.prompt_logprobs:
+            raise ValueError("max_tokens 0 (scoring the prompt alone) needs prompt_logprobs: true")
+        if self.prompt_logprobs and self.n > 1:
+            raise ValueError("prompt_logprobs with n > 1 is not supported (the prompt is the same for every sample: "
+                             "ask for it in a record of its own)")
         if not (self.temperature >= 0.0):
             raise ValueError(f"temperature must be >= 0, got {self.temperature!r}")
         if not (0.0 < self.top_p <= 1.0):

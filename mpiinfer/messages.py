@@ -8,6 +8,7 @@ with its stop (``Drain`` / ``Drained``), and the wide-EP lockstep codes (``Locks
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -65,6 +66,7 @@ class Result:
     prompt_tokens: int = 0
     logprobs: list | None = None
     top_logprobs: list | None = None       # per position: [[token id, logprob], ...] (top_logprobs > 0)
+    prompt_logprobs: list | None = None    # per prompt token: its logprob given the ones before (None first)
     error: ErrorInfo | None = None
     extra: dict = field(default_factory=dict)
     # timings (seconds) for the summary: time to first token and total
@@ -102,9 +104,20 @@ class Result:
             rec["logprobs"] = list(self.logprobs)
         if self.top_logprobs is not None:
             rec["top_logprobs"] = top_logprobs_record(self.top_logprobs)
+        if self.prompt_logprobs is not None:
+            rec.update(prompt_scores(self.prompt_logprobs))
         if self.max_tokens_clipped_to is not None:
             rec["max_tokens_clipped_to"] = self.max_tokens_clipped_to
         return rec
+
+
+def prompt_scores(lps: list) -> dict:
+    """``prompt_logprobs`` (None for the first token), their sum and the prompt's perplexity exp(-mean) over the
+    tokens scored (None for a one-token prompt)."""
+    scored = [v for v in lps if v is not None]
+    total = float(sum(scored))
+    return {"prompt_logprobs": list(lps), "prompt_logprob_sum": total,
+            "prompt_perplexity": math.exp(-total / len(scored)) if scored else None}
 
 
 # ----------------------------------------------------------------- coordinator <-> replica leaders

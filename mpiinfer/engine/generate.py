@@ -16,6 +16,8 @@ from __future__ import annotations
 import time
 from collections.abc import Iterable, Iterator
 
+import torch
+
 from ..messages import Choice, ErrorInfo, Request, Result
 from .kv_cache import MIN_SHARED_BLOCKS, MIN_SHARED_BLOCKS_NATIVE
 from .runner import ModelRunner
@@ -90,12 +92,14 @@ class Engine:
                                f"prompt has {len(ids)} tokens; this run allows at most {self.max_seq_len - 1} "
                                f"(model context {self.cfg.max_position_embeddings}, --max-seq-len)")
         sp = req.sampling
+        if sp.prompt_logprobs and self.cp > 1:
+            return self._error(req, "invalid_request", "prompt_logprobs is not available with --cp > 1")
         # generation stops at the context length (finish_reason "length"), as in transformers
         max_new = min(sp.max_tokens, self.max_seq_len - len(ids))
         use_cp = self.cp > 1 and len(ids) >= self.cp_min_tokens
-        need = max(rows_needed(len(ids), max_new, self.cp, use_cp))
+        need = max(rows_needed(len(ids), max(max_new, 1), self.cp, use_cp))
         usable = self.sched.usable_rows
-        if max(self.sched.blocks_needed(len(ids), max_new, use_cp)) * self.sched.bs > usable:
+        if max(self.sched.blocks_needed(len(ids), max(max_new, 1), use_cp)) * self.sched.bs > usable:
             where = (f"{need} KV-cache rows on each of the {self.cp} CP ranks" if use_cp else
                      f"{need} KV-cache rows")
             hint = "" if self.cp > 1 else " or split the document over ranks with --cp"
@@ -120,7 +124,8 @@ class Engine:
             dev = self.runner.device.torch
             new_gen = lambda: make_generator(seed, dev)
         return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
-                        t_added=time.perf_counter(), new_generator=new_gen, sample=i)
+                        t_added=time.perf_counter(), new_generator=new_gen, sample=i,
+                        prompt_logprobs=[None] if sp.prompt_logprobs else None)
 
     def add(self, req: Request) -> Result | None:
         """Queue a request; returns an error Result right away when it cannot run.  With ``n`` > 1 and sampling,
@@ -164,13 +169,22 @@ class Engine:
         self.peak_running = max(self.peak_running, len(self.sched.running))
         if not self.sched.running and not self.lockstep:
             return []
-        batch, planned, sampled = self.sched.plan()
+        batch, planned, sampled, scored = self.sched.plan()
         logits = self.runner.execute(batch)
         self.sched.advance(planned)            # cache counters; finished prompt blocks into the prefix cache
         self.steps += 1
         finished = []
+        if scored:                             # prompt_logprobs: the rows after the sampled ones
+            target = torch.tensor([seq.prompt[j] for seq, j in scored], device=logits.device)
+            lps = torch.log_softmax(logits[len(sampled):], dim=-1).gather(1, target[:, None])[:, 0].tolist()
+            for (seq, _), v in zip(scored, lps):
+                seq.prompt_logprobs.append(v)
+        for seq, _ in planned:                 # max_tokens 0: scored, done once its prompt is
+            if seq.max_new == 0 and not seq.in_prefill:
+                seq.finish_reason = "length"
+                finished.append(seq)
         if sampled:
-            toks, lps, tops = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
+            toks, lps, tops = sample(logits[:len(sampled)] if scored else logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
                                [s.req.sampling.logprobs for s in sampled], [(s.prompt, s.out) for s in sampled])
             now = time.perf_counter()
             for seq, tok, lp, top in zip(sampled, toks, lps, tops):
@@ -236,6 +250,7 @@ class Engine:
                       finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
                       top_logprobs=list(seq.top_logprobs) if seq.req.sampling.top_logprobs else None,
+                      prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
                       latency=now - seq.t_added,
                       max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None,

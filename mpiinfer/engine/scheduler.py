@@ -42,6 +42,8 @@ class Sequence:
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
     top_logprobs: list = field(default_factory=list)
+    prompt_logprobs: list | None = None  # prompt_logprobs: logprob of prompt token j at j (None at 0), filled as
+                                         # prefill chunks run; such a sequence takes no prefix-cache hits
     t_added: float = 0.0
     t_first: float | None = None
     finish_reason: str | None = None
@@ -60,6 +62,8 @@ class Sequence:
         self.blocks, self.registered, self.n_cached = [], 0, 0
         self.out, self.logprobs, self.t_first, self.finish_reason, self.text = [], [], None, None, None
         self.top_logprobs = []
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = [None]
         if self.new_generator is not None:
             self.generator = self.new_generator()
 
@@ -142,9 +146,11 @@ class Scheduler:
             if pool.prefix_cache:
                 if seq.keys is None:
                     seq.keys = block_hashes(seq.prompt, bs)
-                hits = pool.lookup(seq.keys[:(L - 1) // bs])        # at least one token is computed
+                # at least one token is computed; all of them when the prompt's own logprobs are wanted
+                hits = pool.lookup(seq.keys[:(L - 1) // bs]) if seq.prompt_logprobs is None else []
             nxt = end = len(hits)
-            while pool.prefix_cache and end < (L - 1) // bs and (r, seq.keys[end]) in self.pending:
+            while pool.prefix_cache and seq.prompt_logprobs is None and end < (L - 1) // bs and \
+                    (r, seq.keys[end]) in self.pending:
                 end += 1
             if end > nxt and end >= self.min_shared:
                 # running sequences are computing this prompt's next blocks right now, enough of them to be worth
@@ -239,10 +245,12 @@ class Scheduler:
     # -------------------------------------------------------------- planning
     def plan(self) -> tuple:
         """This step's batch (a list of one batch per CP rank when cp > 1), the sequences in it and how many
-        cached tokens each gains, and the sequences that sample a token (in logits-row order)."""
+        cached tokens each gains, the sequences that sample a token, and the prompt tokens scored (prompt_logprobs)
+        as (sequence, prompt index); logits rows are the sampled ones in order, then the scored ones."""
         cp = self.cp
         P = [_RankPlan() for _ in range(cp)]
         planned = []
+        scored = []                                       # (sequence, prompt index) of the score rows, in order
         sampled = [[] for _ in range(cp)]                 # per CP rank, in its logits-row order
         budget = [self.step_tokens] * cp                  # tokens of compute per CP rank
         for seq in self.running:                          # decodes first: one token each
@@ -280,17 +288,24 @@ class Scheduler:
             if budget[h] <= 0:
                 continue
             n = min(budget[h], L - seq.n_cached)
+            done = seq.n_cached + n == L
             P[h].add(seq.prompt[seq.n_cached:seq.n_cached + n], range(seq.n_cached, seq.n_cached + n),
-                     extents(seq.blocks, self.bs, seq.n_cached + n), seq.n_cached + n, sample=(seq.n_cached + n == L))
+                     extents(seq.blocks, self.bs, seq.n_cached + n), seq.n_cached + n,
+                     sample=done and seq.max_new > 0)
+            if seq.prompt_logprobs is not None:            # row of position j predicts prompt token j + 1
+                t0 = len(P[h].ids) - n
+                for j in range(seq.n_cached, seq.n_cached + n - (1 if done else 0)):
+                    P[h].score_rows.append(t0 + j - seq.n_cached)
+                    scored.append((seq, j + 1))
             budget[h] -= n
             planned.append((seq, n))
-            if seq.n_cached + n == L:
+            if done and seq.max_new > 0:
                 sampled[h].append(seq)
         batches = [pl.batch(cp, r, self.scratch_row) for r, pl in enumerate(P)]
         if cp > 1 and any(sampled[1:]):                   # logits of ranks > 0 come back to the leader
             for b in batches:
                 b.gather_logits = 1
-        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per]
+        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per], scored
 
 
 class _RankPlan:
@@ -299,6 +314,7 @@ class _RankPlan:
     def __init__(self):
         self.ids, self.pos, self.qs, self.ql, self.ext, self.kl, self.rows = [], [], [], [], [], [], []
         self.mode, self.plen, self.glen, self.write = [], [], [], []
+        self.score_rows = []          # rows whose logits score the next prompt token (after the sampled rows)
 
     def add(self, ids, pos, ext, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1):
         t = len(self.ids)
@@ -319,7 +335,7 @@ class _RankPlan:
     def batch(self, cp: int, cp_rank: int, scratch: int) -> StepBatch:
         b = StepBatch(torch.tensor(self.ids, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64),
                       self.qs, self.ql, [e[0][0] for e in self.ext], self.kl,
-                      torch.tensor(self.rows, dtype=torch.int64),
+                      torch.tensor(self.rows + self.score_rows, dtype=torch.int64),
                       kv_ext=self.ext if any(len(e) > 1 for e in self.ext) else None)
         if cp > 1:
             b.mode, b.prompt_len, b.glen, b.write = self.mode, self.plen, self.glen, self.write

@@ -45,7 +45,8 @@ MODEL_NOT_FOUND = "model_not_found"
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
                    "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
-                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs")
+                   "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs",
+                   "prompt_logprobs")
 ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS
 _ALLOWED_SET = frozenset(ALLOWED_FIELDS)
 MESSAGE_FIELDS = ("role", "content")
@@ -321,6 +322,7 @@ _SAMPLING_CHECKS = {
     "repetition_penalty": _float_value,
     "logit_bias": _logit_bias_value,
     "top_logprobs": _int_value,
+    "prompt_logprobs": _bool_value,
 }
 assert tuple(_SAMPLING_CHECKS) == SAMPLING_FIELDS
 

@@ -138,7 +138,7 @@ def write_json_atomic(path: str, obj: dict) -> None:
 
 def result_to_json(r: Result) -> dict:
     return {"index": r.index, "id": r.id, "text": r.text, "token_ids": list(r.token_ids),
-            "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs, "top_logprobs": r.top_logprobs,
+            "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs, "top_logprobs": r.top_logprobs, "prompt_logprobs": r.prompt_logprobs,
             "error": None if r.error is None else [r.error.type, r.error.message], "extra": r.extra,
             "ttft": r.ttft, "latency": r.latency, "max_tokens_clipped_to": r.max_tokens_clipped_to,
             "preemptions": r.preemptions, "cached_tokens": r.cached_tokens,
@@ -148,7 +148,7 @@ def result_to_json(r: Result) -> dict:
 def result_from_json(d: dict) -> Result:
     err = d.get("error")
     return Result(index=int(d["index"]), id=d["id"], text=d["text"], token_ids=list(d["token_ids"]),
-                  finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"], top_logprobs=d.get("top_logprobs"),
+                  finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"], top_logprobs=d.get("top_logprobs"), prompt_logprobs=d.get("prompt_logprobs"),
                   error=None if err is None else ErrorInfo(err[0], err[1]), extra=dict(d.get("extra") or {}),
                   ttft=d.get("ttft"), latency=d.get("latency"), max_tokens_clipped_to=d.get("max_tokens_clipped_to"),
                   preemptions=int(d.get("preemptions") or 0), cached_tokens=int(d.get("cached_tokens") or 0),

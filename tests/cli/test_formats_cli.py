@@ -168,3 +168,22 @@ def test_n_samples_in_jsonl_openai_and_hdf5_outputs(tiny, tmp_path):
     c = json.loads(out2.read_text().splitlines()[2])
     assert len(c["top_logprobs"]) == 3 and all(len(p) == 2 for p in c["top_logprobs"])
     assert [p[0]["token_id"] for p in c["top_logprobs"]] == c["token_ids"]
+
+
+def test_prompt_scoring_in_jsonl_and_refused_elsewhere(tiny, tmp_path):
+    """max_tokens 0 with prompt_logprobs scores a prompt alone; outputs other than JSONL refuse it per record."""
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(json.dumps({"id": "s", "prompt": "the old man and the sea", "max_tokens": 0, "prompt_logprobs": True})
+                   + "\n" + json.dumps({"id": "g", "prompt": "blue sky", "max_tokens": 2}) + "\n")
+    out = tmp_path / "o.jsonl"
+    run(["-m", tiny, "-i", str(inp), "-o", str(out)])
+    s, g = [json.loads(x) for x in out.read_text().splitlines()]
+    n = s["usage"]["prompt_tokens"]
+    assert len(s["prompt_logprobs"]) == n and s["prompt_logprobs"][0] is None and s["token_ids"] == []
+    assert s["prompt_logprob_sum"] == pytest.approx(sum(s["prompt_logprobs"][1:]))
+    assert s["prompt_perplexity"] > 1 and "prompt_logprobs" not in g
+    oa = tmp_path / "o_openai.jsonl"
+    run(["-m", tiny, "-i", str(inp), "-o", str(oa), "--output-format", "openai"])
+    s, g = [json.loads(x) for x in oa.read_text().splitlines()]
+    assert s["error"]["error"]["type"] == "invalid_request" and "JSONL output only" in s["error"]["error"]["message"]
+    assert g["error"] is None

@@ -133,7 +133,7 @@ def test_openai_completion_request():
     (comp("a", prompt=["x", "y"]), "2 prompts", "a"),
     (comp("a", prompt=""), "empty", "a"),
     (comp("a", prompt=[-1]), "non-negative", "a"),
-    (comp("a", logprobs=3), "logprobs > 0", "a"),
+    (comp("a", logprobs=21), "top_logprobs must be an integer from 0 to 20", "a"),
     (comp("a", logprobs=True), "logprobs must be an integer", "a"),
     (comp("a", echo=True), "echo", "a"),
     (comp("a", best_of=2), "best_of", "a"),

@@ -37,7 +37,7 @@ def test_process_logits_arithmetic():
     assert torch.equal(got, want)
     assert torch.equal(x, torch.tensor([2.0, -1.0, 0.5, 3.0, -2.0, 1.0]))    # the raw logits are untouched
     # the chosen token follows the processed logits, its logprob stays the model's own
-    toks, lps = sample(x[None], [SamplingParams(logit_bias=((4, 100.0),), logprobs=True)], [None], [True],
+    toks, lps, _ = sample(x[None], [SamplingParams(logit_bias=((4, 100.0),), logprobs=True)], [None], [True],
                        [([0], [])])
     assert toks == [4] and lps[0] == pytest.approx(torch.log_softmax(x, -1)[4].item())
 
