@@ -317,8 +317,7 @@ class Coordinator:
         self.spilled = 0                  # waiting results that are only in the journal
         self.journaled = 0                # results journaled (restored ones included)
         self.duplicates = DuplicateIds(plan.out_fmt, plan.seen_ids)
-        self.one_choice = plan.out_fmt == "hdf5"   # HDF5 output holds one sample per record
-        self.plan_fmt = plan.out_fmt
+        self.out_fmt = plan.out_fmt                # HDF5 holds one sample per record; prompt scores: JSONL only
         self._flushes = 0                 # output flushes seen (the journal is compacted after each)
         self._unsynced, self._synced_at = 0, time.monotonic()
 
@@ -508,15 +507,15 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
-            elif self.plan_fmt != "jsonl" and item.sampling.prompt_logprobs:
+            elif self.out_fmt != "jsonl" and item.sampling.prompt_logprobs:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "prompt_logprobs: written to JSONL output only (prompt_logprobs, "
                                        "prompt_logprob_sum, prompt_perplexity)")))
-            elif self.one_choice and item.sampling.top_logprobs:
+            elif self.out_fmt == "hdf5" and item.sampling.top_logprobs:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write "
                                        "JSONL or OpenAI output for the alternatives")))
-            elif self.one_choice and item.sampling.n > 1:
+            elif self.out_fmt == "hdf5" and item.sampling.n > 1:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", f"n={item.sampling.n}: HDF5 output holds one sample per record; write "
                                        "JSONL or OpenAI output for n > 1")))

@@ -51,8 +51,7 @@ class Engine:
         self.sched = Scheduler(self.cp, runner.pool_tokens, max_batch or ec.max_batch,
                                step_tokens or ec.prefill_chunk_tokens, cp_short or ec.cp_short,
                                block_size=ec.kv_block, prefix_cache=ec.prefix_cache,
-                               min_shared_blocks=min_shared_blocks(ec, getattr(getattr(runner, "model", None),
-                                                                                 "use_native", False)))
+                               min_shared_blocks=min_shared_blocks(ec, runner.native))
         self.eos = frozenset(self.cfg.eos_token_ids)
         self.steps = 0
         self.tokens_generated = 0

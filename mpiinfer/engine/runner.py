@@ -114,6 +114,11 @@ class ModelRunner:
             self.kv = self._kv_cache(pool)
 
     @property
+    def native(self) -> bool:
+        """The model runs the CPU C kernels (``mpiinfer.native``) rather than the torch paths."""
+        return self.model.use_native
+
+    @property
     def pool_tokens(self) -> int:
         return self.kv.pool_tokens
 

@@ -154,20 +154,18 @@ class AttentionPlan:
         shared = shared_groups(batch, window) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)
         if use_native:
-            q_rows, runs, skip = [], [], []
-            for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len)):
-                if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL:
-                    q_rows.append(batch.q_start[i])
-                    runs.append(batch.extents(i))
-                    skip.append(max(0, kl - window) if window is not None else 0)
-            taken = taken | frozenset(i for i, (ql, _) in enumerate(zip(batch.q_len, batch.kv_len))
-                                      if ql == 1 and batch.seq_mode(i) == MODE_LOCAL)
+            local = [i for i, ql in enumerate(batch.q_len) if ql == 1 and batch.seq_mode(i) == MODE_LOCAL]
+            mine = [i for i in local if i not in taken]
+            native = native_kernels.DecodeRuns(
+                [batch.q_start[i] for i in mine], [batch.extents(i) for i in mine],
+                [max(0, batch.kv_len[i] - window) for i in mine] if window is not None else None)
+            taken = taken | frozenset(local)
             group_decodes = False
         plan = AttentionPlan(batch, decode_group(batch, window, row_bytes, taken) if group_decodes else None,
                              shared=[g._replace(rows=g.rows.to(device)) if device is not None else g for g in shared])
         if use_native:
             plan.use_native = True
-            plan.native = native_kernels.DecodeRuns(q_rows, runs, skip)
+            plan.native = native
             plan.shared = [g._replace(tails_native=native_kernels.DecodeRuns(
                 [batch.q_start[i] for i in g.seqs], g.tails, None)) for g in plan.shared]
         if plan.group is not None and device is not None:
@@ -250,7 +248,7 @@ class Attention(nn.Module):
             native_kernels.decode_attention(q.view(T, nq), k_cache, v_cache, plan.native, self.scale,
                                             out.view(T, nq), self.n_q)
         for g in plan.shared:
-            self._attend_shared(q, k_cache, v_cache, out, g, plan.use_native)
+            self._attend_shared(q, k_cache, v_cache, out, g)
         if plan.group is not None:
             self._attend_decodes(q, k_cache, v_cache, out, *plan.group[1:])
         if plan.decodes:
@@ -324,11 +322,12 @@ class Attention(nn.Module):
                 p = torch.softmax(s.float() * self.scale, dim=-1).to(v_cache.dtype)
                 o4[r] = torch.matmul(p, V)
 
-    def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup, use_native: bool = False):
+    def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup):
         """One-token decodes of G sequences whose caches begin with the same ``g.length`` rows: those rows are
         scored and summed once for all G x group query heads (one matmul each, no copy), each sequence's own
-        rows after them one by one (``use_native``: all in one ``native.decode_attention`` call continuing from
-        the shared part's state); the two partial softmaxes (max, sum, weighted values) merge exactly."""
+        rows after them one by one (with ``g.tails_native``: all in one ``native.decode_attention`` call
+        continuing from the shared part's state); the two partial softmaxes (max, sum, weighted values) merge
+        exactly."""
         G, hd, grp = len(g.seqs), self.head_dim, self.group
         a, n = g.start, g.length
         qg = q[g.rows].view(G, self.n_kv, grp, hd).transpose(0, 1).reshape(self.n_kv, G * grp, hd)
@@ -337,7 +336,7 @@ class Attention(nn.Module):
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
         num = torch.matmul(p.to(v_cache.dtype), v_cache[:, a:a + n]).float()           # (n_kv, G*grp, hd)
-        if use_native:
+        if g.tails_native is not None:
             # state per decode and query head, KV head by KV head: (G, n_q) and (G, n_q, hd)
             per = lambda t: t.view(self.n_kv, G, grp, -1).transpose(0, 1).reshape(G, self.n_q, -1)
             T = q.shape[0]

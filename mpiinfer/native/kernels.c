@@ -50,30 +50,22 @@ typedef struct {
     int bf16;
 } cache_t;
 
-/* one (sequence, KV head) item; always inlined with hd a constant where the caller knows it */
+/* one (sequence, KV head) item over its attended pool rows `idx` (rows of them); always inlined with hd a
+ * constant where the caller knows it */
 static inline __attribute__((always_inline)) void attend_item(
-    const cache_t *c, int h, int grp, const int hd, const int64_t *runs, int64_t r0, int64_t r1, int64_t first,
-    int64_t rows, int64_t stride, const float *qf, float *sc, float *acc, float *tmp, float *l,
-    const float *im, const float *il, const float *ia) {
+    const cache_t *c, int h, int grp, const int hd, const int64_t *idx, int64_t rows, int64_t stride,
+    const float *qf, float *sc, float *acc, float *tmp, float *l, const float *im, const float *il,
+    const float *ia) {
+    const int64_t base = (int64_t)h * c->pool;
     /* pass 1: scores, (grp, stride) */
-    int64_t j = 0, t = 0;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t a = runs[2 * r], len = runs[2 * r + 1];
-        int64_t i = 0;
-        if (t < first) {
-            const int64_t sk = first - t < len ? first - t : len;
-            i += sk;
-            t += sk;
-        }
-        for (; i < len; i++, t++, j++) {
-            const float *kr = row_f32(c->kc, ((int64_t)h * c->pool + a + i) * hd, hd, c->bf16, tmp);
-            for (int g = 0; g < grp; g++) {
-                const float *qg = qf + g * hd;
-                float dot = 0.f;
+    for (int64_t j = 0; j < rows; j++) {
+        const float *kr = row_f32(c->kc, (base + idx[j]) * hd, hd, c->bf16, tmp);
+        for (int g = 0; g < grp; g++) {
+            const float *qg = qf + g * hd;
+            float dot = 0.f;
 #pragma omp simd reduction(+ : dot)
-                for (int d = 0; d < hd; d++) dot += qg[d] * kr[d];
-                sc[g * stride + j] = dot;
-            }
+            for (int d = 0; d < hd; d++) dot += qg[d] * kr[d];
+            sc[g * stride + j] = dot;
         }
     }
     /* softmax numerators, continuing the initial state when given */
@@ -100,24 +92,13 @@ static inline __attribute__((always_inline)) void attend_item(
         l[g] = sum;
     }
     /* pass 2: weighted values */
-    j = 0;
-    t = 0;
-    for (int64_t r = r0; r < r1; r++) {
-        const int64_t a = runs[2 * r], len = runs[2 * r + 1];
-        int64_t i = 0;
-        if (t < first) {
-            const int64_t sk = first - t < len ? first - t : len;
-            i += sk;
-            t += sk;
-        }
-        for (; i < len; i++, t++, j++) {
-            const float *vr = row_f32(c->vc, ((int64_t)h * c->pool + a + i) * hd, hd, c->bf16, tmp);
-            for (int g = 0; g < grp; g++) {
-                const float p = sc[g * stride + j];
-                float *ag = acc + g * hd;
+    for (int64_t j = 0; j < rows; j++) {
+        const float *vr = row_f32(c->vc, (base + idx[j]) * hd, hd, c->bf16, tmp);
+        for (int g = 0; g < grp; g++) {
+            const float p = sc[g * stride + j];
+            float *ag = acc + g * hd;
 #pragma omp simd
-                for (int d = 0; d < hd; d++) ag[d] += p * vr[d];
-            }
+            for (int d = 0; d < hd; d++) ag[d] += p * vr[d];
         }
     }
 }
@@ -139,6 +120,7 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
         float *acc = qf + (size_t)grp * hd;                 /* (grp, hd) */
         float *tmp = acc + (size_t)grp * hd;                /* one bfloat16 row as float32 */
         float *l = tmp + hd;                                /* (grp,) softmax denominators, grp <= 64 */
+        int64_t *idx = (int64_t *)malloc(sizeof(int64_t) * (size_t)(max_rows + 1));   /* attended pool rows */
 #pragma omp for schedule(dynamic, 1)
         for (int64_t it = 0; it < items; it++) {
             const int64_t s = it / n_kv;
@@ -148,21 +130,21 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
                 const float *qr = row_f32(q, qoff + (int64_t)g * hd, hd, bf16, tmp);
                 for (int d = 0; d < hd; d++) qf[g * hd + d] = qr[d] * scale;
             }
-            int64_t n = 0;
-            for (int64_t r = run_off[s]; r < run_off[s + 1]; r++) n += runs[2 * r + 1];
+            /* the pool rows attended, in token order: the runs, less the first skip[s] rows (a window) */
             const int64_t first = skip ? skip[s] : 0;
+            int64_t rows = 0, t = 0;
+            for (int64_t r = run_off[s]; r < run_off[s + 1]; r++)
+                for (int64_t i = 0; i < runs[2 * r + 1]; i++, t++)
+                    if (t >= first) idx[rows++] = runs[2 * r] + i;
             const int64_t hq = s * (int64_t)n_kv * grp + (int64_t)h * grp;
             const float *im = init_m ? init_m + hq : NULL, *il = init_l ? init_l + hq : NULL;
             const float *ia = init_acc ? init_acc + hq * hd : NULL;
             if (hd == 64)
-                attend_item(&c, h, grp, 64, runs, run_off[s], run_off[s + 1], first, n - first, stride, qf, sc, acc,
-                            tmp, l, im, il, ia);
+                attend_item(&c, h, grp, 64, idx, rows, stride, qf, sc, acc, tmp, l, im, il, ia);
             else if (hd == 128)
-                attend_item(&c, h, grp, 128, runs, run_off[s], run_off[s + 1], first, n - first, stride, qf, sc, acc,
-                            tmp, l, im, il, ia);
+                attend_item(&c, h, grp, 128, idx, rows, stride, qf, sc, acc, tmp, l, im, il, ia);
             else
-                attend_item(&c, h, grp, hd, runs, run_off[s], run_off[s + 1], first, n - first, stride, qf, sc, acc,
-                            tmp, l, im, il, ia);
+                attend_item(&c, h, grp, hd, idx, rows, stride, qf, sc, acc, tmp, l, im, il, ia);
             const int64_t ooff = q_rows[s] * out_stride + (int64_t)h * grp * hd;
             for (int g = 0; g < grp; g++) {
                 float *ag = acc + g * hd;
@@ -171,6 +153,7 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
                 store_row(out, ooff + (int64_t)g * hd, ag, hd, bf16);
             }
         }
+        free(idx);
         free(buf);
     }
 }

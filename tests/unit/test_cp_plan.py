@@ -26,6 +26,7 @@ class FakeCPRunner:
         self.mesh = types.SimpleNamespace(cp=cp, wide_ep=False)
         self.device = types.SimpleNamespace(torch=torch.device("cpu"))
         self.pool_tokens = pool
+        self.native = False                     # the torch paths' prefix-cache minimum
         self.tokens_per_rank = [0] * cp
 
     def execute(self, batches):
