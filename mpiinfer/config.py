@@ -234,6 +234,10 @@ MAX_N = 128                   # most samples per request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20         # most alternatives per position (OpenAI's limit)
 
 
+# structured-output constraint kinds (SamplingParams.structured; compiled in engine/structured.py)
+STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation settings. Temperature 0 means greedy."""
@@ -254,6 +258,8 @@ class SamplingParams:
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
     top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
     prompt_logprobs: bool = False     # the logprob of every prompt token given the ones before it (scoring)
+    # structured output: (kind, text), kind one of STRUCTURED_KINDS (engine/structured.py); () = unconstrained
+    structured: tuple = ()
 
     @property
     def processes_logits(self) -> bool:
@@ -287,6 +293,10 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)!r}")
         if not (0.0 < self.repetition_penalty <= 2.0):
             raise ValueError(f"repetition_penalty must be in (0, 2], got {self.repetition_penalty!r}")
+        if self.structured and (len(self.structured) != 2 or self.structured[0] not in STRUCTURED_KINDS
+                                or not isinstance(self.structured[1], str)):
+            raise ValueError(f"structured must be (kind, text) with kind one of {', '.join(STRUCTURED_KINDS)}, "
+                             f"got {self.structured!r}")
         for t, b in self.logit_bias:
             if not isinstance(t, int) or t < 0:
                 raise ValueError(f"logit_bias keys must be token ids (non-negative integers), got {t!r}")

@@ -23,6 +23,7 @@ from .kv_cache import MIN_SHARED_BLOCKS, MIN_SHARED_BLOCKS_NATIVE
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence, rows_needed
+from .structured import ConstraintError, Grammars
 
 
 def min_shared_blocks(ec, native: bool) -> int:
@@ -31,6 +32,11 @@ def min_shared_blocks(ec, native: bool) -> int:
     if ec.prefix_min_blocks is not None:
         return ec.prefix_min_blocks
     return MIN_SHARED_BLOCKS_NATIVE if native else MIN_SHARED_BLOCKS
+
+
+# what a constraint kind is called in error messages (the record's field names)
+STRUCTURED_NAMES = {"json": "JSON schema", "json_object": "json_object response format", "regex": "regex",
+                    "choice": "choice list", "grammar": "grammar"}
 
 
 class Engine:
@@ -59,6 +65,14 @@ class Engine:
         self._samples: dict = {}       # request index -> its finished samples so far (sampled, n > 1)
         # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
         self.lockstep = runner.mesh.wide_ep
+        self._grammars = None          # structured outputs: made with the first constrained request
+
+    @property
+    def grammars(self) -> Grammars:
+        if self._grammars is None:
+            self._grammars = Grammars(self.tok.tok.to_str(), max(self.cfg.vocab_size, self.tok.vocab_size),
+                                      self.cfg.eos_token_ids)
+        return self._grammars
 
     max_batch = property(lambda self: self.sched.max_batch)
     running = property(lambda self: self.sched.running)
@@ -105,6 +119,12 @@ class Engine:
             return self._error(req, "prompt_too_long",
                                f"prompt ({len(ids)} tokens) + max_tokens ({max_new}) needs {where} but the cache "
                                f"of a rank holds {usable}: raise --kv-budget, lower max_tokens{hint}")
+        if sp.structured:
+            try:
+                self.grammars.matcher(sp.structured)
+            except ConstraintError as e:
+                return self._error(req, "invalid_request", f"the {STRUCTURED_NAMES[sp.structured[0]]} cannot be "
+                                                           f"used for structured output: {e}")
         eos = frozenset() if sp.ignore_eos else self.eos
         eos = eos | frozenset(sp.stop_token_ids)
         return self._sequence(req, ids, max_new, eos, use_cp, 0)
@@ -124,7 +144,8 @@ class Engine:
             new_gen = lambda: make_generator(seed, dev)
         return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
                         t_added=time.perf_counter(), new_generator=new_gen, sample=i,
-                        prompt_logprobs=[None] if sp.prompt_logprobs else None)
+                        prompt_logprobs=[None] if sp.prompt_logprobs else None,
+                        matcher=self.grammars.matcher(sp.structured) if sp.structured else None)
 
     def add(self, req: Request) -> Result | None:
         """Queue a request; returns an error Result right away when it cannot run.  With ``n`` > 1 and sampling,
@@ -169,6 +190,9 @@ class Engine:
         if not self.sched.running and not self.lockstep:
             return []
         batch, planned, sampled, scored = self.sched.plan()
+        constrained = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
+        # the allowed tokens of constrained sequences, computed while the model step runs
+        masks = self.grammars.start_masks([sampled[i].matcher for i in constrained]) if constrained else None
         logits = self.runner.execute(batch)
         self.sched.advance(planned)            # cache counters; finished prompt blocks into the prefix cache
         self.steps += 1
@@ -182,14 +206,29 @@ class Engine:
             if seq.max_new == 0 and not seq.in_prefill:
                 seq.finish_reason = "length"
                 finished.append(seq)
+        allowed = None
+        if constrained:
+            bias, stuck = self.grammars.masks(masks, logits.device)
+            for j in (j for j, s in enumerate(stuck) if s):   # the matcher failed: no token can follow
+                seq = sampled[constrained[j]]
+                seq.error = ErrorInfo("structured_output_error", "the structured-output matcher allows no "
+                                      f"token: {seq.matcher.get_error() or 'no reason given'}")
+                finished.append(seq)
+                bias[j] = 0.0                             # sampled anyway (and dropped): no all -inf row
+            allowed = (constrained, bias)
         if sampled:
-            toks, lps, tops = sample(logits[:len(sampled)] if scored else logits, [s.req.sampling for s in sampled], [s.generator for s in sampled],
-                               [s.req.sampling.logprobs for s in sampled], [(s.prompt, s.out) for s in sampled])
+            toks, lps, tops = sample(logits[:len(sampled)] if scored else logits, [s.req.sampling for s in sampled],
+                                     [s.generator for s in sampled], [s.req.sampling.logprobs for s in sampled],
+                                     [(s.prompt, s.out) for s in sampled], allowed)
             now = time.perf_counter()
             for seq, tok, lp, top in zip(sampled, toks, lps, tops):
+                if seq.error is not None:
+                    continue
                 if seq.t_first is None:
                     seq.t_first = now
                 seq.out.append(tok)
+                if seq.matcher is not None:
+                    seq.matcher.consume_token(tok)
                 if lp is not None:
                     seq.logprobs.append(lp)
                 if top is not None:
@@ -206,6 +245,12 @@ class Engine:
         r = self._result(seq)
         n = seq.req.sampling.n
         if n == 1:
+            return r
+        if r.error is not None:                      # one failed sample fails the request (the others are dropped)
+            if self._samples.get(seq.req.index, ()) is None:
+                return None
+            if seq.req.index in self._samples:
+                self._samples[seq.req.index] = None
             return r
         choice = Choice(r.text, r.token_ids, r.finish_reason, r.logprobs, r.top_logprobs)
         if seq.req.index in self._samples and self._samples[seq.req.index] is None:
@@ -229,6 +274,9 @@ class Engine:
         if tok in seq.eos:
             seq.finish_reason = "stop"
             return True
+        if seq.matcher is not None and seq.matcher.is_stopped():   # the constraint is complete
+            seq.finish_reason = "stop"
+            return True
         stops = seq.req.sampling.stop
         if stops:
             text = self.tok.decode(seq.out)
@@ -243,6 +291,8 @@ class Engine:
         return False
 
     def _result(self, seq: Sequence) -> Result:
+        if seq.error is not None:
+            return Result(index=seq.req.index, id=seq.req.id, error=seq.error, extra=seq.req.extra)
         text = seq.text if seq.text is not None else self.tok.decode(seq.out)
         now = time.perf_counter()
         return Result(index=seq.req.index, id=seq.req.id, text=text, token_ids=list(seq.out),

@@ -7,7 +7,8 @@ else is in the batch.  Greedy rows are an argmax over the whole batch at once.
 Rows whose request asks for ``logit_bias`` or a penalty are processed first, in
 vLLM's order (``process_logits``): bias, repetition penalty over prompt and
 output tokens (Hugging Face's ``RepetitionPenaltyLogitsProcessor``), frequency and
-presence penalties over output tokens (OpenAI's formula).  Logprobs are those of
+presence penalties over output tokens (OpenAI's formula).  A structured-output constraint's mask of
+allowed tokens comes before all of it.  Logprobs are those of
 the model's own distribution (log-softmax of the raw logits), whatever the
 temperature or processing (vLLM's default ``raw_logprobs``).
 """
@@ -56,15 +57,28 @@ def process_logits(x: torch.Tensor, p, prompt: list, out: list) -> torch.Tensor:
     return x
 
 
-def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list, histories: list | None = None):
+def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: list, histories: list | None = None,
+           allowed: tuple | None = None):
     """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted, top list with
     None where not wanted, else the row's ``top_logprobs`` most likely [token id, logprob] pairs, most likely first).
-    ``histories[i]``: (prompt ids, output ids) of row i, needed where its params process logits."""
+    ``histories[i]``: (prompt ids, output ids) of row i, needed where its params process logits.  ``allowed``:
+    (row indices, (R, vocab) float32 of 0 / -inf): what structured-output constraints allow in those rows, added to
+    their logits before anything else (the logprobs stay the model's own)."""
     S = logits.shape[0]
     tokens = torch.argmax(logits, dim=-1)               # greedy for every row, overwritten below
+    masked = {}
+    if allowed is not None and len(allowed[0]):
+        idx, bias = allowed
+        rows = logits[torch.tensor(idx, device=logits.device)] + bias
+        masked = dict(zip(idx, rows))
+        plain = [j for j, i in enumerate(idx) if params[i].temperature <= 0 and not params[i].processes_logits]
+        if plain:                                       # greedy rows with nothing else to do: one argmax
+            tokens[torch.tensor([idx[j] for j in plain], device=logits.device)] = torch.argmax(rows[plain], dim=-1)
     for i in range(S):
         p = params[i]
-        row = logits[i]
+        if p.temperature <= 0 and not p.processes_logits:
+            continue
+        row = masked.get(i, logits[i])
         if p.processes_logits:
             row = process_logits(row, p, *histories[i])
             if p.temperature <= 0:

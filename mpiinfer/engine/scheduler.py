@@ -52,6 +52,8 @@ class Sequence:
     preemptions: int = 0               # times it lost its blocks and started over
     cached_tokens: int = 0             # prompt tokens found in the prefix cache (the last admission)
     sample: int = 0                    # which of the request's n samples
+    matcher: object = None             # structured output: its llguidance matcher (engine/structured.py)
+    error: object = None               # an ErrorInfo when it cannot go on (its result is that error)
 
     @property
     def in_prefill(self) -> bool:
@@ -66,6 +68,8 @@ class Sequence:
             self.prompt_logprobs = [None]
         if self.new_generator is not None:
             self.generator = self.new_generator()
+        if self.matcher is not None:
+            self.matcher.reset()
 
     def ranks(self, cp: int) -> list:
         """The CP ranks holding this sequence's KV cache, in ``kv_base`` order."""

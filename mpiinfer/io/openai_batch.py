@@ -29,13 +29,17 @@ Rules:
   else the model directory's name or path), else the record is a 404 error record.
 * ``top_logprobs`` k (chat, with ``logprobs: true``) and completion ``logprobs`` k (0-20) add
   the k most likely tokens at each position, in OpenAI's shapes.
+* Structured output (``engine.structured``), at most one per body: ``response_format``
+  (``json_object``, ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` /
+  ``guided_choice`` / ``guided_grammar`` and its newer ``structured_outputs``
+  (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``).
 * Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
   ``stream: true``, ``echo: true``, ``suffix``, several prompts in one
   completion request, non-text content parts, and every body field not listed in
   ``BODY_FIELDS``: a few that change nothing are accepted (``HARMLESS_FIELDS``:
-  ``user``, ``metadata``...; ``DEFAULT_ONLY``: ``response_format`` ``{"type": "text"}``,
-  ``tools: []``...), any other is refused (``response_format`` json, ``tools``, guided
-  decoding, ``min_tokens``...), since it would change the result.
+  ``user``, ``metadata``, ``guided_decoding_backend``...; ``DEFAULT_ONLY``: ``tools: []``...),
+  any other is refused (``tools``, ``guided_whitespace_pattern``, ``min_tokens``...), since it
+  would change the result.
 
 ``Request.extra`` / ``Result.extra`` carry ``custom_id``, ``url`` and ``model``
 (body.model) so the writer can echo them.  A bad record becomes an error
@@ -81,9 +85,15 @@ from .records import (
     _int_value,
     _is_int,
     _parse_token_list,
+    check_unknown_fields,
+    choice_constraint,
     decode_line,
+    one_constraint,
     parse_messages,
     parse_sampling,
+    response_format_constraint,
+    schema_constraint,
+    text_constraint,
 )
 
 URLS = (CHAT_URL, COMPLETIONS_URL)
@@ -174,11 +184,40 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
         s["logprobs"] = True
         s["top_logprobs"] = lp                    # completions: logprobs k = the k most likely tokens too
     try:
-        return parse_sampling(s, defaults)
+        return parse_sampling(s, defaults, _structured(body))
     except RecordError as e:
         if not e.message.startswith("body."):
             e.message = "body." + e.message
         raise
+
+
+# vLLM's structured-output fields: the older guided_* ones and the newer ``structured_outputs`` object
+GUIDED = {"guided_json": schema_constraint, "guided_choice": choice_constraint,
+          "guided_regex": lambda f, v: text_constraint("regex", f, v),
+          "guided_grammar": lambda f, v: text_constraint("grammar", f, v)}
+STRUCTURED_OUTPUTS = {"json": schema_constraint, "choice": choice_constraint,
+                      "regex": lambda f, v: text_constraint("regex", f, v),
+                      "grammar": lambda f, v: text_constraint("grammar", f, v),
+                      "json_object": lambda f, v: ("json_object", "") if v is True else ()}
+
+
+def _structured(body: dict) -> tuple:
+    """The body's structured-output constraint (at most one of response_format, guided_*, structured_outputs)."""
+    found = [(f"body.{k}", parse(f"body.{k}", body[k])) for k, parse in GUIDED.items() if body.get(k) is not None]
+    if body.get("response_format") is not None:
+        found.append(("body.response_format", response_format_constraint("body.response_format",
+                                                                         body["response_format"])))
+    so = body.get("structured_outputs")
+    if so is not None:
+        if not isinstance(so, dict):
+            raise _bad(f"body.structured_outputs must be an object, {_got(so)}")
+        check_unknown_fields(so, (*STRUCTURED_OUTPUTS, "disable_any_whitespace"), where="body.structured_outputs")
+        if so.get("disable_any_whitespace") is False:
+            raise _unsupported("body.structured_outputs.disable_any_whitespace = false (JSON is always generated "
+                               "without free whitespace)")
+        found += [(f"body.structured_outputs.{k}", parse(f"body.structured_outputs.{k}", so[k]))
+                  for k, parse in STRUCTURED_OUTPUTS.items() if so.get(k) is not None]
+    return one_constraint(found)
 
 
 # Body fields by what mpiinfer does with them.  Every other field is refused (an error record), since a field that
@@ -186,12 +225,14 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
 BODY_FIELDS = frozenset((
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
     "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "logprobs", "top_logprobs", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "logit_bias", "stream", "echo", "suffix"))
+    "frequency_penalty", "repetition_penalty", "logit_bias", "stream", "echo", "suffix", "response_format",
+    "structured_outputs", *GUIDED))
 # accepted and ignored: they do not change the completion (bookkeeping, or options of features never used here)
 HARMLESS_FIELDS = frozenset(("user", "metadata", "store", "service_tier", "stream_options", "prompt_cache_key",
-                             "safety_identifier", "parallel_tool_calls"))
+                             "safety_identifier", "parallel_tool_calls",
+                             "guided_decoding_backend"))   # the grammar engine is always llguidance
 # accepted at these values only: the defaults, which ask for nothing
-DEFAULT_ONLY = {"response_format": ({"type": "text"},), "tools": ([],), "tool_choice": ("none",),
+DEFAULT_ONLY = {"tools": ([],), "tool_choice": ("none",),
                 "functions": ([],), "modalities": (["text"],)}
 
 

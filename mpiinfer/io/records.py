@@ -47,7 +47,9 @@ SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
                    "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs",
                    "prompt_logprobs")
-ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS
+# structured output (at most one): OpenAI's response_format, or a regex, a list of choices, a Lark/GBNF grammar
+STRUCTURED_FIELDS = ("response_format", "regex", "choice", "grammar")
+ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS + STRUCTURED_FIELDS
 _ALLOWED_SET = frozenset(ALLOWED_FIELDS)
 MESSAGE_FIELDS = ("role", "content")
 
@@ -327,13 +329,85 @@ _SAMPLING_CHECKS = {
 assert tuple(_SAMPLING_CHECKS) == SAMPLING_FIELDS
 
 
-def parse_sampling(obj: dict, defaults: SamplingParams) -> SamplingParams:
+# ----------------------------------------------------------------- structured output
+
+def schema_constraint(field: str, v: Any) -> tuple:
+    """A JSON schema (an object, or JSON text of one) -> ("json", canonical JSON text)."""
+    if isinstance(v, str):
+        try:
+            v = _DECODER.decode(v)
+        except ValueError as e:
+            raise _bad(f"{field} must be a JSON schema (an object, or a string of JSON): {e}") from None
+    if not isinstance(v, dict):
+        raise _bad(f"{field} must be a JSON schema object, {_got(v)}")
+    return ("json", json.dumps(v, ensure_ascii=False, separators=(",", ":")))
+
+
+def text_constraint(kind: str, field: str, v: Any) -> tuple:
+    """A regex or a grammar (non-empty text) -> (kind, text)."""
+    if not isinstance(v, str) or not v.strip():
+        raise _bad(f"{field} must be a non-empty string, {_got(v)}")
+    _check_text(field, v)
+    return (kind, v)
+
+
+def choice_constraint(field: str, v: Any) -> tuple:
+    """A non-empty list of strings -> ("choice", JSON text of the list)."""
+    if not isinstance(v, list) or not v:
+        raise _bad(f"{field} must be a non-empty array of strings, {_got(v)}")
+    for i, c in enumerate(v):
+        if not isinstance(c, str):
+            raise _bad(f"{field}[{i}] must be a string, {_got(c)}")
+        _check_text(f"{field}[{i}]", c)
+    return ("choice", json.dumps(v, ensure_ascii=False))
+
+
+def response_format_constraint(field: str, v: Any) -> tuple:
+    """OpenAI's ``response_format``: {"type": "text"} (unconstrained: ``()``), {"type": "json_object"} or
+    {"type": "json_schema", "json_schema": {"name", "schema", "strict", "description"}}."""
+    if not isinstance(v, dict):
+        raise _bad(f"{field} must be an object with a type, {_got(v)}")
+    typ = v.get("type")
+    allowed = {"text": ("type",), "json_object": ("type",), "json_schema": ("type", "json_schema")}
+    if typ not in allowed:
+        raise _bad(f"{field}.type must be \"text\", \"json_object\" or \"json_schema\", {_got(typ)}")
+    check_unknown_fields(v, allowed[typ], where=field)
+    if typ == "text":
+        return ()
+    if typ == "json_object":
+        return ("json_object", "")
+    js = v.get("json_schema")
+    if not isinstance(js, dict):
+        raise _bad(f"{field}.json_schema must be an object with a schema, {_got(js)}")
+    check_unknown_fields(js, ("name", "schema", "strict", "description"), where=f"{field}.json_schema")
+    if js.get("schema") is None:
+        raise _bad(f"{field}.json_schema has no schema")
+    return schema_constraint(f"{field}.json_schema.schema", js["schema"])
+
+
+def one_constraint(found: list) -> tuple:
+    """At most one constraint: ``found`` holds (field, constraint) for each field given."""
+    given = [(f, c) for f, c in found if c]
+    if len(given) > 1:
+        raise _bad(f"give at most one structured-output constraint, got {', '.join(f for f, _ in given)}")
+    return given[0][1] if given else ()
+
+
+def parse_structured(obj: dict) -> tuple:
+    """A JSONL record's ``response_format`` / ``regex`` / ``choice`` / ``grammar`` -> the constraint or ``()``."""
+    parse = {"response_format": response_format_constraint, "choice": choice_constraint,
+             "regex": lambda f, v: text_constraint("regex", f, v),
+             "grammar": lambda f, v: text_constraint("grammar", f, v)}
+    return one_constraint([(k, parse[k](k, obj[k])) for k in STRUCTURED_FIELDS if obj.get(k) is not None])
+
+
+def parse_sampling(obj: dict, defaults: SamplingParams, structured: tuple = ()) -> SamplingParams:
     """Per-record sampling overrides applied on ``defaults``. Raises RecordError.
 
     Only the keys in SAMPLING_FIELDS are looked at (null = use the default), so
-    other formats (e.g. an OpenAI batch body) can reuse this.
+    other formats (e.g. an OpenAI batch body) can reuse this; ``structured``: the record's constraint.
     """
-    kw = []
+    kw = [("structured", structured)] if structured else []
     for key, v in obj.items():
         check = _SAMPLING_CHECKS.get(key)
         if check is not None and v is not None:
@@ -364,7 +438,7 @@ def request_from_obj(obj: Any, line_no: int, index: int, defaults: SamplingParam
     try:
         check_unknown_fields(obj)
         src = parse_prompt_source(obj)
-        sampling = parse_sampling(obj, defaults)
+        sampling = parse_sampling(obj, defaults, parse_structured(obj))
     except RecordError as e:
         e.id = rid
         raise

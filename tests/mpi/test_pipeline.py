@@ -2,6 +2,7 @@
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -30,6 +31,12 @@ def make_input(path, n, seed=0, max_tokens=(1, 24)):
             if i % 13 == 6:                             # penalties and bias, chosen on the leader (some sampled)
                 rec.update(repetition_penalty=1.3, frequency_penalty=0.5, presence_penalty=-0.2,
                            logit_bias={str(rng.randint(0, 400)): 3.0})
+            if i % 17 == 9:                             # structured output, masked on the leader (some sampled)
+                rec[("regex", "choice", "response_format")[i % 3]] = (
+                    "[a-z]{2,6}( [0-9]+)?", ["sea", "sky", "ship"],
+                    {"type": "json_schema", "json_schema": {"name": "x", "schema": {
+                        "type": "object", "properties": {"w": {"type": "string", "maxLength": 8}},
+                        "required": ["w"]}}})[i % 3]
             f.write(json.dumps(rec) + "\n")
         f.write("{not json\n")                          # one malformed line among them
     return str(path)
@@ -82,6 +89,12 @@ def reference(tiny, tmp_path_factory):
     with_n = [r for r in recs if "choices" in r]
     assert len(with_n) == len(range(5, 400, 11)) and all(len(r["choices"]) == 3 for r in with_n)
     assert any(len({tuple(c["token_ids"]) for c in r["choices"]}) > 1 for r in with_n)   # sampled ones differ
+    constrained = {i % 3: [] for i in range(9, 400, 17)}
+    for i in range(9, 400, 17):
+        constrained[i % 3] += [c for c in recs[i].get("choices", [recs[i]]) if c["finish_reason"] == "stop"]
+    assert all(re.fullmatch("[a-z]{2,6}( [0-9]+)?", c["text"]) for c in constrained[0]) and constrained[0]
+    assert all(c["text"] in ("sea", "sky", "ship") for c in constrained[1]) and constrained[1]
+    assert all(isinstance(json.loads(c["text"])["w"], str) for c in constrained[2]) and constrained[2]
     return inp, lines(out)
 
 

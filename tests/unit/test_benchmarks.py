@@ -73,3 +73,23 @@ def test_bench_coordinator_quick(tmp_path):
         assert r["records_per_s"] > 0 and r["capacity_records_per_s"] == pytest.approx(1e6 / r["cpu_us_per_record"])
         assert all(run["records"] == run["lines"] == 5000 for run in r["runs"])
     assert "replicas at 10 rec/s" in text
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_bench_grammar_and_structured_quick(tmp_path):
+    """The grammar-engine comparison (llguidance only: the others are optional) measures compile, masks and the
+    feature table; the structured-output benchmark runs both jobs and checks every answer with jsonschema."""
+    out = tmp_path / "grammar.json"
+    text = _run("bench_grammar.py", "--engines", "llguidance", "--out", str(out))
+    row = json.loads(out.read_text())["engines"][0]
+    assert row["engine"] == "llguidance" and row["answer_accepted"] and row["mask_tokens"] > 50
+    assert row["coverage"]["uniqueItems"].startswith("compile error") and row["features_ok"] >= 20
+    assert "| llguidance |" in text
+    out = tmp_path / "s.json"                 # (a --quick run renames a default structured.json)
+    _run("bench_structured.py", "--quick", "--json", str(out))
+    rnd = json.loads(out.read_text())["rounds"][0]
+    assert rnd["schema"]["answers"] == rnd["free"]["answers"] == 8
+    # a random tiny model's answers: every one that is not cut by max_tokens validates
+    assert rnd["schema"]["valid"] == rnd["schema"]["answers"] - rnd["schema"]["cut"]
+    assert rnd["ratio"] > 0

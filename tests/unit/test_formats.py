@@ -65,9 +65,9 @@ def test_openai_body_fields_are_applied_accepted_or_refused():
     ok = parse(chat("a", user="u", metadata={"k": "v"}, store=False, service_tier="auto", response_format={"type": "text"},
                     tools=[], tool_choice="none", parallel_tool_calls=True, stream_options=None, logit_bias=None))
     assert isinstance(ok, Request) and ok.sampling == DEFAULTS
-    for field, value in [("response_format", {"type": "json_object"}), ("tools", [{"type": "function"}]),
-                         ("tool_choice", "auto"), ("guided_json", {}), ("min_tokens", 3), ("frobnicate", 1),
-                         ("structured_outputs", {"choice": ["a"]}), ("reasoning_effort", "low")]:
+    for field, value in [("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("min_tokens", 3),
+                         ("frobnicate", 1), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
+                         ("reasoning_effort", "low")]:
         r = parse(chat("a", **{field: value}))
         assert isinstance(r, Result) and r.error.type == "invalid_request", field
         assert f"body.{field}" in r.error.message and "not supported" in r.error.message, r.error.message
