@@ -65,15 +65,22 @@ def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: 
     (row indices, (R, vocab) float32 of 0 / -inf): what structured-output constraints allow in those rows, added to
     their logits before anything else (the logprobs stay the model's own)."""
     S = logits.shape[0]
-    tokens = torch.argmax(logits, dim=-1)               # greedy for every row, overwritten below
     masked = {}
-    if allowed is not None and len(allowed[0]):
+    if allowed is None or not len(allowed[0]):
+        tokens = torch.argmax(logits, dim=-1)           # greedy for every row, overwritten below
+    else:
         idx, bias = allowed
-        rows = logits[torch.tensor(idx, device=logits.device)] + bias
+        dev = logits.device
+        rows = logits[torch.tensor(idx, device=dev)] + bias
         masked = dict(zip(idx, rows))
+        tokens = torch.zeros(S, dtype=torch.int64, device=dev)
+        free = [i for i in range(S) if i not in masked]
+        if free:
+            free_t = torch.tensor(free, device=dev)
+            tokens[free_t] = torch.argmax(logits[free_t], dim=-1)
         plain = [j for j, i in enumerate(idx) if params[i].temperature <= 0 and not params[i].processes_logits]
         if plain:                                       # greedy rows with nothing else to do: one argmax
-            tokens[torch.tensor([idx[j] for j in plain], device=logits.device)] = torch.argmax(rows[plain], dim=-1)
+            tokens[torch.tensor([idx[j] for j in plain], device=dev)] = torch.argmax(rows[plain], dim=-1)
     for i in range(S):
         p = params[i]
         if p.temperature <= 0 and not p.processes_logits:

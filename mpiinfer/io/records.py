@@ -15,6 +15,11 @@ Rules (JSONL contract):
   ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``, ``ignore_eos``, and ``n``
   (samples of this prompt, 1-128: the result then has ``choices``); a
   per-record value replaces the run default (``stop`` lists are not merged);
+* at most one structured-output constraint: ``response_format`` (OpenAI's
+  ``text`` / ``json_object`` / ``json_schema`` shapes), ``regex``, ``choice``
+  (non-empty list of strings) or ``grammar`` (Lark or GBNF text); compiled on
+  the replica leader (``engine.structured``), where one that does not compile
+  becomes an error record;
 * a JSON ``null`` for any known field means "absent" (default / line number);
 * any other field is an error (typos are caught, with a did-you-mean hint).
 
