@@ -231,9 +231,12 @@ class ModelConfig:
 
 
 MAX_N = 128                   # most samples per request (OpenAI's limit)
+MAX_EMBEDDING_INPUTS = 2048   # most inputs of one embeddings request (OpenAI's limit)
 MAX_TOP_LOGPROBS = 20         # most alternatives per position (OpenAI's limit)
 
 
+# pooling of an embedding request's final hidden states (SamplingParams.pooling)
+POOLINGS = ("auto", "last", "mean")
 # structured-output constraint kinds (SamplingParams.structured; compiled in engine/structured.py)
 STRUCTURED_KINDS = ("json", "json_object", "regex", "choice", "grammar")
 
@@ -258,8 +261,14 @@ class SamplingParams:
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
     top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
     prompt_logprobs: bool = False     # the logprob of every prompt token given the ones before it (scoring)
+    echo: bool = False                # OpenAI completions' echo: the result carries the prompt (its ids, text and,
+                                      # with prompt_logprobs, the top_logprobs alternatives at each prompt position)
     # structured output: (kind, text), kind one of STRUCTURED_KINDS (engine/structured.py); () = unconstrained
     structured: tuple = ()
+    # embedding requests (Request.inputs): "auto" (the checkpoint's sentence-transformers pooling, else "last"),
+    # "last" or "mean" over the final hidden states; "" = a generation request.  normalize None: the checkpoint's
+    pooling: str = ""
+    normalize: bool | None = None
 
     @property
     def processes_logits(self) -> bool:
@@ -269,6 +278,10 @@ class SamplingParams:
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
             raise ValueError(f"max_tokens must be a positive integer, got {self.max_tokens!r}")
+        if self.pooling:
+            if self.pooling not in POOLINGS:
+                raise ValueError(f"pooling must be one of {', '.join(POOLINGS)}, got {self.pooling!r}")
+            return
         if self.max_tokens == 0 and not self.prompt_logprobs:
             raise ValueError("max_tokens 0 (scoring the prompt alone) needs prompt_logprobs: true")
         if self.prompt_logprobs and self.n > 1:

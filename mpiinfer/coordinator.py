@@ -507,7 +507,8 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
-            elif self.out_fmt != "jsonl" and item.sampling.prompt_logprobs:
+            elif self.out_fmt != "jsonl" and item.sampling.prompt_logprobs and \
+                    not (self.out_fmt == "openai" and item.sampling.echo):
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "prompt_logprobs: written to JSONL output only (prompt_logprobs, "
                                        "prompt_logprob_sum, prompt_perplexity)")))
@@ -515,6 +516,10 @@ class Coordinator:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write "
                                        "JSONL or OpenAI output for the alternatives")))
+            elif self.out_fmt == "hdf5" and item.inputs is not None and len(item.inputs) > 1:
+                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
+                    "invalid_request", f"{len(item.inputs)} inputs: HDF5 output holds one embedding per record; "
+                                       "write JSONL or OpenAI output for several")))
             elif self.out_fmt == "hdf5" and item.sampling.n > 1:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", f"n={item.sampling.n}: HDF5 output holds one sample per record; write "

@@ -25,6 +25,7 @@ class Request:
     messages: list | None = None
     prompt_token_ids: list | None = None
     extra: dict = field(default_factory=dict)   # format-specific passthrough (e.g. OpenAI custom_id)
+    inputs: list | None = None       # an embedding request: its texts (str) or token-id lists, one vector each
 
 
 @dataclass(frozen=True)
@@ -67,6 +68,10 @@ class Result:
     logprobs: list | None = None
     top_logprobs: list | None = None       # per position: [[token id, logprob], ...] (top_logprobs > 0)
     prompt_logprobs: list | None = None    # per prompt token: its logprob given the ones before (None first)
+    # echo (OpenAI completions): the prompt's ids and text, and its top alternatives per position (None first)
+    prompt_token_ids: list | None = None
+    prompt_text: str | None = None
+    prompt_top_logprobs: list | None = None
     error: ErrorInfo | None = None
     extra: dict = field(default_factory=dict)
     # timings (seconds) for the summary: time to first token and total
@@ -78,6 +83,7 @@ class Result:
     cached_tokens: int = 0                     # prompt tokens found in the prefix cache, not computed
     # n > 1: every sample, in order (seeds seed + i); text / token_ids / finish_reason / logprobs are choice 0's
     choices: list | None = None
+    embeddings: list | None = None         # an embedding request: one vector (list of floats) per input
 
     @property
     def completion_tokens(self) -> int:
@@ -87,6 +93,11 @@ class Result:
         """The output JSONL record (the contract in README.md)."""
         if self.error is not None:
             return {"id": self.id, "error": {"type": self.error.type, "message": self.error.message}}
+        if self.embeddings is not None:
+            rec = {"id": self.id, "embedding": self.embeddings[0]} if len(self.embeddings) == 1 else \
+                {"id": self.id, "embeddings": self.embeddings}
+            rec["usage"] = {"prompt_tokens": self.prompt_tokens}
+            return rec
         if self.choices:
             rec = {"id": self.id, "choices": [c.to_record() for c in self.choices],
                    "usage": {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens}}

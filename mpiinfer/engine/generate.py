@@ -20,6 +20,7 @@ import torch
 
 from ..messages import Choice, ErrorInfo, Request, Result
 from .kv_cache import MIN_SHARED_BLOCKS, MIN_SHARED_BLOCKS_NATIVE
+from .pooling import checkpoint_pooling, pool
 from .runner import ModelRunner
 from .sampling import make_generator, sample
 from .scheduler import Scheduler, Sequence, rows_needed
@@ -66,6 +67,7 @@ class Engine:
         # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
         self.lockstep = runner.mesh.wide_ep
         self._grammars = None          # structured outputs: made with the first constrained request
+        self._pooling = None           # embeddings: the checkpoint's (pooling, normalize), read when first needed
 
     @property
     def grammars(self) -> Grammars:
@@ -145,12 +147,15 @@ class Engine:
         return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
                         t_added=time.perf_counter(), new_generator=new_gen, sample=i,
                         prompt_logprobs=[None] if sp.prompt_logprobs else None,
+                        prompt_top=[None] if sp.prompt_logprobs and sp.echo and sp.top_logprobs else None,
                         matcher=self.grammars.matcher(sp.structured) if sp.structured else None)
 
     def add(self, req: Request) -> Result | None:
         """Queue a request; returns an error Result right away when it cannot run.  With ``n`` > 1 and sampling,
         ``n`` sequences queue together: the prefix cache gives the later ones the first one's prompt blocks (one
         prefill); greedy ``n`` runs once and its result is repeated."""
+        if req.inputs is not None:
+            return self._add_embedding(req)
         seq = self.prepare(req)
         if isinstance(seq, Result):
             return seq
@@ -160,6 +165,36 @@ class Engine:
             self._samples[req.index] = [None] * n
             for i in range(1, n):
                 self.sched.waiting.append(self._sequence(req, seq.prompt, seq.max_new, seq.eos, seq.cp, i))
+        return None
+
+    def _add_embedding(self, req: Request) -> Result | None:
+        """Queue one prefill-only sequence per input of an embedding request (its vectors come back together)."""
+        sp = req.sampling
+        if self.cp > 1:
+            return self._error(req, "invalid_request", "embeddings are not available with --cp > 1")
+        if self._pooling is None:
+            self._pooling = checkpoint_pooling(self.runner.model_dir)
+        pooling = self._pooling[0] if sp.pooling == "auto" else sp.pooling
+        normalize = self._pooling[1] if sp.normalize is None else sp.normalize
+        seqs = []
+        for i, x in enumerate(req.inputs):
+            where = f"input {i}: " if len(req.inputs) > 1 else ""
+            ids = list(x) if isinstance(x, list) else self.tok.encode(x)
+            bad = [t for t in ids if t >= self.cfg.vocab_size]
+            if bad:
+                return self._error(req, "invalid_request", f"{where}token id {bad[0]} >= vocab_size "
+                                                           f"{self.cfg.vocab_size}")
+            if not ids:
+                return self._error(req, "invalid_request", f"{where}the input encodes to zero tokens")
+            if len(ids) > self.max_seq_len or \
+                    max(self.sched.blocks_needed(len(ids), 1, False)) * self.sched.bs > self.sched.usable_rows:
+                return self._error(req, "prompt_too_long", f"{where}input has {len(ids)} tokens; this run embeds at "
+                                                           f"most {min(self.max_seq_len, self.sched.usable_rows)}")
+            seqs.append(Sequence(req, ids, 0, frozenset(), None, t_added=time.perf_counter(), sample=i,
+                                 pooling=pooling, normalize=normalize))
+        if len(seqs) > 1:
+            self._samples[req.index] = [None] * len(seqs)
+        self.sched.waiting.extend(seqs)
         return None
 
     @staticmethod
@@ -189,7 +224,7 @@ class Engine:
         self.peak_running = max(self.peak_running, len(self.sched.running))
         if not self.sched.running and not self.lockstep:
             return []
-        batch, planned, sampled, scored = self.sched.plan()
+        batch, planned, sampled, scored, embedded = self.sched.plan()
         constrained = [i for i, seq in enumerate(sampled) if seq.matcher is not None]
         # the allowed tokens of constrained sequences, computed while the model step runs
         masks = self.grammars.start_masks([sampled[i].matcher for i in constrained]) if constrained else None
@@ -197,11 +232,30 @@ class Engine:
         self.sched.advance(planned)            # cache counters; finished prompt blocks into the prefix cache
         self.steps += 1
         finished = []
+        if embedded:                           # embeddings: the final hidden states of their rows
+            hidden, at = self.runner.hidden, 0
+            for seq, k in embedded:
+                part = hidden[at:at + k]
+                at += k
+                if seq.pooling == "mean":
+                    s = part.sum(dim=0)
+                    seq.hidden_sum = s if seq.hidden_sum is None else seq.hidden_sum + s
+                    seq.hidden_n += k
+                else:
+                    seq.hidden_last = part[-1]
         if scored:                             # prompt_logprobs: the rows after the sampled ones
             target = torch.tensor([seq.prompt[j] for seq, j in scored], device=logits.device)
-            lps = torch.log_softmax(logits[len(sampled):], dim=-1).gather(1, target[:, None])[:, 0].tolist()
+            logp = torch.log_softmax(logits[len(sampled):], dim=-1)
+            lps = logp.gather(1, target[:, None])[:, 0].tolist()
             for (seq, _), v in zip(scored, lps):
                 seq.prompt_logprobs.append(v)
+            k = max((seq.req.sampling.top_logprobs for seq, _ in scored if seq.prompt_top is not None), default=0)
+            if k:                              # echo: the alternatives at each prompt position too
+                vals, ids = (x.tolist() for x in torch.topk(logp, k, dim=-1))
+                for n, (seq, _) in enumerate(scored):
+                    if seq.prompt_top is not None:
+                        kj = seq.req.sampling.top_logprobs
+                        seq.prompt_top.append([[t, v] for t, v in zip(ids[n][:kj], vals[n][:kj])])
         for seq, _ in planned:                 # max_tokens 0: scored, done once its prompt is
             if seq.max_new == 0 and not seq.in_prefill:
                 seq.finish_reason = "length"
@@ -243,6 +297,8 @@ class Engine:
     def _finished(self, seq: Sequence) -> Result | None:
         """The Result of a finished sequence's request, once all its samples are done (None until then)."""
         r = self._result(seq)
+        if seq.pooling:
+            return self._embedded(seq, r)
         n = seq.req.sampling.n
         if n == 1:
             return r
@@ -270,6 +326,28 @@ class Engine:
         first.preemptions = sum(x.preemptions for _, x in got)
         return first
 
+    def _embedded(self, seq: Sequence, r: Result) -> Result | None:
+        """An embedding request's Result once the vectors of all its inputs are made (None until then)."""
+        vec = pool(seq.pooling, seq.normalize, seq.hidden_last, seq.hidden_sum, seq.hidden_n)
+        r = Result(index=r.index, id=r.id, prompt_tokens=len(seq.prompt), embeddings=[vec], extra=r.extra,
+                   latency=r.latency, preemptions=r.preemptions, cached_tokens=r.cached_tokens)
+        if seq.req.index not in self._samples:
+            return r
+        got = self._samples[seq.req.index]
+        if got is None:
+            return None                              # dropped by a stop: computed again on resume
+        got[seq.sample] = r
+        if any(g is None for g in got):
+            return None
+        del self._samples[seq.req.index]
+        first = got[0]
+        first.embeddings = [g.embeddings[0] for g in got]
+        first.prompt_tokens = sum(g.prompt_tokens for g in got)
+        first.latency = max(g.latency for g in got)
+        first.preemptions = sum(g.preemptions for g in got)
+        first.cached_tokens = sum(g.cached_tokens for g in got)
+        return first
+
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         if tok in seq.eos:
             seq.finish_reason = "stop"
@@ -295,11 +373,16 @@ class Engine:
             return Result(index=seq.req.index, id=seq.req.id, error=seq.error, extra=seq.req.extra)
         text = seq.text if seq.text is not None else self.tok.decode(seq.out)
         now = time.perf_counter()
+        sp = seq.req.sampling
         return Result(index=seq.req.index, id=seq.req.id, text=text, token_ids=list(seq.out),
                       finish_reason=seq.finish_reason, prompt_tokens=len(seq.prompt),
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
                       top_logprobs=list(seq.top_logprobs) if seq.req.sampling.top_logprobs else None,
                       prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
+                      prompt_token_ids=list(seq.prompt) if sp.echo else None,
+                      prompt_text=(seq.req.prompt if seq.req.prompt is not None else self.tok.decode(seq.prompt))
+                      if sp.echo else None,
+                      prompt_top_logprobs=list(seq.prompt_top) if seq.prompt_top is not None else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
                       latency=now - seq.t_added,
                       max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None,

@@ -36,6 +36,7 @@ log = logging.getLogger("mpiinfer")
 class ModelRunner:
     def __init__(self, model_dir: str, engine_cfg: EngineConfig, mesh: Mesh, device: Device):
         self.mesh, self.device, self.engine_cfg = mesh, device, engine_cfg
+        self.model_dir = model_dir
         self.cfg = ModelConfig.from_dir(model_dir)
         validate_layout(self.cfg, mesh.layout)
         index = CheckpointIndex(model_dir)
@@ -117,6 +118,11 @@ class ModelRunner:
     def native(self) -> bool:
         """The model runs the CPU C kernels (``mpiinfer.native``) rather than the torch paths."""
         return self.model.use_native
+
+    @property
+    def hidden(self):
+        """Leader, after ``execute``: the final hidden states of the step's ``hidden_rows`` (embeddings)."""
+        return self.model.hidden
 
     @property
     def pool_tokens(self) -> int:

@@ -53,11 +53,23 @@ class Sequence:
     cached_tokens: int = 0             # prompt tokens found in the prefix cache (the last admission)
     sample: int = 0                    # which of the request's n samples
     matcher: object = None             # structured output: its llguidance matcher (engine/structured.py)
+    prompt_top: list | None = None     # echo with prompt_logprobs and top_logprobs: alternatives per prompt position
+    pooling: str = ""                  # an embedding: "last" or "mean" of its final hidden states ("" = generation)
+    normalize: bool = False
+    hidden_last: object = None         # embedding: the last prompt token's hidden state, once computed
+    hidden_sum: object = None          # embedding, mean: the sum of its tokens' hidden states so far
+    hidden_n: int = 0
     error: object = None               # an ErrorInfo when it cannot go on (its result is that error)
 
     @property
     def in_prefill(self) -> bool:
         return self.n_cached < len(self.prompt)
+
+    @property
+    def takes_cache_hits(self) -> bool:
+        """Whether its prompt may start from cached blocks: not when every prompt row's output is wanted (scoring,
+        mean pooling)."""
+        return self.prompt_logprobs is None and self.pooling != "mean"
 
     def restart(self) -> None:
         """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
@@ -66,6 +78,9 @@ class Sequence:
         self.top_logprobs = []
         if self.prompt_logprobs is not None:
             self.prompt_logprobs = [None]
+        if self.prompt_top is not None:
+            self.prompt_top = [None]
+        self.hidden_last, self.hidden_sum, self.hidden_n = None, None, 0
         if self.new_generator is not None:
             self.generator = self.new_generator()
         if self.matcher is not None:
@@ -151,9 +166,9 @@ class Scheduler:
                 if seq.keys is None:
                     seq.keys = block_hashes(seq.prompt, bs)
                 # at least one token is computed; all of them when the prompt's own logprobs are wanted
-                hits = pool.lookup(seq.keys[:(L - 1) // bs]) if seq.prompt_logprobs is None else []
+                hits = pool.lookup(seq.keys[:(L - 1) // bs]) if seq.takes_cache_hits else []
             nxt = end = len(hits)
-            while pool.prefix_cache and seq.prompt_logprobs is None and end < (L - 1) // bs and \
+            while pool.prefix_cache and seq.takes_cache_hits and end < (L - 1) // bs and \
                     (r, seq.keys[end]) in self.pending:
                 end += 1
             if end > nxt and end >= self.min_shared:
@@ -250,11 +265,13 @@ class Scheduler:
     def plan(self) -> tuple:
         """This step's batch (a list of one batch per CP rank when cp > 1), the sequences in it and how many
         cached tokens each gains, the sequences that sample a token, and the prompt tokens scored (prompt_logprobs)
-        as (sequence, prompt index); logits rows are the sampled ones in order, then the scored ones."""
+        as (sequence, prompt index); logits rows are the sampled ones in order, then the scored ones; and the
+        embeddings' hidden rows as (sequence, rows), in ``batch.hidden_rows`` order."""
         cp = self.cp
         P = [_RankPlan() for _ in range(cp)]
         planned = []
         scored = []                                       # (sequence, prompt index) of the score rows, in order
+        embedded = []                                     # (sequence, rows) of the hidden rows, in order
         sampled = [[] for _ in range(cp)]                 # per CP rank, in its logits-row order
         budget = [self.step_tokens] * cp                  # tokens of compute per CP rank
         for seq in self.running:                          # decodes first: one token each
@@ -301,6 +318,12 @@ class Scheduler:
                 for j in range(seq.n_cached, seq.n_cached + n - (1 if done else 0)):
                     P[h].score_rows.append(t0 + j - seq.n_cached)
                     scored.append((seq, j + 1))
+            if seq.pooling:                               # embedding: every row (mean) or the last one
+                t0 = len(P[h].ids) - n
+                rows = list(range(t0, t0 + n)) if seq.pooling == "mean" else [t0 + n - 1] if done else []
+                P[h].hidden_rows.extend(rows)
+                if rows:
+                    embedded.append((seq, len(rows)))
             budget[h] -= n
             planned.append((seq, n))
             if done and seq.max_new > 0:
@@ -309,7 +332,7 @@ class Scheduler:
         if cp > 1 and any(sampled[1:]):                   # logits of ranks > 0 come back to the leader
             for b in batches:
                 b.gather_logits = 1
-        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per], scored
+        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per], scored, embedded
 
 
 class _RankPlan:
@@ -319,6 +342,7 @@ class _RankPlan:
         self.ids, self.pos, self.qs, self.ql, self.ext, self.kl, self.rows = [], [], [], [], [], [], []
         self.mode, self.plen, self.glen, self.write = [], [], [], []
         self.score_rows = []          # rows whose logits score the next prompt token (after the sampled rows)
+        self.hidden_rows = []         # rows whose final hidden states an embedding needs
 
     def add(self, ids, pos, ext, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1):
         t = len(self.ids)
@@ -341,6 +365,8 @@ class _RankPlan:
                       self.qs, self.ql, [e[0][0] for e in self.ext], self.kl,
                       torch.tensor(self.rows + self.score_rows, dtype=torch.int64),
                       kv_ext=self.ext if any(len(e) > 1 for e in self.ext) else None)
+        if self.hidden_rows:
+            b.hidden_rows = torch.tensor(self.hidden_rows, dtype=torch.int64)
         if cp > 1:
             b.mode, b.prompt_len, b.glen, b.write = self.mode, self.plen, self.glen, self.write
             b.cp, b.cp_rank, b.scratch_row = cp, cp_rank, scratch

@@ -15,7 +15,8 @@ input is opened.
 Output datasets, all 1-D, chunked, ``maxshape=(None,)``, one row per result in
 input order: ``ids``, ``text``, ``finish_reason``, ``error_type``,
 ``error_message`` (vlen str; ``""`` where not applicable), ``token_ids`` (vlen
-int32), ``logprobs`` (vlen float32; empty when not requested),
+int32), ``logprobs`` (vlen float32; empty when not requested), ``embedding``
+(vlen float32: an embedding record's vector, empty for the others),
 ``prompt_tokens``, ``completion_tokens`` (int32).  Ids are stored as strings
 (an int id ``7`` reads back as ``"7"``).  The file is created complete under a
 temporary name and renamed, then reopened in SWMR-write mode
@@ -53,7 +54,8 @@ def _no_nul(s: str) -> str:
 STR_FIELDS = ("ids", "text", "finish_reason", "error_type", "error_message")
 INT_FIELDS = ("prompt_tokens", "completion_tokens")
 OUTPUT_DATASETS = ("ids", "token_ids", "logprobs", "finish_reason", "prompt_tokens",
-                   "completion_tokens", "error_type", "error_message", "text")
+                   "completion_tokens", "error_type", "error_message", "text", "embedding")
+FLOAT_ARRAYS = ("logprobs", "embedding")
 _CHUNK_ROWS = 1024
 
 
@@ -70,7 +72,8 @@ def _dtypes(h5py) -> dict:
     d = {k: s for k in STR_FIELDS}
     d.update({k: np.dtype(np.int32) for k in INT_FIELDS})
     d["token_ids"] = h5py.vlen_dtype(np.dtype(np.int32))
-    d["logprobs"] = h5py.vlen_dtype(np.dtype(np.float32))
+    for k in FLOAT_ARRAYS:
+        d[k] = h5py.vlen_dtype(np.dtype(np.float32))
     return d
 
 
@@ -266,11 +269,13 @@ class Hdf5Writer:
             cols["token_ids"].append(np.asarray(r.token_ids if err is None else [], dtype=np.int32))
             cols["logprobs"].append(np.asarray(r.logprobs if (err is None and r.logprobs) else [],
                                                dtype=np.float32))
+            cols["embedding"].append(np.asarray(r.embeddings[0] if (err is None and r.embeddings) else [],
+                                                dtype=np.float32))
             cols["prompt_tokens"].append(r.prompt_tokens if err is None else 0)
             cols["completion_tokens"].append(len(r.token_ids) if err is None else 0)
         out = {}
         for k, v in cols.items():
-            if k in ("token_ids", "logprobs"):
+            if k in ("token_ids",) + FLOAT_ARRAYS:
                 out[k] = v                  # a list of arrays; _put makes the vlen block
             elif k in INT_FIELDS:
                 out[k] = np.asarray(v, dtype=np.int32)
@@ -387,10 +392,11 @@ def iter_hdf5_results(path, count: int | None = None, start_index: int = 0, chun
                 if et:
                     yield Result(index=i, id=dec(c["ids"][j]), error=ErrorInfo(et, dec(c["error_message"][j])))
                     continue
-                lp = c["logprobs"][j]
+                lp, emb = c["logprobs"][j], c["embedding"][j]
                 yield Result(index=i, id=dec(c["ids"][j]), text=dec(c["text"][j]),
                              token_ids=c["token_ids"][j].tolist(), finish_reason=dec(c["finish_reason"][j]) or None,
-                             prompt_tokens=int(c["prompt_tokens"][j]), logprobs=lp.tolist() if len(lp) else None)
+                             prompt_tokens=int(c["prompt_tokens"][j]), logprobs=lp.tolist() if len(lp) else None,
+                             embeddings=[emb.tolist()] if len(emb) else None)
 
 
 def read_hdf5_results(path, start_index: int = 0) -> list:

@@ -33,8 +33,12 @@ Rules:
   (``json_object``, ``json_schema``), vLLM's ``guided_json`` / ``guided_regex`` /
   ``guided_choice`` / ``guided_grammar`` and its newer ``structured_outputs``
   (``json``, ``regex``, ``choice``, ``grammar``, ``json_object``).
+* ``echo: true`` (completions): the prompt before the completion, with logprobs k the prompt
+  tokens' logprobs and alternatives first (``null`` for the first token).
+* ``/v1/embeddings`` bodies (``input``: one or a list of strings / token-id lists,
+  ``encoding_format``, ``normalize``) become embedding requests (``Request.inputs``).
 * Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
-  ``stream: true``, ``echo: true``, ``suffix``, several prompts in one
+  ``stream: true``, ``echo`` in chat, ``suffix``, several prompts in one
   completion request, non-text content parts, and every body field not listed in
   ``BODY_FIELDS``: a few that change nothing are accepted (``HARMLESS_FIELDS``:
   ``user``, ``metadata``, ``guided_decoding_backend``...; ``DEFAULT_ONLY``: ``tools: []``...),
@@ -68,18 +72,23 @@ uninterrupted one (vLLM's run-batch writes random ``vllm-<uuid>`` ids).
 """
 from __future__ import annotations
 
+import base64
 import hashlib
 from collections.abc import Callable
 from typing import Any
 
-from ..config import SamplingParams
+import numpy as np
+
+from ..config import MAX_EMBEDDING_INPUTS, SamplingParams
 from ..messages import Choice, ErrorInfo, Request, Result
 from .records import (
     CHAT_URL,
     COMPLETIONS_URL,
+    EMBEDDINGS_URL,
     INVALID_REQUEST,
     MODEL_NOT_FOUND,
     RecordError,
+    _bool_value,
     _check_text,
     _got,
     _int_value,
@@ -88,6 +97,8 @@ from .records import (
     check_unknown_fields,
     choice_constraint,
     decode_line,
+    embedding_input,
+    embedding_sampling,
     one_constraint,
     parse_messages,
     parse_sampling,
@@ -96,7 +107,36 @@ from .records import (
     text_constraint,
 )
 
-URLS = (CHAT_URL, COMPLETIONS_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
+# /v1/embeddings body fields: used, and accepted as they change nothing (everything else is refused)
+EMBEDDING_BODY_FIELDS = frozenset(("model", "input", "encoding_format", "normalize"))
+EMBEDDING_HARMLESS = frozenset(("user",))
+
+
+def _embedding_request(body: dict, index: int, cid: str, extra: dict, defaults: SamplingParams) -> Request:
+    """A /v1/embeddings body: ``input`` a string, a token-id list, or a list of either (one vector each)."""
+    for k, v in body.items():
+        if v is not None and k not in EMBEDDING_BODY_FIELDS and k not in EMBEDDING_HARMLESS:
+            raise _unsupported(f"body.{k} in an embeddings request (it would change the result; see the README)")
+    inp = body.get("input")
+    if inp is None:
+        raise _bad("embeddings body has no input")
+    if isinstance(inp, list) and inp and all(isinstance(x, (str, list)) for x in inp):
+        inputs = [embedding_input(f"body.input[{i}]", x) for i, x in enumerate(inp)]
+    else:
+        inputs = [embedding_input("body.input", inp)]
+    if len(inputs) > MAX_EMBEDDING_INPUTS:
+        raise _bad(f"body.input has {len(inputs)} inputs; at most {MAX_EMBEDDING_INPUTS} per request")
+    fmt = body.get("encoding_format")
+    if fmt is not None and fmt not in ("float", "base64"):
+        raise _bad(f'body.encoding_format must be "float" or "base64", {_got(fmt)}')
+    extra["encoding_format"] = fmt or "float"
+    try:
+        sp = embedding_sampling(body, defaults, None, body.get("normalize"))
+    except RecordError as e:
+        e.message = "body." + e.message
+        raise
+    return Request(index=index, id=cid, sampling=sp, extra=extra, inputs=inputs)
 
 
 def looks_like_openai(obj: Any) -> bool:
@@ -184,7 +224,13 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
         s["logprobs"] = True
         s["top_logprobs"] = lp                    # completions: logprobs k = the k most likely tokens too
     try:
-        return parse_sampling(s, defaults, _structured(body))
+        echo = not chat and body.get("echo") is not None and _bool_value("echo", body["echo"])
+        if echo and s.get("logprobs"):
+            # the prompt comes back before the completion, with logprobs the prompt tokens' logprobs (and top
+            # alternatives) before the completion's
+            s["prompt_logprobs"] = True
+        sp = parse_sampling(s, defaults, _structured(body))
+        return sp.replace(echo=True) if echo else sp
     except RecordError as e:
         if not e.message.startswith("body."):
             e.message = "body." + e.message
@@ -278,6 +324,8 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
             raise RecordError(MODEL_NOT_FOUND, f"The model `{model}` does not exist. Valid names: "
                                                f"{', '.join(sorted(served))} (the model directory's name, or "
                                                f"--served-model-name)")
+    if url == EMBEDDINGS_URL:
+        return _embedding_request(body, index, cid, extra, defaults)
     _check_body_fields(body)
     best_of = body.get("best_of")
     if best_of is not None and _int_value("body.best_of", best_of) not in (1, body.get("n") or 1):
@@ -286,14 +334,14 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
         raise _unsupported("body.stream")
     chat = url == CHAT_URL
     if chat:
+        if body.get("echo") not in (None, False):
+            raise _unsupported("body.echo in a chat completion (completions echo their prompt)")
         if body.get("messages") is None:
             raise _bad("chat completion body has no messages")
         src = {"messages": _messages(body["messages"])}
     else:
         if body.get("prompt") is None:
             raise _bad("completion body has no prompt")
-        if body.get("echo") not in (None, False):
-            raise _unsupported("body.echo")
         if body.get("suffix") is not None:
             raise _unsupported("body.suffix")
         src = _completion_prompt(body["prompt"])
@@ -353,8 +401,24 @@ def _completion_logprobs(ids: list, lps: list, token_str: Callable[[int], str], 
         tokens.append(s)
         offsets.append(pos)
         pos += len(s)
-    alts = None if top is None else [{token_str(a): v for a, v in reversed(p)} for p in top]   # first wins a tie
+    alts = None if top is None else [None if p is None else {token_str(a): v for a, v in reversed(p)}
+                                     for p in top]                          # first wins a tie; None: first echo
+
     return {"tokens": tokens, "token_logprobs": list(lps), "top_logprobs": alts, "text_offset": offsets}
+
+
+def embedding_body(result: Result, created: int, model: str, encoding_format: str) -> dict:
+    """An embeddings response (OpenAI's ``CreateEmbeddingResponse``, with vLLM's id and created): one
+    ``{"object": "embedding", "index", "embedding"}`` per input, floats or base64 of little-endian float32."""
+    def enc(v):
+        if encoding_format == "base64":
+            return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
+        return v
+    data = [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(result.embeddings)]
+    n = result.prompt_tokens
+    return {"id": "embd-" + _hex("body", result.index, result.extra.get("custom_id", str(result.id))),
+            "object": "list", "created": int(created), "model": model, "data": data,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
 def error_status(error_type: str) -> int:
@@ -383,21 +447,32 @@ def batch_output_record(result: Result, created: int, model: str = "",
                              "body": {"error": err}},
                 "error": {"error": err}}
     url = ex.get("url") or default_url
+    if result.embeddings is not None:
+        return {"id": rid, "custom_id": cid,
+                "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
+                             "body": embedding_body(result, created, ex.get("model") or model,
+                                                    ex.get("encoding_format", "float"))},
+                "error": None}
     chat = url == CHAT_URL
     samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs,
                                         result.top_logprobs)]
     choices = []
+    echo = not chat and result.prompt_token_ids is not None
     for i, c in enumerate(samples):
         lp = None
         if c.logprobs is not None:
             fn = token_str or token_id_str
-            lp = (_chat_logprobs if chat else _completion_logprobs)(list(c.token_ids), list(c.logprobs), fn,
-                                                                    c.top_logprobs)
+            ids, lps, top = list(c.token_ids), list(c.logprobs), c.top_logprobs
+            if echo and result.prompt_logprobs is not None:     # the prompt's tokens first (the first has none)
+                ids, lps = list(result.prompt_token_ids) + ids, list(result.prompt_logprobs) + lps
+                if top is not None:
+                    top = list(result.prompt_top_logprobs or [None] * len(result.prompt_token_ids)) + list(top)
+            lp = (_chat_logprobs if chat else _completion_logprobs)(ids, lps, fn, top)
         choice: dict = {"index": i}
         if chat:
             choice["message"] = {"role": "assistant", "content": c.text}
         else:
-            choice["text"] = c.text
+            choice["text"] = (result.prompt_text or "") + c.text if echo else c.text
         choice["logprobs"] = lp
         choice["finish_reason"] = c.finish_reason
         choices.append(choice)

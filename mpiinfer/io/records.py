@@ -41,20 +41,23 @@ from ..messages import ErrorInfo, Request, Result
 # the OpenAI endpoints a record's result is written for (``--output-format openai``)
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
+EMBEDDINGS_URL = "/v1/embeddings"
 
 INVALID_JSON = "invalid_json"
 INVALID_ENCODING = "invalid_encoding"
 INVALID_REQUEST = "invalid_request"
 MODEL_NOT_FOUND = "model_not_found"
 
-PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids")
+PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids", "input")
+# an embedding record (``input``): how its vector is made
+EMBEDDING_FIELDS = ("pooling", "normalize")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
                    "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs",
                    "prompt_logprobs")
 # structured output (at most one): OpenAI's response_format, or a regex, a list of choices, a Lark/GBNF grammar
 STRUCTURED_FIELDS = ("response_format", "regex", "choice", "grammar")
-ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS + STRUCTURED_FIELDS
+ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS + STRUCTURED_FIELDS + EMBEDDING_FIELDS
 _ALLOWED_SET = frozenset(ALLOWED_FIELDS)
 MESSAGE_FIELDS = ("role", "content")
 
@@ -239,12 +242,15 @@ def parse_prompt_source(obj: dict) -> dict:
     """Exactly one of prompt / messages / prompt_token_ids -> Request kwargs."""
     present = [k for k in PROMPT_FIELDS if obj.get(k) is not None]
     if not present:
-        raise _bad("record has no prompt: give exactly one of 'prompt', 'messages' or 'prompt_token_ids'")
+        raise _bad("record has no prompt: give exactly one of 'prompt', 'messages', 'prompt_token_ids' or 'input' "
+                   "(an embedding)")
     if len(present) > 1:
         raise _bad(f"record has more than one prompt field ({', '.join(present)}): "
-                   f"give exactly one of 'prompt', 'messages' or 'prompt_token_ids'")
+                   f"give exactly one of 'prompt', 'messages', 'prompt_token_ids' or 'input' (an embedding)")
     key = present[0]
     v = obj[key]
+    if key == "input":
+        return {"inputs": [embedding_input("input", v)]}
     if key == "prompt":
         if not isinstance(v, str):
             raise _bad(f"prompt must be a string, {_got(v)}")
@@ -255,6 +261,28 @@ def parse_prompt_source(obj: dict) -> dict:
     if key == "messages":
         return {"messages": parse_messages(v)}
     return {"prompt_token_ids": _parse_token_list("prompt_token_ids", v, allow_empty=False)}
+
+
+def embedding_input(field: str, v: Any):
+    """One text (non-empty string) or token-id list to embed."""
+    if isinstance(v, str):
+        if not v:
+            raise _bad(f"{field} must not be an empty string")
+        _check_text(field, v)
+        return v
+    if isinstance(v, list):
+        return _parse_token_list(field, v, allow_empty=False)
+    raise _bad(f"{field} must be a string or an array of token ids, {_got(v)}")
+
+
+def embedding_sampling(obj: dict, defaults: SamplingParams, pooling: Any = None,
+                       normalize: Any = None) -> SamplingParams:
+    """An embedding request's options: ``pooling`` ("auto", "last", "mean"; default auto) and ``normalize``."""
+    if pooling is not None and not isinstance(pooling, str):
+        raise _bad(f"pooling must be a string, {_got(pooling)}")
+    kw = (("max_tokens", 0), ("pooling", pooling or "auto"),
+          ("normalize", None if normalize is None else _bool_value("normalize", normalize)))
+    return _apply_overrides(SamplingParams(), kw)
 
 
 def _int_value(key: str, v: Any) -> int:
@@ -443,6 +471,15 @@ def request_from_obj(obj: Any, line_no: int, index: int, defaults: SamplingParam
     try:
         check_unknown_fields(obj)
         src = parse_prompt_source(obj)
+        if "inputs" in src:
+            other = [k for k in obj if obj[k] is not None and k not in ("id", "input") + EMBEDDING_FIELDS]
+            if other:
+                raise _bad(f"an embedding record (input) takes only pooling and normalize, not {', '.join(other)}")
+            sampling = embedding_sampling(obj, defaults, obj.get("pooling"), obj.get("normalize"))
+            return Request(index=index, id=rid, sampling=sampling, extra={"url": EMBEDDINGS_URL}, **src)
+        bad = [k for k in EMBEDDING_FIELDS if obj.get(k) is not None]
+        if bad:
+            raise _bad(f"{', '.join(bad)}: only for embedding records (give 'input' instead of a prompt)")
         sampling = parse_sampling(obj, defaults, parse_structured(obj))
     except RecordError as e:
         e.id = rid

@@ -139,6 +139,8 @@ def write_json_atomic(path: str, obj: dict) -> None:
 def result_to_json(r: Result) -> dict:
     return {"index": r.index, "id": r.id, "text": r.text, "token_ids": list(r.token_ids),
             "finish_reason": r.finish_reason, "prompt_tokens": r.prompt_tokens, "logprobs": r.logprobs, "top_logprobs": r.top_logprobs, "prompt_logprobs": r.prompt_logprobs,
+            "prompt_token_ids": r.prompt_token_ids, "prompt_text": r.prompt_text,
+            "prompt_top_logprobs": r.prompt_top_logprobs, "embeddings": r.embeddings,
             "error": None if r.error is None else [r.error.type, r.error.message], "extra": r.extra,
             "ttft": r.ttft, "latency": r.latency, "max_tokens_clipped_to": r.max_tokens_clipped_to,
             "preemptions": r.preemptions, "cached_tokens": r.cached_tokens,
@@ -149,6 +151,8 @@ def result_from_json(d: dict) -> Result:
     err = d.get("error")
     return Result(index=int(d["index"]), id=d["id"], text=d["text"], token_ids=list(d["token_ids"]),
                   finish_reason=d["finish_reason"], prompt_tokens=int(d["prompt_tokens"]), logprobs=d["logprobs"], top_logprobs=d.get("top_logprobs"), prompt_logprobs=d.get("prompt_logprobs"),
+                  prompt_token_ids=d.get("prompt_token_ids"), prompt_text=d.get("prompt_text"),
+                  prompt_top_logprobs=d.get("prompt_top_logprobs"), embeddings=d.get("embeddings"),
                   error=None if err is None else ErrorInfo(err[0], err[1]), extra=dict(d.get("extra") or {}),
                   ttft=d.get("ttft"), latency=d.get("latency"), max_tokens_clipped_to=d.get("max_tokens_clipped_to"),
                   preemptions=int(d.get("preemptions") or 0), cached_tokens=int(d.get("cached_tokens") or 0),

@@ -78,6 +78,7 @@ class CausalLM(nn.Module):
             cfg.num_heads // cfg.num_kv_heads <= native.MAX_GROUP
         self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
         self._head_out = None        # their output side by side, reused step to step
+        self.hidden = None           # the last step's final hidden states of ``batch.hidden_rows`` (embeddings)
 
     def load(self, src):
         self.embed.load(src)
@@ -127,6 +128,8 @@ class CausalLM(nn.Module):
         x = self.embed(ids)                                              # (T, hidden)
         for i, layer in enumerate(self.layers):
             x = layer(x, plan, rope, kv.k[i], kv.v[i], write_index)
+        # embeddings: the final hidden states of the rows asked for (E, hidden), float32
+        self.hidden = None if batch.hidden_rows is None else self.norm(x[batch.hidden_rows.to(dev)]).float()
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
         ws = self.head_weights()
         if len(ws) == 1:

@@ -51,6 +51,9 @@ class StepBatch:
     scratch_row: int = -1
     gather_logits: int = 0       # cp > 1: every CP rank's logits rows go to the leader after the step
     kv_ext: list | None = None   # per sequence: its cache rows as runs [(start, rows)]; None: all one run
+    # rows whose final hidden states (after the last norm) the leader keeps for embeddings (not sent to the
+    # other ranks: the leader alone reads them)
+    hidden_rows: torch.Tensor | None = None
 
     @property
     def num_tokens(self) -> int:

@@ -111,7 +111,7 @@ def test_data_parallel_equals_one_rank(n, flags, tiny, reference, tmp_path):
 
 @pytest.mark.parametrize("n,flags", by_ranks([(2, []), (2, ["--tp", "2"])]))
 def test_logprob_fields_equal_one_rank(n, flags, tiny, tmp_path):
-    """logprobs, top_logprobs and prompt scoring under dp=2 and tp=2: tokens, ids and counts exactly one rank's,
+    """logprobs, top_logprobs, prompt scoring and embeddings under dp=2 and tp=2: tokens, ids and counts exactly one rank's,
     the floats to 1e-4 (a step's batch and the TP allreduce change summation order, so not byte for byte; the
     other tests here have no float fields and compare bytes)."""
     rng = random.Random(5)
@@ -124,13 +124,16 @@ def test_logprob_fields_equal_one_rank(n, flags, tiny, tmp_path):
                 rec["top_logprobs"] = 3
             if i % 4 == 1:
                 rec.update(prompt_logprobs=True, max_tokens=0 if i % 8 == 1 else rec["max_tokens"])
+            if i % 5 == 2:                              # embeddings: the final hidden states on the leader
+                rec = {"id": i, "input": rec["prompt"], "pooling": ("last", "mean")[i % 2]}
             f.write(json.dumps(rec) + "\n")
     one, many = str(tmp_path / "one.jsonl"), str(tmp_path / "many.jsonl")
     run(cmd(1, tiny, str(inp), one, "--max-batch", "8"))
     run(cmd(n, tiny, str(inp), many, "--max-batch", "8", *flags))
     want, got = [json.loads(x) for x in lines(one)], [json.loads(x) for x in lines(many)]
     assert len(got) == len(want) == 40 and all("error" not in r for r in want)
-    assert sum("prompt_logprobs" in r for r in want) == 10 and sum("top_logprobs" in r for r in want) == 14
+    assert sum("prompt_logprobs" in r for r in want) == 8 and sum("top_logprobs" in r for r in want) == 12
+    assert sum("embedding" in r for r in want) == 8
     for g, w in zip(got, want):
         assert_close(g, w)
 

@@ -31,7 +31,7 @@ CONSTRAINTS = [
 def batch_file(path):
     with open(path, "w") as f:
         for i in range(28):
-            kind, spec, fields = CONSTRAINTS[i % len(CONSTRAINTS)]
+            _kind, _spec, fields = CONSTRAINTS[i % len(CONSTRAINTS)]
             chat = i % 2 == 0
             body = {"model": "tiny", "max_tokens": 80, **fields}
             if chat:

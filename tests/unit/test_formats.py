@@ -112,7 +112,7 @@ def test_openai_completion_request():
 
 
 @pytest.mark.parametrize("obj,needle,cid", [
-    ({**chat("a"), "url": "/v1/embeddings"}, "url '/v1/embeddings'", "a"),
+    ({**chat("a"), "url": "/v1/score"}, "url '/v1/score'", "a"),
     ({k: v for k, v in chat("a").items() if k != "url"}, "no url", "a"),
     ({k: v for k, v in chat("a").items() if k != "custom_id"}, "no custom_id", None),
     ({**chat("a"), "custom_id": 5}, "custom_id must be a string", None),
@@ -135,7 +135,7 @@ def test_openai_completion_request():
     (comp("a", prompt=[-1]), "non-negative", "a"),
     (comp("a", logprobs=21), "top_logprobs must be an integer from 0 to 20", "a"),
     (comp("a", logprobs=True), "logprobs must be an integer", "a"),
-    (comp("a", echo=True), "echo", "a"),
+    (chat("a", echo=True), "body.echo in a chat completion", "a"),
     (comp("a", best_of=2), "best_of", "a"),
     ([1], "JSON object", None),
 ])
