@@ -30,7 +30,10 @@ MOE_ARCHS = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
 }
-SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS}
+# The base models of the dense families (``AutoModel`` / sentence-transformers exports of embedding models): no
+# LM head, so embedding records only (unless the embedding is tied, which is then the head)
+BASE_ARCHS = {"LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2", "Qwen3Model": "qwen3"}
+SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS, **BASE_ARCHS}
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,7 @@ class ModelConfig:
     max_position_embeddings: int
     rope: RopeConfig
     tie_word_embeddings: bool = False
+    lm_head: bool = True              # False: a base model (BASE_ARCHS) without a tied embedding: no logits
     attention_bias: bool = False      # q/k/v bias (Qwen2, Qwen2-MoE; Llama's attention_bias also sets o bias)
     o_bias: bool = False
     mlp_bias: bool = False
@@ -219,6 +223,7 @@ class ModelConfig:
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            lm_head=arch not in BASE_ARCHS or bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias, o_bias=o_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
             qk_norm=family in ("qwen3", "qwen3_moe"),

@@ -83,6 +83,9 @@ class Engine:
     # -------------------------------------------------------------- requests
     def prepare(self, req: Request):
         """A ``Sequence`` ready to queue, or an error ``Result`` (never raises for bad input)."""
+        if not self.cfg.lm_head:
+            return self._error(req, "invalid_request", f"this checkpoint ({self.cfg.arch}) is a base model without an "
+                                                       "LM head: it serves embedding records (input) only")
         try:
             if req.prompt_token_ids is not None:
                 ids = list(req.prompt_token_ids)

@@ -67,7 +67,7 @@ class CausalLM(nn.Module):
                                             dtype, mesh.tp_reduce)
         self.layers = nn.ModuleList(DecoderLayer(cfg, mesh, i, dtype) for i in range(cfg.num_layers))
         self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, dtype)
-        if cfg.tie_word_embeddings:
+        if cfg.tie_word_embeddings or not cfg.lm_head:
             self.lm_head = None
         else:
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [Part("lm_head", cfg.vocab_size, v0, v1)],
@@ -130,6 +130,8 @@ class CausalLM(nn.Module):
             x = layer(x, plan, rope, kv.k[i], kv.v[i], write_index)
         # embeddings: the final hidden states of the rows asked for (E, hidden), float32
         self.hidden = None if batch.hidden_rows is None else self.norm(x[batch.hidden_rows.to(dev)]).float()
+        if not self.cfg.lm_head:                                          # a base model: hidden states only
+            return torch.empty(0, self.cfg.vocab_size, device=dev) if self.mesh.tp_rank == 0 else None
         x = self.norm(x[batch.logits_rows.to(dev)])                     # (S, hidden)
         ws = self.head_weights()
         if len(ws) == 1:

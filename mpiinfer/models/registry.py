@@ -27,7 +27,7 @@ def expected_tensors(cfg: ModelConfig) -> dict:
     """Every tensor name of the full checkpoint -> its shape (HF layout, (out, in) for linears)."""
     h, hd = cfg.hidden_size, cfg.head_dim
     t = {"model.embed_tokens.weight": (cfg.vocab_size, h), "model.norm.weight": (h,)}
-    if not cfg.tie_word_embeddings:
+    if not cfg.tie_word_embeddings and cfg.lm_head:
         t["lm_head.weight"] = (cfg.vocab_size, h)
     for i in range(cfg.num_layers):
         p = f"model.layers.{i}."

@@ -68,6 +68,11 @@ class CheckpointIndex:
                 dt = name_of_code(meta["dtype"])
                 a, b = meta["data_offsets"]
                 self.tensors[name] = TensorInfo(name, path, tuple(meta["shape"]), dt, data_start + a, b - a)
+        # a checkpoint saved from the base model (``AutoModel``, e.g. Qwen3-Embedding: config.json says
+        # Qwen3ForCausalLM, the tensors are "embed_tokens.weight", "layers.0...."): the same tensors under the
+        # causal LM's names; TensorInfo.name keeps the file's own
+        if "model.embed_tokens.weight" not in self.tensors and "embed_tokens.weight" in self.tensors:
+            self.tensors = {(n if n.startswith("lm_head.") else "model." + n): t for n, t in self.tensors.items()}
 
     @staticmethod
     def _find_files(model_dir: str) -> list:

@@ -170,3 +170,38 @@ def test_output_shapes(tmp_path):
         w.write(Result(1, "b", text="hi", token_ids=[1, 2], finish_reason="length", prompt_tokens=1))
     a, b = read_hdf5_results(path)
     assert a.embeddings == [vecs[0]] and b.embeddings is None and b.text == "hi"
+
+
+def test_base_model_checkpoints(model_dirs, tmp_path):
+    """Checkpoints saved from the base model: tensors without the "model." prefix under a causal LM's config (as
+    Qwen3-Embedding is published), and a base-model architecture without an LM head (a sentence-transformers
+    export): the same vectors as the causal LM; generation refused there with an error record."""
+    from safetensors.torch import load_file, save_file
+    src = model_dirs("qwen3")
+    tensors = load_file(os.path.join(src, "model.safetensors"))
+    base = {k.removeprefix("model."): v for k, v in tensors.items() if not k.startswith("lm_head.")}
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    ids = [7, 8, 9, 10, 11]
+
+    def embed(d, extra=()):
+        eng = Engine(ModelRunner(str(d), EngineConfig(kv_budget_bytes=1 << 22), Mesh.single(), Device("cpu")),
+                     Tokenizer(str(d)))
+        reqs = [Request(0, "e", SamplingParams(max_tokens=0, pooling="mean", normalize=True), inputs=[ids]), *extra]
+        return sorted(eng.generate(reqs), key=lambda r: r.index)
+    want = embed(src)[0].embeddings[0]
+    for name, arch, keep_head in (("prefixless", cfg["architectures"][0], True), ("base", "Qwen3Model", False)):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        t = dict(base)
+        if keep_head and "lm_head.weight" in tensors:
+            t["lm_head.weight"] = tensors["lm_head.weight"]
+        os.remove(d / "model.safetensors")
+        save_file({k: v.contiguous() for k, v in t.items()}, str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({**cfg, "architectures": [arch], "tie_word_embeddings": False}))
+        gen = Request(1, "g", SamplingParams(max_tokens=2), prompt_token_ids=ids)
+        e, g = embed(d, [gen])
+        assert torch.allclose(torch.tensor(e.embeddings[0]), torch.tensor(want), atol=1e-6)
+        if keep_head:
+            assert g.error is None and len(g.token_ids) == 2
+        else:
+            assert g.error.type == "invalid_request" and "without an LM head" in g.error.message
