@@ -6,7 +6,8 @@ arithmetic (``ep_rank``, ``etp``, ``etp_rank``).
 
 Expert parallelism inside a replica: the EP group is the TP group split in ``ep``
 blocks; the rank block ``tp_rank // etp`` owns experts
-``experts_for_rank(E, ep, ep_rank)`` and shards each of them tensor-parallel over
+``experts_for_rank(E, ep, ep_rank)`` (blocks as even as they go: the first ``E % ep``
+hold one more) and shards each of them tensor-parallel over
 the ``etp = tp / ep`` ranks of its block.  Every rank routes all tokens (the router is
 replicated), computes only the tokens routed to its own experts, and the partial
 outputs of all ranks are summed by one allreduce over ``mesh.tp_reduce`` (the shared
@@ -34,7 +35,7 @@ from ..comm.mesh import Mesh
 from ..config import ModelConfig
 from ..kernels import linear
 from ..parallel.linear import pack_weight
-from ..parallel.shard import Slice, balanced_range, experts_for_rank
+from ..parallel.shard import Slice, balanced_range, expert_owners, experts_for_rank
 from . import registry
 from .layers import MLP
 
@@ -47,6 +48,8 @@ class SparseMoeBlock(nn.Module):
         self.wide = mesh.wide_ep
         self.ep = mesh.ep
         self.e0, self.e1 = experts_for_rank(cfg.num_experts, mesh.ep, mesh.ep_rank)
+        # wide EP: the EP rank each expert's rows go to (blocks as even as they go: E need not divide by ep)
+        self.owner = torch.tensor(expert_owners(cfg.num_experts, mesh.ep), dtype=torch.int64)
         inter = cfg.moe_intermediate_size
         self.i0, self.i1 = balanced_range(inter, mesh.etp_rank, mesh.layout.etp)   # this rank's slice of each
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
@@ -130,10 +133,9 @@ class SparseMoeBlock(nn.Module):
         # this TP rank's share of the replica's tokens
         t0, t1 = balanced_range(T, mesh.tp_rank, mesh.tp, allow_empty=True)
         xs, idx_s, w_s = x[t0:t1], idx[t0:t1], w[t0:t1]
-        per = -(-self.cfg.num_experts // self.ep)            # experts per EP rank (even split)
         tok, slot = torch.nonzero(torch.ones_like(idx_s, dtype=torch.bool), as_tuple=True)
         eid = idx_s[tok, slot]
-        dest = eid // per
+        dest = self.owner.to(eid.device)[eid]
         order = torch.argsort(dest, stable=True)
         tok, slot, eid, dest = tok[order], slot[order], eid[order], dest[order]
         send_counts = torch.bincount(dest, minlength=self.ep).tolist()

@@ -111,8 +111,9 @@ def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
     if ep > 1 and not cfg.is_moe:
         raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
     if cfg.is_moe:
-        if cfg.num_experts % ep:
-            raise ConfigError(f"--ep {ep} does not divide the number of experts ({cfg.num_experts})")
+        if cfg.num_experts < ep:
+            raise ConfigError(f"--ep {ep} is larger than the number of experts ({cfg.num_experts}): every EP rank "
+                              f"needs at least one")
         if cfg.moe_intermediate_size < mesh_layout.etp:
             raise ConfigError(f"tp/ep = {mesh_layout.etp} is larger than moe_intermediate_size="
                               f"{cfg.moe_intermediate_size}")

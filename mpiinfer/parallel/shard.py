@@ -92,8 +92,14 @@ def vocab_part(vocab: int, tp: int) -> int:
 # --------------------------------------------------------------------------- expert parallelism
 
 def experts_for_rank(num_experts: int, ep: int, ep_rank: int) -> tuple:
-    """Experts [start, stop) owned by an EP rank (contiguous blocks)."""
-    return even_range(num_experts, ep_rank, ep)
+    """Experts [start, stop) owned by an EP rank: contiguous blocks as even as they go, the first
+    ``num_experts % ep`` ranks one more (60 experts at ep=8: 8, 8, 8, 8, 7, 7, 7, 7)."""
+    return balanced_range(num_experts, ep_rank, ep)
+
+
+def expert_owners(num_experts: int, ep: int) -> list:
+    """The EP rank owning each expert (``experts_for_rank`` inverted)."""
+    return [r for r in range(ep) for _ in range(*experts_for_rank(num_experts, ep, r))]
 
 
 # --------------------------------------------------------------------------- context parallelism

@@ -16,8 +16,10 @@ def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
     from mpiinfer.config import EngineConfig
     from mpiinfer.device import Device
     from mpiinfer.engine.runner import ModelRunner
-    for arch, tp, ep in (("llama", 2, 1), ("qwen2_moe", 2, 2), ("qwen3_moe", 4, 2), ("llama", 4, 1)):
-        d = model_dirs(arch)
+    sizes = {}
+    for arch, over, tp, ep in (("llama", {}, 2, 1), ("qwen2_moe", {}, 2, 2), ("qwen3_moe", {}, 4, 2),
+                               ("llama", {}, 4, 1), ("qwen3_moe", {"num_experts": 6}, 4, 4)):   # 2 2 1 1 experts
+        d = model_dirs(arch, **over)
         code, out = plan(["-m", d, "--world", str(tp), "--tp", str(tp), "--ep", str(ep), "--json"])
         assert code == 0, out
         p = json.loads(out)
@@ -26,12 +28,15 @@ def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
             mesh = Mesh(Layout(world=tp, tp=tp, ep=ep), r["rank"])
             runner = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 20), mesh, Device("cpu"))
             assert runner.weight_bytes == r["weight_bytes"]
+            sizes[(arch, tp, ep, r["rank"])] = r["weight_bytes"]
             assert runner.weight_bytes_read <= runner.weight_bytes
         code1, out1 = plan(["-m", d, "--world", "1", "--json"])
         assert code1 == 0, out1
         full = json.loads(out1)["ranks"][0]["weight_bytes"]
         total = sum(r["weight_bytes"] for r in p["ranks"])
         assert total >= full and (arch == "llama" and tp == 4 or total <= full * 1.3)
+    uneven = [sizes[("qwen3_moe", 4, 4, r)] for r in range(4)]
+    assert uneven[0] == uneven[1] > uneven[2] == uneven[3]       # the first E % ep ranks hold one more expert
 
 
 def test_plan_groups_and_fit(model_dirs):

@@ -53,6 +53,13 @@ LAYOUTS = [
     ("qwen2_moe", {}, 2, ["--ep", "2"]),
     ("mixtral", {}, 4, ["--ep", "4"]),
     ("qwen2_moe", {}, 4, ["--tp", "2", "--ep", "4"]),
+    # experts that do not divide by ep: the first E % ep EP ranks hold one more
+    ("qwen3_moe", {"num_experts": 5}, 2, ["--tp", "2", "--ep", "2"]),     # 3 + 2, in a replica
+    ("mixtral", {"num_local_experts": 5}, 2, ["--ep", "2"]),              # 3 + 2, wide EP
+    ("qwen2_moe", {"num_experts": 7}, 2, ["--tp", "2", "--ep", "2"]),     # 4 + 3, with the shared expert
+    ("mixtral", {"num_local_experts": 6}, 4, ["--tp", "4", "--ep", "4"]),  # 6 at ep=4: 2 2 1 1
+    ("qwen2_moe", {"num_experts": 6}, 4, ["--ep", "4"]),                  # wide EP, 2 2 1 1
+    ("qwen3_moe", {"num_experts": 15}, 8, ["--ep", "8"]),                 # 60-style: 2 x 7 + 1 at ep=8
 ]
 
 
@@ -113,7 +120,8 @@ def layout_id(arch, overrides, n, flags):
 
 # the quick loop (-m "not slow") runs one layout of each kind on 2 ranks: dense TP with an uneven split,
 # EP inside a replica, wide EP; the rest of the matrix is in the slow tier
-QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2"}
+QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2",
+                 "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5"}
 
 
 @pytest.mark.parametrize("arch,overrides,n,flags", [

@@ -65,3 +65,26 @@ def test_mesh_is_immutable_and_reduces_over_tp_comm_by_default():
     assert m.tp_reduce is m.tp_comm is None
     with pytest.raises(AttributeError):
         m.tp_comm = object()
+
+
+def test_experts_spread_as_evenly_as_they_go():
+    """Experts that do not divide by ep: contiguous blocks, the first E % ep ranks one more; every expert has
+    exactly one owner; a model with fewer experts than EP ranks is refused before loading."""
+    from mpiinfer.config import ModelConfig
+    from mpiinfer.models.registry import validate_layout
+    from mpiinfer.parallel.shard import expert_owners, experts_for_rank
+    assert [experts_for_rank(6, 4, r) for r in range(4)] == [(0, 2), (2, 4), (4, 5), (5, 6)]
+    sizes = [b - a for a, b in (experts_for_rank(60, 8, r) for r in range(8))]
+    assert sizes == [8, 8, 8, 8, 7, 7, 7, 7]
+    for E, ep in ((60, 8), (6, 4), (5, 2), (8, 8), (7, 3)):
+        owners = expert_owners(E, ep)
+        assert len(owners) == E and owners == sorted(owners)
+        assert all(experts_for_rank(E, ep, o)[0] <= e < experts_for_rank(E, ep, o)[1] for e, o in enumerate(owners))
+    raw = {"architectures": ["Qwen3MoeForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+           "num_key_value_heads": 2, "num_hidden_layers": 1, "intermediate_size": 128, "vocab_size": 256,
+           "rms_norm_eps": 1e-6, "max_position_embeddings": 128, "num_experts": 6, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32}
+    cfg = ModelConfig.from_hf(raw)
+    validate_layout(cfg, Layout(world=4, tp=4, ep=4))          # 6 experts at ep=4: 2 2 1 1
+    with pytest.raises(ConfigError, match="--ep 8 is larger than the number of experts"):
+        validate_layout(cfg, Layout(world=8, tp=1, ep=8))          # wide EP over 8 ranks
