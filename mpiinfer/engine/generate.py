@@ -173,8 +173,6 @@ class Engine:
     def _add_embedding(self, req: Request) -> Result | None:
         """Queue one prefill-only sequence per input of an embedding request (its vectors come back together)."""
         sp = req.sampling
-        if self.cp > 1:
-            return self._error(req, "invalid_request", "embeddings are not available with --cp > 1")
         if self._pooling is None:
             self._pooling = checkpoint_pooling(self.runner.model_dir)
         pooling = self._pooling[0] if sp.pooling == "auto" else sp.pooling
@@ -189,11 +187,14 @@ class Engine:
                                                            f"{self.cfg.vocab_size}")
             if not ids:
                 return self._error(req, "invalid_request", f"{where}the input encodes to zero tokens")
+            use_cp = self.cp > 1 and len(ids) >= self.cp_min_tokens     # a long document: over the CP ranks
             if len(ids) > self.max_seq_len or \
-                    max(self.sched.blocks_needed(len(ids), 1, False)) * self.sched.bs > self.sched.usable_rows:
+                    max(self.sched.blocks_needed(len(ids), 1, use_cp)) * self.sched.bs > self.sched.usable_rows:
+                hint = "" if self.cp > 1 else " (split long documents over ranks with --cp)"
                 return self._error(req, "prompt_too_long", f"{where}input has {len(ids)} tokens; this run embeds at "
-                                                           f"most {min(self.max_seq_len, self.sched.usable_rows)}")
-            seqs.append(Sequence(req, ids, 0, frozenset(), None, t_added=time.perf_counter(), sample=i,
+                                                           f"most {min(self.max_seq_len, self.sched.usable_rows)} "
+                                                           f"per rank{hint}")
+            seqs.append(Sequence(req, ids, 0, frozenset(), None, cp=use_cp, t_added=time.perf_counter(), sample=i,
                                  pooling=pooling, normalize=normalize))
         if len(seqs) > 1:
             self._samples[req.index] = [None] * len(seqs)

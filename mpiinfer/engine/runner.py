@@ -152,18 +152,23 @@ class ModelRunner:
         inject("step", self.mesh.rank)
         logits = self.model(batch, self.kv)
         if batch.gather_logits:
-            logits = self._gather_cp_logits(logits)
+            logits = self._gather_cp_rows(logits)
+        if batch.gather_hidden:
+            h = self.model.hidden
+            if h is None and self.mesh.tp_rank == 0:
+                h = torch.empty(0, self.cfg.hidden_size, device=self.device.torch)
+            self.model.hidden = self._gather_cp_rows(h if self.mesh.tp_rank == 0 else None)
         return logits
 
-    def _gather_cp_logits(self, logits):
-        """Leader and followers alike: the logits rows of every CP rank (its TP rank 0 holds them), in CP rank
-        order, end up on the leader; None elsewhere."""
-        mine = None if logits is None else logits.cpu().numpy()
+    def _gather_cp_rows(self, rows):
+        """Leader and followers alike: the rows (logits, or embeddings' hidden states) of every CP rank (its TP
+        rank 0 holds them), in CP rank order, end up on the leader; None elsewhere."""
+        mine = None if rows is None else rows.cpu().numpy()
         parts = self.mesh.replica_comm.gather(mine, root=0)
         if parts is None:
             return None
-        rows = [torch.from_numpy(p) for j, p in enumerate(parts) if j % self.mesh.tp == 0]
-        return torch.cat(rows).to(logits.device)
+        out = [torch.from_numpy(p) for j, p in enumerate(parts) if j % self.mesh.tp == 0]
+        return torch.cat(out).to(rows.device)
 
     def release_followers(self) -> None:
         """Leader: tell the replica's other ranks that there are no more steps."""

@@ -145,7 +145,7 @@ class Scheduler:
             self.running.append(seq)
 
     def _admit_cp(self, seq: Sequence) -> bool:
-        need = rows_needed(len(seq.prompt), seq.max_new, self.cp, True)
+        need = rows_needed(len(seq.prompt), max(seq.max_new, 1), self.cp, True)   # max_new 0: the prompt's rows
         starts = []
         for r, n in enumerate(need):
             s0 = self.pools[r].allocate_run(-(-n // self.bs))
@@ -271,7 +271,7 @@ class Scheduler:
         P = [_RankPlan() for _ in range(cp)]
         planned = []
         scored = []                                       # (sequence, prompt index) of the score rows, in order
-        embedded = []                                     # (sequence, rows) of the hidden rows, in order
+        embedded = [[] for _ in range(cp)]                # per CP rank: (sequence, rows) of its hidden rows
         sampled = [[] for _ in range(cp)]                 # per CP rank, in its logits-row order
         budget = [self.step_tokens] * cp                  # tokens of compute per CP rank
         for seq in self.running:                          # decodes first: one token each
@@ -299,11 +299,19 @@ class Scheduler:
                     continue
                 for r in range(cp):
                     pos = shard_positions(L, cp, r).tolist()
-                    P[r].add([seq.prompt[j] for j in pos], pos, [(seq.kv_base[r], len(pos))], len(pos), sample=(r == 0),
-                             mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
+                    P[r].add([seq.prompt[j] for j in pos], pos, [(seq.kv_base[r], len(pos))], len(pos),
+                             sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
                     budget[r] -= len(pos)
+                    if seq.pooling:                       # embedding: its rows of this shard (mean), or the last
+                        t0 = len(P[r].ids) - len(pos)
+                        rows = list(range(t0, t0 + len(pos))) if seq.pooling == "mean" else \
+                            [t0 + pos.index(L - 1)] if L - 1 in pos else []
+                        P[r].hidden_rows.extend(rows)
+                        if rows:
+                            embedded[r].append((seq, len(rows)))
                 planned.append((seq, L))
-                sampled[0].append(seq)
+                if seq.max_new > 0:
+                    sampled[0].append(seq)
                 continue
             h = seq.home
             if budget[h] <= 0:
@@ -323,7 +331,7 @@ class Scheduler:
                 rows = list(range(t0, t0 + n)) if seq.pooling == "mean" else [t0 + n - 1] if done else []
                 P[h].hidden_rows.extend(rows)
                 if rows:
-                    embedded.append((seq, len(rows)))
+                    embedded[h].append((seq, len(rows)))
             budget[h] -= n
             planned.append((seq, n))
             if done and seq.max_new > 0:
@@ -332,7 +340,11 @@ class Scheduler:
         if cp > 1 and any(sampled[1:]):                   # logits of ranks > 0 come back to the leader
             for b in batches:
                 b.gather_logits = 1
-        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per], scored, embedded
+        if cp > 1 and any(embedded[1:]):                  # and hidden rows (embeddings), in CP rank order
+            for b in batches:
+                b.gather_hidden = 1
+        return (batches[0] if cp == 1 else batches), planned, [s for per in sampled for s in per], scored, \
+            [e for per in embedded for e in per]
 
 
 class _RankPlan:

@@ -51,9 +51,10 @@ class StepBatch:
     scratch_row: int = -1
     gather_logits: int = 0       # cp > 1: every CP rank's logits rows go to the leader after the step
     kv_ext: list | None = None   # per sequence: its cache rows as runs [(start, rows)]; None: all one run
-    # rows whose final hidden states (after the last norm) the leader keeps for embeddings (not sent to the
-    # other ranks: the leader alone reads them)
+    # rows whose final hidden states (after the last norm) are kept for embeddings; with ``gather_hidden`` (cp > 1)
+    # every CP rank's go to the leader after the step, in CP rank order
     hidden_rows: torch.Tensor | None = None
+    gather_hidden: int = 0
 
     @property
     def num_tokens(self) -> int:
@@ -98,7 +99,8 @@ class StepBatch:
             "logits_rows": self.logits_rows.numpy(),
             "cp": np.array([self.mode, self.prompt_len, self.glen, self.write], dtype=np.int64).reshape(4, -1)
             if self.mode else None,
-            "cp_meta": (self.cp, self.cp_rank, self.scratch_row, self.gather_logits),
+            "cp_meta": (self.cp, self.cp_rank, self.scratch_row, self.gather_logits, self.gather_hidden),
+            "hidden_rows": None if self.hidden_rows is None else self.hidden_rows.numpy(),
             "ext": None if self.kv_ext is None else (
                 np.array([len(e) for e in self.kv_ext], dtype=np.int64),
                 np.array([x for e in self.kv_ext for run in e for x in run], dtype=np.int64)),
@@ -113,7 +115,9 @@ class StepBatch:
         if a.get("cp") is not None:
             c = a["cp"]
             b.mode, b.prompt_len, b.glen, b.write = c[0].tolist(), c[1].tolist(), c[2].tolist(), c[3].tolist()
-        b.cp, b.cp_rank, b.scratch_row, b.gather_logits = a.get("cp_meta", (1, 0, -1, 0))
+        b.cp, b.cp_rank, b.scratch_row, b.gather_logits, b.gather_hidden = a.get("cp_meta", (1, 0, -1, 0, 0))
+        if a.get("hidden_rows") is not None:
+            b.hidden_rows = torch.from_numpy(a["hidden_rows"])
         if a.get("ext") is not None:
             counts, flat = a["ext"]
             runs = flat.reshape(-1, 2).tolist()

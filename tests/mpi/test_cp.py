@@ -95,3 +95,36 @@ def test_cp_with_moe_model(model_dirs, tmp_path):
         r = json.loads(out.read_text())
         assert r["token_ids"] == toks
         assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4
+
+
+@pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
+def test_cp_embeddings_and_structured_output(n, flags, setup, tmp_path):
+    """A 4,099-token document embedded over the CP ranks (last token on whichever rank holds it, mean summed over
+    the shards) and the short inputs on their home ranks, against transformers' final hidden states (cosine >=
+    0.99999); a constrained answer about the document is one of its choices, identical to one rank's."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    d, inp, _ = setup
+    docs = {json.loads(x)["id"]: json.loads(x)["prompt_token_ids"] for x in open(inp)}
+    recs = [{"id": f"{k}-{pool}", "input": docs[k], "pooling": pool} for k in ("doc", "short", "doc2")
+            for pool in ("last", "mean")]
+    recs.append({"id": "choice", "prompt_token_ids": docs["doc"], "choice": ["sea", "sky", "ship"],
+                 "max_tokens": 8})
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    outs = {}
+    for name, k, fl in (("one", 1, []), ("cp", n, flags)):
+        out = tmp_path / f"{name}.jsonl"
+        p = mpirun(k, ["-m", d, "-i", str(src), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"]
+                   + fl)
+        assert p.returncode == 0, p.stderr
+        outs[name] = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert outs["cp"]["choice"]["text"] == outs["one"]["choice"]["text"] in ("sea", "sky", "ship")
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    for k in ("doc", "short", "doc2"):
+        with torch.no_grad():
+            h = hf(torch.tensor([docs[k]]), output_hidden_states=True).hidden_states[-1][0].float()
+        for pool, v in (("last", h[-1]), ("mean", h.mean(0))):
+            want = torch.nn.functional.normalize(v, dim=0).double()
+            got = torch.tensor(outs["cp"][f"{k}-{pool}"]["embedding"], dtype=torch.float64)
+            assert float(got @ want / got.norm()) >= 0.99999, (k, pool)

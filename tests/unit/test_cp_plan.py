@@ -21,7 +21,7 @@ class FakeCPRunner:
     in CP rank order when the plan asks for the gather (rank 0's alone otherwise)."""
 
     def __init__(self, cp, pool=4096):
-        self.cfg = types.SimpleNamespace(vocab_size=V, max_position_embeddings=1 << 16, eos_token_ids=[])
+        self.cfg = types.SimpleNamespace(vocab_size=V, max_position_embeddings=1 << 16, eos_token_ids=[], lm_head=True)
         self.engine_cfg = EngineConfig(max_batch=16)
         self.mesh = types.SimpleNamespace(cp=cp, wide_ep=False)
         self.device = types.SimpleNamespace(torch=torch.device("cpu"))
