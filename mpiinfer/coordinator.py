@@ -507,11 +507,11 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
-            elif self.out_fmt != "jsonl" and item.sampling.prompt_logprobs and \
-                    not (self.out_fmt == "openai" and item.sampling.echo):
+            elif self.out_fmt == "openai" and item.sampling.prompt_logprobs and not item.sampling.echo:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", "prompt_logprobs: written to JSONL output only (prompt_logprobs, "
-                                       "prompt_logprob_sum, prompt_perplexity)")))
+                    "invalid_request", "prompt_logprobs: written to JSONL and HDF5 outputs (prompt_logprobs, "
+                                       "prompt_logprob_sum, prompt_perplexity); OpenAI completions take echo "
+                                       "with logprobs")))
             elif self.out_fmt == "hdf5" and item.sampling.top_logprobs:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write "

@@ -17,6 +17,9 @@ input order: ``ids``, ``text``, ``finish_reason``, ``error_type``,
 ``error_message`` (vlen str; ``""`` where not applicable), ``token_ids`` (vlen
 int32), ``logprobs`` (vlen float32; empty when not requested), ``embedding``
 (vlen float32: an embedding record's vector, empty for the others),
+``prompt_logprobs`` (vlen float32: prompt scoring, NaN for the first token, empty
+when not requested), ``prompt_logprob_sum``, ``prompt_perplexity`` (float64, NaN
+when not requested or undefined),
 ``prompt_tokens``, ``completion_tokens`` (int32).  Ids are stored as strings
 (an int id ``7`` reads back as ``"7"``).  The file is created complete under a
 temporary name and renamed, then reopened in SWMR-write mode
@@ -42,7 +45,7 @@ from collections.abc import Iterator
 import numpy as np
 
 from ..config import SamplingParams
-from ..messages import ErrorInfo, Request, Result
+from ..messages import ErrorInfo, Request, Result, prompt_scores
 from .records import INVALID_REQUEST
 
 
@@ -54,8 +57,12 @@ def _no_nul(s: str) -> str:
 STR_FIELDS = ("ids", "text", "finish_reason", "error_type", "error_message")
 INT_FIELDS = ("prompt_tokens", "completion_tokens")
 OUTPUT_DATASETS = ("ids", "token_ids", "logprobs", "finish_reason", "prompt_tokens",
-                   "completion_tokens", "error_type", "error_message", "text", "embedding")
-FLOAT_ARRAYS = ("logprobs", "embedding")
+                   "completion_tokens", "error_type", "error_message", "text", "embedding", "prompt_logprobs",
+                   "prompt_logprob_sum", "prompt_perplexity")
+FLOAT_ARRAYS = ("logprobs", "embedding", "prompt_logprobs")
+FLOAT_FIELDS = ("prompt_logprob_sum", "prompt_perplexity")      # float64, NaN where not applicable
+# datasets added after the first format: an older output gets them (empty / NaN rows) when it is resumed
+ADDED_DATASETS = ("embedding", "prompt_logprobs", "prompt_logprob_sum", "prompt_perplexity")
 _CHUNK_ROWS = 1024
 
 
@@ -74,6 +81,8 @@ def _dtypes(h5py) -> dict:
     d["token_ids"] = h5py.vlen_dtype(np.dtype(np.int32))
     for k in FLOAT_ARRAYS:
         d[k] = h5py.vlen_dtype(np.dtype(np.float32))
+    for k in FLOAT_FIELDS:
+        d[k] = np.dtype(np.float64)
     return d
 
 
@@ -186,13 +195,18 @@ def _fsync_path(path: str) -> None:
         os.close(fd)
 
 
+def _new_dataset(f, name: str, dt, rows: int) -> None:
+    f.create_dataset(name, shape=(rows,), maxshape=(None,), chunks=(_CHUNK_ROWS,), dtype=dt,
+                     **({"fillvalue": np.nan} if name in FLOAT_FIELDS else {}))
+
+
 def _create_file(path: str) -> None:
     """Create an empty output (all datasets, zero rows) atomically: temp file, fsync, rename."""
     h5py = _h5py()
     tmp = path + ".tmp"
     with h5py.File(tmp, "w", libver="latest") as f:
         for name, dt in _dtypes(h5py).items():
-            f.create_dataset(name, shape=(0,), maxshape=(None,), chunks=(_CHUNK_ROWS,), dtype=dt)
+            _new_dataset(f, name, dt, 0)
         f.attrs["format"] = "mpiinfer-results-1"
     _fsync_path(tmp)
     os.replace(tmp, path)
@@ -271,6 +285,13 @@ class Hdf5Writer:
                                                dtype=np.float32))
             cols["embedding"].append(np.asarray(r.embeddings[0] if (err is None and r.embeddings) else [],
                                                 dtype=np.float32))
+            pl = r.prompt_logprobs if err is None else None
+            cols["prompt_logprobs"].append(np.asarray([] if pl is None else [np.nan if v is None else v for v in pl],
+                                                      dtype=np.float32))
+            sc = prompt_scores(pl) if pl is not None else {}
+            cols["prompt_logprob_sum"].append(sc.get("prompt_logprob_sum", np.nan))
+            perp = sc.get("prompt_perplexity")
+            cols["prompt_perplexity"].append(np.nan if perp is None else perp)
             cols["prompt_tokens"].append(r.prompt_tokens if err is None else 0)
             cols["completion_tokens"].append(len(r.token_ids) if err is None else 0)
         out = {}
@@ -279,6 +300,8 @@ class Hdf5Writer:
                 out[k] = v                  # a list of arrays; _put makes the vlen block
             elif k in INT_FIELDS:
                 out[k] = np.asarray(v, dtype=np.int32)
+            elif k in FLOAT_FIELDS:
+                out[k] = np.asarray(v, dtype=np.float64)
             else:
                 out[k] = np.array([s.encode("utf-8", "surrogatepass") for s in v], dtype=object)
         return out
@@ -324,8 +347,11 @@ def _rebuild(path: str, count: int) -> None:
     with h5py.File(path, "r", swmr=True, libver="latest") as src, \
             h5py.File(tmp, "r+", libver="latest") as dst:
         for name in OUTPUT_DATASETS:
-            s, d = src[name], dst[name]
-            d.resize((count,))
+            d = dst[name]
+            d.resize((count,))                  # (a dataset added since the file was made stays empty / NaN)
+            if name not in src:
+                continue
+            s = src[name]
             for a in range(0, count, 8 * _CHUNK_ROWS):
                 b = min(count, a + 8 * _CHUNK_ROWS)
                 _put(d, a, s[a:b])
@@ -356,6 +382,13 @@ def recover_hdf5(path) -> int:
         f = None   # a crashed SWMR writer left the write flag set
     if f is not None:
         with f:
+            have = [k for k in OUTPUT_DATASETS if k in f and k not in ADDED_DATASETS]
+            if len(have) == len(OUTPUT_DATASETS) - len(ADDED_DATASETS):   # an older output: add the new ones
+                n = min(f[k].shape[0] for k in have)
+                dts = _dtypes(h5py)
+                for k in ADDED_DATASETS:
+                    if k not in f:
+                        _new_dataset(f, k, dts[k], n)
             missing = [k for k in OUTPUT_DATASETS if k not in f]
             if missing:
                 raise ValueError(f"{path} is not an mpiinfer HDF5 output (missing datasets "
@@ -366,11 +399,11 @@ def recover_hdf5(path) -> int:
                     f[k].resize((count,))
         return count
     with h5py.File(path, "r", swmr=True, libver="latest") as f:
-        missing = [k for k in OUTPUT_DATASETS if k not in f]
+        missing = [k for k in OUTPUT_DATASETS if k not in f and k not in ADDED_DATASETS]
         if missing:
             raise ValueError(f"{path} is not an mpiinfer HDF5 output (missing datasets "
                              f"{', '.join(missing)}); pass --overwrite to replace it")
-        count = min(f[k].shape[0] for k in OUTPUT_DATASETS)
+        count = min(f[k].shape[0] for k in OUTPUT_DATASETS if k in f)
     _rebuild(path, count)
     return count
 
@@ -392,11 +425,12 @@ def iter_hdf5_results(path, count: int | None = None, start_index: int = 0, chun
                 if et:
                     yield Result(index=i, id=dec(c["ids"][j]), error=ErrorInfo(et, dec(c["error_message"][j])))
                     continue
-                lp, emb = c["logprobs"][j], c["embedding"][j]
+                lp, emb, pl = c["logprobs"][j], c["embedding"][j], c["prompt_logprobs"][j]
                 yield Result(index=i, id=dec(c["ids"][j]), text=dec(c["text"][j]),
                              token_ids=c["token_ids"][j].tolist(), finish_reason=dec(c["finish_reason"][j]) or None,
                              prompt_tokens=int(c["prompt_tokens"][j]), logprobs=lp.tolist() if len(lp) else None,
-                             embeddings=[emb.tolist()] if len(emb) else None)
+                             embeddings=[emb.tolist()] if len(emb) else None,
+                             prompt_logprobs=[None if np.isnan(v) else v for v in pl.tolist()] if len(pl) else None)
 
 
 def read_hdf5_results(path, start_index: int = 0) -> list:

@@ -170,8 +170,9 @@ def test_n_samples_in_jsonl_openai_and_hdf5_outputs(tiny, tmp_path):
     assert [p[0]["token_id"] for p in c["top_logprobs"]] == c["token_ids"]
 
 
-def test_prompt_scoring_in_jsonl_and_refused_elsewhere(tiny, tmp_path):
-    """max_tokens 0 with prompt_logprobs scores a prompt alone; outputs other than JSONL refuse it per record."""
+def test_prompt_scoring_in_jsonl_and_hdf5_refused_in_openai(tiny, tmp_path):
+    """max_tokens 0 with prompt_logprobs scores a prompt alone; an HDF5 output holds the same arrays, an OpenAI
+    output (which has echo for that) refuses it per record; an output made before these datasets resumes."""
     inp = tmp_path / "in.jsonl"
     inp.write_text(json.dumps({"id": "s", "prompt": "the old man and the sea", "max_tokens": 0, "prompt_logprobs": True})
                    + "\n" + json.dumps({"id": "g", "prompt": "blue sky", "max_tokens": 2}) + "\n")
@@ -185,5 +186,27 @@ def test_prompt_scoring_in_jsonl_and_refused_elsewhere(tiny, tmp_path):
     oa = tmp_path / "o_openai.jsonl"
     run(["-m", tiny, "-i", str(inp), "-o", str(oa), "--output-format", "openai"])
     s, g = [json.loads(x) for x in oa.read_text().splitlines()]
-    assert s["error"]["error"]["type"] == "invalid_request" and "JSONL output only" in s["error"]["error"]["message"]
+    assert s["error"]["error"]["type"] == "invalid_request" and "echo" in s["error"]["error"]["message"]
     assert g["error"] is None
+    from mpiinfer.io.hdf5 import ADDED_DATASETS, read_hdf5_results
+    h5 = tmp_path / "o.h5"
+    run(["-m", tiny, "-i", str(inp), "-o", str(h5)])
+    want = [json.loads(x) for x in out.read_text().splitlines()]
+    with h5py.File(h5, "r") as f:
+        assert f["prompt_logprob_sum"][0] == pytest.approx(want[0]["prompt_logprob_sum"], abs=1e-4)
+        assert f["prompt_perplexity"][0] == pytest.approx(want[0]["prompt_perplexity"], rel=1e-4)
+        assert np.isnan(f["prompt_logprob_sum"][1]) and np.isnan(f["prompt_perplexity"][1])
+        assert np.isnan(f["prompt_logprobs"][0][0]) and len(f["prompt_logprobs"][1]) == 0
+    back = read_hdf5_results(h5)
+    assert back[0].prompt_logprobs[0] is None
+    assert back[0].prompt_logprobs[1:] == pytest.approx(want[0]["prompt_logprobs"][1:], abs=1e-5)
+    # an output written before the datasets were added: they are added (empty rows) when it resumes
+    with h5py.File(h5, "r+") as f:
+        for k in ADDED_DATASETS:
+            del f[k]
+        for k in f:
+            f[k].resize((1,))
+    run(["-m", tiny, "-i", str(inp), "-o", str(h5)])
+    with h5py.File(h5, "r") as f:
+        assert f["text"].shape == f["prompt_perplexity"].shape == (2,)
+        assert np.isnan(f["prompt_perplexity"][0]) and f["text"][1].decode() == want[1]["text"]
