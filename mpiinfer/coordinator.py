@@ -152,6 +152,9 @@ def prefix_key(item) -> int | None:
     prompt (messages: roles and contents in order; token ids: the first ones), or None (an error result)."""
     if isinstance(item, Result):
         return None
+    if item.inputs is not None:                   # an embedding request: its first input
+        x = item.inputs[0]
+        return hash(tuple(x[:PREFIX_KEY_TOKENS])) if isinstance(x, list) else hash(x[:PREFIX_KEY_CHARS])
     if item.prompt_token_ids is not None:
         return hash(tuple(item.prompt_token_ids[:PREFIX_KEY_TOKENS]))
     if item.messages is not None:

@@ -24,6 +24,10 @@ def test_prefix_key_groups_by_the_start():
     t = list(range(100))
     assert prefix_key(Request(0, 0, SP, prompt_token_ids=t)) == prefix_key(Request(1, 1, SP, prompt_token_ids=t[:64] + [7]))
     assert prefix_key(Result(0, 0, error=ErrorInfo("invalid_json", "x"))) is None
+    # embedding requests by their first input (not all under one key)
+    emb = lambda x: Request(0, 0, SP, inputs=x)
+    assert prefix_key(emb(["a" * 300 + "x"])) == prefix_key(emb(["a" * 300 + "y", "z"])) != prefix_key(emb(["b"]))
+    assert prefix_key(emb([t + [1]])) == prefix_key(emb([t + [2]])) != prefix_key(emb([[9]]))
 
 
 def _serve(src, seed=1):
