@@ -18,6 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
+from ..config import ConfigError
 from ..messages import Choice, ErrorInfo, Request, Result
 from .kv_cache import MIN_SHARED_BLOCKS, MIN_SHARED_BLOCKS_NATIVE
 from .pooling import checkpoint_pooling, pool
@@ -71,9 +72,21 @@ class Engine:
 
     @property
     def grammars(self) -> Grammars:
+        """The grammar engine for this model's tokenizer; ConstraintError (every time) when it cannot be made."""
         if self._grammars is None:
-            self._grammars = Grammars(self.tok.tok.to_str(), max(self.cfg.vocab_size, self.tok.vocab_size),
-                                      self.cfg.eos_token_ids)
+            eos = list(self.cfg.eos_token_ids)
+            if not eos and self.tok.eos_token is not None and self.tok.tok.token_to_id(self.tok.eos_token) is not None:
+                eos = [self.tok.tok.token_to_id(self.tok.eos_token)]     # config.json names none: the tokenizer's
+            try:
+                if not eos:
+                    raise ValueError("the model declares no end-of-sequence token (config.json eos_token_id, "
+                                     "tokenizer_config.json eos_token), which ends a constrained answer")
+                self._grammars = Grammars(self.tok.tok.to_str(), self.cfg.vocab_size, eos,
+                                          tokenizer_vocab=self.tok.vocab_size)
+            except Exception as e:         # llguidance refusing the tokenizer: every constrained record says why
+                self._grammars = f"structured output is not available for this model: {type(e).__name__}: {e}"
+        if isinstance(self._grammars, str):
+            raise ConstraintError(self._grammars)
         return self._grammars
 
     max_batch = property(lambda self: self.sched.max_batch)
@@ -173,10 +186,18 @@ class Engine:
     def _add_embedding(self, req: Request) -> Result | None:
         """Queue one prefill-only sequence per input of an embedding request (its vectors come back together)."""
         sp = req.sampling
-        if self._pooling is None:
-            self._pooling = checkpoint_pooling(self.runner.model_dir)
-        pooling = self._pooling[0] if sp.pooling == "auto" else sp.pooling
-        normalize = self._pooling[1] if sp.normalize is None else sp.normalize
+        pooling, normalize = sp.pooling, sp.normalize
+        if pooling == "auto" or normalize is None:      # the checkpoint decides (read once)
+            if self._pooling is None:
+                try:
+                    self._pooling = checkpoint_pooling(self.runner.model_dir)
+                except ConfigError as e:
+                    self._pooling = str(e)
+            if isinstance(self._pooling, str):
+                return self._error(req, "invalid_request", f"{self._pooling}; give pooling and normalize in the "
+                                                           "record to pool the final hidden states yourself")
+            pooling = self._pooling[0] if pooling == "auto" else pooling
+            normalize = self._pooling[1] if normalize is None else normalize
         seqs = []
         for i, x in enumerate(req.inputs):
             where = f"input {i}: " if len(req.inputs) > 1 else ""
@@ -267,12 +288,12 @@ class Engine:
         allowed = None
         if constrained:
             bias, stuck = self.grammars.masks(masks, logits.device)
-            for j in (j for j, s in enumerate(stuck) if s):   # the matcher failed: no token can follow
-                seq = sampled[constrained[j]]
-                seq.error = ErrorInfo("structured_output_error", "the structured-output matcher allows no "
-                                      f"token: {seq.matcher.get_error() or 'no reason given'}")
-                finished.append(seq)
-                bias[j] = 0.0                             # sampled anyway (and dropped): no all -inf row
+            for j, i in enumerate(constrained):
+                seq = sampled[i]
+                if stuck[j] or seq.matcher.is_error():    # the matcher failed (a parser limit...): say so
+                    self._matcher_failed(seq)
+                    finished.append(seq)
+                    bias[j] = 0.0                         # sampled anyway (and dropped): no all -inf row
             allowed = (constrained, bias)
         if sampled:
             toks, lps, tops = sample(logits[:len(sampled)] if scored else logits, [s.req.sampling for s in sampled],
@@ -285,8 +306,10 @@ class Engine:
                 if seq.t_first is None:
                     seq.t_first = now
                 seq.out.append(tok)
-                if seq.matcher is not None:
-                    seq.matcher.consume_token(tok)
+                if seq.matcher is not None and not seq.matcher.consume_token(tok):
+                    self._matcher_failed(seq)
+                    finished.append(seq)
+                    continue
                 if lp is not None:
                     seq.logprobs.append(lp)
                 if top is not None:
@@ -351,6 +374,11 @@ class Engine:
         first.preemptions = sum(g.preemptions for g in got)
         first.cached_tokens = sum(g.cached_tokens for g in got)
         return first
+
+    @staticmethod
+    def _matcher_failed(seq: Sequence) -> None:
+        seq.error = ErrorInfo("structured_output_error", "the structured-output engine failed on this answer: "
+                              f"{seq.matcher.get_error() or 'no token can follow'}")
 
     def _check_stop(self, seq: Sequence, tok: int) -> bool:
         if tok in seq.eos:

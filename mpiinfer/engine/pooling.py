@@ -28,6 +28,10 @@ def checkpoint_pooling(model_dir: str) -> tuple:
     except (OSError, ValueError, AttributeError, TypeError) as e:
         raise ConfigError(f"cannot read {path}: {e}") from None
     normalize = any(k.endswith("models.Normalize") for k in kinds)
+    other = [k for k in kinds if not k.endswith(("models.Transformer", "models.Pooling", "models.Normalize"))]
+    if other:       # a Dense projection etc.: pooled hidden states alone would be other vectors than the model's
+        raise ConfigError(f"{path} lists {', '.join(other)}: only Transformer, Pooling and Normalize modules are "
+                          "supported")
     pool = next((p for k, p in kinds.items() if k.endswith("models.Pooling")), None)
     if pool is None:
         return "last", normalize

@@ -53,13 +53,15 @@ class Grammars:
     """Compiles constraints for one tokenizer and gives each constrained sequence its matcher.
 
     ``tokenizer_json``: the model's ``tokenizer.json`` text; ``vocab_size``: the width of the logits (the model's
-    vocabulary, which may exceed the tokenizer's); ``eos_ids``: the tokens that end a sequence."""
+    vocabulary, which may be larger or smaller than the tokenizer's ``tokenizer_vocab``: masks are that wide);
+    ``eos_ids``: the tokens that end a sequence."""
 
-    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids):
+    def __init__(self, tokenizer_json: str, vocab_size: int, eos_ids, tokenizer_vocab: int = 0):
         import llguidance
         self.ll = llguidance
         self.vocab_size = vocab_size
-        self.tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=vocab_size, eos_token=list(eos_ids))
+        self.tok = llguidance.LLTokenizer(tokenizer_json, n_vocab=max(vocab_size, tokenizer_vocab),
+                                          eos_token=list(eos_ids))
         self.words = (self.tok.vocab_size + 31) // 32          # int32 words per bitmask row
         self._ready: OrderedDict = OrderedDict()                # constraint -> a fresh matcher, or the error text
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="mpiinfer-masks")
@@ -128,13 +130,14 @@ class Grammars:
         mask 3 ms, against 0.07 ms for the add.  NumPy, single-threaded: it runs on the mask thread, where torch
         ops would start a second OpenMP team beside the model step's (a 256-prompt job ran 11% slower so)."""
         b = bits.numpy()
-        stuck = (b == 0).all(axis=1).tolist()
         if sys.byteorder == "little":      # bit i of word w is token 32 w + i: the bytes in order, low bit first
             ones = np.unpackbits(b.view(np.uint8), axis=1, bitorder="little")
         else:
             ones = ((b[:, :, None] >> np.arange(32, dtype=np.int32)) & 1).reshape(b.shape[0], -1)
         # 1 -> 0x00000000 (0.0), 0 -> 0xFF800000 (-inf): (ones - 1) & the bits of -inf, seen as float32
-        bias = ((ones[:, :self.vocab_size].astype(np.int32) - 1) & NEG_INF_BITS).view(np.float32)
+        ones = ones[:, :self.vocab_size]          # (tokens the tokenizer has beyond the logits never come)
+        stuck = (~ones.any(axis=1)).tolist()
+        bias = ((ones.astype(np.int32) - 1) & NEG_INF_BITS).view(np.float32)
         return torch.from_numpy(bias), stuck
 
     def close(self) -> None:

@@ -244,7 +244,7 @@ GUIDED = {"guided_json": schema_constraint, "guided_choice": choice_constraint,
 STRUCTURED_OUTPUTS = {"json": schema_constraint, "choice": choice_constraint,
                       "regex": lambda f, v: text_constraint("regex", f, v),
                       "grammar": lambda f, v: text_constraint("grammar", f, v),
-                      "json_object": lambda f, v: ("json_object", "") if v is True else ()}
+                      "json_object": lambda f, v: ("json_object", "") if _bool_value(f, v) else ()}
 
 
 def _structured(body: dict) -> tuple:
@@ -258,7 +258,8 @@ def _structured(body: dict) -> tuple:
         if not isinstance(so, dict):
             raise _bad(f"body.structured_outputs must be an object, {_got(so)}")
         check_unknown_fields(so, (*STRUCTURED_OUTPUTS, "disable_any_whitespace"), where="body.structured_outputs")
-        if so.get("disable_any_whitespace") is False:
+        if so.get("disable_any_whitespace") is not None and \
+                not _bool_value("body.structured_outputs.disable_any_whitespace", so["disable_any_whitespace"]):
             raise _unsupported("body.structured_outputs.disable_any_whitespace = false (JSON is always generated "
                                "without free whitespace)")
         found += [(f"body.structured_outputs.{k}", parse(f"body.structured_outputs.{k}", so[k]))

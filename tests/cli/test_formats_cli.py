@@ -188,6 +188,13 @@ def test_prompt_scoring_in_jsonl_and_hdf5_refused_in_openai(tiny, tmp_path):
     s, g = [json.loads(x) for x in oa.read_text().splitlines()]
     assert s["error"]["error"]["type"] == "invalid_request" and "echo" in s["error"]["error"]["message"]
     assert g["error"] is None
+    # echo needs an OpenAI output (JSONL and HDF5 records have no place for the echoed prompt)
+    ob = tmp_path / "echo.jsonl"
+    ob.write_text(json.dumps({"custom_id": "e", "method": "POST", "url": "/v1/completions",
+                              "body": {"prompt": "the sea", "max_tokens": 2, "echo": True}}) + "\n")
+    run(["-m", tiny, "-i", str(ob), "-o", str(tmp_path / "echo_out.jsonl"), "--output-format", "jsonl"])
+    e = json.loads((tmp_path / "echo_out.jsonl").read_text())
+    assert e["error"]["type"] == "invalid_request" and "echo: written to OpenAI outputs only" in e["error"]["message"]
     from mpiinfer.io.hdf5 import ADDED_DATASETS, read_hdf5_results
     h5 = tmp_path / "o.h5"
     run(["-m", tiny, "-i", str(inp), "-o", str(h5)])

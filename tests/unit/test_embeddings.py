@@ -205,3 +205,30 @@ def test_base_model_checkpoints(model_dirs, tmp_path):
             assert g.error is None and len(g.token_ids) == 2
         else:
             assert g.error.type == "invalid_request" and "without an LM head" in g.error.message
+
+
+def test_pooling_the_checkpoint_asks_for_but_mpiinfer_lacks(model_dirs, tmp_path):
+    """CLS pooling, or a Dense module after pooling (other vectors than pooled hidden states): a record relying
+    on the checkpoint is an error record naming why, the job goes on; one giving pooling and normalize runs."""
+    src = model_dirs("llama")
+    for name, mods, pool_cfg, words in (
+            ("cls", [("Pooling", "1_Pooling")], {"pooling_mode_cls_token": True}, "pooling cls_token"),
+            ("dense", [("Pooling", "1_Pooling"), ("Dense", "2_Dense")], {"pooling_mode_mean_tokens": True},
+             "sentence_transformers.models.Dense")):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        (d / "1_Pooling").mkdir()
+        (d / "1_Pooling" / "config.json").write_text(json.dumps(pool_cfg))
+        (d / "modules.json").write_text(json.dumps(
+            [{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]
+            + [{"idx": i + 1, "name": str(i + 1), "path": p, "type": f"sentence_transformers.models.{k}"}
+               for i, (k, p) in enumerate(mods)]))
+        eng = Engine(ModelRunner(str(d), EngineConfig(kv_budget_bytes=1 << 22), Mesh.single(), Device("cpu")),
+                     Tokenizer(str(d)))
+        res = sorted(eng.generate([
+            Request(0, "auto", SamplingParams(max_tokens=0, pooling="auto"), inputs=[[4, 5, 6]]),
+            Request(1, "own", SamplingParams(max_tokens=0, pooling="mean", normalize=True), inputs=[[4, 5, 6]]),
+            Request(2, "gen", SamplingParams(max_tokens=2), prompt_token_ids=[4, 5])]), key=lambda r: r.index)
+        assert res[0].error.type == "invalid_request" and words in res[0].error.message, res[0].error
+        assert res[1].error is None and len(res[1].embeddings[0]) == 64
+        assert res[2].error is None and len(res[2].token_ids) == 2

@@ -95,6 +95,8 @@ def test_fields_map_to_constraints():
     (openai(structured_outputs={"structural_tag": "x"}), "body.structured_outputs has unknown field"),
     (openai(structured_outputs={"choice": ["a"], "disable_any_whitespace": False}), "not supported"),
     (openai(guided_whitespace_pattern=" "), "body.guided_whitespace_pattern"),
+    (openai(structured_outputs={"json_object": "yes"}), "json_object must be true or false"),
+    (openai(structured_outputs={"choice": ["a"], "disable_any_whitespace": "false"}), "must be true or false"),
 ])
 def test_bad_constraint_fields_are_error_records(rec, words):
     assert isinstance(rec, Result) and rec.error.type == "invalid_request"
@@ -287,3 +289,55 @@ def test_engine_refuses_what_does_not_compile_and_goes_on(model_dirs):
     r = run(eng, [Request(0, 0, SamplingParams(max_tokens=3, structured=("json", json.dumps(PERSON))),
                           prompt_token_ids=[5, 6])])[0]
     assert r.finish_reason == "length" and len(r.token_ids) == 3 and r.text.startswith('{"')
+
+
+def test_a_failed_matcher_is_an_error_record_not_a_stop(model_dirs):
+    """A matcher that enters its error state (here: fed a token its constraint forbids, as a parser limit would
+    leave it) ends its sequence with a structured_output_error record, never a "stop" answer."""
+    d = model_dirs("llama")
+    eng = engine(d)
+    tok = Tokenizer(d)
+    c = ("choice", json.dumps(["red", "green"]))
+    assert eng.add(Request(0, "x", SamplingParams(max_tokens=20, structured=c), prompt_token_ids=[5, 6])) is None
+    assert eng.add(Request(1, "ok", SamplingParams(max_tokens=20, structured=c), prompt_token_ids=[5, 6])) is None
+    bad = next(s for s in eng.waiting if s.req.id == "x")
+    assert not bad.matcher.consume_token(tok.encode("z", add_special_tokens=False)[0]) and bad.matcher.is_error()
+    res = {}
+    while eng.has_work():
+        res.update({r.id: r for r in eng.step()})
+    assert res["x"].error.type == "structured_output_error" and "structured-output engine failed" in \
+        res["x"].error.message
+    assert res["ok"].error is None and res["ok"].text in ("red", "green")
+
+
+def test_models_the_grammar_engine_cannot_take(model_dirs, tmp_path):
+    """No end-of-sequence token anywhere: constrained records are error records (the job goes on); only the
+    tokenizer's eos_token: it is used.  A tokenizer larger than the logits: masks are as wide as the logits."""
+    import shutil
+    src = model_dirs("llama")
+    for name, tok_eos in (("noeos", False), ("tokeos", True)):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        cfg = json.loads((d / "config.json").read_text())
+        cfg.pop("eos_token_id", None)
+        (d / "config.json").write_text(json.dumps(cfg))
+        (d / "generation_config.json").unlink(missing_ok=True)
+        tc = json.loads((d / "tokenizer_config.json").read_text())
+        if not tok_eos:
+            tc.pop("eos_token", None)
+        (d / "tokenizer_config.json").write_text(json.dumps(tc))
+        eng = engine(str(d))
+        c = ("choice", json.dumps(CHOICES))
+        res = run(eng, [Request(0, 0, SamplingParams(max_tokens=20, structured=c), prompt_token_ids=[5, 6]),
+                        Request(1, 1, SamplingParams(max_tokens=3), prompt_token_ids=[5, 6])])
+        if tok_eos:
+            assert res[0].error is None and res[0].text in CHOICES
+        else:
+            assert res[0].error.type == "invalid_request" and "no end-of-sequence token" in res[0].error.message
+        assert res[1].error is None and len(res[1].token_ids) == 3
+    tok = Tokenizer(src)
+    g = Grammars(tok.tok.to_str(), 500, [0], tokenizer_vocab=tok.vocab_size)
+    bias, stuck = g.masks(g.start_masks([g.matcher(("regex", "[0-9]+"))]))
+    assert bias.shape == (1, 500) and stuck == [False]
+    toks, _, _ = sample(torch.zeros(1, 500), [SamplingParams()], [None], [False], [([], [])], ([0], bias))
+    assert tok.decode(toks).isdigit()
