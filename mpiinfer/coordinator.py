@@ -510,6 +510,9 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
+            elif self.out_fmt != "openai" and "score_pairs" in item.extra:
+                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
+                    "invalid_request", f"/v1/score: written to OpenAI outputs only (this job writes {self.out_fmt})")))
             elif self.out_fmt != "openai" and item.sampling.echo:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", f"echo: written to OpenAI outputs only (this job writes {self.out_fmt})")))

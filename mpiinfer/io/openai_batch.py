@@ -36,7 +36,9 @@ Rules:
 * ``echo: true`` (completions): the prompt before the completion, with logprobs k the prompt
   tokens' logprobs and alternatives first (``null`` for the first token).
 * ``/v1/embeddings`` bodies (``input``: one or a list of strings / token-id lists,
-  ``encoding_format``, ``normalize``) become embedding requests (``Request.inputs``).
+  ``encoding_format``, ``normalize``) become embedding requests (``Request.inputs``); vLLM's
+  ``/v1/score`` (``text_1``, ``text_2``) too, each pair scored by the cosine similarity of its
+  two embeddings (``extra["score_pairs"]``).
 * Unsupported features are errors, not silently dropped: ``best_of`` other than 1 or ``n``,
   ``stream: true``, ``echo`` in chat, ``suffix``, several prompts in one
   completion request, non-text content parts, and every body field not listed in
@@ -87,6 +89,7 @@ from .records import (
     EMBEDDINGS_URL,
     INVALID_REQUEST,
     MODEL_NOT_FOUND,
+    SCORE_URL,
     RecordError,
     _bool_value,
     _check_text,
@@ -107,10 +110,41 @@ from .records import (
     text_constraint,
 )
 
-URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL)
+URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, SCORE_URL)
 # /v1/embeddings body fields: used, and accepted as they change nothing (everything else is refused)
 EMBEDDING_BODY_FIELDS = frozenset(("model", "input", "encoding_format", "normalize"))
 EMBEDDING_HARMLESS = frozenset(("user",))
+
+
+def _score_request(body: dict, index: int, cid: str, extra: dict, defaults: SamplingParams) -> Request:
+    """vLLM's /v1/score for an embedding model: ``text_1`` and ``text_2`` (a string or a list of them: one to
+    one, one to many, or pairwise), each pair scored by the cosine similarity of the two texts' embeddings."""
+    for k, v in body.items():
+        if v is not None and k not in ("model", "text_1", "text_2") and k not in EMBEDDING_HARMLESS:
+            raise _unsupported(f"body.{k} in a score request (it would change the result; see the README)")
+    texts = []
+    for k in ("text_1", "text_2"):
+        v = body.get(k)
+        if v is None:
+            raise _bad(f"score body has no {k}")
+        v = [v] if isinstance(v, str) else v
+        if not isinstance(v, list) or not v:
+            raise _bad(f"body.{k} must be a string or a non-empty array of strings, {_got(body.get(k))}")
+        texts.append([embedding_input(f"body.{k}[{i}]", x) if isinstance(x, str) else
+                      _fail(f"body.{k}[{i}] must be a string, {_got(x)}") for i, x in enumerate(v)])
+    t1, t2 = texts
+    if len(t1) != 1 and len(t1) != len(t2):
+        raise _bad(f"body.text_1 has {len(t1)} texts and body.text_2 {len(t2)}: give one text_1, or as many as "
+                   "text_2 (pairs)")
+    if len(t1) + len(t2) > MAX_EMBEDDING_INPUTS:
+        raise _bad(f"a score request takes at most {MAX_EMBEDDING_INPUTS} texts in all")
+    # inputs: text_1 then text_2; pair k compares text_1[k or 0] with text_2[k]
+    extra["score_pairs"] = [[0 if len(t1) == 1 else k, len(t1) + k] for k in range(len(t2))]
+    return Request(index=index, id=cid, sampling=embedding_sampling(body, defaults), extra=extra, inputs=t1 + t2)
+
+
+def _fail(message: str):
+    raise _bad(message)
 
 
 def _embedding_request(body: dict, index: int, cid: str, extra: dict, defaults: SamplingParams) -> Request:
@@ -327,6 +361,8 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
                                                f"--served-model-name)")
     if url == EMBEDDINGS_URL:
         return _embedding_request(body, index, cid, extra, defaults)
+    if url == SCORE_URL:
+        return _score_request(body, index, cid, extra, defaults)
     _check_body_fields(body)
     best_of = body.get("best_of")
     if best_of is not None and _int_value("body.best_of", best_of) not in (1, body.get("n") or 1):
@@ -422,6 +458,21 @@ def embedding_body(result: Result, created: int, model: str, encoding_format: st
             "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
+def score_body(result: Result, created: int, model: str) -> dict:
+    """vLLM's score response: ``{"object": "score", "index", "score"}`` per pair, the cosine similarity of the
+    pair's embeddings."""
+    vecs = [np.asarray(v, dtype=np.float64) for v in result.embeddings]
+    data = []
+    for k, (a, b) in enumerate(result.extra["score_pairs"]):
+        x, y = vecs[a], vecs[b]
+        data.append({"index": k, "object": "score",
+                     "score": float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12))})
+    n = result.prompt_tokens
+    return {"id": "score-" + _hex("body", result.index, result.extra.get("custom_id", str(result.id))),
+            "object": "list", "created": int(created), "model": model, "data": data,
+            "usage": {"prompt_tokens": n, "total_tokens": n}}
+
+
 def error_status(error_type: str) -> int:
     """The HTTP status of an error record: 404 for a model this job does not serve, else 400 (the request)."""
     return 404 if error_type == MODEL_NOT_FOUND else 400
@@ -448,6 +499,11 @@ def batch_output_record(result: Result, created: int, model: str = "",
                              "body": {"error": err}},
                 "error": {"error": err}}
     url = ex.get("url") or default_url
+    if result.embeddings is not None and "score_pairs" in ex:
+        return {"id": rid, "custom_id": cid,
+                "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
+                             "body": score_body(result, created, ex.get("model") or model)},
+                "error": None}
     if result.embeddings is not None:
         return {"id": rid, "custom_id": cid,
                 "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),

@@ -42,6 +42,7 @@ from ..messages import ErrorInfo, Request, Result
 CHAT_URL = "/v1/chat/completions"
 COMPLETIONS_URL = "/v1/completions"
 EMBEDDINGS_URL = "/v1/embeddings"
+SCORE_URL = "/v1/score"
 
 INVALID_JSON = "invalid_json"
 INVALID_ENCODING = "invalid_encoding"

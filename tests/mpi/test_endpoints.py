@@ -1,5 +1,6 @@
 """Every OpenAI batch endpoint end to end, as vLLM's run-batch files carry them: chat completions, completions
-(echo with prompt logprobs, scoring with max_tokens 0) and embeddings (several inputs, float and base64), under
+(echo with prompt logprobs, scoring with max_tokens 0), embeddings (several inputs, float and base64) and vLLM's
+score (cosine of embeddings), under
 one process, dp=2 and tp=2: each body valid for the ``openai`` package's model of its endpoint, and every layout
 equal to one rank (tokens, texts and ids exactly, floats within 1e-4)."""
 import base64
@@ -29,8 +30,10 @@ def batch_file(path):
         elif kind == 2:
             bodies.append(("/v1/embeddings", {"input": [words, words.upper(), [5, 6, 7]],
                                               "encoding_format": "base64" if i % 8 == 2 else "float"}))
-        else:
+        elif i % 8 == 3:
             bodies.append(("/v1/embeddings", {"input": words, "normalize": False}))
+        else:
+            bodies.append(("/v1/score", {"text_1": words, "text_2": [words.upper(), "sea", words]}))
     with open(path, "w") as f:
         for i, (url, body) in enumerate(bodies):
             f.write(json.dumps({"custom_id": f"c{i}", "method": "POST", "url": url,
@@ -72,6 +75,10 @@ def test_every_endpoint_in_its_openai_shape(one_rank):
             sdk["choices"][0]["logprobs"]["token_logprobs"][0] = 0.0
             sdk["choices"][0]["logprobs"]["top_logprobs"][0] = {}
             openai.types.Completion.model_validate(sdk)
+        elif url == "/v1/score":          # vLLM's own shape (the openai package has no score type)
+            assert body["object"] == "list" and [d["object"] for d in body["data"]] == ["score"] * 3
+            assert all(-1 - 1e-6 <= d["score"] <= 1 + 1e-6 for d in body["data"])
+            assert body["data"][2]["score"] == pytest.approx(1.0, abs=1e-5)        # a text against itself
         else:
             obj = openai.types.CreateEmbeddingResponse.model_validate(decoded(body))
             n = len(req["input"]) if isinstance(req["input"], list) and not isinstance(req["input"][0], int) else 1
@@ -93,7 +100,7 @@ def test_layouts_equal_one_rank(n, flags, one_rank, tmp_path):
     assert len(got) == len(want)
     for g, w in zip(got, want):
         g["response"]["body"].pop("created"), w["response"]["body"].pop("created")
-        if w["response"]["body"].get("object") == "list":
+        if w["response"]["body"].get("object") == "list" and "embedding" in w["response"]["body"]["data"][0]:
             g["response"]["body"], w["response"]["body"] = decoded(g["response"]["body"]), \
                 decoded(w["response"]["body"])
         assert_close(g, w, where=w["custom_id"])

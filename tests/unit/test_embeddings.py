@@ -232,3 +232,39 @@ def test_pooling_the_checkpoint_asks_for_but_mpiinfer_lacks(model_dirs, tmp_path
         assert res[0].error.type == "invalid_request" and words in res[0].error.message, res[0].error
         assert res[1].error is None and len(res[1].embeddings[0]) == 64
         assert res[2].error is None and len(res[2].token_ids) == 2
+
+
+def score_body(**b):
+    return parse_openai_record(json.dumps({"custom_id": "s", "method": "POST", "url": "/v1/score",
+                                           "body": {"model": "m", **b}}), 1, 0, DEFAULTS)
+
+
+def test_score_requests_are_cosines_of_embeddings(model_dirs):
+    """vLLM's /v1/score for an embedding model: one to one, one to many (text_1 embedded once), pairwise; each
+    score the cosine similarity of transformers' pooled final hidden states."""
+    from transformers import AutoModelForCausalLM
+    d = model_dirs("llama")
+    tok = Tokenizer(d)
+    eng = Engine(ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 22), Mesh.single(), Device("cpu")), tok)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    cases = [("the sea", "the old man", [("the sea", "the old man")]),
+             ("salt", ["wind", "night ship", "salt"], [("salt", "wind"), ("salt", "night ship"), ("salt", "salt")]),
+             (["a b", "c"], ["c", "a b"], [("a b", "c"), ("c", "a b")])]
+    for t1, t2, pairs in cases:
+        req = score_body(text_1=t1, text_2=t2)
+        assert len(req.inputs) == (1 if isinstance(t1, str) else len(t1)) + (1 if isinstance(t2, str) else len(t2))
+        res = next(iter(eng.generate([req])))
+        body = batch_output_record(res, created=1, model="m")["response"]["body"]
+        assert body["object"] == "list" and [x["index"] for x in body["data"]] == list(range(len(pairs)))
+        for x, (a, b) in zip(body["data"], pairs):
+            ea, eb = (hf_embed(hf, tok.encode(t), "last", True) for t in (a, b))
+            assert x["object"] == "score" and x["score"] == pytest.approx(float(ea @ eb), abs=1e-5)
+        if pairs[-1][0] == pairs[-1][1]:
+            assert body["data"][-1]["score"] == pytest.approx(1.0, abs=1e-6)    # a text against itself
+    for bad, words in [(dict(text_1=["a", "b"], text_2=["c", "d", "e"]), "give one text_1, or as many as text_2"),
+                       (dict(text_1="a"), "score body has no text_2"),
+                       (dict(text_1="a", text_2=[]), "non-empty array of strings"),
+                       (dict(text_1="a", text_2=[5]), "body.text_2[0] must be a string"),
+                       (dict(text_1="a", text_2="b", truncate_prompt_tokens=5), "body.truncate_prompt_tokens")]:
+        e = score_body(**bad)
+        assert isinstance(e, Result) and words in e.error.message, (bad, e.error)
