@@ -265,6 +265,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0   # tokens of prompt or output: logit / p if > 0, else logit * p (HF, vLLM)
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
     top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
+    min_tokens: int = 0               # vLLM's: no end-of-sequence / stop token or stop string before this many
     prompt_logprobs: bool = False     # the logprob of every prompt token given the ones before it (scoring)
     echo: bool = False                # OpenAI completions' echo: the result carries the prompt (its ids, text and,
                                       # with prompt_logprobs, the top_logprobs alternatives at each prompt position)
@@ -278,7 +279,7 @@ class SamplingParams:
     @property
     def processes_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0
-                    or self.logit_bias)
+                    or self.logit_bias or self.min_tokens)
 
     def validate(self) -> None:
         if not isinstance(self.max_tokens, int) or self.max_tokens < 0:
@@ -304,6 +305,12 @@ class SamplingParams:
             raise ValueError(f"n must be an integer from 1 to {MAX_N}, got {self.n!r}")
         if not isinstance(self.top_logprobs, int) or not 0 <= self.top_logprobs <= MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {self.top_logprobs!r}")
+        if not isinstance(self.min_tokens, int) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens must be an integer from 0 to max_tokens ({self.max_tokens}), "
+                             f"got {self.min_tokens!r}")
+        if self.min_tokens and self.structured:
+            raise ValueError("min_tokens with a structured-output constraint is not supported (the constraint "
+                             "decides where the answer ends)")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs needs logprobs: true")
         for name in ("presence_penalty", "frequency_penalty"):

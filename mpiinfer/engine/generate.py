@@ -298,7 +298,7 @@ class Engine:
         if sampled:
             toks, lps, tops = sample(logits[:len(sampled)] if scored else logits, [s.req.sampling for s in sampled],
                                      [s.generator for s in sampled], [s.req.sampling.logprobs for s in sampled],
-                                     [(s.prompt, s.out) for s in sampled], allowed)
+                                     [(s.prompt, s.out, s.eos) for s in sampled], allowed)
             now = time.perf_counter()
             for seq, tok, lp, top in zip(sampled, toks, lps, tops):
                 if seq.error is not None:
@@ -388,7 +388,7 @@ class Engine:
             seq.finish_reason = "stop"
             return True
         stops = seq.req.sampling.stop
-        if stops:
+        if stops and len(seq.out) >= seq.req.sampling.min_tokens:   # (vLLM: no stop string before min_tokens)
             text = self.tok.decode(seq.out)
             cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
             if cut >= 0:

@@ -39,11 +39,14 @@ def filter_logits(x: torch.Tensor, temperature: float, top_k: int, top_p: float)
     return x
 
 
-def process_logits(x: torch.Tensor, p, prompt: list, out: list) -> torch.Tensor:
+def process_logits(x: torch.Tensor, p, prompt: list, out: list, ends: frozenset = frozenset()) -> torch.Tensor:
     """One row's logits (vocab,) after ``p``'s logit bias and penalties (a new tensor; ``x`` is not changed).
-    ``prompt`` / ``out``: the sequence's prompt and generated token ids so far."""
+    ``prompt`` / ``out``: the sequence's prompt and generated token ids so far; ``ends``: the tokens that would
+    end it (end-of-sequence and stop_token_ids), forbidden while it has fewer than ``p.min_tokens``."""
     x = x.clone()
     V = x.shape[0]
+    if len(out) < p.min_tokens and ends:
+        x[torch.tensor([t for t in ends if t < V], dtype=torch.int64, device=x.device)] = float("-inf")
     if p.logit_bias:
         ids = torch.tensor([t for t, _ in p.logit_bias if t < V], dtype=torch.int64, device=x.device)
         x.index_add_(0, ids, torch.tensor([b for t, b in p.logit_bias if t < V], dtype=x.dtype, device=x.device))
@@ -61,7 +64,7 @@ def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: 
            allowed: tuple | None = None):
     """Choose one token per row. Returns (token_ids list, logprobs list with None where not wanted, top list with
     None where not wanted, else the row's ``top_logprobs`` most likely [token id, logprob] pairs, most likely first).
-    ``histories[i]``: (prompt ids, output ids) of row i, needed where its params process logits.  ``allowed``:
+    ``histories[i]``: (prompt ids, output ids[, ending tokens]) of row i, needed where its params process logits.  ``allowed``:
     (row indices, (R, vocab) float32 of 0 / -inf): what structured-output constraints allow in those rows, added to
     their logits before anything else (the logprobs stay the model's own)."""
     S = logits.shape[0]

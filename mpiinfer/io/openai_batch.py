@@ -44,7 +44,7 @@ Rules:
   completion request, non-text content parts, and every body field not listed in
   ``BODY_FIELDS``: a few that change nothing are accepted (``HARMLESS_FIELDS``:
   ``user``, ``metadata``, ``guided_decoding_backend``...; ``DEFAULT_ONLY``: ``tools: []``...),
-  any other is refused (``tools``, ``guided_whitespace_pattern``, ``min_tokens``...), since it
+  any other is refused (``tools``, ``guided_whitespace_pattern``, ``reasoning_effort``...), since it
   would change the result.
 
 ``Request.extra`` / ``Result.extra`` carry ``custom_id``, ``url`` and ``model``
@@ -244,7 +244,8 @@ def _completion_prompt(p: Any) -> dict:
 
 def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParams:
     s = {k: body.get(k) for k in ("temperature", "top_p", "top_k", "seed", "stop", "stop_token_ids", "ignore_eos",
-                                  "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias")}
+                                  "n", "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias",
+                                  "min_tokens")}
     s["max_tokens"] = body.get("max_tokens")
     if chat and body.get("max_completion_tokens") is not None:
         s["max_tokens"] = _int_value("body.max_completion_tokens", body["max_completion_tokens"])
@@ -306,7 +307,8 @@ def _structured(body: dict) -> tuple:
 BODY_FIELDS = frozenset((
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
     "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "logprobs", "top_logprobs", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "logit_bias", "stream", "echo", "suffix", "response_format",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stream", "echo", "suffix",
+    "response_format",
     "structured_outputs", *GUIDED))
 # accepted and ignored: they do not change the completion (bookkeeping, or options of features never used here)
 HARMLESS_FIELDS = frozenset(("user", "metadata", "store", "service_tier", "stream_options", "prompt_cache_key",

@@ -55,7 +55,7 @@ EMBEDDING_FIELDS = ("pooling", "normalize")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
                    "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs",
-                   "prompt_logprobs")
+                   "prompt_logprobs", "min_tokens")
 # structured output (at most one): OpenAI's response_format, or a regex, a list of choices, a Lark/GBNF grammar
 STRUCTURED_FIELDS = ("response_format", "regex", "choice", "grammar")
 ALLOWED_FIELDS = ("id",) + PROMPT_FIELDS + SAMPLING_FIELDS + STRUCTURED_FIELDS + EMBEDDING_FIELDS
@@ -359,6 +359,7 @@ _SAMPLING_CHECKS = {
     "logit_bias": _logit_bias_value,
     "top_logprobs": _int_value,
     "prompt_logprobs": _bool_value,
+    "min_tokens": _int_value,
 }
 assert tuple(_SAMPLING_CHECKS) == SAMPLING_FIELDS
 

@@ -65,7 +65,7 @@ def test_openai_body_fields_are_applied_accepted_or_refused():
     ok = parse(chat("a", user="u", metadata={"k": "v"}, store=False, service_tier="auto", response_format={"type": "text"},
                     tools=[], tool_choice="none", parallel_tool_calls=True, stream_options=None, logit_bias=None))
     assert isinstance(ok, Request) and ok.sampling == DEFAULTS
-    for field, value in [("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("min_tokens", 3),
+    for field, value in [("tools", [{"type": "function"}]), ("tool_choice", "auto"), ("truncate_prompt_tokens", 3),
                          ("frobnicate", 1), ("guided_whitespace_pattern", " "), ("logits_processors", ["x"]),
                          ("reasoning_effort", "low")]:
         r = parse(chat("a", **{field: value}))
@@ -112,7 +112,7 @@ def test_openai_completion_request():
 
 
 @pytest.mark.parametrize("obj,needle,cid", [
-    ({**chat("a"), "url": "/v1/score"}, "url '/v1/score'", "a"),
+    ({**chat("a"), "url": "/v1/rerank"}, "url '/v1/rerank'", "a"),
     ({k: v for k, v in chat("a").items() if k != "url"}, "no url", "a"),
     ({k: v for k, v in chat("a").items() if k != "custom_id"}, "no custom_id", None),
     ({**chat("a"), "custom_id": 5}, "custom_id must be a string", None),

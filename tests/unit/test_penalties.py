@@ -135,3 +135,45 @@ def test_sampled_penalties_do_not_depend_on_the_batch(model_dirs):
     one = [_engine(d, [p], sp, max_batch=1)[0].token_ids for p in prompts]
     together = [r.token_ids for r in _engine(d, prompts, sp, max_batch=3)]
     assert one == together
+
+
+class Bias:
+    """A logits processor adding ``bias`` to one token (transformers' side of a logit_bias)."""
+
+    def __init__(self, token, bias):
+        self.token, self.bias = token, bias
+
+    def __call__(self, input_ids, scores):
+        scores = scores.clone()
+        scores[:, self.token] += self.bias
+        return scores
+
+
+def test_min_tokens_matches_transformers_min_new_tokens(model_dirs):
+    """vLLM's min_tokens: no end-of-sequence or stop token (nor stop string) before that many tokens; against
+    transformers' min_new_tokens with the end token pushed up by a bias so it would come first."""
+    from transformers import AutoModelForCausalLM, LogitsProcessorList
+    d = model_dirs("llama")
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    eos = hf.generation_config.eos_token_id
+    eos = eos[0] if isinstance(eos, list) else eos
+    p = [5, 6, 7, 8]
+    ids = torch.tensor([p])
+    for k in (0, 3, 7):
+        g = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=10, min_new_tokens=k,
+                        do_sample=False, eos_token_id=eos, pad_token_id=0,
+                        logits_processor=LogitsProcessorList([Bias(eos, 30.0)]))
+        want = g[0, len(p):].tolist()
+        r = _engine(d, [p], SamplingParams(max_tokens=10, min_tokens=k, logit_bias=((eos, 30.0),)))[0]
+        assert r.token_ids == want and r.token_ids[-1] == eos and len(r.token_ids) == k + 1
+    # a stop token and a stop string wait too
+    r = _engine(d, [p], SamplingParams(max_tokens=10, min_tokens=4, stop_token_ids=(9,), logit_bias=((9, 50.0),)))[0]
+    assert len(r.token_ids) == 5 and r.token_ids[-1] == 9 and 9 not in r.token_ids[:4] and r.finish_reason == "stop"
+    tok = Tokenizer(d)
+    text = tok.decode(_engine(d, [p], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids)
+    r = _engine(d, [p], SamplingParams(max_tokens=6, min_tokens=6, stop=(text[:1],), ignore_eos=True))[0]
+    assert len(r.token_ids) == 6
+    for bad, words in [({"min_tokens": 11, "max_tokens": 10}, "min_tokens must be an integer from 0 to max_tokens"),
+                       ({"min_tokens": 2, "choice": ["a"]}, "min_tokens with a structured-output constraint")]:
+        e = parse_record(json.dumps({"id": "a", "prompt": "hi", **bad}), 1, 0, DEFAULTS)
+        assert e.error is not None and words in e.error.message, (bad, e.error)
