@@ -8,13 +8,16 @@ per record and never see an exception for bad input.
 Rules (JSONL contract):
 
 * exactly one of ``prompt`` (non-empty string), ``messages`` (non-empty list of
-  ``{"role": str, "content": str}``) or ``prompt_token_ids`` (non-empty list of
-  non-negative ints);
+  ``{"role": str, "content": str}``), ``prompt_token_ids`` (non-empty list of
+  non-negative ints) or ``input`` (an embedding: a string or token ids, with
+  only ``pooling`` and ``normalize`` beside it);
 * optional ``id`` (string or int; the 1-based line number when absent) and the
-  sampling overrides ``max_tokens``, ``temperature``, ``top_p``, ``top_k``,
-  ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``, ``ignore_eos``, and ``n``
-  (samples of this prompt, 1-128: the result then has ``choices``); a
-  per-record value replaces the run default (``stop`` lists are not merged);
+  sampling overrides ``SAMPLING_FIELDS`` (``max_tokens``, ``temperature``,
+  ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``,
+  ``ignore_eos``, ``n`` (samples of this prompt, 1-128: the result then has
+  ``choices``), penalties, ``logit_bias``, ``top_logprobs``, ``prompt_logprobs``,
+  ``min_tokens``); a per-record value replaces the run default (``stop`` lists
+  are not merged);
 * at most one structured-output constraint: ``response_format`` (OpenAI's
   ``text`` / ``json_object`` / ``json_schema`` shapes), ``regex``, ``choice``
   (non-empty list of strings) or ``grammar`` (Lark or GBNF text); compiled on
