@@ -266,6 +266,8 @@ class SamplingParams:
     logit_bias: tuple = ()            # ((token id, bias), ...), added to the logits first
     top_logprobs: int = 0             # with logprobs: also the k most likely tokens at each position (k <= 20)
     min_tokens: int = 0               # vLLM's: no end-of-sequence / stop token or stop string before this many
+    vllm_prompt_logprobs: int = -1    # vLLM's body field prompt_logprobs k (>= 0): per prompt token its logprob
+                                      # and rank and the k most likely tokens, in vLLM's shape; -1: not asked
     prompt_logprobs: bool = False     # the logprob of every prompt token given the ones before it (scoring)
     echo: bool = False                # OpenAI completions' echo: the result carries the prompt (its ids, text and,
                                       # with prompt_logprobs, the top_logprobs alternatives at each prompt position)

@@ -516,7 +516,8 @@ class Coordinator:
             elif self.out_fmt != "openai" and item.sampling.echo:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", f"echo: written to OpenAI outputs only (this job writes {self.out_fmt})")))
-            elif self.out_fmt == "openai" and item.sampling.prompt_logprobs and not item.sampling.echo:
+            elif self.out_fmt == "openai" and item.sampling.prompt_logprobs and not item.sampling.echo and \
+                    item.sampling.vllm_prompt_logprobs < 0:
                 self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
                     "invalid_request", "prompt_logprobs: written to JSONL and HDF5 outputs (prompt_logprobs, "
                                        "prompt_logprob_sum, prompt_perplexity); OpenAI completions take echo "

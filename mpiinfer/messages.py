@@ -72,6 +72,7 @@ class Result:
     prompt_token_ids: list | None = None
     prompt_text: str | None = None
     prompt_top_logprobs: list | None = None
+    prompt_ranks: list | None = None       # vLLM's prompt_logprobs: each prompt token's rank (None first)
     error: ErrorInfo | None = None
     extra: dict = field(default_factory=dict)
     # timings (seconds) for the summary: time to first token and total

@@ -28,6 +28,12 @@ from .scheduler import Scheduler, Sequence, rows_needed
 from .structured import ConstraintError, Grammars
 
 
+def prompt_topk(sp) -> int:
+    """How many alternatives each prompt position reports: completions' echo with logprobs k, or vLLM's
+    prompt_logprobs k."""
+    return sp.top_logprobs if sp.echo else max(sp.vllm_prompt_logprobs, 0)
+
+
 def min_shared_blocks(ec, native: bool) -> int:
     """The shortest prefix-cache hit taken: the engine config's ``prefix_min_blocks``, else every hit on the CPU
     kernels (a split cache costs them nothing) and 4 blocks on the torch paths (kv_cache.MIN_SHARED_BLOCKS)."""
@@ -163,7 +169,8 @@ class Engine:
         return Sequence(req, ids, max_new, eos, new_gen() if new_gen else None, cp=use_cp,
                         t_added=time.perf_counter(), new_generator=new_gen, sample=i,
                         prompt_logprobs=[None] if sp.prompt_logprobs else None,
-                        prompt_top=[None] if sp.prompt_logprobs and sp.echo and sp.top_logprobs else None,
+                        prompt_top=[None] if sp.prompt_logprobs and prompt_topk(sp) > 0 else None,
+                        prompt_ranks=[None] if sp.vllm_prompt_logprobs >= 0 else None,
                         matcher=self.grammars.matcher(sp.structured) if sp.structured else None)
 
     def add(self, req: Request) -> Result | None:
@@ -274,13 +281,19 @@ class Engine:
             lps = logp.gather(1, target[:, None])[:, 0].tolist()
             for (seq, _), v in zip(scored, lps):
                 seq.prompt_logprobs.append(v)
-            k = max((seq.req.sampling.top_logprobs for seq, _ in scored if seq.prompt_top is not None), default=0)
-            if k:                              # echo: the alternatives at each prompt position too
+            k = max((prompt_topk(seq.req.sampling) for seq, _ in scored if seq.prompt_top is not None), default=0)
+            if k:                              # echo / vLLM's prompt_logprobs: the alternatives at each position
                 vals, ids = (x.tolist() for x in torch.topk(logp, k, dim=-1))
                 for n, (seq, _) in enumerate(scored):
                     if seq.prompt_top is not None:
-                        kj = seq.req.sampling.top_logprobs
+                        kj = prompt_topk(seq.req.sampling)
                         seq.prompt_top.append([[t, v] for t, v in zip(ids[n][:kj], vals[n][:kj])])
+            ranked = [n for n, (seq, _) in enumerate(scored) if seq.prompt_ranks is not None]
+            if ranked:                         # vLLM's prompt_logprobs: each prompt token's rank
+                r = torch.tensor(ranked, device=logp.device)
+                ranks = ((logp[r] > logp[r].gather(1, target[r][:, None])).sum(dim=1) + 1).tolist()
+                for n, rank in zip(ranked, ranks):
+                    scored[n][0].prompt_ranks.append(rank)
         for seq, _ in planned:                 # max_tokens 0: scored, done once its prompt is
             if seq.max_new == 0 and not seq.in_prefill:
                 seq.finish_reason = "length"
@@ -411,10 +424,11 @@ class Engine:
                       logprobs=list(seq.logprobs) if seq.req.sampling.logprobs else None,
                       top_logprobs=list(seq.top_logprobs) if seq.req.sampling.top_logprobs else None,
                       prompt_logprobs=list(seq.prompt_logprobs) if seq.prompt_logprobs is not None else None,
-                      prompt_token_ids=list(seq.prompt) if sp.echo else None,
+                      prompt_token_ids=list(seq.prompt) if sp.echo or sp.vllm_prompt_logprobs >= 0 else None,
                       prompt_text=(seq.req.prompt if seq.req.prompt is not None else self.tok.decode(seq.prompt))
                       if sp.echo else None,
                       prompt_top_logprobs=list(seq.prompt_top) if seq.prompt_top is not None else None,
+                      prompt_ranks=list(seq.prompt_ranks) if seq.prompt_ranks is not None else None,
                       extra=seq.req.extra, ttft=(seq.t_first - seq.t_added) if seq.t_first else None,
                       latency=now - seq.t_added,
                       max_tokens_clipped_to=seq.max_new if seq.max_new < seq.req.sampling.max_tokens else None,

@@ -54,6 +54,7 @@ class Sequence:
     sample: int = 0                    # which of the request's n samples
     matcher: object = None             # structured output: its llguidance matcher (engine/structured.py)
     prompt_top: list | None = None     # echo with prompt_logprobs and top_logprobs: alternatives per prompt position
+    prompt_ranks: list | None = None   # vLLM's prompt_logprobs: each prompt token's rank (1 = most likely)
     pooling: str = ""                  # an embedding: "last" or "mean" of its final hidden states ("" = generation)
     normalize: bool = False
     hidden_last: object = None         # embedding: the last prompt token's hidden state, once computed
@@ -80,6 +81,8 @@ class Sequence:
             self.prompt_logprobs = [None]
         if self.prompt_top is not None:
             self.prompt_top = [None]
+        if self.prompt_ranks is not None:
+            self.prompt_ranks = [None]
         self.hidden_last, self.hidden_sum, self.hidden_n = None, None, 0
         if self.new_generator is not None:
             self.generator = self.new_generator()

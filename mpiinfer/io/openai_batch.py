@@ -81,7 +81,7 @@ from typing import Any
 
 import numpy as np
 
-from ..config import MAX_EMBEDDING_INPUTS, SamplingParams
+from ..config import MAX_EMBEDDING_INPUTS, MAX_TOP_LOGPROBS, SamplingParams
 from ..messages import Choice, ErrorInfo, Request, Result
 from .records import (
     CHAT_URL,
@@ -264,7 +264,16 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
             # the prompt comes back before the completion, with logprobs the prompt tokens' logprobs (and top
             # alternatives) before the completion's
             s["prompt_logprobs"] = True
+        vk = body.get("prompt_logprobs")            # vLLM's: the prompt's logprobs, ranks and k alternatives
+        if vk is not None:
+            if not 0 <= _int_value("prompt_logprobs", vk) <= MAX_TOP_LOGPROBS:
+                raise _bad(f"prompt_logprobs must be an integer from 0 to {MAX_TOP_LOGPROBS}, got {vk}")
+            if echo and s.get("logprobs"):
+                raise _bad("prompt_logprobs with echo and logprobs: give one of them (both report the prompt)")
+            s["prompt_logprobs"] = True
         sp = parse_sampling(s, defaults, _structured(body))
+        if vk is not None:
+            sp = sp.replace(vllm_prompt_logprobs=vk)
         return sp.replace(echo=True) if echo else sp
     except RecordError as e:
         if not e.message.startswith("body."):
@@ -307,7 +316,8 @@ def _structured(body: dict) -> tuple:
 BODY_FIELDS = frozenset((
     "model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "seed",
     "stop", "stop_token_ids", "ignore_eos", "n", "best_of", "logprobs", "top_logprobs", "presence_penalty",
-    "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "stream", "echo", "suffix",
+    "frequency_penalty", "repetition_penalty", "logit_bias", "min_tokens", "prompt_logprobs", "stream", "echo",
+    "suffix",
     "response_format",
     "structured_outputs", *GUIDED))
 # accepted and ignored: they do not change the completion (bookkeeping, or options of features never used here)
@@ -475,6 +485,21 @@ def score_body(result: Result, created: int, model: str) -> dict:
             "usage": {"prompt_tokens": n, "total_tokens": n}}
 
 
+def vllm_prompt_logprobs(result: Result, token_str: Callable[[int], str]) -> list:
+    """vLLM's ``prompt_logprobs``: None for the first token, then per prompt token ``{token id: {"logprob",
+    "rank", "decoded_token"}}`` for the token itself and its top alternatives (rank 1 = most likely)."""
+    out = [None]
+    tops = result.prompt_top_logprobs or [None] * len(result.prompt_token_ids)
+    for j in range(1, len(result.prompt_token_ids)):
+        t = result.prompt_token_ids[j]
+        pos = {str(t): {"logprob": result.prompt_logprobs[j], "rank": result.prompt_ranks[j],
+                        "decoded_token": token_str(t)}}
+        for r, (a, v) in enumerate(tops[j] or [], start=1):
+            pos.setdefault(str(a), {"logprob": v, "rank": r, "decoded_token": token_str(a)})
+        out.append(pos)
+    return out
+
+
 def error_status(error_type: str) -> int:
     """The HTTP status of an error record: 404 for a model this job does not serve, else 400 (the request)."""
     return 404 if error_type == MODEL_NOT_FOUND else 400
@@ -516,7 +541,7 @@ def batch_output_record(result: Result, created: int, model: str = "",
     samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs,
                                         result.top_logprobs)]
     choices = []
-    echo = not chat and result.prompt_token_ids is not None
+    echo = not chat and result.prompt_text is not None
     for i, c in enumerate(samples):
         lp = None
         if c.logprobs is not None:
@@ -545,6 +570,8 @@ def batch_output_record(result: Result, created: int, model: str = "",
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": ntok,
                   "total_tokens": result.prompt_tokens + ntok},
     }
+    if result.prompt_ranks is not None:            # vLLM's prompt_logprobs
+        body["prompt_logprobs"] = vllm_prompt_logprobs(result, token_str or token_id_str)
     return {"id": rid, "custom_id": cid,
             "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
                          "body": body},

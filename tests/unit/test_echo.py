@@ -94,3 +94,42 @@ def test_echo_without_logprobs_prefixes_every_choice(model_dirs):
     body = batch_output_record(res, created=1, model="m")["response"]["body"]
     assert [c["text"] for c in body["choices"]] == ["the sea" + c.text for c in res.choices]
     assert all(c["logprobs"] is None for c in body["choices"])
+
+
+@pytest.mark.parametrize("url", ["/v1/completions", "/v1/chat/completions"])
+def test_vllm_prompt_logprobs_field(url, model_dirs):
+    """vLLM's body field prompt_logprobs k: per prompt token {id: {logprob, rank, decoded_token}} for the token and
+    its k most likely alternatives (transformers' forward within 1e-4, ranks exact), None first; the body is
+    otherwise the endpoint's usual one."""
+    openai = pytest.importorskip("openai")
+    from transformers import AutoModelForCausalLM
+    d = model_dirs("llama")
+    tok = Tokenizer(d)
+    hf = AutoModelForCausalLM.from_pretrained(d, dtype=torch.float32).eval()
+    eng = Engine(ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 24), Mesh.single(), Device("cpu")), tok)
+    chat = "chat" in url
+    src = {"messages": [{"role": "user", "content": "the old man and the sea"}]} if chat else \
+        {"prompt": "the old man and the sea"}
+    req = parse(url, **src, prompt_logprobs=2, max_tokens=3, temperature=0)
+    r = next(iter(eng.generate([req])))
+    assert r.error is None
+    body = batch_output_record(r, created=1, model="m", token_str=lambda t: f"<{t}>")["response"]["body"]
+    (openai.types.chat.ChatCompletion if chat else openai.types.Completion).model_validate(body)
+    ids = tok.encode_messages(src["messages"]) if chat else tok.encode(src["prompt"])
+    with torch.no_grad():
+        logp = torch.log_softmax(hf(torch.tensor([ids])).logits[0].float(), -1)
+    pl = body["prompt_logprobs"]
+    assert len(pl) == len(ids) and pl[0] is None
+    for j in range(1, len(ids)):
+        row = logp[j - 1]
+        mine = pl[j][str(ids[j])]
+        assert abs(mine["logprob"] - row[ids[j]].item()) < 1e-4 and mine["decoded_token"] == f"<{ids[j]}>"
+        assert mine["rank"] == int((row > row[ids[j]]).sum()) + 1
+        vals, top = torch.topk(row, 2)
+        for rank, (t, v) in enumerate(zip(top.tolist(), vals.tolist()), start=1):
+            assert abs(pl[j][str(t)]["logprob"] - v) < 1e-4 and pl[j][str(t)]["rank"] == rank
+        assert len(pl[j]) in (2, 3)
+    e = parse(prompt="x", echo=True, logprobs=1, prompt_logprobs=1)
+    assert "give one of them" in e.error.message
+    e = parse(prompt="x", prompt_logprobs=21)
+    assert "prompt_logprobs must be an integer from 0 to 20" in e.error.message
