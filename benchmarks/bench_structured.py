@@ -112,14 +112,17 @@ def vllm_answers(out_path):
     ok = cut = 0
     lengths = []
     for r in recs:
-        body = r["response"]["body"]
+        body = (r.get("response") or {}).get("body") or {}
+        if r.get("error") is not None or "choices" not in body:     # an error record: invalid, no tokens
+            lengths.append(1)
+            continue
         c = body["choices"][0]
         lengths.append(body["usage"]["completion_tokens"])
         cut += c["finish_reason"] == "length"
         try:
             jsonschema.validate(json.loads(c["message"]["content"]), EXTRACTION_SCHEMA)
             ok += 1
-        except (ValueError, jsonschema.ValidationError):
+        except (ValueError, TypeError, jsonschema.ValidationError):
             pass
     return ok, len(recs), cut, lengths
 

@@ -31,7 +31,9 @@ from .structured import ConstraintError, Grammars
 def prompt_topk(sp) -> int:
     """How many alternatives each prompt position reports: completions' echo with logprobs k, or vLLM's
     prompt_logprobs k."""
-    return sp.top_logprobs if sp.echo else max(sp.vllm_prompt_logprobs, 0)
+    if sp.vllm_prompt_logprobs >= 0:
+        return sp.vllm_prompt_logprobs
+    return sp.top_logprobs if sp.echo else 0
 
 
 def min_shared_blocks(ec, native: bool) -> int:
@@ -401,9 +403,12 @@ class Engine:
             seq.finish_reason = "stop"
             return True
         stops = seq.req.sampling.stop
-        if stops and len(seq.out) >= seq.req.sampling.min_tokens:   # (vLLM: no stop string before min_tokens)
+        mt = seq.req.sampling.min_tokens
+        if stops and len(seq.out) >= mt:
             text = self.tok.decode(seq.out)
-            cut = min((i for i in (text.find(s) for s in stops) if i >= 0), default=-1)
+            # min_tokens (vLLM's): a stop string must end after the text of the first min_tokens - 1 tokens
+            head = len(self.tok.decode(seq.out[:mt - 1])) if mt > 1 else 0
+            cut = min((i for i in (text.find(s, max(0, head - len(s) + 1)) for s in stops) if i >= 0), default=-1)
             if cut >= 0:
                 seq.text = text[:cut]
                 seq.finish_reason = "stop"

@@ -129,6 +129,9 @@ def test_vllm_prompt_logprobs_field(url, model_dirs):
         for rank, (t, v) in enumerate(zip(top.tolist(), vals.tolist()), start=1):
             assert abs(pl[j][str(t)]["logprob"] - v) < 1e-4 and pl[j][str(t)]["rank"] == rank
         assert len(pl[j]) in (2, 3)
+    # echo without logprobs keeps vLLM's prompt_logprobs k alternatives
+    r = next(iter(eng.generate([parse(prompt="the old man", echo=True, prompt_logprobs=3, max_tokens=1)])))
+    assert all(len(pos) == 3 for pos in r.prompt_top_logprobs[1:])
     e = parse(prompt="x", echo=True, logprobs=1, prompt_logprobs=1)
     assert "give one of them" in e.error.message
     e = parse(prompt="x", prompt_logprobs=21)

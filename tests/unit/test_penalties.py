@@ -172,7 +172,9 @@ def test_min_tokens_matches_transformers_min_new_tokens(model_dirs):
     tok = Tokenizer(d)
     text = tok.decode(_engine(d, [p], SamplingParams(max_tokens=6, ignore_eos=True))[0].token_ids)
     r = _engine(d, [p], SamplingParams(max_tokens=6, min_tokens=6, stop=(text[:1],), ignore_eos=True))[0]
-    assert len(r.token_ids) == 6
+    assert len(r.token_ids) == 6 and r.text == text and r.finish_reason == "length"    # the early match is not one
+    r = _engine(d, [p], SamplingParams(max_tokens=6, stop=(text[:1],), ignore_eos=True))[0]
+    assert r.text == "" and r.finish_reason == "stop"                                   # without min_tokens it is
     for bad, words in [({"min_tokens": 11, "max_tokens": 10}, "min_tokens must be an integer from 0 to max_tokens"),
                        ({"min_tokens": 2, "choice": ["a"]}, "min_tokens with a structured-output constraint")]:
         e = parse_record(json.dumps({"id": "a", "prompt": "hi", **bad}), 1, 0, DEFAULTS)
