@@ -80,6 +80,9 @@ class ModelConfig:
     torch_dtype: str = "float32"
     bos_token_id: int | None = None
     eos_token_ids: tuple = ()
+    # embeddings: Matryoshka training (vLLM's config keys): any ``dimensions`` (is_matryoshka), or these
+    is_matryoshka: bool = False
+    matryoshka_dimensions: tuple = ()
 
     @property
     def is_moe(self) -> bool:
@@ -231,6 +234,8 @@ class ModelConfig:
             torch_dtype=str(dtype),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
+            is_matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
+            matryoshka_dimensions=tuple(int(d) for d in raw.get("matryoshka_dimensions") or ()),
             **moe,
         )
 
@@ -277,6 +282,7 @@ class SamplingParams:
     # "last" or "mean" over the final hidden states; "" = a generation request.  normalize None: the checkpoint's
     pooling: str = ""
     normalize: bool | None = None
+    dimensions: int = 0               # embeddings: keep the first this many values (Matryoshka models); 0 = all
 
     @property
     def processes_logits(self) -> bool:

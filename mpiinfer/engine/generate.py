@@ -207,6 +207,16 @@ class Engine:
                                                            "record to pool the final hidden states yourself")
             pooling = self._pooling[0] if pooling == "auto" else pooling
             normalize = self._pooling[1] if normalize is None else normalize
+        dims = sp.dimensions
+        if dims:
+            c = self.cfg
+            why = (f"dimensions {dims} is more than the model's hidden size {c.hidden_size}" if dims > c.hidden_size
+                   else "the model is not Matryoshka-trained (config.json has no is_matryoshka or "
+                        "matryoshka_dimensions)" if not c.is_matryoshka
+                   else f"dimensions {dims} is not one of the model's {list(c.matryoshka_dimensions)}"
+                   if c.matryoshka_dimensions and dims not in c.matryoshka_dimensions else None)
+            if why:
+                return self._error(req, "invalid_request", why)
         seqs = []
         for i, x in enumerate(req.inputs):
             where = f"input {i}: " if len(req.inputs) > 1 else ""
@@ -225,7 +235,7 @@ class Engine:
                                                            f"most {min(self.max_seq_len, self.sched.usable_rows)} "
                                                            f"per rank{hint}")
             seqs.append(Sequence(req, ids, 0, frozenset(), None, cp=use_cp, t_added=time.perf_counter(), sample=i,
-                                 pooling=pooling, normalize=normalize))
+                                 pooling=pooling, normalize=normalize, dimensions=dims))
         if len(seqs) > 1:
             self._samples[req.index] = [None] * len(seqs)
         self.sched.waiting.extend(seqs)
@@ -370,7 +380,7 @@ class Engine:
 
     def _embedded(self, seq: Sequence, r: Result) -> Result | None:
         """An embedding request's Result once the vectors of all its inputs are made (None until then)."""
-        vec = pool(seq.pooling, seq.normalize, seq.hidden_last, seq.hidden_sum, seq.hidden_n)
+        vec = pool(seq.pooling, seq.normalize, seq.hidden_last, seq.hidden_sum, seq.hidden_n, seq.dimensions)
         r = Result(index=r.index, id=r.id, prompt_tokens=len(seq.prompt), embeddings=[vec], extra=r.extra,
                    latency=r.latency, preemptions=r.preemptions, cached_tokens=r.cached_tokens)
         if seq.req.index not in self._samples:

@@ -49,11 +49,15 @@ def checkpoint_pooling(model_dir: str) -> tuple:
     raise ConfigError(f"{cpath}: pooling {' + '.join(modes) or 'none'} is not supported (last token or mean)")
 
 
-def pool(pooling: str, normalize: bool, last: torch.Tensor | None, total: torch.Tensor | None, n: int) -> list:
-    """The vector: the last token's hidden state, or the mean of all (``total`` / ``n``); unit length when
-    ``normalize`` (as sentence-transformers' Normalize: x / max(|x|, 1e-12))."""
+def pool(pooling: str, normalize: bool, last: torch.Tensor | None, total: torch.Tensor | None, n: int,
+         dimensions: int = 0) -> list:
+    """The vector: the last token's hidden state, or the mean of all (``total`` / ``n``), its first ``dimensions``
+    values when given (Matryoshka); unit length when ``normalize`` (as sentence-transformers' Normalize:
+    x / max(|x|, 1e-12)), after the truncation."""
     v = last if pooling == "last" else total / n
     v = v.float()
+    if dimensions:
+        v = v[:dimensions]
     if normalize:
         v = v / v.norm().clamp_min(1e-12)
     return v.tolist()

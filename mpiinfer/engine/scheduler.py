@@ -57,6 +57,7 @@ class Sequence:
     prompt_ranks: list | None = None   # vLLM's prompt_logprobs: each prompt token's rank (1 = most likely)
     pooling: str = ""                  # an embedding: "last" or "mean" of its final hidden states ("" = generation)
     normalize: bool = False
+    dimensions: int = 0                # embedding: keep the first this many values (0: all)
     hidden_last: object = None         # embedding: the last prompt token's hidden state, once computed
     hidden_sum: object = None          # embedding, mean: the sum of its tokens' hidden states so far
     hidden_n: int = 0

@@ -112,7 +112,7 @@ from .records import (
 
 URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, SCORE_URL)
 # /v1/embeddings body fields: used, and accepted as they change nothing (everything else is refused)
-EMBEDDING_BODY_FIELDS = frozenset(("model", "input", "encoding_format", "normalize"))
+EMBEDDING_BODY_FIELDS = frozenset(("model", "input", "encoding_format", "normalize", "dimensions"))
 EMBEDDING_HARMLESS = frozenset(("user",))
 
 
@@ -166,7 +166,7 @@ def _embedding_request(body: dict, index: int, cid: str, extra: dict, defaults: 
         raise _bad(f'body.encoding_format must be "float" or "base64", {_got(fmt)}')
     extra["encoding_format"] = fmt or "float"
     try:
-        sp = embedding_sampling(body, defaults, None, body.get("normalize"))
+        sp = embedding_sampling(body, defaults, None, body.get("normalize"), body.get("dimensions"))
     except RecordError as e:
         e.message = "body." + e.message
         raise

@@ -10,7 +10,7 @@ Rules (JSONL contract):
 * exactly one of ``prompt`` (non-empty string), ``messages`` (non-empty list of
   ``{"role": str, "content": str}``), ``prompt_token_ids`` (non-empty list of
   non-negative ints) or ``input`` (an embedding: a string or token ids, with
-  only ``pooling`` and ``normalize`` beside it);
+  only ``pooling``, ``normalize`` and ``dimensions`` beside it);
 * optional ``id`` (string or int; the 1-based line number when absent) and the
   sampling overrides ``SAMPLING_FIELDS`` (``max_tokens``, ``temperature``,
   ``top_p``, ``top_k``, ``seed``, ``stop``, ``stop_token_ids``, ``logprobs``,
@@ -54,7 +54,7 @@ MODEL_NOT_FOUND = "model_not_found"
 
 PROMPT_FIELDS = ("prompt", "messages", "prompt_token_ids", "input")
 # an embedding record (``input``): how its vector is made
-EMBEDDING_FIELDS = ("pooling", "normalize")
+EMBEDDING_FIELDS = ("pooling", "normalize", "dimensions")
 SAMPLING_FIELDS = ("max_tokens", "temperature", "top_p", "top_k", "seed",
                    "stop", "stop_token_ids", "logprobs", "ignore_eos", "n",
                    "presence_penalty", "frequency_penalty", "repetition_penalty", "logit_bias", "top_logprobs",
@@ -280,12 +280,16 @@ def embedding_input(field: str, v: Any):
 
 
 def embedding_sampling(obj: dict, defaults: SamplingParams, pooling: Any = None,
-                       normalize: Any = None) -> SamplingParams:
-    """An embedding request's options: ``pooling`` ("auto", "last", "mean"; default auto) and ``normalize``."""
+                       normalize: Any = None, dimensions: Any = None) -> SamplingParams:
+    """An embedding request's options: ``pooling`` ("auto", "last", "mean"; default auto), ``normalize`` and
+    ``dimensions`` (Matryoshka truncation; checked against the model by the engine)."""
     if pooling is not None and not isinstance(pooling, str):
         raise _bad(f"pooling must be a string, {_got(pooling)}")
+    if dimensions is not None and _int_value("dimensions", dimensions) < 1:
+        raise _bad(f"dimensions must be a positive integer, got {dimensions}")
     kw = (("max_tokens", 0), ("pooling", pooling or "auto"),
-          ("normalize", None if normalize is None else _bool_value("normalize", normalize)))
+          ("normalize", None if normalize is None else _bool_value("normalize", normalize)),
+          ("dimensions", dimensions or 0))
     return _apply_overrides(SamplingParams(), kw)
 
 
@@ -479,8 +483,10 @@ def request_from_obj(obj: Any, line_no: int, index: int, defaults: SamplingParam
         if "inputs" in src:
             other = [k for k in obj if obj[k] is not None and k not in ("id", "input") + EMBEDDING_FIELDS]
             if other:
-                raise _bad(f"an embedding record (input) takes only pooling and normalize, not {', '.join(other)}")
-            sampling = embedding_sampling(obj, defaults, obj.get("pooling"), obj.get("normalize"))
+                raise _bad(f"an embedding record (input) takes only pooling, normalize and dimensions, not "
+                           f"{', '.join(other)}")
+            sampling = embedding_sampling(obj, defaults, obj.get("pooling"), obj.get("normalize"),
+                                          obj.get("dimensions"))
             return Request(index=index, id=rid, sampling=sampling, extra={"url": EMBEDDINGS_URL}, **src)
         bad = [k for k in EMBEDDING_FIELDS if obj.get(k) is not None]
         if bad:

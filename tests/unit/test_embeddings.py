@@ -43,13 +43,16 @@ def test_records_and_bodies():
     r = body(input=["a", "b c"], encoding_format="base64", user="u")
     assert r.inputs == ["a", "b c"] and r.extra["encoding_format"] == "base64"
     assert body(input=[[1, 2], [3]]).inputs == [[1, 2], [3]] and body(input=[1, 2]).inputs == [[1, 2]]
-    for rec, words in [(jsonl(input="x", max_tokens=3), "takes only pooling and normalize, not max_tokens"),
+    assert body(input="x", dimensions=64).sampling.dimensions == 64 and jsonl(input="x", dimensions=8).sampling.dimensions == 8
+    for rec, words in [(jsonl(input="x", max_tokens=3), "takes only pooling, normalize and dimensions, not max_tokens"),
+                       (jsonl(input="x", dimensions=0), "dimensions must be a positive integer"),
+                       (jsonl(input="x", dimensions="8"), "dimensions must be an integer"),
                        (jsonl(prompt="x", pooling="mean"), "pooling: only for embedding records"),
                        (jsonl(input="x", pooling="cls"), "pooling must be one of auto, last, mean"),
                        (jsonl(input=""), "input must not be an empty string"),
                        (jsonl(input={"a": 1}), "input must be a string or an array of token ids"),
                        (jsonl(input="x", prompt="y"), "more than one prompt field"),
-                       (body(input="x", dimensions=64), "body.dimensions in an embeddings request"),
+                       (body(input="x", truncate_prompt_tokens=64), "body.truncate_prompt_tokens in an embeddings"),
                        (body(input="x", encoding_format="hex"), 'encoding_format must be "float" or "base64"'),
                        (body(), "embeddings body has no input"),
                        (body(input=["a", 3]), "body.input[0] must be a non-negative integer")]:
@@ -268,3 +271,32 @@ def test_score_requests_are_cosines_of_embeddings(model_dirs):
                        (dict(text_1="a", text_2="b", truncate_prompt_tokens=5), "body.truncate_prompt_tokens")]:
         e = score_body(**bad)
         assert isinstance(e, Result) and words in e.error.message, (bad, e.error)
+
+
+def test_matryoshka_dimensions(model_dirs, tmp_path):
+    """dimensions keeps the first values, then normalises (vLLM's order); only for a model whose config.json says
+    it is Matryoshka-trained, and only its listed sizes when it lists them; otherwise an error record."""
+    from transformers import AutoModelForCausalLM
+    src = model_dirs("llama")
+    hf = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = [4, 5, 6, 7, 8]
+    with torch.no_grad():
+        h = hf(torch.tensor([ids]), output_hidden_states=True).hidden_states[-1][0].float()
+    cfg = json.load(open(os.path.join(src, "config.json")))
+    for name, extra, cases in (("plain", {}, {16: "not Matryoshka-trained"}),
+                               ("any", {"is_matryoshka": True}, {16: None, 65: "more than the model's hidden size"}),
+                               ("listed", {"matryoshka_dimensions": [8, 32]}, {8: None, 16: "not one of"})):
+        d = tmp_path / name
+        shutil.copytree(src, d)
+        (d / "config.json").write_text(json.dumps({**cfg, **extra}))
+        eng = Engine(ModelRunner(str(d), EngineConfig(kv_budget_bytes=1 << 22), Mesh.single(), Device("cpu")),
+                     Tokenizer(str(d)))
+        for dims, words in cases.items():
+            for pooling, v in (("last", h[-1]), ("mean", h.mean(0))):
+                sp = SamplingParams(max_tokens=0, pooling=pooling, normalize=True, dimensions=dims)
+                r = next(iter(eng.generate([Request(0, "e", sp, inputs=[ids])])))
+                if words:
+                    assert r.error.type == "invalid_request" and words in r.error.message, (name, dims, r.error)
+                    continue
+                want = torch.nn.functional.normalize(v[:dims], dim=0)
+                assert len(r.embeddings[0]) == dims and torch.allclose(torch.tensor(r.embeddings[0]), want, atol=1e-5)
