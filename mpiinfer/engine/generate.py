@@ -354,23 +354,19 @@ class Engine:
         n = seq.req.sampling.n
         if n == 1:
             return r
-        if r.error is not None:                      # one failed sample fails the request (the others are dropped)
-            if self._samples.get(seq.req.index, ()) is None:
-                return None
-            if seq.req.index in self._samples:
-                self._samples[seq.req.index] = None
-            return r
         choice = Choice(r.text, r.token_ids, r.finish_reason, r.logprobs, r.top_logprobs)
-        if seq.req.index in self._samples and self._samples[seq.req.index] is None:
-            return None                              # dropped by a stop: computed again on resume
-        got = self._samples.get(seq.req.index)
-        if got is None:                              # greedy: every sample is this one
-            r.choices = [choice] * n
+        if seq.req.index not in self._samples:       # greedy: every sample is this one (or its error)
+            if r.error is None:
+                r.choices = [choice] * n
             return r
-        got[seq.sample] = (choice, r)
-        if any(g is None for g in got):
+        if r.error is not None:                      # one failed sample fails the request (the others are dropped)
+            if self._samples[seq.req.index] is None:
+                return None
+            self._samples[seq.req.index] = None
+            return r
+        got = self._collect(seq, (choice, r))
+        if got is None:
             return None
-        del self._samples[seq.req.index]
         first = got[0][1]
         first.choices = [c for c, _ in got]
         first.ttft = min((x.ttft for _, x in got if x.ttft is not None), default=None)
@@ -385,13 +381,9 @@ class Engine:
                    latency=r.latency, preemptions=r.preemptions, cached_tokens=r.cached_tokens)
         if seq.req.index not in self._samples:
             return r
-        got = self._samples[seq.req.index]
+        got = self._collect(seq, r)
         if got is None:
-            return None                              # dropped by a stop: computed again on resume
-        got[seq.sample] = r
-        if any(g is None for g in got):
             return None
-        del self._samples[seq.req.index]
         first = got[0]
         first.embeddings = [g.embeddings[0] for g in got]
         first.prompt_tokens = sum(g.prompt_tokens for g in got)
@@ -399,6 +391,19 @@ class Engine:
         first.preemptions = sum(g.preemptions for g in got)
         first.cached_tokens = sum(g.cached_tokens for g in got)
         return first
+
+    def _collect(self, seq: Sequence, part) -> list | None:
+        """Keep one finished part (a sample, an embedding input's vector) of a request that runs as several
+        sequences; all its parts in order once the last is in, else None (also when a stop dropped the request:
+        it is computed again on resume)."""
+        got = self._samples[seq.req.index]
+        if got is None:
+            return None
+        got[seq.sample] = part
+        if any(g is None for g in got):
+            return None
+        del self._samples[seq.req.index]
+        return got
 
     @staticmethod
     def _matcher_failed(seq: Sequence) -> None:

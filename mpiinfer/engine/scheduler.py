@@ -306,13 +306,8 @@ class Scheduler:
                     P[r].add([seq.prompt[j] for j in pos], pos, [(seq.kv_base[r], len(pos))], len(pos),
                              sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
                     budget[r] -= len(pos)
-                    if seq.pooling:                       # embedding: its rows of this shard (mean), or the last
-                        t0 = len(P[r].ids) - len(pos)
-                        rows = list(range(t0, t0 + len(pos))) if seq.pooling == "mean" else \
-                            [t0 + pos.index(L - 1)] if L - 1 in pos else []
-                        P[r].hidden_rows.extend(rows)
-                        if rows:
-                            embedded[r].append((seq, len(rows)))
+                    if seq.pooling and (k := P[r].add_hidden(seq.pooling, pos, L - 1)):
+                        embedded[r].append((seq, k))
                 planned.append((seq, L))
                 if seq.max_new > 0:
                     sampled[0].append(seq)
@@ -330,12 +325,8 @@ class Scheduler:
                 for j in range(seq.n_cached, seq.n_cached + n - (1 if done else 0)):
                     P[h].score_rows.append(t0 + j - seq.n_cached)
                     scored.append((seq, j + 1))
-            if seq.pooling:                               # embedding: every row (mean) or the last one
-                t0 = len(P[h].ids) - n
-                rows = list(range(t0, t0 + n)) if seq.pooling == "mean" else [t0 + n - 1] if done else []
-                P[h].hidden_rows.extend(rows)
-                if rows:
-                    embedded[h].append((seq, len(rows)))
+            if seq.pooling and (k := P[h].add_hidden(seq.pooling, range(seq.n_cached, seq.n_cached + n), L - 1)):
+                embedded[h].append((seq, k))
             budget[h] -= n
             planned.append((seq, n))
             if done and seq.max_new > 0:
@@ -375,6 +366,15 @@ class _RankPlan:
         self.write.append(write)
         if sample:
             self.rows.append(t + n - 1)
+
+    def add_hidden(self, pooling: str, positions, last: int) -> int:
+        """An embedding's hidden rows among the tokens just added at prompt ``positions``: all of them (mean
+        pooling), else the one at the prompt's ``last`` position when it is among them.  Returns how many."""
+        t0 = len(self.ids) - len(positions)
+        rows = range(t0, len(self.ids)) if pooling == "mean" else \
+            [t0 + positions.index(last)] if last in positions else []
+        self.hidden_rows.extend(rows)
+        return len(rows)
 
     def batch(self, cp: int, cp_rank: int, scratch: int) -> StepBatch:
         b = StepBatch(torch.tensor(self.ids, dtype=torch.int64), torch.tensor(self.pos, dtype=torch.int64),
