@@ -86,6 +86,7 @@ from ..messages import Choice, ErrorInfo, Request, Result
 from .records import (
     CHAT_URL,
     COMPLETIONS_URL,
+    CONSTRAINT_PARSERS,
     EMBEDDINGS_URL,
     INVALID_REQUEST,
     MODEL_NOT_FOUND,
@@ -98,7 +99,6 @@ from .records import (
     _is_int,
     _parse_token_list,
     check_unknown_fields,
-    choice_constraint,
     decode_line,
     embedding_input,
     embedding_sampling,
@@ -106,8 +106,6 @@ from .records import (
     parse_messages,
     parse_sampling,
     response_format_constraint,
-    schema_constraint,
-    text_constraint,
 )
 
 URLS = (CHAT_URL, COMPLETIONS_URL, EMBEDDINGS_URL, SCORE_URL)
@@ -116,12 +114,17 @@ EMBEDDING_BODY_FIELDS = frozenset(("model", "input", "encoding_format", "normali
 EMBEDDING_HARMLESS = frozenset(("user",))
 
 
-def _score_request(body: dict, index: int, cid: str, extra: dict, defaults: SamplingParams) -> Request:
+def _refuse_other_fields(body: dict, used: tuple, what: str) -> None:
+    """An embeddings / score body: every non-null field besides ``used`` and the harmless ones is refused."""
+    for k, v in body.items():
+        if v is not None and k not in used and k not in EMBEDDING_HARMLESS:
+            raise _unsupported(f"body.{k} in {what} (it would change the result; see the README)")
+
+
+def _score_request(body: dict, index: int, cid: str, extra: dict) -> Request:
     """vLLM's /v1/score for an embedding model: ``text_1`` and ``text_2`` (a string or a list of them: one to
     one, one to many, or pairwise), each pair scored by the cosine similarity of the two texts' embeddings."""
-    for k, v in body.items():
-        if v is not None and k not in ("model", "text_1", "text_2") and k not in EMBEDDING_HARMLESS:
-            raise _unsupported(f"body.{k} in a score request (it would change the result; see the README)")
+    _refuse_other_fields(body, ("model", "text_1", "text_2"), "a score request")
     texts = []
     for k in ("text_1", "text_2"):
         v = body.get(k)
@@ -130,8 +133,12 @@ def _score_request(body: dict, index: int, cid: str, extra: dict, defaults: Samp
         v = [v] if isinstance(v, str) else v
         if not isinstance(v, list) or not v:
             raise _bad(f"body.{k} must be a string or a non-empty array of strings, {_got(body.get(k))}")
-        texts.append([embedding_input(f"body.{k}[{i}]", x) if isinstance(x, str) else
-                      _fail(f"body.{k}[{i}] must be a string, {_got(x)}") for i, x in enumerate(v)])
+        items = []
+        for i, x in enumerate(v):
+            if not isinstance(x, str):
+                raise _bad(f"body.{k}[{i}] must be a string, {_got(x)}")
+            items.append(embedding_input(f"body.{k}[{i}]", x))
+        texts.append(items)
     t1, t2 = texts
     if len(t1) != 1 and len(t1) != len(t2):
         raise _bad(f"body.text_1 has {len(t1)} texts and body.text_2 {len(t2)}: give one text_1, or as many as "
@@ -140,18 +147,12 @@ def _score_request(body: dict, index: int, cid: str, extra: dict, defaults: Samp
         raise _bad(f"a score request takes at most {MAX_EMBEDDING_INPUTS} texts in all")
     # inputs: text_1 then text_2; pair k compares text_1[k or 0] with text_2[k]
     extra["score_pairs"] = [[0 if len(t1) == 1 else k, len(t1) + k] for k in range(len(t2))]
-    return Request(index=index, id=cid, sampling=embedding_sampling(body, defaults), extra=extra, inputs=t1 + t2)
+    return Request(index=index, id=cid, sampling=embedding_sampling(), extra=extra, inputs=t1 + t2)
 
 
-def _fail(message: str):
-    raise _bad(message)
-
-
-def _embedding_request(body: dict, index: int, cid: str, extra: dict, defaults: SamplingParams) -> Request:
+def _embedding_request(body: dict, index: int, cid: str, extra: dict) -> Request:
     """A /v1/embeddings body: ``input`` a string, a token-id list, or a list of either (one vector each)."""
-    for k, v in body.items():
-        if v is not None and k not in EMBEDDING_BODY_FIELDS and k not in EMBEDDING_HARMLESS:
-            raise _unsupported(f"body.{k} in an embeddings request (it would change the result; see the README)")
+    _refuse_other_fields(body, EMBEDDING_BODY_FIELDS, "an embeddings request")
     inp = body.get("input")
     if inp is None:
         raise _bad("embeddings body has no input")
@@ -166,7 +167,7 @@ def _embedding_request(body: dict, index: int, cid: str, extra: dict, defaults: 
         raise _bad(f'body.encoding_format must be "float" or "base64", {_got(fmt)}')
     extra["encoding_format"] = fmt or "float"
     try:
-        sp = embedding_sampling(body, defaults, None, body.get("normalize"), body.get("dimensions"))
+        sp = embedding_sampling(None, body.get("normalize"), body.get("dimensions"))
     except RecordError as e:
         e.message = "body." + e.message
         raise
@@ -282,12 +283,8 @@ def _sampling(body: dict, chat: bool, defaults: SamplingParams) -> SamplingParam
 
 
 # vLLM's structured-output fields: the older guided_* ones and the newer ``structured_outputs`` object
-GUIDED = {"guided_json": schema_constraint, "guided_choice": choice_constraint,
-          "guided_regex": lambda f, v: text_constraint("regex", f, v),
-          "guided_grammar": lambda f, v: text_constraint("grammar", f, v)}
-STRUCTURED_OUTPUTS = {"json": schema_constraint, "choice": choice_constraint,
-                      "regex": lambda f, v: text_constraint("regex", f, v),
-                      "grammar": lambda f, v: text_constraint("grammar", f, v),
+GUIDED = {f"guided_{kind}": parse for kind, parse in CONSTRAINT_PARSERS.items()}
+STRUCTURED_OUTPUTS = {**CONSTRAINT_PARSERS,
                       "json_object": lambda f, v: ("json_object", "") if _bool_value(f, v) else ()}
 
 
@@ -372,9 +369,9 @@ def _request(obj: Any, line_no: int, index: int, defaults: SamplingParams, extra
                                                f"{', '.join(sorted(served))} (the model directory's name, or "
                                                f"--served-model-name)")
     if url == EMBEDDINGS_URL:
-        return _embedding_request(body, index, cid, extra, defaults)
+        return _embedding_request(body, index, cid, extra)
     if url == SCORE_URL:
-        return _score_request(body, index, cid, extra, defaults)
+        return _score_request(body, index, cid, extra)
     _check_body_fields(body)
     best_of = body.get("best_of")
     if best_of is not None and _int_value("body.best_of", best_of) not in (1, body.get("n") or 1):
@@ -464,10 +461,7 @@ def embedding_body(result: Result, created: int, model: str, encoding_format: st
             return base64.b64encode(np.asarray(v, dtype="<f4").tobytes()).decode("ascii")
         return v
     data = [{"object": "embedding", "index": i, "embedding": enc(v)} for i, v in enumerate(result.embeddings)]
-    n = result.prompt_tokens
-    return {"id": "embd-" + _hex("body", result.index, result.extra.get("custom_id", str(result.id))),
-            "object": "list", "created": int(created), "model": model, "data": data,
-            "usage": {"prompt_tokens": n, "total_tokens": n}}
+    return _list_body("embd-", result, created, model, data)
 
 
 def score_body(result: Result, created: int, model: str) -> dict:
@@ -479,8 +473,13 @@ def score_body(result: Result, created: int, model: str) -> dict:
         x, y = vecs[a], vecs[b]
         data.append({"index": k, "object": "score",
                      "score": float(x @ y / max(np.linalg.norm(x) * np.linalg.norm(y), 1e-12))})
+    return _list_body("score-", result, created, model, data)
+
+
+def _list_body(prefix: str, result: Result, created: int, model: str, data: list) -> dict:
+    """vLLM's list response around ``data`` (embeddings, scores): prompt tokens are all its usage."""
     n = result.prompt_tokens
-    return {"id": "score-" + _hex("body", result.index, result.extra.get("custom_id", str(result.id))),
+    return {"id": prefix + _hex("body", result.index, result.extra.get("custom_id", str(result.id))),
             "object": "list", "created": int(created), "model": model, "data": data,
             "usage": {"prompt_tokens": n, "total_tokens": n}}
 
@@ -526,17 +525,10 @@ def batch_output_record(result: Result, created: int, model: str = "",
                              "body": {"error": err}},
                 "error": {"error": err}}
     url = ex.get("url") or default_url
-    if result.embeddings is not None and "score_pairs" in ex:
-        return {"id": rid, "custom_id": cid,
-                "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
-                             "body": score_body(result, created, ex.get("model") or model)},
-                "error": None}
     if result.embeddings is not None:
-        return {"id": rid, "custom_id": cid,
-                "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
-                             "body": embedding_body(result, created, ex.get("model") or model,
-                                                    ex.get("encoding_format", "float"))},
-                "error": None}
+        body = score_body(result, created, ex.get("model") or model) if "score_pairs" in ex else \
+            embedding_body(result, created, ex.get("model") or model, ex.get("encoding_format", "float"))
+        return _ok_record(rid, cid, result.index, body)
     chat = url == CHAT_URL
     samples = result.choices or [Choice(result.text, result.token_ids, result.finish_reason, result.logprobs,
                                         result.top_logprobs)]
@@ -572,9 +564,12 @@ def batch_output_record(result: Result, created: int, model: str = "",
     }
     if result.prompt_ranks is not None:            # vLLM's prompt_logprobs
         body["prompt_logprobs"] = vllm_prompt_logprobs(result, token_str or token_id_str)
+    return _ok_record(rid, cid, result.index, body)
+
+
+def _ok_record(rid: str, cid: str, index: int, body: dict) -> dict:
     return {"id": rid, "custom_id": cid,
-            "response": {"status_code": 200, "request_id": "req_" + _hex("req", result.index, cid),
-                         "body": body},
+            "response": {"status_code": 200, "request_id": "req_" + _hex("req", index, cid), "body": body},
             "error": None}
 
 

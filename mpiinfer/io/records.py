@@ -279,8 +279,7 @@ def embedding_input(field: str, v: Any):
     raise _bad(f"{field} must be a string or an array of token ids, {_got(v)}")
 
 
-def embedding_sampling(obj: dict, defaults: SamplingParams, pooling: Any = None,
-                       normalize: Any = None, dimensions: Any = None) -> SamplingParams:
+def embedding_sampling(pooling: Any = None, normalize: Any = None, dimensions: Any = None) -> SamplingParams:
     """An embedding request's options: ``pooling`` ("auto", "last", "mean"; default auto), ``normalize`` and
     ``dimensions`` (Matryoshka truncation; checked against the model by the engine)."""
     if pooling is not None and not isinstance(pooling, str):
@@ -435,11 +434,15 @@ def one_constraint(found: list) -> tuple:
     return given[0][1] if given else ()
 
 
+# constraint kind -> its field's parser (field name, value) -> constraint, for every format's field names
+CONSTRAINT_PARSERS = {"json": schema_constraint, "choice": choice_constraint,
+                      "regex": functools.partial(text_constraint, "regex"),
+                      "grammar": functools.partial(text_constraint, "grammar")}
+
+
 def parse_structured(obj: dict) -> tuple:
     """A JSONL record's ``response_format`` / ``regex`` / ``choice`` / ``grammar`` -> the constraint or ``()``."""
-    parse = {"response_format": response_format_constraint, "choice": choice_constraint,
-             "regex": lambda f, v: text_constraint("regex", f, v),
-             "grammar": lambda f, v: text_constraint("grammar", f, v)}
+    parse = {"response_format": response_format_constraint, **CONSTRAINT_PARSERS}
     return one_constraint([(k, parse[k](k, obj[k])) for k in STRUCTURED_FIELDS if obj.get(k) is not None])
 
 
@@ -485,8 +488,7 @@ def request_from_obj(obj: Any, line_no: int, index: int, defaults: SamplingParam
             if other:
                 raise _bad(f"an embedding record (input) takes only pooling, normalize and dimensions, not "
                            f"{', '.join(other)}")
-            sampling = embedding_sampling(obj, defaults, obj.get("pooling"), obj.get("normalize"),
-                                          obj.get("dimensions"))
+            sampling = embedding_sampling(obj.get("pooling"), obj.get("normalize"), obj.get("dimensions"))
             return Request(index=index, id=rid, sampling=sampling, extra={"url": EMBEDDINGS_URL}, **src)
         bad = [k for k in EMBEDDING_FIELDS if obj.get(k) is not None]
         if bad:
