@@ -169,6 +169,27 @@ def prefix_key(item) -> int | None:
     return hash((item.prompt or "")[:PREFIX_KEY_CHARS])
 
 
+def output_refusal(item, out_fmt: str) -> str | None:
+    """Why a request's result has no place in this job's output format (it becomes an error record), or None."""
+    sp = item.sampling
+    if out_fmt != "openai" and "score_pairs" in item.extra:
+        return f"/v1/score: written to OpenAI outputs only (this job writes {out_fmt})"
+    if out_fmt != "openai" and sp.echo:
+        return f"echo: written to OpenAI outputs only (this job writes {out_fmt})"
+    if out_fmt == "openai" and sp.prompt_logprobs and not sp.echo and sp.vllm_prompt_logprobs < 0:
+        return ("prompt_logprobs: written to JSONL and HDF5 outputs (prompt_logprobs, prompt_logprob_sum, "
+                "prompt_perplexity); OpenAI completions take echo with logprobs")
+    if out_fmt == "hdf5" and sp.top_logprobs:
+        return ("top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write JSONL or OpenAI output for "
+                "the alternatives")
+    if out_fmt == "hdf5" and item.inputs is not None and len(item.inputs) > 1:
+        return (f"{len(item.inputs)} inputs: HDF5 output holds one embedding per record; write JSONL or OpenAI "
+                "output for several")
+    if out_fmt == "hdf5" and sp.n > 1:
+        return f"n={sp.n}: HDF5 output holds one sample per record; write JSONL or OpenAI output for n > 1"
+    return None
+
+
 class Source:
     """The input stream with a bounded window: items taken but not yet written never exceed ``window``.
 
@@ -320,7 +341,7 @@ class Coordinator:
         self.spilled = 0                  # waiting results that are only in the journal
         self.journaled = 0                # results journaled (restored ones included)
         self.duplicates = DuplicateIds(plan.out_fmt, plan.seen_ids)
-        self.out_fmt = plan.out_fmt                # HDF5 holds one sample per record; prompt scores: JSONL only
+        self.out_fmt = plan.out_fmt                # what a record may ask for depends on it (output_refusal)
         self._flushes = 0                 # output flushes seen (the journal is compacted after each)
         self._unsynced, self._synced_at = 0, time.monotonic()
 
@@ -510,30 +531,9 @@ class Coordinator:
         for item in items:
             if isinstance(item, Result):
                 self._write(item)
-            elif self.out_fmt != "openai" and "score_pairs" in item.extra:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", f"/v1/score: written to OpenAI outputs only (this job writes {self.out_fmt})")))
-            elif self.out_fmt != "openai" and item.sampling.echo:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", f"echo: written to OpenAI outputs only (this job writes {self.out_fmt})")))
-            elif self.out_fmt == "openai" and item.sampling.prompt_logprobs and not item.sampling.echo and \
-                    item.sampling.vllm_prompt_logprobs < 0:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", "prompt_logprobs: written to JSONL and HDF5 outputs (prompt_logprobs, "
-                                       "prompt_logprob_sum, prompt_perplexity); OpenAI completions take echo "
-                                       "with logprobs")))
-            elif self.out_fmt == "hdf5" and item.sampling.top_logprobs:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", "top_logprobs: HDF5 output holds the chosen tokens' logprobs only; write "
-                                       "JSONL or OpenAI output for the alternatives")))
-            elif self.out_fmt == "hdf5" and item.inputs is not None and len(item.inputs) > 1:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", f"{len(item.inputs)} inputs: HDF5 output holds one embedding per record; "
-                                       "write JSONL or OpenAI output for several")))
-            elif self.out_fmt == "hdf5" and item.sampling.n > 1:
-                self._write(Result(index=item.index, id=item.id, extra=item.extra, error=ErrorInfo(
-                    "invalid_request", f"n={item.sampling.n}: HDF5 output holds one sample per record; write "
-                                       "JSONL or OpenAI output for n > 1")))
+            elif (why := output_refusal(item, self.out_fmt)) is not None:
+                self._write(Result(index=item.index, id=item.id, extra=item.extra,
+                                   error=ErrorInfo("invalid_request", why)))
             else:
                 requests.append(item)
         return requests
