@@ -102,6 +102,9 @@ def parse_args(argv=None):
     ap.add_argument("--model", default=None,
                     help=f"checkpoint directory (default: {DEFAULT_MODEL.relative_to(REPO)}, created with "
                          "init_model(preset='1b') if missing; with --quick: a tiny temporary model)")
+    ap.add_argument("--arch", default="llama", help="family of the default model (default llama: Llama-3.2-1B's "
+                    "shapes in benchmarks/models/llama-1b; e.g. gemma3: gemma-3-1b's in benchmarks/models/gemma3-1b, "
+                    "results in benchmarks/results/engine_gemma3.json)")
     ap.add_argument("--threads", type=int, default=2, help="torch threads for both implementations (default 2)")
     ap.add_argument("--prompt-len", type=int, default=None, help="prompt tokens in the batch scenarios "
                     "(default 128; 16 with --quick)")
@@ -125,7 +128,8 @@ def parse_args(argv=None):
         ap.error(f"unknown scenario(s) {bad}; choose from {', '.join(SCENARIOS)}")
     a.scenarios = [s for s in SCENARIOS if s in scen]      # canonical order (groups by dtype)
     if a.json is None:
-        a.json = str(QUICK_JSON if a.quick else DEFAULT_JSON)
+        a.json = str(QUICK_JSON if a.quick else DEFAULT_JSON if a.arch == "llama" else
+                     DEFAULT_JSON.with_name(f"engine_{a.arch}.json"))
     if a.prompt_len is None:
         a.prompt_len = 16 if a.quick else 128
     if a.new_tokens is None:
@@ -144,22 +148,22 @@ def resolve_model(a, tmpdir: str) -> str:
         if not os.path.isfile(os.path.join(a.model, "config.json")):
             if a.quick:
                 sys.exit(f"{a.model} has no config.json")
-            log(f"{a.model} has no checkpoint: creating one with init_model(preset='1b') "
-                "(~5 GB of float32 weights, takes a few minutes) ...")
+            log(f"{a.model} has no checkpoint: creating one with init_model(arch={a.arch!r}, preset='1b') "
+                "(4-5 GB of float32 weights, takes a few minutes) ...")
             t = time.perf_counter()
-            init_model(a.model, arch="llama", preset="1b", overwrite=True)
+            init_model(a.model, arch=a.arch, preset="1b", overwrite=True)
             log(f"  created {a.model} in {time.perf_counter() - t:.0f}s")
         return a.model
     if a.quick:
-        d = os.path.join(tmpdir, "tiny-llama")
-        log(f"--quick: creating a tiny random llama with init_model(preset='tiny') in {d}")
-        return init_model(d, arch="llama", preset="tiny", seed=0)
-    d = str(DEFAULT_MODEL)
+        d = os.path.join(tmpdir, f"tiny-{a.arch}")
+        log(f"--quick: creating a tiny random {a.arch} with init_model(preset='tiny') in {d}")
+        return init_model(d, arch=a.arch, preset="tiny", seed=0)
+    d = str(DEFAULT_MODEL.with_name(f"{a.arch}-1b"))
     if not os.path.isfile(os.path.join(d, "config.json")):
-        log(f"{d} does not exist: creating it with init_model(preset='1b') "
-            "(~5 GB of float32 weights, takes a few minutes) ...")
+        log(f"{d} does not exist: creating it with init_model(arch={a.arch!r}, preset='1b') "
+            "(4-5 GB of float32 weights, takes a few minutes) ...")
         t = time.perf_counter()
-        init_model(d, arch="llama", preset="1b", overwrite=True)
+        init_model(d, arch=a.arch, preset="1b", overwrite=True)
         log(f"  created {d} in {time.perf_counter() - t:.0f}s")
     return d
 

@@ -24,11 +24,13 @@ DENSE_ARCHS = {
     "MistralForCausalLM": "mistral",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Gemma3ForCausalLM": "gemma3",
 }
 MOE_ARCHS = {
     "MixtralForCausalLM": "mixtral",
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
+    "Llama4ForCausalLM": "llama4",
 }
 # The base models of the dense families (``AutoModel`` / sentence-transformers exports of embedding models): no
 # LM head, so embedding records only (unless the embedding is tied, which is then the head)
@@ -39,11 +41,14 @@ SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS, **BASE_ARCHS}
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    type: str = "default"  # "default" | "llama3" | "linear"
+    type: str = "default"  # "default" | "llama3" | "linear" | "none" (no rotation: Llama 4's NoPE layers)
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+
+
+NO_ROPE = RopeConfig(type="none")
 
 
 @dataclass(frozen=True)
@@ -67,7 +72,23 @@ class ModelConfig:
     mlp_bias: bool = False
     qk_norm: bool = False             # Qwen3, Qwen3-MoE
     sliding_window: int | None = None
-    hidden_act: str = "silu"
+    hidden_act: str = "silu"          # "silu" | "gelu_pytorch_tanh" (Gemma 3)
+    # Gemma 3: per-layer attention kinds and the knobs of its decoder layer
+    layer_types: tuple = ()           # per layer "sliding_attention" | "full_attention"; () = all alike
+    rope_local: RopeConfig | None = None   # RoPE of the sliding-window layers, where it differs from ``rope``
+    query_pre_attn_scalar: float | None = None   # attention scale = this ** -0.5 (None: head_dim ** -0.5)
+    norm_plus_one: bool = False       # RMSNorm scales by (1 + w), all in float32 (Gemma)
+    embed_scale: float = 1.0          # embeddings times this, rounded to the model dtype (Gemma: sqrt(hidden))
+    final_logit_softcapping: float | None = None   # logits = cap * tanh(logits / cap)
+    # Llama 4: chunked local attention on the RoPE layers, NoPE full-attention layers with temperature tuning
+    attention_chunk_size: int | None = None   # "chunked_attention" layers attend within their chunk of positions
+    no_rope_layers: tuple = ()        # per layer 1 = RoPE, 0 = no position embedding (NoPE); () = RoPE everywhere
+    qk_l2_norm: bool = False          # weightless RMSNorm of q and k on the RoPE layers
+    temperature_tuning: tuple = ()    # (floor_scale, attn_scale): NoPE layers scale q by position
+    rope_interleaved: bool = False    # RoPE pairs adjacent dims (Meta's layout): q/k rows permuted at load
+    router: str = "softmax"           # "softmax" top-k | "sigmoid" of the top-k logits (Llama 4)
+    moe_scale_input: bool = False     # the routing weight scales the expert's input, not its output (Llama 4)
+    moe_layer_ids: tuple = ()         # the MoE layers, where the config lists them (Llama 4's moe_layers)
     # MoE
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -92,10 +113,40 @@ class ModelConfig:
         """Which layers use the sparse MoE block (HF's rule for Qwen MoE; every layer for Mixtral)."""
         if not self.is_moe:
             return False
+        if self.family == "llama4":
+            return layer in self.moe_layer_ids
         if layer in self.mlp_only_layers:
             return False
         step = max(1, self.decoder_sparse_step)
         return (layer + 1) % step == 0
+
+    def layer_window(self, layer: int) -> int | None:
+        """The sliding window of ``layer``'s attention (None: full causal attention)."""
+        if self.layer_types and self.layer_types[layer] != "sliding_attention":
+            return None
+        return self.sliding_window
+
+    def layer_chunk(self, layer: int) -> int | None:
+        """The chunk size of ``layer``'s chunked attention (Llama 4; None: not chunked)."""
+        if self.layer_types and self.layer_types[layer] == "chunked_attention":
+            return self.attention_chunk_size
+        return None
+
+    def layer_uses_rope(self, layer: int) -> bool:
+        return not self.no_rope_layers or bool(self.no_rope_layers[layer])
+
+    def layer_rope(self, layer: int) -> RopeConfig:
+        """The RoPE parameters of ``layer`` (Gemma 3's sliding layers have their own base; Llama 4's NoPE layers
+        none)."""
+        if not self.layer_uses_rope(layer):
+            return NO_ROPE
+        if self.rope_local is not None and self.layer_types[layer] == "sliding_attention":
+            return self.rope_local
+        return self.rope
+
+    @property
+    def attn_scale(self) -> float:
+        return (self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim) ** -0.5
 
     @property
     def num_params(self) -> int:
@@ -104,11 +155,11 @@ class ModelConfig:
         attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
         for layer in range(self.num_layers):
-            total += attn + 2 * h
+            total += attn + (4 if self.family == "gemma3" else 2) * h + (2 * hd if self.qk_norm else 0)
             if self.is_moe_layer(layer):
                 total += self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
                 if self.shared_expert_intermediate_size:
-                    total += 3 * h * self.shared_expert_intermediate_size + h
+                    total += 3 * h * self.shared_expert_intermediate_size + (h if self.family == "qwen2_moe" else 0)
             else:
                 total += 3 * h * self.intermediate_size
         return total
@@ -156,25 +207,30 @@ class ModelConfig:
         head_dim = raw.get("head_dim") or hidden // heads
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
-        act = raw.get("hidden_act", "silu")
-        if act not in ("silu", "swish"):
-            raise ConfigError(f"unsupported hidden_act {act!r} (only silu)")
+        act = raw.get("hidden_activation", raw.get("hidden_act", "silu")) if family == "gemma3" else \
+            raw.get("hidden_act", "silu")
+        if act == "swish":
+            act = "silu"
+        if act not in (("gelu_pytorch_tanh",) if family == "gemma3" else ("silu",)):
+            raise ConfigError(f"unsupported hidden activation {act!r} for {arch} "
+                              f"(supported: {'gelu_pytorch_tanh' if family == 'gemma3' else 'silu'})")
 
-        # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters.
+        # RoPE: transformers 4.x writes rope_theta + rope_scaling, 5.x writes rope_parameters (Gemma 3: one dict
+        # per layer kind, or rope_theta + rope_scaling for the full layers and rope_local_base_freq for the others)
         rp = dict(raw.get("rope_parameters") or {})
-        rs = raw.get("rope_scaling") or {}
-        theta = float(rp.get("rope_theta", raw.get("rope_theta", 10000.0)))
-        scaling = {**rs, **{k: v for k, v in rp.items() if k != "rope_theta"}}
-        rtype = scaling.get("rope_type", scaling.get("type", "default")) or "default"
-        if rtype not in ("default", "llama3", "linear"):
-            raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear)")
-        rope = RopeConfig(
-            theta=theta, type=rtype,
-            factor=float(scaling.get("factor", 1.0)),
-            low_freq_factor=float(scaling.get("low_freq_factor", 1.0)),
-            high_freq_factor=float(scaling.get("high_freq_factor", 4.0)),
-            original_max_position_embeddings=int(scaling.get("original_max_position_embeddings", 8192)),
-        )
+        rope_local = None
+        if family == "gemma3":
+            if "full_attention" in rp or "sliding_attention" in rp:
+                full, local = dict(rp.get("full_attention") or {}), dict(rp.get("sliding_attention") or {})
+            else:
+                full = {**(raw.get("rope_scaling") or {}), "rope_theta": raw.get("rope_theta", 1e6)}
+                local = {"rope_theta": raw.get("rope_local_base_freq", 1e4)}
+            full.setdefault("rope_theta", 1e6)
+            local.setdefault("rope_theta", 1e4)
+            rope, rope_local = _rope_config(full), _rope_config(local)
+        else:
+            theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
+            rope = _rope_config({**(raw.get("rope_scaling") or {}), **rp, "rope_theta": theta})
 
         attention_bias = bool(raw.get("attention_bias", False))
         o_bias = attention_bias  # Llama's attention_bias covers o_proj too
@@ -183,7 +239,48 @@ class ModelConfig:
             o_bias = False
 
         sliding = None
-        if family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
+        layer_types, extra = (), {}
+        if family == "gemma3":
+            sliding = raw.get("sliding_window", 4096)
+            layer_types = tuple(raw.get("layer_types") or (
+                "sliding_attention" if (i + 1) % int(raw.get("sliding_window_pattern") or 6) else "full_attention"
+                for i in range(int(need("num_hidden_layers")))))
+            if len(layer_types) != int(need("num_hidden_layers")) or \
+                    set(layer_types) - {"sliding_attention", "full_attention"}:
+                raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
+                                  f"{need('num_hidden_layers')} layers")
+            if raw.get("attn_logit_softcapping") is not None:
+                raise ConfigError("attn_logit_softcapping is not supported (Gemma 3 checkpoints set it to null)")
+            if raw.get("use_bidirectional_attention"):
+                raise ConfigError("use_bidirectional_attention=true (an encoder such as EmbeddingGemma) is not "
+                                  "supported")
+            cap = raw.get("final_logit_softcapping")
+            extra = dict(layer_types=layer_types, rope_local=rope_local, norm_plus_one=True,
+                         query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
+                         embed_scale=float(hidden) ** 0.5,
+                         final_logit_softcapping=float(cap) if cap is not None else None)
+        elif family == "llama4":
+            L = int(need("num_hidden_layers"))
+            no_rope = tuple(int(bool(v)) for v in (raw.get("no_rope_layers") or (
+                int((i + 1) % int(raw.get("no_rope_layer_interval") or 4) != 0) for i in range(L))))
+            chunk = raw.get("attention_chunk_size", 8192)
+            layer_types = tuple(raw.get("layer_types") or (
+                "chunked_attention" if r and chunk is not None else "full_attention" for r in no_rope))
+            if len(no_rope) != L or len(layer_types) != L or \
+                    set(layer_types) - {"chunked_attention", "full_attention"}:
+                raise ConfigError(f"no_rope_layers and layer_types must give one value per layer ({L}); layer_types "
+                                  f"may name chunked_attention or full_attention")
+            step = int(raw.get("interleave_moe_layer_step") or 1)
+            moe_ids = raw.get("moe_layers")
+            extra = dict(layer_types=layer_types, no_rope_layers=no_rope,
+                         attention_chunk_size=int(chunk) if chunk is not None else None,
+                         qk_l2_norm=bool(raw.get("use_qk_norm", True)),
+                         temperature_tuning=(float(raw.get("floor_scale", 8192)), float(raw.get("attn_scale", 0.1)))
+                         if raw.get("attn_temperature_tuning", True) else (),
+                         rope_interleaved=True, router="sigmoid", moe_scale_input=True,
+                         moe_layer_ids=tuple(int(i) for i in moe_ids) if moe_ids is not None
+                         else tuple(range(step - 1, L, step)))
+        elif family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
             sliding = raw.get("sliding_window") or None
         if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
             raise ConfigError("use_sliding_window=true is not supported for Qwen models")
@@ -200,14 +297,16 @@ class ModelConfig:
 
         moe = {}
         if family in MOE_ARCHS.values():
-            n_exp = raw.get("num_local_experts") if family == "mixtral" else raw.get("num_experts", raw.get("num_local_experts"))
+            n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4") else \
+                raw.get("num_experts", raw.get("num_local_experts"))
             if not n_exp:
                 raise ConfigError(f"config.json lacks the number of experts for {arch}")
             moe = dict(
                 num_experts=int(n_exp),
                 num_experts_per_tok=int(need("num_experts_per_tok")),
                 moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")),
-                shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0) if family == "qwen2_moe" else 0,
+                shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
+                if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else 0,
                 norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
                 decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
                 mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
@@ -219,25 +318,43 @@ class ModelConfig:
             arch=arch, family=family,
             vocab_size=int(need("vocab_size")),
             hidden_size=hidden,
-            intermediate_size=int(raw.get("intermediate_size") or 0),
+            # Llama 4: intermediate_size is the experts' (and shared expert's) width, intermediate_size_mlp the dense
+            # layers'
+            intermediate_size=int(raw.get("intermediate_size_mlp" if family == "llama4" else "intermediate_size")
+                                  or 0),
             num_layers=int(need("num_hidden_layers")),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             rope=rope,
-            tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
+            tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gemma3")),
             lm_head=arch not in BASE_ARCHS or bool(raw.get("tie_word_embeddings", False)),
             attention_bias=attention_bias, o_bias=o_bias,
             mlp_bias=bool(raw.get("mlp_bias", False)),
-            qk_norm=family in ("qwen3", "qwen3_moe"),
+            qk_norm=family in ("qwen3", "qwen3_moe", "gemma3"),
+            hidden_act=act,
             sliding_window=int(sliding) if sliding else None,
             torch_dtype=str(dtype),
             bos_token_id=raw.get("bos_token_id"),
             eos_token_ids=eos,
             is_matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
             matryoshka_dimensions=tuple(int(d) for d in raw.get("matryoshka_dimensions") or ()),
-            **moe,
+            **moe, **extra,
         )
+
+
+def _rope_config(d: dict) -> RopeConfig:
+    """RopeConfig from a rope_scaling / rope_parameters dict (with its rope_theta)."""
+    rtype = d.get("rope_type", d.get("type", "default")) or "default"
+    if rtype not in ("default", "llama3", "linear"):
+        raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear)")
+    return RopeConfig(
+        theta=float(d.get("rope_theta", 10000.0)), type=rtype,
+        factor=float(d.get("factor", 1.0)),
+        low_freq_factor=float(d.get("low_freq_factor", 1.0)),
+        high_freq_factor=float(d.get("high_freq_factor", 4.0)),
+        original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
+    )
 
 
 MAX_N = 128                   # most samples per request (OpenAI's limit)

@@ -41,7 +41,7 @@ from ..parallel.ring import (
     ring_attention,
 )
 from ..parallel.shard import kv_heads_for_rank, q_heads_for_rank
-from .layers import RMSNorm, RopeTables, Rotary
+from .layers import RMSNorm, RopeTables, Rotary, norm
 from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 
 # One-token decodes are attended together (``Attention._attend_decodes``) when there are at least
@@ -60,6 +60,35 @@ DECODE_GATHER_BYTES = 1 << 20
 SHARED_MIN_ROWS = 256
 
 
+class Span(NamedTuple):
+    """Which of its earlier positions a query attends, beyond causality: the last ``window`` (its own included;
+    Mistral, Gemma 3's sliding layers), or those of its own ``chunk`` of positions (Llama 4's chunked layers:
+    ``pos // chunk`` equal); neither: all.  A local sequence's cache rows are its positions 0..kv_len-1."""
+    window: int | None = None
+    chunk: int | None = None
+
+    @staticmethod
+    def of(span) -> Span:
+        """``span`` as a Span: None (all), a window size, or a Span."""
+        return span if isinstance(span, Span) else Span(window=span)
+
+    @property
+    def limited(self) -> bool:
+        return self.window is not None or self.chunk is not None
+
+    def first(self, pos):
+        """The first position a query at ``pos`` attends (an int, or a tensor of them)."""
+        if self.window is not None:
+            return (pos - self.window + 1).clamp(min=0) if torch.is_tensor(pos) else max(0, pos - self.window + 1)
+        if self.chunk is not None:
+            return pos // self.chunk * self.chunk
+        return pos * 0
+
+    def whole(self, kv_len: int) -> bool:
+        """A one-token decode at ``kv_len`` rows attends all of them."""
+        return self.first(kv_len - 1) == 0
+
+
 class SharedGroup(NamedTuple):
     """One-token decodes whose cache rows start with the same run ``start : start + length``: their sequence
     indices, packed rows (G,), and each one's remaining rows as runs [(start, rows)]."""
@@ -71,12 +100,13 @@ class SharedGroup(NamedTuple):
     tails_native: native_kernels.DecodeRuns | None = None    # the tails for ``native.decode_attention``
 
 
-def shared_groups(batch: StepBatch, window, taken=frozenset()) -> list:
+def shared_groups(batch: StepBatch, span, taken=frozenset()) -> list:
     """Groups of at least two one-token decodes of ordinary sequences whose first cache run starts at the same
     row, sharing at least SHARED_MIN_ROWS rows (the shortest first run of the group)."""
+    span = Span.of(span)
     by_start: dict = {}
     for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len)):
-        if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and (window is None or kl <= window):
+        if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and span.whole(kl):
             ext = batch.extents(i)
             by_start.setdefault(ext[0][0], []).append((i, ext))
     groups = []
@@ -106,9 +136,11 @@ class DecodeGroup(NamedTuple):
 
 def decode_group(batch: StepBatch, window, row_bytes: int, taken=frozenset()) -> DecodeGroup | None:
     """The one-token decodes of ordinary sequences in ``batch`` (not in ``taken``) to attend together, or None
-    when the per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each)."""
+    when the per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each).
+    ``window``: the layers' ``Span`` (or window size)."""
+    span = Span.of(window)
     sel = [i for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len))
-           if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and (window is None or kl <= window)]
+           if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and span.whole(kl)]
     if len(sel) < DECODE_GROUP_MIN:
         return None
     kl = torch.tensor([batch.kv_len[i] for i in sel])
@@ -146,22 +178,25 @@ class AttentionPlan:
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
     @staticmethod
-    def build(batch: StepBatch, cp_comm, window: int | None, row_bytes: int,
+    def build(batch: StepBatch, cp_comm, window, row_bytes: int,
               group_decodes: bool, device=None, use_native: bool = False) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``).
         ``use_native``: the CPU kernels (``mpiinfer.native``) rotate and store K/V and attend every local one-token
-        decode not in a shared-prefix group (sliding windows included), in place of the decode group and loop."""
-        shared = shared_groups(batch, window) if batch.kv_ext is not None else []
+        decode not in a shared-prefix group (sliding windows and chunks included), in place of the decode group and
+        loop.  ``window``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
+        span = Span.of(window)
+        window = span.window
+        shared = shared_groups(batch, span) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)
         if use_native:
             local = [i for i, ql in enumerate(batch.q_len) if ql == 1 and batch.seq_mode(i) == MODE_LOCAL]
             mine = [i for i in local if i not in taken]
             native = native_kernels.DecodeRuns(
                 [batch.q_start[i] for i in mine], [batch.extents(i) for i in mine],
-                [max(0, batch.kv_len[i] - window) for i in mine] if window is not None else None)
+                [span.first(batch.kv_len[i] - 1) for i in mine] if span.limited else None)
             taken = taken | frozenset(local)
             group_decodes = False
-        plan = AttentionPlan(batch, decode_group(batch, window, row_bytes, taken) if group_decodes else None,
+        plan = AttentionPlan(batch, decode_group(batch, span, row_bytes, taken) if group_decodes else None,
                              shared=[g._replace(rows=g.rows.to(device)) if device is not None else g for g in shared])
         if use_native:
             plan.use_native = True
@@ -174,8 +209,7 @@ class AttentionPlan:
         grouped = (plan.group.seqs if plan.group is not None else frozenset()) | taken
         for i in range(len(batch.q_start)):
             mode = batch.seq_mode(i)
-            if mode == MODE_LOCAL and i not in grouped and batch.q_len[i] == 1 and (
-                    window is None or batch.kv_len[i] <= window):
+            if mode == MODE_LOCAL and i not in grouped and batch.q_len[i] == 1 and span.whole(batch.kv_len[i]):
                 ext = batch.extents(i)
                 # several runs: their rows, gathered once per layer (fewer torch calls than a matmul per run)
                 plan.decodes.append((batch.q_start[i], ext if len(ext) == 1 else
@@ -202,18 +236,27 @@ class Attention(nn.Module):
         k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, r)
         self.n_q, self.n_kv, self.head_dim = q1 - q0, k1 - k0, hd
         self.group = self.n_q // self.n_kv
-        self.scale = hd ** -0.5
-        self.window = cfg.sliding_window
+        self.scale = cfg.attn_scale
+        # the positions each query attends (Gemma 3 alternates windows, Llama 4 chunks, per layer): one plan per span
+        self.span = Span(cfg.layer_window(layer), cfg.layer_chunk(layer))
+        self.window = self.span.window
+        self.rope = cfg.layer_rope(layer)           # which of the model's rotary tables this layer takes
         self.cp_comm = mesh.cp_comm
+        pairs = hd if cfg.rope_interleaved else 0
         self.qkv = ColumnParallelLinear(cfg.hidden_size, [
-            Part(p + "q_proj", cfg.num_heads * hd, q0 * hd, q1 * hd),
-            Part(p + "k_proj", cfg.num_kv_heads * hd, k0 * hd, k1 * hd),
+            Part(p + "q_proj", cfg.num_heads * hd, q0 * hd, q1 * hd, rope_pairs=pairs),
+            Part(p + "k_proj", cfg.num_kv_heads * hd, k0 * hd, k1 * hd, rope_pairs=pairs),
             Part(p + "v_proj", cfg.num_kv_heads * hd, k0 * hd, k1 * hd),
         ], bias=cfg.attention_bias, dtype=dtype)
         self.o = RowParallelLinear(p + "o_proj", cfg.num_heads * hd, cfg.hidden_size, q0 * hd, q1 * hd,
                                    bias=cfg.o_bias, dtype=dtype, comm=mesh.tp_reduce)
-        self.q_norm = RMSNorm(p + "q_norm", hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
-        self.k_norm = RMSNorm(p + "k_norm", hd, cfg.rms_norm_eps, dtype) if cfg.qk_norm else None
+        self.q_norm = norm(cfg, p + "q_norm", hd, dtype) if cfg.qk_norm else None
+        self.k_norm = norm(cfg, p + "k_norm", hd, dtype) if cfg.qk_norm else None
+        if cfg.qk_l2_norm and cfg.layer_uses_rope(layer):
+            # Llama 4: weightless, after RoPE in transformers; RoPE keeps each vector's norm, so before it is the same
+            self.q_norm = self.k_norm = RMSNorm(None, hd, cfg.rms_norm_eps, dtype)
+        # Llama 4's NoPE layers: q scaled by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
+        self.temperature = cfg.temperature_tuning if not cfg.layer_uses_rope(layer) else ()
 
     def load(self, src):
         for m in (self.qkv, self.o, self.q_norm, self.k_norm):
@@ -242,6 +285,10 @@ class Attention(nn.Module):
             k = Rotary.apply(k2.view(T, self.n_kv, hd), rope.cos, rope.sin)
             k_cache.index_copy_(1, write_index, k.transpose(0, 1))          # cache: (n_kv, pool, hd)
             v_cache.index_copy_(1, write_index, v2.view(T, self.n_kv, hd).transpose(0, 1))
+        if self.temperature:
+            floor_scale, attn_scale = self.temperature
+            t = torch.log1p(torch.floor((rope.positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # (T,)
+            q = (q * t[:, None, None]).to(q.dtype)
         out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
         b = plan.batch
         if plan.native is not None:
@@ -272,22 +319,22 @@ class Attention(nn.Module):
     def _attend(self, q, K, V, kl):
         """Causal attention of ql queries (the last ql positions of kl) on one sequence's cache."""
         ql = q.shape[0]
-        if ql == 1 and (self.window is None or kl <= self.window):
+        if ql == 1 and self.span.whole(kl):
             # decode: group query heads by their KV head, no KV copy
             qg = q.view(self.n_kv, self.group, self.head_dim)           # (n_kv, group, hd)
             s = torch.matmul(qg, K.transpose(1, 2)).float() * self.scale  # (n_kv, group, kl)
             p = torch.softmax(s, dim=-1).to(V.dtype)
             return torch.matmul(p, V).reshape(1, self.n_q, self.head_dim)
         qt = q.transpose(0, 1).unsqueeze(0)                             # (1, n_q, ql, hd)
-        if ql == kl and (self.window is None or kl <= self.window):
+        if ql == kl and self.span.whole(kl):
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), is_causal=True,
                                                enable_gqa=True, scale=self.scale)
         else:
             qpos = torch.arange(kl - ql, kl, device=q.device)[:, None]
             kpos = torch.arange(kl, device=q.device)[None, :]
             mask = kpos <= qpos
-            if self.window is not None:
-                mask &= kpos > qpos - self.window
+            if self.span.limited:
+                mask &= kpos >= self.span.first(qpos)
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask,
                                                enable_gqa=True, scale=self.scale)
         return o[0].transpose(0, 1)                                     # (ql, n_q, hd)

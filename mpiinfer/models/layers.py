@@ -7,6 +7,7 @@ gate/up, row-parallel down: its allreduce over ``mesh.tp_reduce`` is the one in 
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import NamedTuple
 
 import torch
@@ -14,33 +15,48 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..comm.mesh import Mesh
-from ..config import ModelConfig
+from ..config import ModelConfig, RopeConfig
 from ..parallel.linear import ColumnParallelLinear, Part, RowParallelLinear
 from ..parallel.shard import balanced_range
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as Hugging Face does), weight applied in the input dtype."""
+    """RMSNorm computed in float32 (as Hugging Face does), weight applied in the input dtype; ``plus_one``
+    (Gemma): scaled by (1 + weight) in float32, then rounded to the input dtype; ``name`` None: no weight (Llama 4's
+    q/k L2 norm)."""
 
-    def __init__(self, name: str, size: int, eps: float, dtype: torch.dtype):
+    def __init__(self, name: str | None, size: int, eps: float, dtype: torch.dtype, plus_one: bool = False):
         super().__init__()
-        self.name, self.size, self.eps = name, size, eps
-        self.weight = nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.name, self.size, self.eps, self.plus_one = name, size, eps, plus_one
+        self.weight = None if name is None else nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
+        self.scale = None          # plus_one: 1 + weight in float32, made by ``load``
 
     def load(self, src) -> None:
+        if self.weight is None:
+            return
         self.weight.copy_(src.read(self.name + ".weight", (self.size,)))
+        if self.plus_one:
+            self.scale = 1.0 + self.weight.float()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(dt)
+        if self.plus_one:
+            return (xf * self.scale).to(dt)
+        return xf.to(dt) if self.weight is None else self.weight * xf.to(dt)
 
 
-def rope_inv_freq(cfg: ModelConfig) -> torch.Tensor:
-    """Inverse frequencies (head_dim/2,), float32, with llama3 / linear scaling as in HF."""
-    r = cfg.rope
-    dim = cfg.head_dim
+def norm(cfg: ModelConfig, name: str, size: int, dtype: torch.dtype) -> RMSNorm:
+    """The family's RMSNorm of ``size`` named ``name`` (Gemma's scales by 1 + weight)."""
+    return RMSNorm(name, size, cfg.rms_norm_eps, dtype, plus_one=cfg.norm_plus_one)
+
+
+def rope_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:
+    """Inverse frequencies (dim/2,), float32, with llama3 / linear scaling as in HF; type "none" (NoPE): zeros,
+    so cos = 1 and sin = 0 and the rotation is exactly the identity."""
+    if r.type == "none":
+        return torch.zeros(dim // 2)
     inv = 1.0 / (r.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
     if r.type == "linear":
         inv = inv / r.factor
@@ -68,10 +84,11 @@ class RopeTables(NamedTuple):
 
 
 class Rotary:
-    """cos/sin tables grown on demand; ``apply`` rotates (T, heads, head_dim) by true positions."""
+    """cos/sin tables of one RoPE configuration, grown on demand; ``apply`` rotates (T, heads, head_dim) by true
+    positions."""
 
-    def __init__(self, cfg: ModelConfig, device):
-        self.inv_freq = rope_inv_freq(cfg).to(device)
+    def __init__(self, rope: RopeConfig, head_dim: int, device):
+        self.inv_freq = rope_inv_freq(rope, head_dim).to(device)
         self.cos = self.sin = None
         self.device = device
 
@@ -94,11 +111,12 @@ class Rotary:
 
 
 class MLP(nn.Module):
-    """SwiGLU MLP: fused column-parallel gate/up, row-parallel down (one allreduce unless reduce=False)."""
+    """SwiGLU (GeGLU with ``act`` gelu_pytorch_tanh) MLP: fused column-parallel gate/up, row-parallel down (one allreduce unless reduce=False)."""
 
     def __init__(self, prefix: str, names: tuple, hidden: int, inter: int, mesh: Mesh, dtype, bias=False,
-                 reduce=True):
+                 reduce=True, act: str = "silu"):
         super().__init__()
+        self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh")   # gelu_pytorch_tanh
         gate, up, down = names
         a, b = balanced_range(inter, mesh.tp_rank, mesh.tp)
         self.inter_local = b - a
@@ -118,4 +136,4 @@ class MLP(nn.Module):
     def forward(self, x):
         gu = self.gate_up(x)                                        # (T, 2 * inter_local)
         g, u = gu[:, :self.inter_local], gu[:, self.inter_local:]
-        return self.down(F.silu(g) * u)
+        return self.down(self.act(g) * u)

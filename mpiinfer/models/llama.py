@@ -1,13 +1,17 @@
 """The decoder-only transformer of the Llama family: Llama (incl. llama3 RoPE
 scaling, tied embeddings, GQA), Mistral (sliding window), Qwen2 (qkv bias), Qwen3
 (q/k RMSNorm), and the MoE families (Mixtral, Qwen2-MoE, Qwen3-MoE) whose MLP is
-``moe.SparseMoeBlock``.
+``moe.SparseMoeBlock`` (Llama 4's too: chunked RoPE layers and NoPE layers are
+``Attention``'s per-layer settings); ``CausalLM`` also runs Gemma 3 with
+``gemma3.Gemma3DecoderLayer`` (its scaled embedding, per-layer windows and RoPE bases,
+and soft-capped logits).
 
 Every layer is built at shard size from a ``Mesh``: attention heads and MLP
 columns are split over the TP group; the two allreduces per layer (over
 ``mesh.tp_reduce``) are the ``RowParallelLinear`` calls in ``Attention.forward``
 and ``MLP.forward``.  ``CausalLM.forward`` builds the step's ``AttentionPlan``
-once (the CP ring plans are a collective over ``mesh.cp_comm``) and gathers the
+once per distinct attention span of its layers (the CP ring plans are a collective
+over ``mesh.cp_comm``) and gathers the
 vocab-parallel logits on TP rank 0 (``Gather`` over ``mesh.tp_comm``).
 Activations are packed: ``(T, hidden)`` for all tokens of a ``StepBatch``.
 """
@@ -24,8 +28,10 @@ from ..config import ModelConfig
 from ..kernels import linear
 from ..parallel.linear import ColumnParallelLinear, Part, VocabParallelEmbedding
 from ..parallel.shard import vocab_part, vocab_range
+from . import registry
 from .attention import Attention, AttentionPlan
-from .layers import MLP, RMSNorm, Rotary
+from .gemma3 import Gemma3DecoderLayer
+from .layers import MLP, RMSNorm, Rotary, norm
 from .moe import SparseMoeBlock
 from .step import StepBatch
 
@@ -40,7 +46,7 @@ class DecoderLayer(nn.Module):
         if cfg.is_moe_layer(layer):
             self.mlp = SparseMoeBlock(cfg, mesh, layer, dtype)
         else:
-            self.mlp = MLP(p + "mlp.", ("gate_proj", "up_proj", "down_proj"), cfg.hidden_size,
+            self.mlp = MLP(registry.mlp_prefix(cfg, layer), ("gate_proj", "up_proj", "down_proj"), cfg.hidden_size,
                            cfg.intermediate_size, mesh, dtype, bias=cfg.mlp_bias)
 
     def load(self, src):
@@ -52,6 +58,8 @@ class DecoderLayer(nn.Module):
         return x + self.mlp(self.post_norm(x))
 
 
+# the decoder layer of each family that does not use ``DecoderLayer``
+DECODER_LAYERS = {"gemma3": Gemma3DecoderLayer}
 TIED_HEAD_BLOCKS = 8   # a packed tied LM head is built (and applied) in this many row blocks
 
 
@@ -65,14 +73,20 @@ class CausalLM(nn.Module):
         self.vocab_start, self.vocab_stop = v0, v1
         self.embed = VocabParallelEmbedding("model.embed_tokens", cfg.vocab_size, cfg.hidden_size, v0, v1,
                                             dtype, mesh.tp_reduce)
-        self.layers = nn.ModuleList(DecoderLayer(cfg, mesh, i, dtype) for i in range(cfg.num_layers))
-        self.norm = RMSNorm("model.norm", cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        layer_cls = DECODER_LAYERS.get(cfg.family, DecoderLayer)
+        self.layers = nn.ModuleList(layer_cls(cfg, mesh, i, dtype) for i in range(cfg.num_layers))
+        self.norm = norm(cfg, "model.norm", cfg.hidden_size, dtype)
         if cfg.tie_word_embeddings or not cfg.lm_head:
             self.lm_head = None
         else:
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [Part("lm_head", cfg.vocab_size, v0, v1)],
                                                 bias=False, dtype=dtype)
-        self.rotary = Rotary(cfg, device)
+        # one rotary table per RoPE configuration of the layers (Gemma 3: the sliding layers' and the others')
+        self.rotary = {r: Rotary(r, cfg.head_dim, device) for r in dict.fromkeys(l.attn.rope for l in self.layers)}
+        # the distinct attention spans of the layers (window, chunk or all), in layer order: one plan each per step
+        self.spans = list(dict.fromkeys(layer.attn.span for layer in self.layers))
+        # Gemma: the embedding scale rounded to the model dtype, as transformers applies it
+        self.embed_scale = None if cfg.embed_scale == 1.0 else torch.tensor(cfg.embed_scale, dtype=dtype, device="cpu").item()
         # the CPU kernels for RoPE + cache write and decode attention (models.attention), where they are built
         self.use_native = native.usable(torch.device(device), dtype) and \
             cfg.num_heads // cfg.num_kv_heads <= native.MAX_GROUP
@@ -119,15 +133,20 @@ class CausalLM(nn.Module):
         ids = batch.input_ids.to(dev, non_blocking=True)
         pos = batch.positions.to(dev, non_blocking=True)
         write_index = batch.write_index.to(dev, non_blocking=True)
-        rope = self.rotary.tables(pos, self.dtype)
+        ropes = {r: rotary.tables(pos, self.dtype) for r, rotary in self.rotary.items()}
         attn = self.layers[0].attn
-        plan = AttentionPlan.build(batch, self.mesh.cp_comm, attn.window,
-                                   row_bytes=kv.k[0].element_size() * attn.n_kv * attn.head_dim,
-                                   group_decodes=kv.k[0].device.type != "cpu" or kv.k[0].dtype != torch.float32,
-                                   device=dev, use_native=self.use_native)
+        # the same spans in the same order on every rank: the CP ring plans inside are collectives
+        plans = {s: AttentionPlan.build(batch, self.mesh.cp_comm, s,
+                                        row_bytes=kv.k[0].element_size() * attn.n_kv * attn.head_dim,
+                                        group_decodes=kv.k[0].device.type != "cpu" or kv.k[0].dtype != torch.float32,
+                                        device=dev, use_native=self.use_native)
+                 for s in self.spans}
         x = self.embed(ids)                                              # (T, hidden)
+        if self.embed_scale is not None:
+            x = x * self.embed_scale
         for i, layer in enumerate(self.layers):
-            x = layer(x, plan, rope, kv.k[i], kv.v[i], write_index)
+            a = layer.attn
+            x = layer(x, plans[a.span], ropes[a.rope], kv.k[i], kv.v[i], write_index)
         # embeddings: the final hidden states of the rows asked for (E, hidden), float32
         self.hidden = None if batch.hidden_rows is None else self.norm(x[batch.hidden_rows.to(dev)]).float()
         if not self.cfg.lm_head:                                          # a base model: hidden states only
@@ -144,6 +163,9 @@ class CausalLM(nn.Module):
                 self._head_out = torch.empty(S, cols, dtype=x.dtype, device=dev)
             y = torch.cat([linear(x, w) for w in ws], dim=1, out=self._head_out[:S])
         logits = y.float()                                               # (S, vocab_local)
+        if self.cfg.final_logit_softcapping is not None:                # Gemma: cap * tanh(logits / cap)
+            cap = self.cfg.final_logit_softcapping
+            logits = torch.tanh(logits / cap) * cap
         if self.mesh.tp == 1:
             return logits
         per = vocab_part(self.cfg.vocab_size, self.mesh.tp)             # equal parts for the gather

@@ -1,5 +1,7 @@
 """Sparse mixture-of-experts MLP: Mixtral, Qwen2-MoE (shared expert with a sigmoid
-gate), Qwen3-MoE (``norm_topk_prob``).
+gate), Qwen3-MoE (``norm_topk_prob``), Llama 4 (sigmoid of the top-k router logits
+scaling each expert's input, an ungated shared expert, all experts in two fused
+checkpoint tensors).
 
 Which experts, and which slice of each, a rank holds is ``comm.mesh.Layout``'s
 arithmetic (``ep_rank``, ``etp``, ``etp_rank``).
@@ -54,27 +56,46 @@ class SparseMoeBlock(nn.Module):
         self.i0, self.i1 = balanced_range(inter, mesh.etp_rank, mesh.layout.etp)   # this rank's slice of each
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
+        self.scale_input = cfg.moe_scale_input
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, 2 * il, h, dtype=dtype), requires_grad=False)  # gate | up
         self.w2 = nn.Parameter(torch.empty(n_local, h, il, dtype=dtype), requires_grad=False)
-        self.shared = None
+        self.shared = self.shared_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared = MLP(self.names["shared_prefix"], ("gate_proj", "up_proj", "down_proj"), h,
                               cfg.shared_expert_intermediate_size, mesh, dtype, reduce=False)
-            self.shared_gate = nn.Parameter(torch.empty(1, h, dtype=dtype), requires_grad=False)
+            if self.names["shared_gate"]:
+                self.shared_gate = nn.Parameter(torch.empty(1, h, dtype=dtype), requires_grad=False)
 
     def load(self, src):
         cfg, h, inter = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size
         il = self.i1 - self.i0
         self.gate.copy_(src.read(self.names["router"] + ".weight", (cfg.num_experts, h)))
+        if "fused" in self.names:
+            # only this rank's experts and intermediate columns of the two 3-d tensors (input-major: transposed
+            # into (out, in) here); gate columns are [0, I) of gate_up_proj's last dim, up columns [I, 2I)
+            gu_name, d_name = self.names["fused"]
+            shape, experts = (cfg.num_experts, h, 2 * inter), Slice(0, self.e0, self.e1)
+            g = src.read(gu_name, shape, experts, Slice(2, self.i0, self.i1))                      # (n, h, il)
+            u = src.read(gu_name, shape, experts, Slice(2, inter + self.i0, inter + self.i1))
+            d = src.read(d_name, (cfg.num_experts, inter, h), experts, Slice(1, self.i0, self.i1))  # (n, il, h)
+            self.w13[:, :il].copy_(g.transpose(1, 2))
+            self.w13[:, il:].copy_(u.transpose(1, 2))
+            self.w2.copy_(d.transpose(1, 2))
+            self._load_shared(src)
+            return
         for j, e in enumerate(range(self.e0, self.e1)):
             g, u, d = (self.names["expert"].format(e=e, w=w) + ".weight" for w in self.names["w"])
             self.w13[j, :il].copy_(src.read(g, (inter, h), Slice(0, self.i0, self.i1)))
             self.w13[j, il:].copy_(src.read(u, (inter, h), Slice(0, self.i0, self.i1)))
             self.w2[j].copy_(src.read(d, (h, inter), Slice(1, self.i0, self.i1)))
+        self._load_shared(src)
+
+    def _load_shared(self, src):
         if self.shared is not None:
             self.shared.load(src)
-            self.shared_gate.copy_(src.read(self.names["shared_gate"] + ".weight", (1, h)))
+        if self.shared_gate is not None:
+            self.shared_gate.copy_(src.read(self.names["shared_gate"] + ".weight", (1, self.cfg.hidden_size)))
 
     def pack(self) -> None:
         """Pack the router and each local expert's weights for ``kernels.linear`` (see ``CausalLM.pack``)."""
@@ -87,6 +108,9 @@ class SparseMoeBlock(nn.Module):
     def route(self, x: torch.Tensor):
         """Top-k expert ids (T, k) and their weights (T, k) exactly as Hugging Face computes them."""
         logits = linear(x, self.gate)                               # (T, E)
+        if self.cfg.router == "sigmoid":                            # Llama 4: top-k logits, then their sigmoid
+            top, idx = torch.topk(logits, self.top_k, dim=-1)
+            return idx, torch.sigmoid(top.float()).to(x.dtype)
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
@@ -110,11 +134,11 @@ class SparseMoeBlock(nn.Module):
             if n == 0:
                 continue
             t = tok[start:start + n]
-            xe = x[t]                                                # (n, hidden)
+            we = w[t, slot[start:start + n], None]                   # (n, 1) routing weights
+            xe = x[t] * we if self.scale_input else x[t]             # (n, hidden)
             gu = linear(xe, self.w13[e])                             # (n, 2 * il)
             ye = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])  # (n, hidden)
-            ye = ye * w[t, slot[start:start + n], None]
-            out.index_add_(0, t, ye)
+            out.index_add_(0, t, ye if self.scale_input else ye * we)
             start += n
         return out
 
@@ -124,8 +148,13 @@ class SparseMoeBlock(nn.Module):
             return self._forward_wide(x, idx, w)
         y = self.experts(x, idx, w)
         if self.shared is not None:
-            y = y + torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
+            y = y + self._shared(x)
         return all_reduce(y, self.mesh.tp_reduce)
+
+    def _shared(self, x: torch.Tensor) -> torch.Tensor:
+        """The shared expert's partial (row-parallel, unreduced) output, gated where the family gates it."""
+        y = self.shared(x)
+        return y if self.shared_gate is None else torch.sigmoid(linear(x, self.shared_gate)) * y
 
     def _forward_wide(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         mesh = self.mesh
@@ -139,7 +168,8 @@ class SparseMoeBlock(nn.Module):
         order = torch.argsort(dest, stable=True)
         tok, slot, eid, dest = tok[order], slot[order], eid[order], dest[order]
         send_counts = torch.bincount(dest, minlength=self.ep).tolist()
-        rows = xs[tok].contiguous()                                   # (n_send, hidden)
+        # (n_send, hidden); Llama 4 sends each row already scaled by its routing weight
+        rows = (xs[tok] * w_s[tok, slot, None] if self.scale_input else xs[tok]).contiguous()
         recv_rows, recv_counts = alltoallv(rows, send_counts, mesh.ep_comm)
         recv_eid, _ = alltoallv(eid.contiguous(), send_counts, mesh.ep_comm, recv_counts=recv_counts)
         # run this rank's experts on the rows it received
@@ -157,10 +187,9 @@ class SparseMoeBlock(nn.Module):
                     start += n
         back, _ = alltoallv(out, recv_counts, mesh.ep_comm, recv_counts=send_counts)   # rows return in send order
         y_s = torch.zeros_like(xs)
-        y_s.index_add_(0, tok, back * w_s[tok, slot, None])
+        y_s.index_add_(0, tok, back if self.scale_input else back * w_s[tok, slot, None])
         y = all_gather_rows(y_s, [balanced_range(T, r, mesh.tp, allow_empty=True) for r in range(mesh.tp)],
                             mesh.tp_comm)
         if self.shared is not None:
-            shared = torch.sigmoid(linear(x, self.shared_gate)) * self.shared(x)
-            y = y + all_reduce(shared, mesh.tp_reduce)
+            y = y + all_reduce(self._shared(x), mesh.tp_reduce)
         return y

@@ -13,8 +13,19 @@ from ..config import ConfigError, ModelConfig
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 
 
+def mlp_prefix(cfg: ModelConfig, layer: int) -> str:
+    """The checkpoint prefix of ``layer``'s dense MLP (or MoE block)."""
+    return f"model.layers.{layer}." + ("feed_forward." if cfg.family == "llama4" else "mlp.")
+
+
 def moe_names(cfg: ModelConfig, layer: int) -> dict:
+    """The checkpoint names of ``layer``'s MoE block.  ``fused`` (Llama 4): all experts in two 3-d tensors,
+    ``gate_up_proj`` (E, hidden, 2 x inter) and ``down_proj`` (E, inter, hidden), no ``.weight`` suffix."""
     p = f"model.layers.{layer}."
+    if cfg.family == "llama4":
+        f = p + "feed_forward."
+        return {"router": f + "router", "fused": (f + "experts.gate_up_proj", f + "experts.down_proj"),
+                "shared_prefix": f + "shared_expert.", "shared_gate": None}
     if cfg.family == "mixtral":
         return {"router": p + "block_sparse_moe.gate", "expert": p + "block_sparse_moe.experts.{e}.{w}",
                 "w": ("w1", "w3", "w2")}
@@ -34,6 +45,9 @@ def expected_tensors(cfg: ModelConfig) -> dict:
         a = p + "self_attn."
         t[p + "input_layernorm.weight"] = (h,)
         t[p + "post_attention_layernorm.weight"] = (h,)
+        if cfg.family == "gemma3":
+            t[p + "pre_feedforward_layernorm.weight"] = (h,)
+            t[p + "post_feedforward_layernorm.weight"] = (h,)
         t[a + "q_proj.weight"] = (cfg.num_heads * hd, h)
         t[a + "k_proj.weight"] = (cfg.num_kv_heads * hd, h)
         t[a + "v_proj.weight"] = (cfg.num_kv_heads * hd, h)
@@ -49,24 +63,31 @@ def expected_tensors(cfg: ModelConfig) -> dict:
             t[a + "k_norm.weight"] = (hd,)
         if cfg.is_moe_layer(i):
             n = moe_names(cfg, i)
-            t[n["router"] + ".weight"] = (cfg.num_experts, h)
-            g, u, d = n["w"]
-            for e in range(cfg.num_experts):
-                t[n["expert"].format(e=e, w=g) + ".weight"] = (cfg.moe_intermediate_size, h)
-                t[n["expert"].format(e=e, w=u) + ".weight"] = (cfg.moe_intermediate_size, h)
-                t[n["expert"].format(e=e, w=d) + ".weight"] = (h, cfg.moe_intermediate_size)
+            E, inter = cfg.num_experts, cfg.moe_intermediate_size
+            t[n["router"] + ".weight"] = (E, h)
+            if "fused" in n:
+                t[n["fused"][0]] = (E, h, 2 * inter)
+                t[n["fused"][1]] = (E, inter, h)
+            else:
+                g, u, d = n["w"]
+                for e in range(E):
+                    t[n["expert"].format(e=e, w=g) + ".weight"] = (inter, h)
+                    t[n["expert"].format(e=e, w=u) + ".weight"] = (inter, h)
+                    t[n["expert"].format(e=e, w=d) + ".weight"] = (h, inter)
             if cfg.shared_expert_intermediate_size:
                 s, si = n["shared_prefix"], cfg.shared_expert_intermediate_size
                 t[s + "gate_proj.weight"] = (si, h)
                 t[s + "up_proj.weight"] = (si, h)
                 t[s + "down_proj.weight"] = (h, si)
-                t[n["shared_gate"] + ".weight"] = (1, h)
+                if n["shared_gate"]:
+                    t[n["shared_gate"] + ".weight"] = (1, h)
         else:
+            m = mlp_prefix(cfg, i)
             for name, shape in (("gate_proj", (cfg.intermediate_size, h)), ("up_proj", (cfg.intermediate_size, h)),
                                 ("down_proj", (h, cfg.intermediate_size))):
-                t[p + "mlp." + name + ".weight"] = shape
+                t[m + name + ".weight"] = shape
                 if cfg.mlp_bias:
-                    t[p + "mlp." + name + ".bias"] = (shape[0],)
+                    t[m + name + ".bias"] = (shape[0],)
     return t
 
 
@@ -108,6 +129,9 @@ def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
     for name, v in inner:
         if v < tp:
             raise ConfigError(f"--tp {tp} is larger than {name}={v}")
+    if mesh_layout.cp > 1 and any(cfg.layer_chunk(i) for i in range(cfg.num_layers)):
+        raise ConfigError(f"--cp {mesh_layout.cp}: context parallelism does not support {cfg.arch}'s chunked "
+                          f"attention yet (attention_chunk_size={cfg.attention_chunk_size}); run it without --cp")
     if ep > 1 and not cfg.is_moe:
         raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
     if cfg.is_moe:

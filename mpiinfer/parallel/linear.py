@@ -33,6 +33,17 @@ class Part:
     full_out: int        # rows of the full checkpoint tensor
     start: int
     stop: int
+    rope_pairs: int = 0  # head_dim of q/k rows whose RoPE pairs adjacent dims (Llama 4): reordered to halves at load
+
+    def arrange(self, t: torch.Tensor) -> torch.Tensor:
+        """The rows as the model uses them: with ``rope_pairs``, each head's dims (0, 1, 2, 3, ...) become
+        (0, 2, 4, ..., 1, 3, 5, ...), so rotating halves (``layers.Rotary``) rotates the checkpoint's pairs.  The
+        same order on q and k leaves every q.k product, hence attention, unchanged."""
+        if not self.rope_pairs:
+            return t
+        hd = self.rope_pairs
+        perm = torch.cat((torch.arange(0, hd, 2), torch.arange(1, hd, 2)))
+        return t.view(-1, hd, *t.shape[1:])[:, perm].reshape(t.shape)
 
     @property
     def size(self) -> int:
@@ -52,10 +63,10 @@ class ColumnParallelLinear(nn.Module):
         off = 0
         for p in self.parts:
             w = src.read(p.name + ".weight", (p.full_out, self.in_features), Slice(0, p.start, p.stop))
-            self.weight[off:off + p.size].copy_(w)
+            self.weight[off:off + p.size].copy_(p.arrange(w))
             if self.bias is not None:
                 b = src.read(p.name + ".bias", (p.full_out,), Slice(0, p.start, p.stop))
-                self.bias[off:off + p.size].copy_(b)
+                self.bias[off:off + p.size].copy_(p.arrange(b))
             off += p.size
 
     def pack(self) -> None:

@@ -78,8 +78,10 @@ ARCHS = {
     "mixtral": "MixtralForCausalLM",
     "qwen2_moe": "Qwen2MoeForCausalLM",
     "qwen3_moe": "Qwen3MoeForCausalLM",
+    "gemma3": "Gemma3ForCausalLM",
+    "llama4": "Llama4ForCausalLM",
 }
-_MOE = ("mixtral", "qwen2_moe", "qwen3_moe")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4")
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3
@@ -111,6 +113,9 @@ PRESETS = {
         tie_word_embeddings=False, rms_norm_eps=None,
         num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
         shared_expert_intermediate_size=64, init_std=0.2,
+        window=16, window_pattern=2,    # Gemma 3 only: sliding window, layers per full-attention layer
+        chunk=16, nope_interval=2, moe_step=2, floor_scale=4,   # Llama 4 only: attention chunk, layers per NoPE
+                                                                # layer, per MoE layer, temperature floor scale
     ),
     # Llama-3.2-1B shapes (1,235,814,400 parameters for the dense families).  For the
     # MoE families: 8 experts of width 1024 (top-2), i.e. the same total expert width.
@@ -123,7 +128,15 @@ PRESETS = {
         tie_word_embeddings=True, rms_norm_eps=1e-5,
         num_experts=8, num_experts_per_tok=2, moe_intermediate_size=1024,
         shared_expert_intermediate_size=1024, init_std=0.02,
+        window=512, window_pattern=6,   # as gemma-3-1b
+        chunk=8192, nope_interval=4, moe_step=2, floor_scale=8192,   # as Llama 4 Maverick
     ),
+}
+# A family's own shapes at a preset, over the preset's: gemma3 "1b" is gemma-3-1b (999,885,952 parameters).
+FAMILY_PRESETS = {
+    ("gemma3", "1b"): dict(hidden_size=1152, num_hidden_layers=26, num_attention_heads=4, num_key_value_heads=1,
+                           head_dim=256, intermediate_size=6912, vocab_size=262144, max_position_embeddings=32768,
+                           rms_norm_eps=1e-6),
 }
 # Knobs that are never config.json fields.
 _GEN_KNOBS = ("init_std", "tokenizer_vocab")
@@ -149,7 +162,7 @@ def _knobs(arch: str, preset, overrides: dict | None) -> tuple[dict, dict]:
     if isinstance(preset, dict):
         knobs = {**PRESETS["tiny"], **copy.deepcopy(preset)}
     elif preset in PRESETS:
-        knobs = copy.deepcopy(PRESETS[preset])
+        knobs = {**copy.deepcopy(PRESETS[preset]), **FAMILY_PRESETS.get((arch, preset), {})}
     else:
         raise ValueError(f"unknown preset {preset!r}; choose from {', '.join(PRESETS)}")
     rest = dict(overrides or {})
@@ -182,10 +195,11 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
     vocab = knobs["vocab_size"] or _round_up(tok_vocab, 64)
     family = arch
     h = knobs["hidden_size"]
-    llama_like = family in ("llama", "mistral", "mixtral")
+    llama_like = family in ("llama", "mistral", "mixtral", "llama4")
 
-    cfg: dict = {"architectures": [ARCHS[arch]], "model_type": family}
-    if family in ("llama", "qwen3", "qwen3_moe"):
+    cfg: dict = {"architectures": [ARCHS[arch]],
+                 "model_type": {"gemma3": "gemma3_text", "llama4": "llama4_text"}.get(family, family)}
+    if family in ("llama", "qwen3", "qwen3_moe", "gemma3", "llama4"):
         cfg["attention_bias"] = False
     cfg["attention_dropout"] = 0.0
     cfg["bos_token_id"] = BOS_ID
@@ -223,8 +237,39 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
     cfg["torch_dtype"] = _canon_dtype(dtype)
     cfg["use_cache"] = True
     cfg["vocab_size"] = int(vocab)
+    if family == "gemma3":
+        # as gemma-3-1b's config.json: GeGLU, 1 + w norms (eps 1e-6), a window on 5 of 6 layers with RoPE base 1e4,
+        # base 1e6 on the others, no soft-capping.  Embeddings tied as the preset says (gemma-3-1b ties them; the tiny
+        # preset does not: a tied random model's sqrt(hidden)-scaled embedding makes every token predict itself)
+        del cfg["hidden_act"]
+        cfg["hidden_activation"] = "gelu_pytorch_tanh"
+        cfg["query_pre_attn_scalar"] = knobs["head_dim"]
+        cfg["sliding_window"] = knobs["window"]
+        cfg["sliding_window_pattern"] = knobs["window_pattern"]
+        cfg["rope_theta"] = 1e6
+        cfg["rope_local_base_freq"] = 1e4
+        cfg["rope_scaling"] = None
+        cfg["attn_logit_softcapping"] = None
+        cfg["final_logit_softcapping"] = None
 
-    if family == "mixtral":
+    if family == "llama4":
+        # as Llama 4 Maverick's text config: top-1 sigmoid routing, a shared expert as wide as the routed ones
+        # (intermediate_size), dense layers of intermediate_size_mlp between MoE layers, chunked attention on the
+        # RoPE layers, every nope_interval-th layer NoPE with temperature tuning, L2-normed q/k
+        cfg["intermediate_size"] = knobs["moe_intermediate_size"]
+        cfg["intermediate_size_mlp"] = knobs["intermediate_size"]
+        cfg["num_local_experts"] = knobs["num_experts"]
+        cfg["num_experts_per_tok"] = 1
+        cfg["interleave_moe_layer_step"] = knobs["moe_step"]
+        cfg["no_rope_layer_interval"] = knobs["nope_interval"]
+        cfg["attention_chunk_size"] = knobs["chunk"]
+        cfg["use_qk_norm"] = True
+        cfg["attn_temperature_tuning"] = True
+        cfg["floor_scale"] = knobs["floor_scale"]
+        cfg["attn_scale"] = 0.1
+        cfg["output_router_logits"] = False
+        cfg["router_aux_loss_coef"] = 0.001
+    elif family == "mixtral":
         cfg["num_local_experts"] = knobs["num_experts"]
         cfg["num_experts_per_tok"] = knobs["num_experts_per_tok"]
         cfg["output_router_logits"] = False
@@ -256,9 +301,10 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
     """``(name, shape, kind)`` for every tensor of a checkpoint with this config.json.
 
     Names are those of the real HF checkpoints (per-expert tensors for MoE).  ``kind``
-    is one of "embed", "linear", "norm", "bias", "router".
+    is one of "embed", "linear", "norm", "norm0" (Gemma's, which scale by 1 + w), "bias", "router".
     """
     mc = ModelConfig.from_hf(config)
+    nk = "norm0" if mc.norm_plus_one else "norm"
     h, hd, V = mc.hidden_size, mc.head_dim, mc.vocab_size
     q_out, kv_out = mc.num_heads * hd, mc.num_kv_heads * hd
     specs: list[tuple[str, tuple, str]] = [("model.embed_tokens.weight", (V, h), "embed")]
@@ -276,7 +322,7 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
     for i in range(mc.num_layers):
         p = f"model.layers.{i}."
         a = p + "self_attn."
-        specs.append((p + "input_layernorm.weight", (h,), "norm"))
+        specs.append((p + "input_layernorm.weight", (h,), nk))
         specs += [(a + "q_proj.weight", (q_out, h), "linear"),
                   (a + "k_proj.weight", (kv_out, h), "linear"),
                   (a + "v_proj.weight", (kv_out, h), "linear"),
@@ -288,10 +334,22 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
         if mc.o_bias:
             specs.append((a + "o_proj.bias", (h,), "bias"))
         if mc.qk_norm:
-            specs += [(a + "q_norm.weight", (hd,), "norm"), (a + "k_norm.weight", (hd,), "norm")]
-        specs.append((p + "post_attention_layernorm.weight", (h,), "norm"))
+            specs += [(a + "q_norm.weight", (hd,), nk), (a + "k_norm.weight", (hd,), nk)]
+        specs.append((p + "post_attention_layernorm.weight", (h,), nk))
+        if mc.family == "gemma3":
+            specs += [(p + "pre_feedforward_layernorm.weight", (h,), nk),
+                      (p + "post_feedforward_layernorm.weight", (h,), nk)]
         E, I = mc.num_experts, mc.moe_intermediate_size
-        if mc.is_moe_layer(i) and mc.family == "mixtral":
+        if mc.family == "llama4":
+            f = p + "feed_forward."
+            if mc.is_moe_layer(i):
+                specs += [(f + "router.weight", (E, h), "router"),
+                          (f + "experts.gate_up_proj", (E, h, 2 * I), "linear"),   # input-major, all experts
+                          (f + "experts.down_proj", (E, I, h), "linear")]
+                specs += mlp(f + "shared_expert.", mc.shared_expert_intermediate_size)
+            else:
+                specs += mlp(f, mc.intermediate_size)
+        elif mc.is_moe_layer(i) and mc.family == "mixtral":
             m = p + "block_sparse_moe."
             specs.append((m + "gate.weight", (E, h), "router"))
             for e in range(E):
@@ -309,7 +367,7 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
                 specs.append((m + "shared_expert_gate.weight", (1, h), "router"))
         else:
             specs += mlp(p + "mlp.", mc.intermediate_size, mc.mlp_bias)
-    specs.append(("model.norm.weight", (h,), "norm"))
+    specs.append(("model.norm.weight", (h,), nk))
     if not mc.tie_word_embeddings:
         specs.append(("lm_head.weight", (V, h), "linear"))
     return specs
@@ -332,6 +390,8 @@ def _tensor_chunks(name: str, shape: tuple, kind: str, seed: int, std: float,
         t = torch.randn((n,) + tuple(shape[1:]), generator=g, dtype=torch.float32)
         if kind == "norm":
             t.mul_(_NORM_NOISE).add_(1.0)
+        elif kind == "norm0":
+            t.mul_(_NORM_NOISE)
         elif kind == "bias":
             t.mul_(_BIAS_STD)
         else:

@@ -3,13 +3,14 @@
 Owns: reading a ``Slice`` of a safetensors tensor with positioned reads
 (``os.preadv``) straight into the destination buffer, using the byte offsets of
 the file header.  Nothing is memory-mapped, so the bytes a rank does not own are
-never read and never count towards its resident memory: a slice along dim 0 is
-one read; a slice along dim 1 is one read per row of the owned columns.  Also
+never read and never count towards its resident memory: a block is one read per
+contiguous run (a slice along dim 0: one read; along dim 1 of a matrix: one per row).  Also
 owns the loud failure on a missing or mis-shaped tensor, and ``FileRows``: rows of
 a table (the token embedding) read from the file when a step needs them.
 """
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import weakref
@@ -35,8 +36,11 @@ class WeightSource:
             self._fds[path] = fd
         return fd
 
-    def read(self, name: str, expected_shape: tuple, sl: Slice = Slice()) -> torch.Tensor:
-        """Return the slice ``sl`` of tensor ``name`` (a new CPU tensor) after checking its full shape."""
+    def read(self, name: str, expected_shape: tuple, sl: Slice = Slice(), *more: Slice) -> torch.Tensor:
+        """Return the block ``sl`` (and ``more`` slices along other dims) of tensor ``name`` (a new CPU tensor)
+        after checking its full shape: one positioned read per contiguous run of the block (one for a slice along
+        dim 0; one per row for a slice along the last dim; one per expert for Llama 4's (E, I, h) down
+        projection sliced along E and I)."""
         if name not in self.index:
             raise ConfigError(f"checkpoint {self.index.model_dir} is missing tensor {name!r}")
         info = self.index[name]
@@ -49,33 +53,29 @@ class WeightSource:
         except ValueError:
             raise ConfigError(f"tensor {name!r} has unsupported dtype {info.dtype}") from None
         shape = list(info.shape)
+        ranges = [(0, n) for n in shape]
+        for s in (sl,) + more:
+            if s.dim is not None:
+                if not 0 <= s.dim < len(shape) or not 0 <= s.start <= s.stop <= shape[s.dim]:
+                    raise ValueError(f"unsupported slice {s} of a {len(shape)}-d tensor")
+                ranges[s.dim] = (s.start, s.stop)
         esize = torch.tensor([], dtype=dtype).element_size()
-        fd = self._fd(info.file)
-        if sl.dim is None or (sl.start == 0 and sl.stop == shape[sl.dim]):
-            out = torch.empty(shape, dtype=dtype)
-            self._pread(fd, out, info.offset, info.name)
-        elif sl.dim == 0:
-            row = math.prod(shape[1:]) * esize
-            out = torch.empty([sl.stop - sl.start] + shape[1:], dtype=dtype)
-            self._pread(fd, out, info.offset + sl.start * row, info.name)
-        elif sl.dim == 1 and len(shape) == 2:
-            rows, cols = shape
-            width = sl.stop - sl.start
-            out = torch.empty(rows, width, dtype=dtype)
-            buf = out.view(torch.uint8).numpy().reshape(rows, width * esize)
-            base = info.offset + sl.start * esize
-            for r in range(rows):
-                n = os.preadv(fd, [buf[r]], base + r * cols * esize)
-                if n != width * esize:
-                    raise ConfigError(f"short read of tensor {name!r} in {info.file}")
-        else:
-            raise ValueError(f"unsupported slice {sl} of a {len(shape)}-d tensor")
+        out = torch.empty([b - a for a, b in ranges], dtype=dtype)
+        # the last dim whose range is not whole: below it every run of the block is contiguous in the file
+        k = max((d for d, (a, b) in enumerate(ranges) if (a, b) != (0, shape[d])), default=0)
+        run = (ranges[k][1] - ranges[k][0]) * math.prod(shape[k + 1:])     # elements per contiguous run
+        strides = [math.prod(shape[d + 1:]) for d in range(len(shape))]
+        mv = memoryview(out.view(torch.uint8).numpy().reshape(-1)) if out.numel() else memoryview(b"")
+        fd, at, nb = self._fd(info.file), 0, run * esize
+        for idx in itertools.product(*(range(a, b) for a, b in ranges[:k])):
+            first = sum(i * st for i, st in zip(idx, strides)) + ranges[k][0] * strides[k]
+            self._pread(fd, mv[at:at + nb], info.offset + first * esize, info.name)
+            at += nb
         self.bytes_read += out.numel() * out.element_size()
         return out
 
     @staticmethod
-    def _pread(fd, out: torch.Tensor, offset: int, name: str) -> None:
-        mv = memoryview(out.view(torch.uint8).numpy().reshape(-1)) if out.numel() else memoryview(b"")
+    def _pread(fd, mv: memoryview, offset: int, name: str) -> None:
         done = 0
         total = len(mv)
         while done < total:
@@ -123,7 +123,8 @@ class FileRows:
         if not 0 <= a < b <= self.rows:
             raise IndexError(f"rows [{a}, {b}) outside [0, {self.rows}) of {self.name}")
         buf = torch.empty(b - a, self.cols, dtype=self.src_dtype)
-        WeightSource._pread(self.fd, buf, self.base + a * self.row_bytes, self.name)
+        WeightSource._pread(self.fd, memoryview(buf.view(torch.uint8).numpy().reshape(-1)),
+                            self.base + a * self.row_bytes, self.name)
         return buf.to(self.dtype)
 
     def close(self) -> None:

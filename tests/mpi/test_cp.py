@@ -97,6 +97,32 @@ def test_cp_with_moe_model(model_dirs, tmp_path):
         assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4
 
 
+@pytest.fixture(scope="module")
+def gemma3_doc(model_dirs, tmp_path_factory):
+    """Gemma 3 (a window of 100 on layers 0 and 2, full attention on layer 1) and a 2,501-token document: ring
+    blocks of ~1,250 rows, so windows reach across the CP shards' edges in the prefill and every decode."""
+    d = model_dirs("gemma3", max_position_embeddings=8192, num_hidden_layers=3, sliding_window=100)
+    rng = random.Random(5)
+    prompt = [rng.randrange(4, 500) for _ in range(2501)]
+    inp = tmp_path_factory.mktemp("g3cp") / "in.jsonl"
+    inp.write_text(json.dumps({"id": "doc", "prompt_token_ids": prompt, "max_tokens": NEW, "logprobs": True,
+                               "ignore_eos": True}) + "\n")
+    return d, inp, hf_greedy(d, [prompt], NEW)[0]
+
+
+@pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
+def test_cp_with_per_layer_windows(n, flags, gemma3_doc, tmp_path):
+    """Layers of one model with and without a sliding window under ring attention: one ring plan per window."""
+    d, inp, (toks, lps) = gemma3_doc
+    out = tmp_path / "o.jsonl"
+    p = mpirun(n, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"]
+               + flags)
+    assert p.returncode == 0, p.stderr
+    r = json.loads(out.read_text())
+    assert r["token_ids"] == toks and len(set(toks)) >= 4
+    assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4
+
+
 @pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
 def test_cp_embeddings_and_structured_output(n, flags, setup, tmp_path):
     """A 4,099-token document embedded over the CP ranks (last token on whichever rank holds it, mean summed over

@@ -60,6 +60,18 @@ LAYOUTS = [
     ("mixtral", {"num_local_experts": 6}, 4, ["--tp", "4", "--ep", "4"]),  # 6 at ep=4: 2 2 1 1
     ("qwen2_moe", {"num_experts": 6}, 4, ["--ep", "4"]),                  # wide EP, 2 2 1 1
     ("qwen3_moe", {"num_experts": 15}, 8, ["--ep", "8"]),                 # 60-style: 2 x 7 + 1 at ep=8
+    # Gemma 3: sliding and full layers, two RoPE bases, (1 + w) norms, GeGLU
+    ("gemma3", {}, 2, ["--tp", "2"]),
+    ("gemma3", {}, 4, ["--tp", "4"]),
+    ("gemma3", {"num_key_value_heads": 1}, 2, ["--tp", "2"]),   # gemma-3-1b's single KV head, replicated
+    ("gemma3", {}, 2, []),                                       # dp=2
+    # Llama 4: sigmoid top-1 routing scaling expert inputs, fused expert tensors, chunked / NoPE layers
+    ("llama4", {}, 2, ["--tp", "2"]),
+    ("llama4", {}, 2, ["--tp", "2", "--ep", "2"]),
+    ("llama4", {}, 2, ["--ep", "2"]),                            # wide EP
+    ("llama4", {}, 4, ["--tp", "4", "--ep", "2"]),
+    ("llama4", {"num_local_experts": 5}, 4, ["--ep", "4"]),      # wide EP, 2 1 1 1
+    ("llama4", {}, 2, []),                                       # dp=2
 ]
 
 
@@ -121,7 +133,8 @@ def layout_id(arch, overrides, n, flags):
 # the quick loop (-m "not slow") runs one layout of each kind on 2 ranks: dense TP with an uneven split,
 # EP inside a replica, wide EP; the rest of the matrix is in the slow tier
 QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2",
-                 "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5"}
+                 "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5", "gemma3---tp2",
+                 "llama4---tp2---ep2", "llama4---ep2"}
 
 
 @pytest.mark.parametrize("arch,overrides,n,flags", [

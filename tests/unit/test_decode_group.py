@@ -3,12 +3,12 @@ import pytest
 import torch
 
 from mpiinfer.models import attention
-from mpiinfer.models.attention import Attention, decode_group
+from mpiinfer.models.attention import Attention, Span, decode_group
 from mpiinfer.models.step import StepBatch
 
 
 class _Heads:
-    n_kv, group, head_dim, n_q, scale, window = 2, 3, 16, 6, 0.25, None
+    n_kv, group, head_dim, n_q, scale, window, span = 2, 3, 16, 6, 0.25, None, Span()
 
 
 def _batch(lengths, qlens=None, gap=5):
@@ -54,6 +54,10 @@ def test_group_selection():
     assert sel[0] == {0, 1, 3, 4} and sel[1].tolist() == [0, 1, 5, 6]
     assert decode_group(_batch([5, 6, 7]), None, 64) is None                  # too few to pay off
     assert decode_group(_batch([3, 4, 5, 6, 7, 8]), window=6, row_bytes=64)[0] == {0, 1, 2, 3}  # beyond it: loop
+    # a chunk of 7 (Llama 4): a decode at position 7 or later starts a new chunk, so attends part of its rows
+    assert decode_group(_batch([3, 4, 5, 6, 7, 8]), Span(chunk=7), row_bytes=64)[0] == {0, 1, 2, 3, 4}
+    assert [Span(chunk=4).first(p) for p in (0, 3, 4, 9)] == [0, 0, 4, 8]
+    assert [Span(window=4).first(p) for p in (0, 3, 4, 9)] == [0, 0, 1, 6] and Span().whole(10**6)
     too_long = attention.DECODE_GATHER_BYTES // 64
     assert decode_group(_batch([5, 6, 7, too_long]), None, 64) is None        # gather would cost too much
 

@@ -86,7 +86,7 @@ def _assert_weights_match(model, cfg, tensors):
     checked = 0
     for name, t in tensors.items():
         hf = name.replace(".block_sparse_moe.", ".mlp.")
-        if ".experts." in hf:
+        if ".experts." in hf and hf.split(".experts.")[1] not in ("gate_up_proj", "down_proj"):  # (Llama 4: fused)
             prefix, rest = hf.split(".experts.")
             e, proj = rest.split(".")[:2]
             e = int(e)
@@ -113,7 +113,8 @@ def test_config_parses_and_matches(tiny, arch):
     path = tiny[arch]
     raw = _read_config(path)
     mc = ModelConfig.from_dir(path)
-    assert raw["architectures"] == [ARCHS[arch]] and raw["model_type"] == arch
+    assert raw["architectures"] == [ARCHS[arch]]
+    assert raw["model_type"] == {"gemma3": "gemma3_text", "llama4": "llama4_text"}.get(arch, arch)
     assert mc.arch == ARCHS[arch] and mc.family == arch
     assert mc.hidden_size == raw["hidden_size"] == 64
     assert mc.num_layers == raw["num_hidden_layers"] == 2
@@ -122,7 +123,7 @@ def test_config_parses_and_matches(tiny, arch):
     assert mc.head_dim == raw["head_dim"] == 16
     assert mc.vocab_size == raw["vocab_size"] == 512
     assert mc.vocab_size >= Tokenizer.from_file(os.path.join(path, "tokenizer.json")).get_vocab_size()
-    assert mc.intermediate_size == raw["intermediate_size"]
+    assert mc.intermediate_size == raw["intermediate_size_mlp" if arch == "llama4" else "intermediate_size"]
     assert mc.rms_norm_eps == raw["rms_norm_eps"]
     assert mc.max_position_embeddings == raw["max_position_embeddings"]
     assert mc.rope.theta == raw["rope_theta"] and mc.rope.type == "default"
@@ -130,13 +131,28 @@ def test_config_parses_and_matches(tiny, arch):
     assert mc.torch_dtype == raw["torch_dtype"] == "float32"
     assert mc.bos_token_id == raw["bos_token_id"] == im.BOS_ID
     assert mc.eos_token_ids == (im.EOS_ID, im.IM_END_ID)  # generation_config.json wins
-    assert mc.sliding_window is None
-    assert mc.qk_norm == (arch in ("qwen3", "qwen3_moe"))
+    assert mc.sliding_window == (16 if arch == "gemma3" else None)
+    assert mc.qk_norm == (arch in ("qwen3", "qwen3_moe", "gemma3"))
     assert mc.attention_bias == (arch in ("qwen2", "qwen2_moe")) and not mc.o_bias
     with open(os.path.join(path, "generation_config.json")) as f:
         assert json.load(f) == {"bos_token_id": im.BOS_ID, "eos_token_id": [im.EOS_ID, im.IM_END_ID]}
 
-    if arch == "mixtral":
+    if arch == "gemma3":   # as gemma-3-1b: one full-attention layer per sliding_window_pattern, two RoPE bases
+        assert mc.layer_types == ("sliding_attention", "full_attention") and raw["sliding_window_pattern"] == 2
+        assert [mc.layer_window(i) for i in range(2)] == [16, None]
+        assert (mc.layer_rope(0).theta, mc.layer_rope(1).theta) == (raw["rope_local_base_freq"], 1e6) == (1e4, 1e6)
+        assert mc.hidden_act == raw["hidden_activation"] == "gelu_pytorch_tanh" and mc.norm_plus_one
+        assert mc.attn_scale == raw["query_pre_attn_scalar"] ** -0.5 and mc.embed_scale == 8.0
+    else:
+        assert (mc.layer_types == ()) == (arch != "llama4") and mc.layer_window(1) is None and not mc.norm_plus_one
+    if arch == "llama4":   # as Llama 4 Maverick: MoE every other layer, NoPE every other (tiny), chunks of 16
+        assert mc.num_experts == raw["num_local_experts"] == 4 and mc.num_experts_per_tok == 1
+        assert mc.moe_intermediate_size == mc.shared_expert_intermediate_size == raw["intermediate_size"] == 32
+        assert [mc.is_moe_layer(i) for i in range(2)] == [False, True] and mc.router == "sigmoid"
+        assert mc.layer_types == ("chunked_attention", "full_attention") and mc.no_rope_layers == (1, 0)
+        assert [mc.layer_chunk(i) for i in range(2)] == [16, None] and mc.layer_rope(1).type == "none"
+        assert mc.qk_l2_norm and mc.temperature_tuning == (4.0, 0.1) and mc.rope_interleaved and mc.moe_scale_input
+    elif arch == "mixtral":
         assert "num_experts" not in raw and "moe_intermediate_size" not in raw
         assert (mc.num_experts, mc.num_experts_per_tok) == (raw["num_local_experts"], raw["num_experts_per_tok"]) == (4, 2)
         assert mc.moe_intermediate_size == raw["intermediate_size"] == 32
@@ -169,8 +185,18 @@ def test_config_parses_and_matches(tiny, arch):
         "mixtral": "model.layers.1.block_sparse_moe.experts.3.w2.weight",
         "qwen2_moe": "model.layers.0.mlp.shared_expert_gate.weight",
         "qwen3_moe": "model.layers.0.mlp.experts.3.up_proj.weight",
+        "gemma3": "model.layers.1.post_feedforward_layernorm.weight",
+        "llama4": "model.layers.1.feed_forward.experts.gate_up_proj",
     }[arch]
     assert expected in specs and "lm_head.weight" in specs
+
+
+def test_gemma3_1b_shapes_count_as_the_published_model():
+    """The gemma3 1b preset is gemma-3-1b's shapes: its published 999,885,952 parameters."""
+    cfg = make_config("gemma3", "1b")
+    mc = ModelConfig.from_hf(cfg)
+    assert mc.num_params == sum(math.prod(s) for _, s, _ in weight_specs(cfg)) == 999_885_952
+    assert mc.tie_word_embeddings and mc.layer_types.count("full_attention") == 4 and mc.sliding_window == 512
 
 
 def test_param_counts_without_writing():

@@ -95,3 +95,111 @@ def test_parity_plain_and_packed_weights(arch, pack, model_dirs):
     for (toks, lps), r in zip(ref, res):
         assert r.token_ids == toks
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
+def assert_whole_and_chunked_prompts_match(d, seed):
+    """Whole prompts in one batch, then 2 slots with prompts chunked next to decodes: transformers' tokens."""
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=seed)
+    ref = hf_greedy(d, prompts, NEW)
+    for max_batch, step_tokens in ((6, 4096), (2, 7)):
+        res, _ = run_engine(d, prompts, max_batch=max_batch, step_tokens=step_tokens)
+        for (toks, lps), r in zip(ref, res):
+            assert len(set(toks)) >= 4
+            assert r.token_ids == toks
+            assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
+# gemma-3-1b's config.json as published (transformers 4.50 keys), shapes aside
+GEMMA3_1B = {"architectures": ["Gemma3ForCausalLM"], "attention_bias": False, "attn_logit_softcapping": None,
+             "bos_token_id": 2, "eos_token_id": [1, 106], "final_logit_softcapping": None, "head_dim": 256,
+             "hidden_activation": "gelu_pytorch_tanh", "hidden_size": 1152, "intermediate_size": 6912,
+             "max_position_embeddings": 32768, "model_type": "gemma3_text", "num_attention_heads": 4,
+             "num_hidden_layers": 26, "num_key_value_heads": 1, "query_pre_attn_scalar": 256, "rms_norm_eps": 1e-06,
+             "rope_local_base_freq": 10000, "rope_scaling": None, "rope_theta": 1000000, "sliding_window": 512,
+             "sliding_window_pattern": 6, "torch_dtype": "bfloat16", "vocab_size": 262144}
+
+
+def test_gemma3_config_formats_and_refusals():
+    from mpiinfer.config import ConfigError, ModelConfig
+    mc = ModelConfig.from_hf(GEMMA3_1B)
+    full = [i for i in range(26) if mc.layer_window(i) is None]
+    assert full == [5, 11, 17, 23] and mc.layer_window(0) == 512
+    assert (mc.layer_rope(0).theta, mc.layer_rope(5).theta) == (1e4, 1e6)
+    assert mc.tie_word_embeddings and mc.eos_token_ids == (1, 106) and mc.attn_scale == 256 ** -0.5
+    # transformers 5 keys: one RoPE dict per layer kind (gemma-3-4b's linear scaling on the full layers)
+    v5 = {k: v for k, v in GEMMA3_1B.items() if k not in ("rope_theta", "rope_local_base_freq", "rope_scaling",
+                                                          "sliding_window_pattern")}
+    v5["num_hidden_layers"] = 3
+    v5["layer_types"] = ["sliding_attention", "full_attention", "full_attention"]
+    v5["rope_parameters"] = {"full_attention": {"rope_type": "linear", "factor": 8.0, "rope_theta": 1e6},
+                             "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}}
+    mc5 = ModelConfig.from_hf(v5)
+    assert [mc5.layer_window(i) for i in range(3)] == [512, None, None]
+    assert mc5.layer_rope(2).type == "linear" and mc5.layer_rope(2).factor == 8.0 and mc5.layer_rope(0).theta == 1e4
+    for bad, message in [({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+                         ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
+                         ({"layer_types": ["sliding_attention"] * 3}, "layer_types"),
+                         ({"hidden_activation": "relu"}, "unsupported hidden activation")]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_hf({**GEMMA3_1B, **bad})
+
+
+def test_gemma3_knobs_match_transformers(model_dirs):
+    """Gemma 3 with every knob away from its default: attention scale from query_pre_attn_scalar, soft-capped
+    logits, one KV head, a window of 8 on layers 0 and 2 (RoPE base 1e4), full attention on layer 1 with linear
+    RoPE scaling (base 1e6), all in transformers 5's keys; whole prompts and chunked prompts next to decodes."""
+    d = model_dirs("gemma3", num_hidden_layers=3, num_key_value_heads=1, query_pre_attn_scalar=24,
+                   final_logit_softcapping=3.0, sliding_window=8, sliding_window_pattern=None, rope_theta=None,
+                   rope_local_base_freq=None, rope_scaling=None,
+                   layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+                   rope_parameters={"full_attention": {"rope_type": "linear", "factor": 4.0, "rope_theta": 1e6},
+                                    "sliding_attention": {"rope_type": "default", "rope_theta": 1e4}})
+    assert_whole_and_chunked_prompts_match(d, seed=4)
+
+
+# Llama 4 Scout's text config as published (its text_config), shapes aside
+LLAMA4_SCOUT = {"architectures": ["Llama4ForCausalLM"], "model_type": "llama4_text", "attention_bias": False,
+                "attention_chunk_size": 8192, "attn_scale": 0.1, "attn_temperature_tuning": 4, "bos_token_id": 200000,
+                "eos_token_id": [200001, 200007, 200008], "floor_scale": 8192, "head_dim": 128, "hidden_act": "silu",
+                "hidden_size": 5120, "interleave_moe_layer_step": 1, "intermediate_size": 8192,
+                "intermediate_size_mlp": 16384, "max_position_embeddings": 10485760, "no_rope_layers": [],
+                "num_attention_heads": 40, "num_experts_per_tok": 1, "num_hidden_layers": 48,
+                "num_key_value_heads": 8, "num_local_experts": 16, "rms_norm_eps": 1e-05,
+                "rope_scaling": {"factor": 16.0, "high_freq_factor": 1.0, "low_freq_factor": 1.0,
+                                 "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+                "rope_theta": 500000.0, "tie_word_embeddings": False, "use_qk_norm": True, "vocab_size": 202048}
+
+
+def test_llama4_config_and_refusals():
+    from mpiinfer.comm.mesh import Layout
+    from mpiinfer.config import ConfigError, ModelConfig
+    from mpiinfer.models.registry import validate_layout
+    mc = ModelConfig.from_hf(LLAMA4_SCOUT)
+    assert mc.family == "llama4" and mc.num_experts == 16 and mc.num_experts_per_tok == 1
+    assert mc.intermediate_size == 16384 and mc.moe_intermediate_size == mc.shared_expert_intermediate_size == 8192
+    assert all(mc.is_moe_layer(i) for i in range(48))                     # interleave_moe_layer_step 1
+    nope = [i for i in range(48) if not mc.layer_uses_rope(i)]
+    assert nope == list(range(3, 48, 4)) and all(mc.layer_chunk(i) is None for i in nope)
+    assert mc.layer_chunk(0) == 8192 and mc.layer_rope(0).type == "llama3" and mc.layer_rope(3).type == "none"
+    assert mc.temperature_tuning == (8192.0, 0.1) and mc.qk_l2_norm and mc.eos_token_ids == (200001, 200007, 200008)
+    # Maverick: MoE on every other layer, from interleave_moe_layer_step or an explicit moe_layers list
+    assert [i for i in range(48) if ModelConfig.from_hf({**LLAMA4_SCOUT, "interleave_moe_layer_step": 2})
+            .is_moe_layer(i)] == list(range(1, 48, 2))
+    assert [i for i in range(48) if ModelConfig.from_hf({**LLAMA4_SCOUT, "moe_layers": [0, 5]}).is_moe_layer(i)] \
+        == [0, 5]
+    with pytest.raises(ConfigError, match="chunked attention"):
+        validate_layout(mc, Layout(world=2, cp=2))
+    validate_layout(ModelConfig.from_hf({**LLAMA4_SCOUT, "attention_chunk_size": None}), Layout(world=2, cp=2))
+    with pytest.raises(ConfigError, match="one value per layer"):
+        ModelConfig.from_hf({**LLAMA4_SCOUT, "no_rope_layers": [1, 0]})
+
+
+def test_llama4_knobs_match_transformers(model_dirs):
+    """Llama 4 with its knobs moved: top-2 sigmoid routing (each token's input scaled by two weights), every layer
+    MoE, llama3 RoPE scaling, chunks of 8, NoPE on the last of 3 layers with temperature tuning from position 1,
+    one KV head; whole prompts and chunked prompts next to decodes."""
+    d = model_dirs("llama4", num_hidden_layers=3, num_key_value_heads=1, num_experts_per_tok=2,
+                   interleave_moe_layer_step=1, attention_chunk_size=8, no_rope_layers=[1, 1, 0], floor_scale=2,
+                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+    assert_whole_and_chunked_prompts_match(d, seed=6)

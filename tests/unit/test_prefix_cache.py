@@ -12,7 +12,7 @@ from mpiinfer.engine.generate import Engine
 from mpiinfer.engine.kv_cache import MIN_SHARED_BLOCKS, BlockPool, FreeRuns, block_hashes, extents
 from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request
-from mpiinfer.models.attention import Attention, AttentionPlan, decode_group
+from mpiinfer.models.attention import Attention, AttentionPlan, Span, decode_group
 from mpiinfer.models.step import StepBatch
 from mpiinfer.tokenizer import Tokenizer
 
@@ -104,7 +104,7 @@ def test_extents_join_consecutive_blocks():
 # ------------------------------------------------------------------ attention over paged rows
 
 class _Heads:
-    n_kv, group, head_dim, n_q, scale, window = 2, 3, 16, 6, 0.25, None
+    n_kv, group, head_dim, n_q, scale, window, span = 2, 3, 16, 6, 0.25, None, Span()
     _attend = Attention._attend
 
 
@@ -237,7 +237,8 @@ def assert_matches(ref, res):
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mixtral", {}),
-                                            ("mistral", {"sliding_window": 20})])
+                                            ("mistral", {"sliding_window": 20}), ("gemma3", {}),
+                                            ("llama4", {})])
 def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
     d = model_dirs(arch, **overrides)
     prompts = shared_prefix_prompts(Tokenizer(d).vocab_size)

@@ -31,6 +31,14 @@ def test_slices_equal_full_tensor_slices(tmp_path, dtype):
     assert torch.equal(src.read("b", (7,), Slice(0, 1, 4)), tensors["b"][1:4])
     assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 1, 3)), tensors["c"][1:3])
     assert src.bytes_read == (120 + 60 + 60 + 3 + 40) * a.element_size()
+    # blocks of 3-d tensors (Llama 4's fused experts): experts x columns of the last dim, experts x middle rows
+    c = tensors["c"]
+    assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 1, 3), Slice(2, 1, 3)), c[1:3, :, 1:3])
+    assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 0, 2), Slice(1, 2, 5)), c[0:2, 2:5])
+    assert torch.equal(src.read("c", (3, 5, 4), Slice(1, 4, 5)), c[:, 4:5])
+    assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 2, 2)), c[2:2])
+    with pytest.raises(ValueError, match="unsupported slice"):
+        src.read("c", (3, 5, 4), Slice(3, 0, 1))
     with pytest.raises(ConfigError, match="has shape"):
         src.read("a", (10, 12))
     with pytest.raises(ConfigError, match="missing tensor 'zzz'"):
