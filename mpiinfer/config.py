@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from dataclasses import dataclass, field
 
@@ -41,11 +42,16 @@ SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS, **BASE_ARCHS}
 @dataclass(frozen=True)
 class RopeConfig:
     theta: float = 10000.0
-    type: str = "default"  # "default" | "llama3" | "linear" | "none" (no rotation: Llama 4's NoPE layers)
+    type: str = "default"  # "default" | "llama3" | "linear" | "yarn" | "none" (no rotation: Llama 4's NoPE layers)
     factor: float = 1.0
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position_embeddings: int = 8192
+    # yarn (gpt-oss, DeepSeek): the ramp between interpolated and extrapolated frequencies, and cos/sin's scale
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    attention_factor: float = 1.0
 
 
 NO_ROPE = RopeConfig(type="none")
@@ -220,17 +226,18 @@ class ModelConfig:
         rp = dict(raw.get("rope_parameters") or {})
         rope_local = None
         if family == "gemma3":
-            if "full_attention" in rp or "sliding_attention" in rp:
-                full, local = dict(rp.get("full_attention") or {}), dict(rp.get("sliding_attention") or {})
-            else:
-                full = {**(raw.get("rope_scaling") or {}), "rope_theta": raw.get("rope_theta", 1e6)}
-                local = {"rope_theta": raw.get("rope_local_base_freq", 1e4)}
-            full.setdefault("rope_theta", 1e6)
-            local.setdefault("rope_theta", 1e4)
+            # as transformers' Gemma3TextConfig: rope_scaling joins the full layers' dict; missing thetas from
+            # rope_theta / rope_local_base_freq, else 1e6 / 1e4
+            full, local = dict(rp.get("full_attention") or {}), dict(rp.get("sliding_attention") or {})
+            full.update(raw.get("rope_scaling") or {})
+            full.setdefault("rope_theta", raw.get("rope_theta") or 1e6)
+            local.setdefault("rope_theta", raw.get("rope_local_base_freq") or 1e4)
             rope, rope_local = _rope_config(full), _rope_config(local)
         else:
-            theta = rp.get("rope_theta", raw.get("rope_theta", 10000.0))
-            rope = _rope_config({**(raw.get("rope_scaling") or {}), **rp, "rope_theta": theta})
+            default_theta = 5e5 if family == "llama4" else 10000.0
+            theta = rp.get("rope_theta", raw.get("rope_theta", default_theta))
+            rope = _rope_config({**(raw.get("rope_scaling") or {}), **rp, "rope_theta": theta},
+                                int(raw.get("max_position_embeddings", 4096)))
 
         attention_bias = bool(raw.get("attention_bias", False))
         o_bias = attention_bias  # Llama's attention_bias covers o_proj too
@@ -249,6 +256,8 @@ class ModelConfig:
                     set(layer_types) - {"sliding_attention", "full_attention"}:
                 raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
                                   f"{need('num_hidden_layers')} layers")
+            if sliding is None and "sliding_attention" in layer_types:
+                raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
             if raw.get("attn_logit_softcapping") is not None:
                 raise ConfigError("attn_logit_softcapping is not supported (Gemma 3 checkpoints set it to null)")
             if raw.get("use_bidirectional_attention"):
@@ -256,13 +265,14 @@ class ModelConfig:
                                   "supported")
             cap = raw.get("final_logit_softcapping")
             extra = dict(layer_types=layer_types, rope_local=rope_local, norm_plus_one=True,
-                         query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or head_dim),
+                         query_pre_attn_scalar=float(raw.get("query_pre_attn_scalar") or 256),   # HF's default
                          embed_scale=float(hidden) ** 0.5,
                          final_logit_softcapping=float(cap) if cap is not None else None)
         elif family == "llama4":
             L = int(need("num_hidden_layers"))
+            # (transformers reads the first L of a longer no_rope_layers)
             no_rope = tuple(int(bool(v)) for v in (raw.get("no_rope_layers") or (
-                int((i + 1) % int(raw.get("no_rope_layer_interval") or 4) != 0) for i in range(L))))
+                int((i + 1) % int(raw.get("no_rope_layer_interval") or 4) != 0) for i in range(L))))[:L]
             chunk = raw.get("attention_chunk_size", 8192)
             layer_types = tuple(raw.get("layer_types") or (
                 "chunked_attention" if r and chunk is not None else "full_attention" for r in no_rope))
@@ -270,6 +280,10 @@ class ModelConfig:
                     set(layer_types) - {"chunked_attention", "full_attention"}:
                 raise ConfigError(f"no_rope_layers and layer_types must give one value per layer ({L}); layer_types "
                                   f"may name chunked_attention or full_attention")
+            if chunk is None and "chunked_attention" in layer_types:
+                raise ConfigError("attention_chunk_size is null but layer_types has chunked_attention layers")
+            for key in ("intermediate_size", "intermediate_size_mlp"):
+                need(key)
             step = int(raw.get("interleave_moe_layer_step") or 1)
             moe_ids = raw.get("moe_layers")
             extra = dict(layer_types=layer_types, no_rope_layers=no_rope,
@@ -324,7 +338,7 @@ class ModelConfig:
                                   or 0),
             num_layers=int(need("num_hidden_layers")),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family == "llama4" else 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gemma3")),
@@ -343,17 +357,32 @@ class ModelConfig:
         )
 
 
-def _rope_config(d: dict) -> RopeConfig:
-    """RopeConfig from a rope_scaling / rope_parameters dict (with its rope_theta)."""
+def _rope_config(d: dict, max_position_embeddings: int = 0) -> RopeConfig:
+    """RopeConfig from a rope_scaling / rope_parameters dict (with its rope_theta), yarn's attention factor
+    derived as transformers derives it (``_compute_yarn_parameters``)."""
     rtype = d.get("rope_type", d.get("type", "default")) or "default"
-    if rtype not in ("default", "llama3", "linear"):
-        raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear)")
+    if rtype not in ("default", "llama3", "linear", "yarn"):
+        raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear, yarn)")
+    original = int(d.get("original_max_position_embeddings") or 8192)
+    factor = d.get("factor")
+    if factor is None:
+        factor = max_position_embeddings / original if rtype == "yarn" and max_position_embeddings else 1.0
+    factor = float(factor)
+    attention = 1.0
+    if rtype == "yarn":
+        def mscale(scale, m=1.0):
+            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+        attention = d.get("attention_factor")
+        if attention is None:
+            m, m_all = d.get("mscale"), d.get("mscale_all_dim")
+            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
     return RopeConfig(
-        theta=float(d.get("rope_theta", 10000.0)), type=rtype,
-        factor=float(d.get("factor", 1.0)),
+        theta=float(d.get("rope_theta", 10000.0)), type=rtype, factor=factor,
         low_freq_factor=float(d.get("low_freq_factor", 1.0)),
         high_freq_factor=float(d.get("high_freq_factor", 4.0)),
-        original_max_position_embeddings=int(d.get("original_max_position_embeddings", 8192)),
+        original_max_position_embeddings=original,
+        beta_fast=float(d.get("beta_fast") or 32), beta_slow=float(d.get("beta_slow") or 1),
+        truncate=bool(d.get("truncate", True)), attention_factor=float(attention),
     )
 
 

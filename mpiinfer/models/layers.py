@@ -53,7 +53,7 @@ def norm(cfg: ModelConfig, name: str, size: int, dtype: torch.dtype) -> RMSNorm:
 
 
 def rope_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:
-    """Inverse frequencies (dim/2,), float32, with llama3 / linear scaling as in HF; type "none" (NoPE): zeros,
+    """Inverse frequencies (dim/2,), float32, with llama3 / linear / yarn scaling as in HF; type "none" (NoPE): zeros,
     so cos = 1 and sin = 0 and the rotation is exactly the identity."""
     if r.type == "none":
         return torch.zeros(dim // 2)
@@ -69,6 +69,21 @@ def rope_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:
         smoothed = (1 - smooth) * inv_l / r.factor + smooth * inv_l
         medium = ~(wavelen < high_wl) * ~(wavelen > low_wl)
         inv = torch.where(medium, smoothed, inv_l)
+    elif r.type == "yarn":
+        # interpolated (inv / factor) below the ramp, extrapolated (inv) above it, linear in between
+        def dim_for(rotations):
+            return dim * math.log(r.original_max_position_embeddings / (rotations * 2 * math.pi)) / (
+                2 * math.log(r.theta))
+        low, high = dim_for(r.beta_fast), dim_for(r.beta_slow)
+        if r.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        extrapolation = 1 - ramp
+        interpolated = 1.0 / (r.factor * (r.theta ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim)))
+        inv = interpolated * (1 - extrapolation) + inv * extrapolation
     return inv
 
 
@@ -89,6 +104,7 @@ class Rotary:
 
     def __init__(self, rope: RopeConfig, head_dim: int, device):
         self.inv_freq = rope_inv_freq(rope, head_dim).to(device)
+        self.attention_factor = rope.attention_factor      # yarn scales cos and sin
         self.cos = self.sin = None
         self.device = device
 
@@ -99,7 +115,7 @@ class Rotary:
             t = torch.arange(n, device=self.device, dtype=torch.float32)
             freqs = t[:, None] * self.inv_freq[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)     # (n, head_dim)
-            self.cos, self.sin = emb.cos(), emb.sin()
+            self.cos, self.sin = emb.cos() * self.attention_factor, emb.sin() * self.attention_factor
         return RopeTables(self.cos[positions].to(dtype)[:, None, :], self.sin[positions].to(dtype)[:, None, :],
                           positions, self.cos, self.sin)
 

@@ -76,8 +76,12 @@ class SparseMoeBlock(nn.Module):
             # into (out, in) here); gate columns are [0, I) of gate_up_proj's last dim, up columns [I, 2I)
             gu_name, d_name = self.names["fused"]
             shape, experts = (cfg.num_experts, h, 2 * inter), Slice(0, self.e0, self.e1)
-            g = src.read(gu_name, shape, experts, Slice(2, self.i0, self.i1))                      # (n, h, il)
-            u = src.read(gu_name, shape, experts, Slice(2, inter + self.i0, inter + self.i1))
+            if il == inter:                 # whole experts (etp = 1): one read of the block, split here
+                gu = src.read(gu_name, shape, experts)                                            # (n, h, 2I)
+                g, u = gu[..., :inter], gu[..., inter:]
+            else:                           # one read per (expert, hidden row) of this rank's columns
+                g = src.read(gu_name, shape, experts, Slice(2, self.i0, self.i1))                  # (n, h, il)
+                u = src.read(gu_name, shape, experts, Slice(2, inter + self.i0, inter + self.i1))
             d = src.read(d_name, (cfg.num_experts, inter, h), experts, Slice(1, self.i0, self.i1))  # (n, il, h)
             self.w13[:, :il].copy_(g.transpose(1, 2))
             self.w13[:, il:].copy_(u.transpose(1, 2))

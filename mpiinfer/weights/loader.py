@@ -60,6 +60,9 @@ class WeightSource:
                     raise ValueError(f"unsupported slice {s} of a {len(shape)}-d tensor")
                 ranges[s.dim] = (s.start, s.stop)
         esize = torch.tensor([], dtype=dtype).element_size()
+        scalar = not shape
+        if scalar:                                      # one read of one element
+            ranges, shape = [(0, 1)], [1]
         out = torch.empty([b - a for a, b in ranges], dtype=dtype)
         # the last dim whose range is not whole: below it every run of the block is contiguous in the file
         k = max((d for d, (a, b) in enumerate(ranges) if (a, b) != (0, shape[d])), default=0)
@@ -72,7 +75,7 @@ class WeightSource:
             self._pread(fd, mv[at:at + nb], info.offset + first * esize, info.name)
             at += nb
         self.bytes_read += out.numel() * out.element_size()
-        return out
+        return out.reshape(()) if scalar else out
 
     @staticmethod
     def _pread(fd, mv: memoryview, offset: int, name: str) -> None:

@@ -98,22 +98,34 @@ def test_cp_with_moe_model(model_dirs, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def gemma3_doc(model_dirs, tmp_path_factory):
-    """Gemma 3 (a window of 100 on layers 0 and 2, full attention on layer 1) and a 2,501-token document: ring
-    blocks of ~1,250 rows, so windows reach across the CP shards' edges in the prefill and every decode."""
-    d = model_dirs("gemma3", max_position_embeddings=8192, num_hidden_layers=3, sliding_window=100)
+def per_layer_docs(model_dirs, tmp_path_factory):
+    """A 2,501-token document (ring blocks of ~1,250 rows) for models whose layers attend differently: Gemma 3 (a
+    window of 100 on layers 0 and 2, full attention on layer 1: windows reach across the CP shards' edges in the
+    prefill and every decode) and Llama 4 unchunked (RoPE layers with L2 q/k norm, a NoPE layer with temperature
+    tuning from position 3, a MoE layer between dense ones)."""
     rng = random.Random(5)
     prompt = [rng.randrange(4, 500) for _ in range(2501)]
-    inp = tmp_path_factory.mktemp("g3cp") / "in.jsonl"
+    inp = tmp_path_factory.mktemp("layers_cp") / "in.jsonl"
     inp.write_text(json.dumps({"id": "doc", "prompt_token_ids": prompt, "max_tokens": NEW, "logprobs": True,
                                "ignore_eos": True}) + "\n")
-    return d, inp, hf_greedy(d, [prompt], NEW)[0]
+    made = {}
+
+    def get(arch):
+        if arch not in made:
+            d = model_dirs(arch, max_position_embeddings=8192, num_hidden_layers=3,
+                           **({"sliding_window": 100} if arch == "gemma3" else
+                              {"attention_chunk_size": None, "floor_scale": 4}))
+            made[arch] = d, inp, hf_greedy(d, [prompt], NEW)[0]
+        return made[arch]
+    return get
 
 
+@pytest.mark.parametrize("arch", ["gemma3", "llama4"])
 @pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
-def test_cp_with_per_layer_windows(n, flags, gemma3_doc, tmp_path):
-    """Layers of one model with and without a sliding window under ring attention: one ring plan per window."""
-    d, inp, (toks, lps) = gemma3_doc
+def test_cp_with_per_layer_attention(arch, n, flags, per_layer_docs, tmp_path):
+    """Layers of one model that attend differently under ring attention: one ring plan per window, NoPE layers'
+    identity rotation and position-dependent temperature on every CP shard."""
+    d, inp, (toks, lps) = per_layer_docs(arch)
     out = tmp_path / "o.jsonl"
     p = mpirun(n, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"]
                + flags)

@@ -82,11 +82,15 @@ def test_mistral_sliding_window(model_dirs):
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
 
 
-@pytest.mark.parametrize("arch", ["llama", "qwen2_moe"])
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen2_moe", {}), ("llama4", {}),
+                                            # as published, tied: the packed head and the scaled embedding rows
+                                            # read from the file (a small init keeps the random model from
+                                            # predicting its own input token)
+                                            ("gemma3", {"tie_word_embeddings": True, "init_std": 0.02})])
 @pytest.mark.parametrize("pack", [False, True])
-def test_parity_plain_and_packed_weights(arch, pack, model_dirs):
+def test_parity_plain_and_packed_weights(arch, overrides, pack, model_dirs):
     """Both CPU weight layouts (plain, and oneDNN-packed incl. MoE experts) match transformers."""
-    d = model_dirs(arch)
+    d = model_dirs(arch, **overrides)
     prompts = prompts_for(Tokenizer(d).vocab_size)
     ref = hf_greedy(d, prompts, NEW)
     res, eng = run_engine(d, prompts, max_batch=3, step_tokens=9, pack_weights=pack)
@@ -136,7 +140,14 @@ def test_gemma3_config_formats_and_refusals():
     mc5 = ModelConfig.from_hf(v5)
     assert [mc5.layer_window(i) for i in range(3)] == [512, None, None]
     assert mc5.layer_rope(2).type == "linear" and mc5.layer_rope(2).factor == 8.0 and mc5.layer_rope(0).theta == 1e4
+    # keys left out take transformers' defaults; rope_scaling joins the full layers' dict of transformers 5's keys
+    bare = {k: v for k, v in GEMMA3_1B.items() if k not in ("query_pre_attn_scalar", "head_dim")}
+    assert ModelConfig.from_hf({**bare, "hidden_size": 512, "num_attention_heads": 4}).attn_scale == 256 ** -0.5
+    mixed = ModelConfig.from_hf({**v5, "rope_parameters": {"full_attention": {"rope_theta": 2e6}},
+                                 "rope_local_base_freq": 5e4, "rope_scaling": {"rope_type": "linear", "factor": 2.0}})
+    assert (mixed.layer_rope(1).theta, mixed.layer_rope(1).factor, mixed.layer_rope(0).theta) == (2e6, 2.0, 5e4)
     for bad, message in [({"attn_logit_softcapping": 50.0}, "attn_logit_softcapping"),
+                         ({"sliding_window": None}, "sliding_window is null"),
                          ({"use_bidirectional_attention": True}, "use_bidirectional_attention"),
                          ({"layer_types": ["sliding_attention"] * 3}, "layer_types"),
                          ({"hidden_activation": "relu"}, "unsupported hidden activation")]:
@@ -192,14 +203,52 @@ def test_llama4_config_and_refusals():
     validate_layout(ModelConfig.from_hf({**LLAMA4_SCOUT, "attention_chunk_size": None}), Layout(world=2, cp=2))
     with pytest.raises(ConfigError, match="one value per layer"):
         ModelConfig.from_hf({**LLAMA4_SCOUT, "no_rope_layers": [1, 0]})
+    with pytest.raises(ConfigError, match="attention_chunk_size is null"):
+        ModelConfig.from_hf({**LLAMA4_SCOUT, "attention_chunk_size": None,
+                             "layer_types": ["chunked_attention"] * 48})
+    with pytest.raises(ConfigError, match="intermediate_size_mlp"):
+        ModelConfig.from_hf({k: v for k, v in LLAMA4_SCOUT.items() if k != "intermediate_size_mlp"})
+    # transformers' defaults for keys left out, and a no_rope_layers longer than the layers (its first 48 count)
+    bare = ModelConfig.from_hf({k: v for k, v in LLAMA4_SCOUT.items() if k not in ("rope_theta", "rms_norm_eps",
+                                                                                    "rope_scaling")}
+                               | {"no_rope_layers": [1, 1, 1, 0] * 13})
+    assert (bare.rope.theta, bare.rms_norm_eps, len(bare.no_rope_layers)) == (5e5, 1e-5, 48)
 
 
-def test_llama4_knobs_match_transformers(model_dirs):
-    """Llama 4 with its knobs moved: top-2 sigmoid routing (each token's input scaled by two weights), every layer
-    MoE, llama3 RoPE scaling, chunks of 8, NoPE on the last of 3 layers with temperature tuning from position 1,
-    one KV head; whole prompts and chunked prompts next to decodes."""
-    d = model_dirs("llama4", num_hidden_layers=3, num_key_value_heads=1, num_experts_per_tok=2,
-                   interleave_moe_layer_step=1, attention_chunk_size=8, no_rope_layers=[1, 1, 0], floor_scale=2,
-                   rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                 "high_freq_factor": 4.0, "original_max_position_embeddings": 32})
+@pytest.mark.parametrize("overrides", [
+    # top-2 sigmoid routing (each token's input scaled by two weights), every layer MoE, llama3 RoPE scaling,
+    # chunks of 8, NoPE on the last of 3 layers with temperature tuning from position 1, one KV head
+    dict(num_hidden_layers=3, num_key_value_heads=1, num_experts_per_tok=2, interleave_moe_layer_step=1,
+         attention_chunk_size=8, no_rope_layers=[1, 1, 0], floor_scale=2,
+         rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                       "original_max_position_embeddings": 32}),
+    # Maverick's: no q/k norm, an explicit moe_layers list; no chunking (the layout CP takes)
+    dict(num_hidden_layers=3, use_qk_norm=False, moe_layers=[0, 2], attention_chunk_size=None,
+         no_rope_layers=[0, 1, 1], floor_scale=3),
+], ids=["top2-chunk8", "maverick-unchunked"])
+def test_llama4_knobs_match_transformers(overrides, model_dirs):
+    """Llama 4 with its knobs moved; whole prompts and chunked prompts next to decodes."""
+    d = model_dirs("llama4", **overrides)
     assert_whole_and_chunked_prompts_match(d, seed=6)
+
+
+@pytest.mark.parametrize("rope", [
+    # gpt-oss's, DeepSeek-V3's (mscale pair), Qwen's long-context recipe
+    {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+     "original_max_position_embeddings": 4096, "rope_theta": 150000.0},
+    {"rope_type": "yarn", "factor": 40.0, "mscale": 1.0, "mscale_all_dim": 1.0, "beta_fast": 32, "beta_slow": 1,
+     "original_max_position_embeddings": 4096, "rope_theta": 10000.0},
+    {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 32768, "rope_theta": 1e6},
+])
+def test_yarn_rope_equals_transformers(rope):
+    """YaRN's inverse frequencies bit for bit and its cos/sin scale, as transformers computes them."""
+    from transformers import LlamaConfig
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    from mpiinfer.config import _rope_config
+    from mpiinfer.models.layers import rope_inv_freq
+    c = LlamaConfig(hidden_size=512, num_attention_heads=8, head_dim=64, rope_parameters=dict(rope),
+                    max_position_embeddings=131072)
+    inv, factor = ROPE_INIT_FUNCTIONS["yarn"](c, "cpu")
+    mine = _rope_config(rope, 131072)
+    assert torch.equal(rope_inv_freq(mine, 64), inv) and mine.attention_factor == factor

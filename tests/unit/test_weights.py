@@ -21,7 +21,7 @@ from mpiinfer.weights.loader import WeightSource
 def test_slices_equal_full_tensor_slices(tmp_path, dtype):
     g = torch.Generator().manual_seed(0)
     tensors = {"a": torch.randn(12, 10, generator=g).to(dtype), "b": torch.randn(7, generator=g).to(dtype),
-               "c": torch.randn(3, 5, 4, generator=g).to(dtype)}
+               "c": torch.randn(3, 5, 4, generator=g).to(dtype), "s": torch.tensor(2.5).to(dtype)}
     save_file(tensors, str(tmp_path / "model.safetensors"))
     src = WeightSource(CheckpointIndex(str(tmp_path)))
     a = tensors["a"]
@@ -39,6 +39,7 @@ def test_slices_equal_full_tensor_slices(tmp_path, dtype):
     assert torch.equal(src.read("c", (3, 5, 4), Slice(0, 2, 2)), c[2:2])
     with pytest.raises(ValueError, match="unsupported slice"):
         src.read("c", (3, 5, 4), Slice(3, 0, 1))
+    assert torch.equal(src.read("s", ()), tensors["s"])                   # a scalar
     with pytest.raises(ConfigError, match="has shape"):
         src.read("a", (10, 12))
     with pytest.raises(ConfigError, match="missing tensor 'zzz'"):
@@ -62,3 +63,24 @@ def test_shard_arithmetic():
     for size, world in ((7, 3), (75, 2), (12, 4)):
         parts = [balanced_range(size, r, world) for r in range(world)]
         assert parts[0][0] == 0 and parts[-1][1] == size and all(a[1] == b[0] for a, b in itertools.pairwise(parts))
+
+
+def test_mxfp4_dequantize_equals_transformers_and_round_trips():
+    """gpt-oss's MXFP4 blocks: the same values as transformers' dequantization (which also transposes to
+    input-major), and ``quantize`` (test checkpoints) picks the nearest code."""
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    from mpiinfer.weights.mxfp4 import dequantize, quantize
+    g = torch.Generator().manual_seed(0)
+    blocks = torch.randint(0, 256, (3, 8, 2, 16), generator=g, dtype=torch.uint8)
+    scales = torch.randint(115, 135, (3, 8, 2), generator=g, dtype=torch.uint8)
+    ref = convert_moe_packed_tensors(blocks, scales, dtype=torch.float32)        # (3, 64, 8)
+    assert torch.equal(dequantize(blocks, scales), ref.transpose(1, 2))
+    w = torch.randn(2, 4, 64, generator=g)
+    b, s = quantize(w)
+    assert torch.equal(dequantize(*quantize(dequantize(b, s))), dequantize(b, s))   # codes are fixed points
+    amax = w.abs().reshape(2, 4, 2, 32).amax(-1).repeat_interleave(32, -1)       # each block's largest value
+    # a block's largest value scales into (3, 6]: the widest FP4 step (4 -> 6) is 2, half of it 1, over 3
+    assert ((dequantize(b, s) - w).abs() / amax).max() <= 1 / 3
+    with pytest.raises(ValueError, match="do not pair up"):
+        dequantize(blocks, scales[..., :1])
