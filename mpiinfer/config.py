@@ -32,6 +32,7 @@ MOE_ARCHS = {
     "Qwen2MoeForCausalLM": "qwen2_moe",
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Llama4ForCausalLM": "llama4",
+    "GptOssForCausalLM": "gpt_oss",
 }
 # The base models of the dense families (``AutoModel`` / sentence-transformers exports of embedding models): no
 # LM head, so embedding records only (unless the embedding is tied, which is then the head)
@@ -92,9 +93,17 @@ class ModelConfig:
     qk_l2_norm: bool = False          # weightless RMSNorm of q and k on the RoPE layers
     temperature_tuning: tuple = ()    # (floor_scale, attn_scale): NoPE layers scale q by position
     rope_interleaved: bool = False    # RoPE pairs adjacent dims (Meta's layout): q/k rows permuted at load
-    router: str = "softmax"           # "softmax" top-k | "sigmoid" of the top-k logits (Llama 4)
+    router: str = "softmax"           # "softmax" top-k | "sigmoid" of the top-k logits (Llama 4) |
+                                      # "softmax_topk": softmax of the top-k logits (gpt-oss)
     moe_scale_input: bool = False     # the routing weight scales the expert's input, not its output (Llama 4)
     moe_layer_ids: tuple = ()         # the MoE layers, where the config lists them (Llama 4's moe_layers)
+    # gpt-oss: attention sinks, biased router and experts, clamped SwiGLU, MXFP4 experts
+    attention_sinks: bool = False     # a learned logit per head joins every softmax (its value weight is 0)
+    norm_f32_weight: bool = False     # RMSNorm weight applied in float32 before rounding (gpt-oss)
+    swiglu_limit: float | None = None  # experts: gate clamped above, up to +-limit; (up + 1) * gate * sigmoid(a gate)
+    swiglu_alpha: float = 1.702
+    expert_bias: bool = False         # biases on the router and the experts' two projections
+    mxfp4_experts: bool = False       # expert weights stored as MXFP4 blocks + scales (dequantized at load)
     # MoE
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -159,11 +168,14 @@ class ModelConfig:
         """Parameter count derived from the shapes (used by `plan` and benchmarks)."""
         h, hd = self.hidden_size, self.head_dim
         attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
+        attn += (self.num_heads + 2 * self.num_kv_heads) * hd * self.attention_bias + h * self.o_bias
+        attn += self.num_heads * self.attention_sinks
         total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
         for layer in range(self.num_layers):
             total += attn + (4 if self.family == "gemma3" else 2) * h + (2 * hd if self.qk_norm else 0)
             if self.is_moe_layer(layer):
                 total += self.num_experts * 3 * h * self.moe_intermediate_size + h * self.num_experts
+                total += self.expert_bias * self.num_experts * (1 + 2 * self.moe_intermediate_size + h)
                 if self.shared_expert_intermediate_size:
                     total += 3 * h * self.shared_expert_intermediate_size + (h if self.family == "qwen2_moe" else 0)
             else:
@@ -207,6 +219,11 @@ class ModelConfig:
                 raise ConfigError(f"config.json lacks required field {key!r} for {arch}")
             return raw[key]
 
+        quant = raw.get("quantization_config") or {}
+        if quant and (family, quant.get("quant_method")) != ("gpt_oss", "mxfp4"):
+            raise ConfigError(f"quantized checkpoint (quantization_config quant_method "
+                              f"{quant.get('quant_method')!r}) is not supported: only float weights, and gpt-oss's "
+                              f"MXFP4 experts (dequantized at load)")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(raw.get("num_key_value_heads") or heads)
@@ -234,12 +251,12 @@ class ModelConfig:
             local.setdefault("rope_theta", raw.get("rope_local_base_freq") or 1e4)
             rope, rope_local = _rope_config(full), _rope_config(local)
         else:
-            default_theta = 5e5 if family == "llama4" else 10000.0
+            default_theta = {"llama4": 5e5, "gpt_oss": 150000.0}.get(family, 10000.0)
             theta = rp.get("rope_theta", raw.get("rope_theta", default_theta))
             rope = _rope_config({**(raw.get("rope_scaling") or {}), **rp, "rope_theta": theta},
                                 int(raw.get("max_position_embeddings", 4096)))
 
-        attention_bias = bool(raw.get("attention_bias", False))
+        attention_bias = bool(raw.get("attention_bias", family == "gpt_oss"))
         o_bias = attention_bias  # Llama's attention_bias covers o_proj too
         if family in ("qwen2", "qwen2_moe"):
             attention_bias = bool(raw.get("qkv_bias", True))
@@ -294,6 +311,24 @@ class ModelConfig:
                          rope_interleaved=True, router="sigmoid", moe_scale_input=True,
                          moe_layer_ids=tuple(int(i) for i in moe_ids) if moe_ids is not None
                          else tuple(range(step - 1, L, step)))
+        elif family == "gpt_oss":
+            L = int(need("num_hidden_layers"))
+            sliding = raw.get("sliding_window", 128)
+            layer_types = tuple(raw.get("layer_types") or (
+                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)))
+            if len(layer_types) != L or set(layer_types) - {"sliding_attention", "full_attention"}:
+                raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the {L} "
+                                  f"layers")
+            if sliding is None and "sliding_attention" in layer_types:
+                raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
+            quant = raw.get("quantization_config") or {}
+            if quant and (hidden % 32 or int(need("intermediate_size")) % 32):
+                raise ConfigError("MXFP4 experts need hidden_size and intermediate_size divisible by 32")
+            limit = raw.get("swiglu_limit", 7.0)
+            extra = dict(layer_types=layer_types, attention_sinks=True, norm_f32_weight=True,
+                         swiglu_limit=float(limit) if limit is not None else None,
+                         swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)), expert_bias=True,
+                         router="softmax_topk", mxfp4_experts=bool(quant))
         elif family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
             sliding = raw.get("sliding_window") or None
         if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
@@ -311,13 +346,14 @@ class ModelConfig:
 
         moe = {}
         if family in MOE_ARCHS.values():
-            n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4") else \
+            n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4", "gpt_oss") else \
                 raw.get("num_experts", raw.get("num_local_experts"))
             if not n_exp:
                 raise ConfigError(f"config.json lacks the number of experts for {arch}")
             moe = dict(
                 num_experts=int(n_exp),
-                num_experts_per_tok=int(need("num_experts_per_tok")),
+                num_experts_per_tok=int(raw.get("num_experts_per_tok") or raw.get("experts_per_token")
+                                        or need("num_experts_per_tok")),
                 moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")),
                 shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
                 if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else 0,

@@ -20,3 +20,32 @@ def hf_greedy(model_dir, prompts, max_new_tokens, **generate_kwargs):
         lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, toks)]
         out.append((toks, lps))
     return out
+
+
+def dequantized_twin(model_dir, out_dir):
+    """A float32 copy of an MXFP4 gpt-oss checkpoint (experts dequantized into transformers' input-major
+    ``gate_up_proj`` / ``down_proj``, no quantization_config): the reference transformers runs in float32."""
+    import json
+    import os
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from mpiinfer.weights.mxfp4 import dequantize
+    if os.path.isdir(out_dir):
+        return str(out_dir)
+    os.makedirs(out_dir)
+    for f in os.listdir(model_dir):
+        if f.endswith(".json") and f != "config.json":
+            shutil.copy(os.path.join(model_dir, f), out_dir)
+    with open(os.path.join(model_dir, "config.json")) as f:
+        cfg = json.load(f)
+    cfg.pop("quantization_config")
+    with open(os.path.join(out_dir, "config.json"), "w") as f:
+        json.dump(cfg, f)
+    t = load_file(os.path.join(model_dir, "model.safetensors"))
+    for name in [n for n in t if n.endswith("_blocks")]:
+        base = name[:-len("_blocks")]
+        t[base] = dequantize(t.pop(name), t.pop(base + "_scales")).transpose(1, 2).contiguous()
+    save_file(t, os.path.join(out_dir, "model.safetensors"))
+    return str(out_dir)

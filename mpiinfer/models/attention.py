@@ -40,7 +40,7 @@ from ..parallel.ring import (
     decode_attention_partial,
     ring_attention,
 )
-from ..parallel.shard import kv_heads_for_rank, q_heads_for_rank
+from ..parallel.shard import Slice, kv_heads_for_rank, q_heads_for_rank
 from .layers import RMSNorm, RopeTables, Rotary, norm
 from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 
@@ -53,6 +53,9 @@ from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 DECODE_GROUP_MIN = 4
 DECODE_GATHER_BYTES = 1 << 20
 
+
+# The sinks' prompt path computes scores explicitly, this many at most at once (256 MiB of float32).
+SINK_SCORE_ELEMS = 1 << 26
 
 # A shared-prefix group needs at least this many common rows.  Measured on the 2-core CI CPU (float32, 3 KV heads
 # of 64): 32 decodes sharing 1,488 rows 3.5 ms per layer against 4.9 ms one by one; 62 sharing 16 rows 4.9 ms
@@ -235,6 +238,7 @@ class Attention(nn.Module):
         q0, q1 = q_heads_for_rank(cfg.num_heads, cfg.num_kv_heads, tp, r)
         k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, r)
         self.n_q, self.n_kv, self.head_dim = q1 - q0, k1 - k0, hd
+        self.q0, self.q1 = q0, q1
         self.group = self.n_q // self.n_kv
         self.scale = cfg.attn_scale
         # the positions each query attends (Gemma 3 alternates windows, Llama 4 chunks, per layer): one plan per span
@@ -257,11 +261,20 @@ class Attention(nn.Module):
             self.q_norm = self.k_norm = RMSNorm(None, hd, cfg.rms_norm_eps, dtype)
         # Llama 4's NoPE layers: q scaled by 1 + attn_scale * log1p(floor((pos + 1) / floor_scale))
         self.temperature = cfg.temperature_tuning if not cfg.layer_uses_rope(layer) else ()
+        # gpt-oss: one learned logit per query head joins every softmax with a zero value: out * sigmoid(lse - sink)
+        self.sinks = nn.Parameter(torch.empty(self.n_q, dtype=dtype), requires_grad=False) \
+            if cfg.attention_sinks else None
+        self.sink = None                            # float32 (n_kv, group) copy, made by ``load``
+        self.sinks_name = p + "sinks"
+        self.num_heads = cfg.num_heads
 
     def load(self, src):
         for m in (self.qkv, self.o, self.q_norm, self.k_norm):
             if m is not None:
                 m.load(src)
+        if self.sinks is not None:
+            self.sinks.copy_(src.read(self.sinks_name, (self.num_heads,), Slice(0, self.q0, self.q1)))
+            self.sink = self.sinks.float().view(self.n_kv, self.group)
 
     def pack(self):
         self.qkv.pack()
@@ -293,7 +306,7 @@ class Attention(nn.Module):
         b = plan.batch
         if plan.native is not None:
             native_kernels.decode_attention(q.view(T, nq), k_cache, v_cache, plan.native, self.scale,
-                                            out.view(T, nq), self.n_q)
+                                            out.view(T, nq), self.n_q, init=self._sink_state(plan.native.n))
         for g in plan.shared:
             self._attend_shared(q, k_cache, v_cache, out, g)
         if plan.group is not None:
@@ -309,12 +322,57 @@ class Attention(nn.Module):
                                                kl)
         for i, ring_plan in plan.ring:
             qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
-            out[qs:qs + ql] = ring_attention(
+            o, lse = ring_attention(
                 q[qs:qs + ql], k_cache[:, base:base + kl].transpose(0, 1), v_cache[:, base:base + kl].transpose(0, 1),
-                b.positions[qs:qs + ql], b.kv_positions(i), self.cp_comm, self.scale, self.window, plan=ring_plan)
+                b.positions[qs:qs + ql], b.kv_positions(i), self.cp_comm, self.scale, self.window, plan=ring_plan,
+                return_lse=True)
+            out[qs:qs + ql] = self._sunk(o, lse)
         if plan.cp_decode:
             self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode)
         return self.o(out.view(T, self.n_q * hd))
+
+    def _sink_state(self, n: int):
+        """The sinks as the running softmax state every native decode starts from: max = sink, sum = 1 (its
+        exp(sink - max)), values 0; (n, n_q) / (n, n_q, hd) float32.  None without sinks."""
+        if self.sink is None or n == 0:
+            return None
+        m = self.sink.reshape(1, self.n_q).expand(n, self.n_q)
+        return m, torch.ones_like(m), torch.zeros(n, self.n_q, self.head_dim, device=m.device)
+
+    def _sunk(self, o, lse):
+        """An attention output (T, n_q, hd) and its log-sum-exp (T, n_q) with the sinks joined:
+        o * sigmoid(lse - sink) (the sink's share of the softmax has no value)."""
+        if self.sink is None:
+            return o
+        return o.float() * torch.sigmoid(lse.float() - self.sink.reshape(1, self.n_q))[..., None]
+
+    def _softmax(self, s):
+        """softmax over the last dim of float32 scores (n_kv, ..., group, L) with the sinks as one more column."""
+        if self.sink is None:
+            return torch.softmax(s, dim=-1)
+        shape = (self.n_kv,) + (1,) * (s.dim() - 3) + (self.group, 1)
+        sink = self.sink.view(shape).expand(*s.shape[:-1], 1)
+        return torch.softmax(torch.cat((s, sink), dim=-1), dim=-1)[..., :-1]
+
+    def _attend_explicit(self, q, K, V, kl):
+        """``_attend`` by explicit scores (the sinks' path: SDPA has no extra column), in query blocks of at most
+        SINK_SCORE_ELEMS scores."""
+        ql, hd, grp = q.shape[0], self.head_dim, self.group
+        qg = q.view(ql, self.n_kv, grp, hd).transpose(0, 1)                    # (n_kv, ql, grp, hd)
+        Kt = K.transpose(1, 2).unsqueeze(1)                                     # (n_kv, 1, hd, kl)
+        out = torch.empty(self.n_kv, ql, grp, hd, dtype=q.dtype, device=q.device)
+        step = max(1, SINK_SCORE_ELEMS // max(1, self.n_q * kl))
+        kpos = torch.arange(kl, device=q.device)[None, :]
+        for a in range(0, ql, step):
+            b = min(ql, a + step)
+            s = torch.matmul(qg[:, a:b], Kt).float() * self.scale                # (n_kv, n, grp, kl)
+            qpos = torch.arange(kl - ql + a, kl - ql + b, device=q.device)[:, None]
+            mask = kpos <= qpos
+            if self.span.limited:
+                mask &= kpos >= self.span.first(qpos)
+            s.masked_fill_(~mask[None, :, None, :], float("-inf"))
+            out[:, a:b] = torch.matmul(self._softmax(s).to(V.dtype), V.unsqueeze(1))   # (n_kv, n, grp, hd)
+        return out.transpose(0, 1).reshape(ql, self.n_q, hd)
 
     def _attend(self, q, K, V, kl):
         """Causal attention of ql queries (the last ql positions of kl) on one sequence's cache."""
@@ -323,8 +381,10 @@ class Attention(nn.Module):
             # decode: group query heads by their KV head, no KV copy
             qg = q.view(self.n_kv, self.group, self.head_dim)           # (n_kv, group, hd)
             s = torch.matmul(qg, K.transpose(1, 2)).float() * self.scale  # (n_kv, group, kl)
-            p = torch.softmax(s, dim=-1).to(V.dtype)
+            p = self._softmax(s).to(V.dtype)
             return torch.matmul(p, V).reshape(1, self.n_q, self.head_dim)
+        if self.sink is not None:
+            return self._attend_explicit(q, K, V, kl)
         qt = q.transpose(0, 1).unsqueeze(0)                             # (1, n_q, ql, hd)
         if ql == kl and self.span.whole(kl):
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), is_causal=True,
@@ -364,9 +424,9 @@ class Attention(nn.Module):
                 K, V = k_cache.index_select(1, where), v_cache.index_select(1, where)
             s = torch.matmul(qg, K.transpose(1, 2))                        # (n_kv, group, kl)
             if f32:
-                torch.matmul(torch.softmax(s, dim=-1), V, out=o4[r])
+                torch.matmul(self._softmax(s), V, out=o4[r])
             else:
-                p = torch.softmax(s.float() * self.scale, dim=-1).to(v_cache.dtype)
+                p = self._softmax(s.float() * self.scale).to(v_cache.dtype)
                 o4[r] = torch.matmul(p, V)
 
     def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup):
@@ -383,6 +443,11 @@ class Attention(nn.Module):
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
         num = torch.matmul(p.to(v_cache.dtype), v_cache[:, a:a + n]).float()           # (n_kv, G*grp, hd)
+        if self.sink is not None:                       # the sinks join the shared part's state: one more term
+            sink = self.sink.view(self.n_kv, 1, grp).expand(self.n_kv, G, grp).reshape(self.n_kv, G * grp, 1)
+            m2 = torch.maximum(m, sink)
+            c = torch.exp(m - m2)
+            m, den, num = m2, den * c + torch.exp(sink - m2), num * c
         if g.tails_native is not None:
             # state per decode and query head, KV head by KV head: (G, n_q) and (G, n_q, hd)
             per = lambda t: t.view(self.n_kv, G, grp, -1).transpose(0, 1).reshape(G, self.n_q, -1)
@@ -419,7 +484,7 @@ class Attention(nn.Module):
         qg = q[rows].view(B, self.n_kv, self.group, self.head_dim).transpose(0, 1)   # (n_kv, B, group, hd)
         s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scale    # (n_kv, B, group, L)
         s.masked_fill_(invalid, float("-inf"))
-        p = torch.softmax(s, dim=-1).to(V.dtype)
+        p = self._softmax(s).to(V.dtype)
         o = torch.matmul(p, V)                                           # (n_kv, B, group, hd)
         out[rows] = o.transpose(0, 1).reshape(B, self.n_q, self.head_dim)
 
@@ -433,8 +498,9 @@ class Attention(nn.Module):
                                               v_cache[:, base:base + kl].transpose(0, 1), self.scale,
                                               b.positions[qs:qs + ql], b.kv_positions(i), self.window)
             parts.append((qs, ql, o, lse))
-        merged = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),
-                                      self.cp_comm)
+        merged, lse = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),
+                                           self.cp_comm, return_lse=True)
+        merged = self._sunk(merged, lse)
         r = 0
         for qs, ql, _, _ in parts:
             out[qs:qs + ql] = merged[r:r + ql].to(out.dtype)

@@ -21,35 +21,37 @@ from ..parallel.shard import balanced_range
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (as Hugging Face does), weight applied in the input dtype; ``plus_one``
-    (Gemma): scaled by (1 + weight) in float32, then rounded to the input dtype; ``name`` None: no weight (Llama 4's
-    q/k L2 norm)."""
+    """RMSNorm computed in float32 (as Hugging Face does), weight applied in the input dtype; ``f32_weight``
+    (gpt-oss): weight applied in float32, then rounded; ``plus_one`` (Gemma): scaled by (1 + weight) in float32,
+    then rounded; ``name`` None: no weight (Llama 4's q/k L2 norm)."""
 
-    def __init__(self, name: str | None, size: int, eps: float, dtype: torch.dtype, plus_one: bool = False):
+    def __init__(self, name: str | None, size: int, eps: float, dtype: torch.dtype, plus_one: bool = False,
+                 f32_weight: bool = False):
         super().__init__()
         self.name, self.size, self.eps, self.plus_one = name, size, eps, plus_one
+        self.f32 = plus_one or f32_weight
         self.weight = None if name is None else nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
-        self.scale = None          # plus_one: 1 + weight in float32, made by ``load``
+        self.scale = None          # f32: (1 +) weight in float32, made by ``load``
 
     def load(self, src) -> None:
         if self.weight is None:
             return
         self.weight.copy_(src.read(self.name + ".weight", (self.size,)))
-        if self.plus_one:
-            self.scale = 1.0 + self.weight.float()
+        if self.f32:
+            self.scale = self.weight.float() + (1.0 if self.plus_one else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dt = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        if self.plus_one:
+        if self.f32:
             return (xf * self.scale).to(dt)
         return xf.to(dt) if self.weight is None else self.weight * xf.to(dt)
 
 
 def norm(cfg: ModelConfig, name: str, size: int, dtype: torch.dtype) -> RMSNorm:
-    """The family's RMSNorm of ``size`` named ``name`` (Gemma's scales by 1 + weight)."""
-    return RMSNorm(name, size, cfg.rms_norm_eps, dtype, plus_one=cfg.norm_plus_one)
+    """The family's RMSNorm of ``size`` named ``name`` (Gemma's scales by 1 + weight, gpt-oss's in float32)."""
+    return RMSNorm(name, size, cfg.rms_norm_eps, dtype, plus_one=cfg.norm_plus_one, f32_weight=cfg.norm_f32_weight)
 
 
 def rope_inv_freq(r: RopeConfig, dim: int) -> torch.Tensor:

@@ -31,7 +31,7 @@ from ..parallel.shard import vocab_part, vocab_range
 from . import registry
 from .attention import Attention, AttentionPlan
 from .gemma3 import Gemma3DecoderLayer
-from .layers import MLP, RMSNorm, Rotary, norm
+from .layers import MLP, Rotary, norm
 from .moe import SparseMoeBlock
 from .step import StepBatch
 
@@ -40,9 +40,9 @@ class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, mesh: Mesh, layer: int, dtype):
         super().__init__()
         p = f"model.layers.{layer}."
-        self.input_norm = RMSNorm(p + "input_layernorm", cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.input_norm = norm(cfg, p + "input_layernorm", cfg.hidden_size, dtype)
         self.attn = Attention(cfg, mesh, layer, dtype)
-        self.post_norm = RMSNorm(p + "post_attention_layernorm", cfg.hidden_size, cfg.rms_norm_eps, dtype)
+        self.post_norm = norm(cfg, p + "post_attention_layernorm", cfg.hidden_size, dtype)
         if cfg.is_moe_layer(layer):
             self.mlp = SparseMoeBlock(cfg, mesh, layer, dtype)
         else:

@@ -1,7 +1,8 @@
 """Sparse mixture-of-experts MLP: Mixtral, Qwen2-MoE (shared expert with a sigmoid
 gate), Qwen3-MoE (``norm_topk_prob``), Llama 4 (sigmoid of the top-k router logits
 scaling each expert's input, an ungated shared expert, all experts in two fused
-checkpoint tensors).
+checkpoint tensors), gpt-oss (softmax of the top-k logits of a biased router,
+biased experts with a clamped SwiGLU, gate/up columns interleaved, MXFP4 weights).
 
 Which experts, and which slice of each, a rank holds is ``comm.mesh.Layout``'s
 arithmetic (``ep_rank``, ``etp``, ``etp_rank``).
@@ -38,6 +39,7 @@ from ..config import ModelConfig
 from ..kernels import linear
 from ..parallel.linear import pack_weight
 from ..parallel.shard import Slice, balanced_range, expert_owners, experts_for_rank
+from ..weights import mxfp4
 from . import registry
 from .layers import MLP
 
@@ -60,6 +62,14 @@ class SparseMoeBlock(nn.Module):
         self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, 2 * il, h, dtype=dtype), requires_grad=False)  # gate | up
         self.w2 = nn.Parameter(torch.empty(n_local, h, il, dtype=dtype), requires_grad=False)
+        # gpt-oss: router and expert biases; the down bias joins the sum once, on the first rank of each expert's
+        # TP block (the others' partial outputs are added to it by the allreduce)
+        self.gate_bias = self.b13 = self.b2 = None
+        if cfg.expert_bias:
+            self.gate_bias = nn.Parameter(torch.empty(cfg.num_experts, dtype=dtype), requires_grad=False)
+            self.b13 = nn.Parameter(torch.empty(n_local, 2 * il, dtype=dtype), requires_grad=False)
+            if mesh.etp_rank == 0:
+                self.b2 = nn.Parameter(torch.empty(n_local, h, dtype=dtype), requires_grad=False)
         self.shared = self.shared_gate = None
         if cfg.shared_expert_intermediate_size:
             self.shared = MLP(self.names["shared_prefix"], ("gate_proj", "up_proj", "down_proj"), h,
@@ -71,6 +81,9 @@ class SparseMoeBlock(nn.Module):
         cfg, h, inter = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size
         il = self.i1 - self.i0
         self.gate.copy_(src.read(self.names["router"] + ".weight", (cfg.num_experts, h)))
+        if self.names.get("interleaved"):
+            self._load_interleaved(src)
+            return
         if "fused" in self.names:
             # only this rank's experts and intermediate columns of the two 3-d tensors (input-major: transposed
             # into (out, in) here); gate columns are [0, I) of gate_up_proj's last dim, up columns [I, 2I)
@@ -95,6 +108,51 @@ class SparseMoeBlock(nn.Module):
             self.w2[j].copy_(src.read(d, (h, inter), Slice(1, self.i0, self.i1)))
         self._load_shared(src)
 
+    def _load_interleaved(self, src):
+        """gpt-oss's experts: gate_up columns (or MXFP4 rows) interleaved gate, up, gate, up..., so this rank's
+        intermediate slice [i0, i1) is the one contiguous run [2 i0, 2 i1); float weights input-major (E, h, 2I) /
+        (E, I, h), MXFP4 blocks output-major (E, 2I, h / 32, 16) / (E, h, I / 32, 16), dequantized here."""
+        cfg, h, inter, E = self.cfg, self.cfg.hidden_size, self.cfg.moe_intermediate_size, self.cfg.num_experts
+        i0, i1, il = self.i0, self.i1, self.i1 - self.i0
+        gu_name, d_name = self.names["fused"]
+        experts, pair = Slice(0, self.e0, self.e1), Slice(1, 2 * i0, 2 * i1)
+        if cfg.mxfp4_experts:
+            gu = mxfp4.dequantize(src.read(gu_name + "_blocks", (E, 2 * inter, h // 32, 16), experts, pair),
+                                  src.read(gu_name + "_scales", (E, 2 * inter, h // 32), experts, pair),
+                                  self.w13.dtype)                                          # (n, 2il, h)
+            g0, g1 = i0 // 32, -(-i1 // 32)                  # the blocks covering columns [i0, i1) of down
+            cols = Slice(2, g0, g1)
+            d = mxfp4.dequantize(src.read(d_name + "_blocks", (E, h, inter // 32, 16), experts, cols),
+                                 src.read(d_name + "_scales", (E, h, inter // 32), experts, cols),
+                                 self.w2.dtype)[..., i0 - g0 * 32:i1 - g0 * 32]           # (n, h, il)
+        else:
+            gu = src.read(gu_name, (E, h, 2 * inter), experts, Slice(2, 2 * i0, 2 * i1)).transpose(1, 2)
+            d = src.read(d_name, (E, inter, h), experts, Slice(1, i0, i1)).transpose(1, 2)
+        self.w13[:, :il].copy_(gu[:, 0::2])
+        self.w13[:, il:].copy_(gu[:, 1::2])
+        self.w2.copy_(d)
+        self.gate_bias.copy_(src.read(self.names["router"] + ".bias", (E,)))
+        b = src.read(gu_name + "_bias", (E, 2 * inter), experts, pair)                       # (n, 2il)
+        self.b13[:, :il].copy_(b[:, 0::2])
+        self.b13[:, il:].copy_(b[:, 1::2])
+        if self.b2 is not None:
+            self.b2.copy_(src.read(d_name + "_bias", (E, h), experts))
+
+    def _glu(self, gu: torch.Tensor) -> torch.Tensor:
+        """(n, 2 il) [gate | up] -> (n, il): SiLU(gate) * up; gpt-oss's clamped form where the config has a limit."""
+        il = self.i1 - self.i0
+        g, u = gu[:, :il], gu[:, il:]
+        limit = self.cfg.swiglu_limit
+        if limit is None:
+            return F.silu(g) * u
+        g, u = g.clamp(max=limit), u.clamp(min=-limit, max=limit)
+        return (u + 1) * (g * torch.sigmoid(g * self.cfg.swiglu_alpha))
+
+    def _expert(self, e: int, x: torch.Tensor) -> torch.Tensor:
+        """Local expert ``e`` on rows x (n, hidden) -> (n, hidden) (this rank's partial sum under expert TP)."""
+        gu = linear(x, self.w13[e], None if self.b13 is None else self.b13[e])   # (n, 2 il)
+        return linear(self._glu(gu), self.w2[e], None if self.b2 is None else self.b2[e])
+
     def _load_shared(self, src):
         if self.shared is not None:
             self.shared.load(src)
@@ -111,10 +169,13 @@ class SparseMoeBlock(nn.Module):
 
     def route(self, x: torch.Tensor):
         """Top-k expert ids (T, k) and their weights (T, k) exactly as Hugging Face computes them."""
-        logits = linear(x, self.gate)                               # (T, E)
+        logits = linear(x, self.gate, self.gate_bias)               # (T, E)
         if self.cfg.router == "sigmoid":                            # Llama 4: top-k logits, then their sigmoid
             top, idx = torch.topk(logits, self.top_k, dim=-1)
             return idx, torch.sigmoid(top.float()).to(x.dtype)
+        if self.cfg.router == "softmax_topk":                       # gpt-oss: top-k logits, then their softmax
+            top, idx = torch.topk(logits, self.top_k, dim=-1)
+            return idx, torch.softmax(top, dim=-1)
         probs = torch.softmax(logits.float(), dim=-1)
         w, idx = torch.topk(probs, self.top_k, dim=-1)
         if self.norm_topk:
@@ -124,7 +185,6 @@ class SparseMoeBlock(nn.Module):
     def experts(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Partial output of this rank's experts for tokens routed to them (zeros elsewhere)."""
         out = torch.zeros_like(x)
-        il = self.i1 - self.i0
         local = (idx >= self.e0) & (idx < self.e1)
         if not x.is_cuda and not bool(local.any()):     # (on CUDA the test would cost a host sync)
             return out
@@ -140,8 +200,7 @@ class SparseMoeBlock(nn.Module):
             t = tok[start:start + n]
             we = w[t, slot[start:start + n], None]                   # (n, 1) routing weights
             xe = x[t] * we if self.scale_input else x[t]             # (n, hidden)
-            gu = linear(xe, self.w13[e])                             # (n, 2 * il)
-            ye = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])  # (n, hidden)
+            ye = self._expert(e, xe)                                 # (n, hidden)
             out.index_add_(0, t, ye if self.scale_input else ye * we)
             start += n
         return out
@@ -182,12 +241,11 @@ class SparseMoeBlock(nn.Module):
             local = recv_eid - self.e0
             o2 = torch.argsort(local, stable=True)
             counts = torch.bincount(local, minlength=self.e1 - self.e0).tolist()
-            il, start = self.i1 - self.i0, 0
+            start = 0
             for e, n in enumerate(counts):
                 if n:
                     sel = o2[start:start + n]
-                    gu = linear(recv_rows[sel], self.w13[e])
-                    out[sel] = linear(F.silu(gu[:, :il]) * gu[:, il:], self.w2[e])
+                    out[sel] = self._expert(e, recv_rows[sel])
                     start += n
         back, _ = alltoallv(out, recv_counts, mesh.ep_comm, recv_counts=send_counts)   # rows return in send order
         y_s = torch.zeros_like(xs)

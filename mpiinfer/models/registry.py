@@ -22,6 +22,12 @@ def moe_names(cfg: ModelConfig, layer: int) -> dict:
     """The checkpoint names of ``layer``'s MoE block.  ``fused`` (Llama 4): all experts in two 3-d tensors,
     ``gate_up_proj`` (E, hidden, 2 x inter) and ``down_proj`` (E, inter, hidden), no ``.weight`` suffix."""
     p = f"model.layers.{layer}."
+    if cfg.family == "gpt_oss":
+        # gate and up columns interleaved (gate 0::2, up 1::2); biases "<name>_bias"; MXFP4: "<name>_blocks" /
+        # "<name>_scales", (E, out, in / 32, 16) and (E, out, in / 32)
+        m = p + "mlp."
+        return {"router": m + "router", "fused": (m + "experts.gate_up_proj", m + "experts.down_proj"),
+                "interleaved": True, "shared_prefix": None, "shared_gate": None}
     if cfg.family == "llama4":
         f = p + "feed_forward."
         return {"router": f + "router", "fused": (f + "experts.gate_up_proj", f + "experts.down_proj"),
@@ -61,11 +67,21 @@ def expected_tensors(cfg: ModelConfig) -> dict:
         if cfg.qk_norm:
             t[a + "q_norm.weight"] = (hd,)
             t[a + "k_norm.weight"] = (hd,)
+        if cfg.attention_sinks:
+            t[a + "sinks"] = (cfg.num_heads,)
         if cfg.is_moe_layer(i):
             n = moe_names(cfg, i)
             E, inter = cfg.num_experts, cfg.moe_intermediate_size
             t[n["router"] + ".weight"] = (E, h)
-            if "fused" in n:
+            if cfg.expert_bias:
+                t[n["router"] + ".bias"] = (E,)
+                t[n["fused"][0] + "_bias"] = (E, 2 * inter)
+                t[n["fused"][1] + "_bias"] = (E, h)
+            if cfg.mxfp4_experts:
+                for name, (rows, cols) in zip(n["fused"], ((2 * inter, h), (h, inter))):
+                    t[name + "_blocks"] = (E, rows, cols // 32, 16)
+                    t[name + "_scales"] = (E, rows, cols // 32)
+            elif "fused" in n:
                 t[n["fused"][0]] = (E, h, 2 * inter)
                 t[n["fused"][1]] = (E, inter, h)
             else:

@@ -53,6 +53,7 @@ import torch
 from .. import dtypes
 from ..config import ModelConfig
 from ..io.files import user_mode
+from ..weights.mxfp4 import quantize
 
 __all__ = [
     "ARCHS",
@@ -80,8 +81,9 @@ ARCHS = {
     "qwen3_moe": "Qwen3MoeForCausalLM",
     "gemma3": "Gemma3ForCausalLM",
     "llama4": "Llama4ForCausalLM",
+    "gpt_oss": "GptOssForCausalLM",
 }
-_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "gpt_oss")
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3
@@ -116,6 +118,7 @@ PRESETS = {
         window=16, window_pattern=2,    # Gemma 3 only: sliding window, layers per full-attention layer
         chunk=16, nope_interval=2, moe_step=2, floor_scale=4,   # Llama 4 only: attention chunk, layers per NoPE
                                                                 # layer, per MoE layer, temperature floor scale
+        mxfp4=False,                    # gpt-oss only: experts as MXFP4 blocks and scales
     ),
     # Llama-3.2-1B shapes (1,235,814,400 parameters for the dense families).  For the
     # MoE families: 8 experts of width 1024 (top-2), i.e. the same total expert width.
@@ -130,6 +133,7 @@ PRESETS = {
         shared_expert_intermediate_size=1024, init_std=0.02,
         window=512, window_pattern=6,   # as gemma-3-1b
         chunk=8192, nope_interval=4, moe_step=2, floor_scale=8192,   # as Llama 4 Maverick
+        mxfp4=False,
     ),
 }
 # A family's own shapes at a preset, over the preset's: gemma3 "1b" is gemma-3-1b (999,885,952 parameters).
@@ -139,7 +143,7 @@ FAMILY_PRESETS = {
                            rms_norm_eps=1e-6),
 }
 # Knobs that are never config.json fields.
-_GEN_KNOBS = ("init_std", "tokenizer_vocab")
+_GEN_KNOBS = ("init_std", "tokenizer_vocab", "mxfp4")
 
 _CHUNK_ELEMS = 1 << 24        # at most 16M elements (64 MiB of float32) generated at once
 _NORM_NOISE = 0.05            # RMSNorm weights: 1 + N(0, 0.05)
@@ -195,12 +199,14 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
     vocab = knobs["vocab_size"] or _round_up(tok_vocab, 64)
     family = arch
     h = knobs["hidden_size"]
-    llama_like = family in ("llama", "mistral", "mixtral", "llama4")
+    llama_like = family in ("llama", "mistral", "mixtral", "llama4", "gpt_oss")
 
     cfg: dict = {"architectures": [ARCHS[arch]],
                  "model_type": {"gemma3": "gemma3_text", "llama4": "llama4_text"}.get(family, family)}
     if family in ("llama", "qwen3", "qwen3_moe", "gemma3", "llama4"):
         cfg["attention_bias"] = False
+    elif family == "gpt_oss":
+        cfg["attention_bias"] = True
     cfg["attention_dropout"] = 0.0
     cfg["bos_token_id"] = BOS_ID
     cfg["eos_token_id"] = EOS_ID
@@ -252,7 +258,28 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
         cfg["attn_logit_softcapping"] = None
         cfg["final_logit_softcapping"] = None
 
-    if family == "llama4":
+    if family == "gpt_oss":
+        # as gpt-oss-20b's config.json: banded (sliding) and full layers alternating, YaRN RoPE, sinks, biased
+        # router and experts with the clamped SwiGLU; experts are intermediate_size wide (moe_intermediate_size)
+        cfg["intermediate_size"] = knobs["moe_intermediate_size"]
+        cfg["num_local_experts"] = knobs["num_experts"]
+        cfg["num_experts_per_tok"] = knobs["num_experts_per_tok"]
+        cfg["experts_per_token"] = knobs["num_experts_per_tok"]
+        cfg["sliding_window"] = knobs["window"]
+        cfg["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                              for i in range(knobs["num_hidden_layers"])]
+        cfg["rope_theta"] = 150000.0
+        cfg["rope_scaling"] = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0,
+                               "truncate": False,
+                               "original_max_position_embeddings": knobs["max_position_embeddings"] // 32}
+        cfg["swiglu_limit"] = 7.0
+        cfg["initial_context_length"] = knobs["max_position_embeddings"] // 32
+        cfg["output_router_logits"] = False
+        cfg["router_aux_loss_coef"] = 0.9
+        if knobs["mxfp4"]:
+            cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
+                "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
+    elif family == "llama4":
         # as Llama 4 Maverick's text config: top-1 sigmoid routing, a shared expert as wide as the routed ones
         # (intermediate_size), dense layers of intermediate_size_mlp between MoE layers, chunked attention on the
         # RoPE layers, every nope_interval-th layer NoPE with temperature tuning, L2-normed q/k
@@ -288,6 +315,9 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
 
     for k, v in rest.items():
         cfg[k] = copy.deepcopy(v)
+    if family == "gpt_oss" and "layer_types" not in rest:
+        cfg["layer_types"] = ["sliding_attention" if (i + 1) % 2 else "full_attention"
+                              for i in range(cfg["num_hidden_layers"])]
     if ("hidden_size" in rest or "num_attention_heads" in rest) and "head_dim" not in rest:
         cfg["head_dim"] = cfg["hidden_size"] // cfg["num_attention_heads"]
     if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and "max_window_layers" not in rest:
@@ -335,12 +365,28 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
             specs.append((a + "o_proj.bias", (h,), "bias"))
         if mc.qk_norm:
             specs += [(a + "q_norm.weight", (hd,), nk), (a + "k_norm.weight", (hd,), nk)]
+        if mc.attention_sinks:
+            specs.append((a + "sinks", (mc.num_heads,), "sink"))
         specs.append((p + "post_attention_layernorm.weight", (h,), nk))
         if mc.family == "gemma3":
             specs += [(p + "pre_feedforward_layernorm.weight", (h,), nk),
                       (p + "post_feedforward_layernorm.weight", (h,), nk)]
         E, I = mc.num_experts, mc.moe_intermediate_size
-        if mc.family == "llama4":
+        if mc.family == "gpt_oss":
+            m = p + "mlp."
+            specs += [(m + "router.weight", (E, h), "router"), (m + "router.bias", (E,), "bias")]
+            if mc.mxfp4_experts:
+                # random weights quantized: the blocks and the scales of one draw (seeded by the blocks' name)
+                for w, (rows, cols) in (("gate_up_proj", (2 * I, h)), ("down_proj", (h, I))):
+                    base = m + "experts." + w
+                    specs += [(base + "_blocks", (E, rows, cols // 32, 16), "mxfp4-blocks:" + base),
+                              (base + "_scales", (E, rows, cols // 32), "mxfp4-scales:" + base)]
+            else:
+                specs += [(m + "experts.gate_up_proj", (E, h, 2 * I), "linear"),
+                          (m + "experts.down_proj", (E, I, h), "linear")]
+            specs += [(m + "experts.gate_up_proj_bias", (E, 2 * I), "bias"),
+                      (m + "experts.down_proj_bias", (E, h), "bias")]
+        elif mc.family == "llama4":
             f = p + "feed_forward."
             if mc.is_moe_layer(i):
                 specs += [(f + "router.weight", (E, h), "router"),
@@ -378,9 +424,21 @@ def _tensor_seed(seed: int, name: str) -> int:
     return int.from_bytes(d[:8], "little") & ((1 << 63) - 1)
 
 
+def _mxfp4(base: str, shape: tuple, kind: str, seed: int, std: float) -> bytes:
+    """The blocks or the scales (by ``kind``) of random weights (E, rows, cols) drawn for ``base``, quantized."""
+    E, rows, groups = shape[:3]
+    g = torch.Generator().manual_seed(_tensor_seed(seed, base))
+    blocks, scales = quantize(torch.randn(E, rows, groups * 32, generator=g) * std)
+    blocks = blocks.view(E, rows, groups, 16)
+    return (blocks if kind.startswith("mxfp4-blocks") else scales).contiguous().numpy().tobytes()
+
+
 def _tensor_chunks(name: str, shape: tuple, kind: str, seed: int, std: float,
                    tdtype: torch.dtype) -> Iterator[bytes]:
     """The tensor's bytes (row-major, little-endian), generated a few rows at a time."""
+    if kind.startswith("mxfp4-"):
+        yield _mxfp4(kind.split(":", 1)[1], shape, kind, seed, std)
+        return
     g = torch.Generator().manual_seed(_tensor_seed(seed, name))
     rows = shape[0]
     row = math.prod(shape[1:]) if len(shape) > 1 else 1
@@ -394,6 +452,8 @@ def _tensor_chunks(name: str, shape: tuple, kind: str, seed: int, std: float,
             t.mul_(_NORM_NOISE)
         elif kind == "bias":
             t.mul_(_BIAS_STD)
+        elif kind == "sink":                        # attention sinks: logits of the order of the scores
+            pass
         else:
             t.mul_(std)
         t = t.to(tdtype).contiguous()
@@ -408,9 +468,10 @@ def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dt
     """Write one safetensors file tensor by tensor; returns the data size in bytes."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
-    for name, shape, _ in specs:
-        n = _nbytes(shape, tdtype)
-        header[name] = {"dtype": st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+    for name, shape, kind in specs:
+        mx = kind.startswith("mxfp4-")                      # MXFP4 blocks and scales: bytes
+        n = _nbytes(shape, torch.uint8 if mx else tdtype)
+        header[name] = {"dtype": "U8" if mx else st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
@@ -430,7 +491,7 @@ def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_b
             raise ValueError("shard_max_bytes must be positive")
         size = 0
         for spec in specs:
-            n = _nbytes(spec[1], tdtype)
+            n = _nbytes(spec[1], torch.uint8 if spec[2].startswith("mxfp4-") else tdtype)
             if shards[-1] and size + n > shard_max_bytes:
                 shards.append([])
                 size = 0

@@ -13,7 +13,7 @@ import time
 import pytest
 import torch
 
-from ..reference import hf_greedy
+from ..reference import dequantized_twin, hf_greedy
 from ..tiers import SLOW
 
 MPIEXEC = shutil.which("mpiexec")
@@ -72,6 +72,15 @@ LAYOUTS = [
     ("llama4", {}, 4, ["--tp", "4", "--ep", "2"]),
     ("llama4", {"num_local_experts": 5}, 4, ["--ep", "4"]),      # wide EP, 2 1 1 1
     ("llama4", {}, 2, []),                                       # dp=2
+    # gpt-oss: sinks, banded / full layers, YaRN, biased router and experts (interleaved gate/up), clamped SwiGLU
+    ("gpt_oss", {}, 2, ["--tp", "2"]),
+    ("gpt_oss", {}, 4, ["--tp", "4"]),                            # sinks split with the query heads
+    ("gpt_oss", {}, 2, ["--ep", "2"]),                            # wide EP
+    ("gpt_oss", {"num_local_experts": 5}, 4, ["--tp", "4", "--ep", "2"]),   # 3 + 2 experts, down bias once
+    # MXFP4 experts (reference: transformers on a float32 copy): blocks split by expert TP (16 of a 32-block)
+    ("gpt_oss", {"mxfp4": True}, 2, ["--tp", "2"]),
+    ("gpt_oss", {"mxfp4": True}, 2, ["--tp", "2", "--ep", "2"]),
+    ("gpt_oss", {}, 2, []),                                       # dp=2
 ]
 
 
@@ -116,7 +125,9 @@ def references(model_dirs, tmp_path_factory):
             write_input(tmp / "in.jsonl", ps)
             p1 = mpirun(1, common_args(d, tmp / "in.jsonl") + ["-o", str(tmp / "one.jsonl")])
             assert p1.returncode == 0, p1.stderr
-            made[key] = (d, tmp / "in.jsonl", hf_greedy(d, ps, NEW), read(tmp / "one.jsonl"))
+            # MXFP4 experts: transformers runs a float32 copy of the same values
+            hf_dir = dequantized_twin(d, tmp / "float32") if overrides.get("mxfp4") else d
+            made[key] = (d, tmp / "in.jsonl", hf_greedy(hf_dir, ps, NEW), read(tmp / "one.jsonl"))
         return made[key]
     return get
 
@@ -134,7 +145,7 @@ def layout_id(arch, overrides, n, flags):
 # EP inside a replica, wide EP; the rest of the matrix is in the slow tier
 QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2",
                  "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5", "gemma3---tp2",
-                 "llama4---tp2---ep2", "llama4---ep2"}
+                 "llama4---tp2---ep2", "llama4---ep2", "gpt_oss---tp2-mxfp4True", "gpt_oss---ep2"}
 
 
 @pytest.mark.parametrize("arch,overrides,n,flags", [

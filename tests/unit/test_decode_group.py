@@ -8,7 +8,8 @@ from mpiinfer.models.step import StepBatch
 
 
 class _Heads:
-    n_kv, group, head_dim, n_q, scale, window, span = 2, 3, 16, 6, 0.25, None, Span()
+    n_kv, group, head_dim, n_q, scale, window, span, sink = 2, 3, 16, 6, 0.25, None, Span(), None
+    _softmax = Attention._softmax
 
 
 def _batch(lengths, qlens=None, gap=5):
@@ -94,3 +95,53 @@ def test_engine_bf16_grouped_equals_loop(model_dirs, monkeypatch):
     for g, a in zip(grouped, alone):
         assert g.token_ids == a.token_ids
         assert max(abs(x - y) for x, y in zip(g.logprobs, a.logprobs)) < 2e-2
+
+
+def _sink_reference(q, K, V, sink, scale):
+    """softmax over [scores, sink] per query head, the sink's column dropped (float64): (n_q, hd)."""
+    n_q = q.shape[0]
+    n_kv = K.shape[0]
+    Kr = K.double().repeat_interleave(n_q // n_kv, 0)                       # (n_q, kl, hd)
+    Vr = V.double().repeat_interleave(n_q // n_kv, 0)
+    s = torch.einsum("hd,hkd->hk", q.double(), Kr) * scale
+    p = torch.softmax(torch.cat((s, sink.double().reshape(n_q, 1)), -1), -1)[:, :-1]
+    return torch.einsum("hk,hkd->hd", p, Vr)
+
+
+def test_attention_sinks_on_every_torch_path():
+    """gpt-oss's sinks: grouped decodes, the decode loop, one decode and a prompt chunk (explicit scores, in query
+    blocks) against softmax over [scores, sink] computed directly."""
+    g = torch.Generator().manual_seed(3)
+    a = _Heads()
+    a.sink = torch.randn(a.n_kv, a.group, generator=g) * 2
+    a._attend_explicit = lambda *args: Attention._attend_explicit(a, *args)
+    lengths = [7, 1, 30, 12, 19]
+    b = _batch(lengths)
+    pool = sum(lengths) + 5 * len(lengths)
+    kc = torch.randn(a.n_kv, pool, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, pool, a.head_dim, generator=g)
+    q = torch.randn(len(lengths), a.n_q, a.head_dim, generator=g)
+    want = [_sink_reference(q[i], kc[:, base:base + kl], vc[:, base:base + kl], a.sink, a.scale)
+            for i, (base, kl) in enumerate(zip(b.kv_base, b.kv_len))]
+    grouped = torch.empty(len(lengths), a.n_q, a.head_dim)
+    Attention._attend_decodes(a, q, kc, vc, grouped, *decode_group(b, None, 64)[1:])
+    loop = torch.empty_like(grouped)
+    Attention._attend_decode_loop(a, q, kc, vc, loop, [(i, [(base, kl)]) for i, (base, kl)
+                                                         in enumerate(zip(b.kv_base, b.kv_len))])
+    for i, (base, kl) in enumerate(zip(b.kv_base, b.kv_len)):
+        one = Attention._attend(a, q[i:i + 1], kc[:, base:base + kl], vc[:, base:base + kl], kl)
+        for got in (grouped[i], loop[i], one[0]):
+            assert torch.allclose(got.double(), want[i], atol=1e-5), i
+    # a prompt chunk: the last 5 of 30 positions, in query blocks of 2 (the block size forced small)
+    base, kl = b.kv_base[2], 30
+    qp = torch.randn(5, a.n_q, a.head_dim, generator=g)
+    old = attention.SINK_SCORE_ELEMS
+    attention.SINK_SCORE_ELEMS = 2 * a.n_q * kl
+    try:
+        got = Attention._attend(a, qp, kc[:, base:base + kl], vc[:, base:base + kl], kl)
+    finally:
+        attention.SINK_SCORE_ELEMS = old
+    for j in range(5):
+        n = kl - 5 + j + 1                                                    # causal: rows up to its position
+        assert torch.allclose(got[j].double(), _sink_reference(qp[j], kc[:, base:base + n], vc[:, base:base + n],
+                                                                a.sink, a.scale), atol=1e-5), j

@@ -86,7 +86,8 @@ def _assert_weights_match(model, cfg, tensors):
     checked = 0
     for name, t in tensors.items():
         hf = name.replace(".block_sparse_moe.", ".mlp.")
-        if ".experts." in hf and hf.split(".experts.")[1] not in ("gate_up_proj", "down_proj"):  # (Llama 4: fused)
+        fused = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")     # Llama 4, gpt-oss
+        if ".experts." in hf and hf.split(".experts.")[1] not in fused:
             prefix, rest = hf.split(".experts.")
             e, proj = rest.split(".")[:2]
             e = int(e)
@@ -126,14 +127,14 @@ def test_config_parses_and_matches(tiny, arch):
     assert mc.intermediate_size == raw["intermediate_size_mlp" if arch == "llama4" else "intermediate_size"]
     assert mc.rms_norm_eps == raw["rms_norm_eps"]
     assert mc.max_position_embeddings == raw["max_position_embeddings"]
-    assert mc.rope.theta == raw["rope_theta"] and mc.rope.type == "default"
+    assert mc.rope.theta == raw["rope_theta"] and mc.rope.type == ("yarn" if arch == "gpt_oss" else "default")
     assert mc.tie_word_embeddings is raw["tie_word_embeddings"] is False
     assert mc.torch_dtype == raw["torch_dtype"] == "float32"
     assert mc.bos_token_id == raw["bos_token_id"] == im.BOS_ID
     assert mc.eos_token_ids == (im.EOS_ID, im.IM_END_ID)  # generation_config.json wins
-    assert mc.sliding_window == (16 if arch == "gemma3" else None)
+    assert mc.sliding_window == (16 if arch in ("gemma3", "gpt_oss") else None)
     assert mc.qk_norm == (arch in ("qwen3", "qwen3_moe", "gemma3"))
-    assert mc.attention_bias == (arch in ("qwen2", "qwen2_moe")) and not mc.o_bias
+    assert mc.attention_bias == (arch in ("qwen2", "qwen2_moe", "gpt_oss")) and mc.o_bias == (arch == "gpt_oss")
     with open(os.path.join(path, "generation_config.json")) as f:
         assert json.load(f) == {"bos_token_id": im.BOS_ID, "eos_token_id": [im.EOS_ID, im.IM_END_ID]}
 
@@ -144,7 +145,8 @@ def test_config_parses_and_matches(tiny, arch):
         assert mc.hidden_act == raw["hidden_activation"] == "gelu_pytorch_tanh" and mc.norm_plus_one
         assert mc.attn_scale == raw["query_pre_attn_scalar"] ** -0.5 and mc.embed_scale == 8.0
     else:
-        assert (mc.layer_types == ()) == (arch != "llama4") and mc.layer_window(1) is None and not mc.norm_plus_one
+        assert (mc.layer_types == ()) == (arch not in ("llama4", "gpt_oss")) and mc.layer_window(1) is None
+        assert not mc.norm_plus_one
     if arch == "llama4":   # as Llama 4 Maverick: MoE every other layer, NoPE every other (tiny), chunks of 16
         assert mc.num_experts == raw["num_local_experts"] == 4 and mc.num_experts_per_tok == 1
         assert mc.moe_intermediate_size == mc.shared_expert_intermediate_size == raw["intermediate_size"] == 32
@@ -152,6 +154,12 @@ def test_config_parses_and_matches(tiny, arch):
         assert mc.layer_types == ("chunked_attention", "full_attention") and mc.no_rope_layers == (1, 0)
         assert [mc.layer_chunk(i) for i in range(2)] == [16, None] and mc.layer_rope(1).type == "none"
         assert mc.qk_l2_norm and mc.temperature_tuning == (4.0, 0.1) and mc.rope_interleaved and mc.moe_scale_input
+    elif arch == "gpt_oss":   # as gpt-oss-20b: banded and full layers alternating, YaRN, sinks, biased experts
+        assert mc.num_experts == raw["num_local_experts"] == 4 and mc.num_experts_per_tok == 2
+        assert mc.moe_intermediate_size == raw["intermediate_size"] == 32 and mc.router == "softmax_topk"
+        assert mc.layer_types == ("sliding_attention", "full_attention") and mc.rope.type == "yarn"
+        assert mc.attention_sinks and mc.expert_bias and mc.swiglu_limit == 7.0 and not mc.mxfp4_experts
+        assert all(mc.is_moe_layer(i) for i in range(2))
     elif arch == "mixtral":
         assert "num_experts" not in raw and "moe_intermediate_size" not in raw
         assert (mc.num_experts, mc.num_experts_per_tok) == (raw["num_local_experts"], raw["num_experts_per_tok"]) == (4, 2)
@@ -187,6 +195,7 @@ def test_config_parses_and_matches(tiny, arch):
         "qwen3_moe": "model.layers.0.mlp.experts.3.up_proj.weight",
         "gemma3": "model.layers.1.post_feedforward_layernorm.weight",
         "llama4": "model.layers.1.feed_forward.experts.gate_up_proj",
+        "gpt_oss": "model.layers.1.self_attn.sinks",
     }[arch]
     assert expected in specs and "lm_head.weight" in specs
 

@@ -140,7 +140,8 @@ def _engine_run(d, prompts, dtype="float32", new=24):
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": 40}),
-                                            ("gemma3", {"sliding_window": 40}), ("llama4", {"attention_chunk_size": 40})])
+                                            ("gemma3", {"sliding_window": 40}), ("llama4", {"attention_chunk_size": 40}),
+                                            ("gpt_oss", {"sliding_window": 40})])
 def test_engine_on_the_kernels_matches_transformers(arch, overrides, model_dirs, monkeypatch):
     """Shared-prefix groups formed (their threshold lowered to 16 rows), paged runs, windows; then the same with
     the kernels off (the torch paths CUDA takes): both exactly transformers' tokens, logprobs within 1e-4."""

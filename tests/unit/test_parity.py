@@ -1,4 +1,6 @@
 """Single-process engine vs transformers: greedy tokens identical, logprobs within 1e-4 (float32)."""
+import math
+
 import pytest
 import torch
 
@@ -11,7 +13,7 @@ from mpiinfer.messages import Request
 from mpiinfer.tokenizer import Tokenizer
 
 from ..conftest import ARCHS
-from ..reference import hf_greedy
+from ..reference import dequantized_twin, hf_greedy
 
 NEW = 32
 LENGTHS = (3, 17, 9, 41, 1, 25)
@@ -252,3 +254,63 @@ def test_yarn_rope_equals_transformers(rope):
     inv, factor = ROPE_INIT_FUNCTIONS["yarn"](c, "cpu")
     mine = _rope_config(rope, 131072)
     assert torch.equal(rope_inv_freq(mine, 64), inv) and mine.attention_factor == factor
+
+
+# gpt-oss-20b's config.json as published, shapes aside
+GPT_OSS_20B = {"architectures": ["GptOssForCausalLM"], "attention_bias": True, "attention_dropout": 0.0,
+               "eos_token_id": 200002, "experts_per_token": 4, "head_dim": 64, "hidden_act": "silu",
+               "hidden_size": 2880, "initial_context_length": 4096, "initializer_range": 0.02,
+               "intermediate_size": 2880, "layer_types": ["sliding_attention", "full_attention"] * 12,
+               "max_position_embeddings": 131072, "model_type": "gpt_oss", "num_attention_heads": 64,
+               "num_experts_per_tok": 4, "num_hidden_layers": 24, "num_key_value_heads": 8, "num_local_experts": 32,
+               "output_router_logits": False, "pad_token_id": 199999,
+               "quantization_config": {"modules_to_not_convert": ["model.layers.*.self_attn",
+                                                                  "model.layers.*.mlp.router", "model.embed_tokens",
+                                                                  "lm_head"], "quant_method": "mxfp4"},
+               "rms_norm_eps": 1e-05, "rope_scaling": {"beta_fast": 32.0, "beta_slow": 1.0, "factor": 32.0,
+                                                       "original_max_position_embeddings": 4096,
+                                                       "rope_type": "yarn", "truncate": False},
+               "rope_theta": 150000, "router_aux_loss_coef": 0.9, "sliding_window": 128, "swiglu_limit": 7.0,
+               "tie_word_embeddings": False, "torch_dtype": "bfloat16", "vocab_size": 201088}
+
+
+def test_gpt_oss_config_and_refusals():
+    from mpiinfer.config import ConfigError, ModelConfig
+    from mpiinfer.models.registry import expected_tensors
+    mc = ModelConfig.from_hf(GPT_OSS_20B)
+    assert mc.family == "gpt_oss" and mc.num_experts == 32 and mc.num_experts_per_tok == 4 and mc.mxfp4_experts
+    assert [mc.layer_window(i) for i in range(3)] == [128, None, 128] and mc.rope.type == "yarn"
+    assert mc.rope.attention_factor == pytest.approx(0.1 * math.log(32) + 1) and mc.attention_bias and mc.o_bias
+    t = expected_tensors(mc)
+    assert t["model.layers.0.mlp.experts.gate_up_proj_blocks"] == (32, 5760, 90, 16)
+    assert t["model.layers.0.mlp.experts.down_proj_scales"] == (32, 2880, 90)
+    assert t["model.layers.0.self_attn.sinks"] == (64,) and "model.layers.0.mlp.experts.gate_up_proj" not in t
+    # gpt-oss-20b's parameter count as published (20.9B), its experts counted at full precision
+    assert round(mc.num_params / 1e9, 1) == 20.9
+    for bad, message in [({"quantization_config": {"quant_method": "gptq"}}, "quantized checkpoint"),
+                         ({"sliding_window": None}, "sliding_window is null"),
+                         ({"intermediate_size": 2890}, "divisible by 32")]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_hf({**GPT_OSS_20B, **bad})
+    llama_gptq = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
+                  "num_hidden_layers": 2, "vocab_size": 512, "quantization_config": {"quant_method": "gptq"}}
+    with pytest.raises(ConfigError, match="quantized checkpoint"):
+        ModelConfig.from_hf(llama_gptq)
+
+
+def test_gpt_oss_mxfp4_and_knobs_match_transformers(model_dirs, tmp_path):
+    """gpt-oss with its experts as MXFP4 blocks (dequantized at load) against transformers on a float32 copy of the
+    same values; a swiglu_limit of 0.5 so the clamps bind, 3 layers (banded, full, banded: window 16), one KV
+    head, top-3 of 4 experts."""
+    d = model_dirs("gpt_oss", mxfp4=True, swiglu_limit=0.5, num_hidden_layers=3, num_key_value_heads=1,
+                   num_experts_per_tok=3, experts_per_token=3)
+    twin = dequantized_twin(d, tmp_path / "float32")
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=7)
+    ref = hf_greedy(twin, prompts, NEW)
+    for max_batch, step_tokens in ((6, 4096), (2, 7)):
+        res, eng = run_engine(d, prompts, max_batch=max_batch, step_tokens=step_tokens)
+        assert eng.runner.cfg.mxfp4_experts
+        for (toks, lps), r in zip(ref, res):
+            assert len(set(toks)) >= 4
+            assert r.token_ids == toks
+            assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4

@@ -104,7 +104,8 @@ def test_extents_join_consecutive_blocks():
 # ------------------------------------------------------------------ attention over paged rows
 
 class _Heads:
-    n_kv, group, head_dim, n_q, scale, window, span = 2, 3, 16, 6, 0.25, None, Span()
+    n_kv, group, head_dim, n_q, scale, window, span, sink = 2, 3, 16, 6, 0.25, None, Span(), None
+    _softmax = Attention._softmax
     _attend = Attention._attend
 
 
@@ -238,7 +239,7 @@ def assert_matches(ref, res):
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mixtral", {}),
                                             ("mistral", {"sliding_window": 20}), ("gemma3", {}),
-                                            ("llama4", {})])
+                                            ("llama4", {}), ("gpt_oss", {})])
 def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
     d = model_dirs(arch, **overrides)
     prompts = shared_prefix_prompts(Tokenizer(d).vocab_size)
