@@ -227,7 +227,7 @@ class ModelConfig:
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(raw.get("num_key_value_heads") or heads)
-        head_dim = raw.get("head_dim") or hidden // heads
+        head_dim = raw.get("head_dim") or (64 if family == "gpt_oss" else hidden // heads)   # transformers' defaults
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
         act = raw.get("hidden_activation", raw.get("hidden_act", "silu")) if family == "gemma3" else \
@@ -253,8 +253,12 @@ class ModelConfig:
         else:
             default_theta = {"llama4": 5e5, "gpt_oss": 150000.0}.get(family, 10000.0)
             theta = rp.get("rope_theta", raw.get("rope_theta", default_theta))
-            rope = _rope_config({**(raw.get("rope_scaling") or {}), **rp, "rope_theta": theta},
-                                int(raw.get("max_position_embeddings", 4096)))
+            scaling = {**rp, **(raw.get("rope_scaling") or {})}       # rope_scaling wins, as in transformers
+            if family == "gpt_oss" and not {k for k in scaling if k != "rope_theta"}:
+                # transformers' GptOssConfig fills in its YaRN where config.json names none
+                scaling = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                           "original_max_position_embeddings": 4096}
+            rope = _rope_config({**scaling, "rope_theta": theta}, int(raw.get("max_position_embeddings", 4096)))
 
         attention_bias = bool(raw.get("attention_bias", family == "gpt_oss"))
         o_bias = attention_bias  # Llama's attention_bias covers o_proj too
@@ -322,11 +326,13 @@ class ModelConfig:
             if sliding is None and "sliding_attention" in layer_types:
                 raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
             quant = raw.get("quantization_config") or {}
-            if quant and (hidden % 32 or int(need("intermediate_size")) % 32):
+            if quant and (hidden % 32 or int(raw.get("intermediate_size") or 2880) % 32):
                 raise ConfigError("MXFP4 experts need hidden_size and intermediate_size divisible by 32")
             limit = raw.get("swiglu_limit", 7.0)
+            if limit is None:
+                raise ConfigError("swiglu_limit is null: gpt-oss's experts need their clamp")
             extra = dict(layer_types=layer_types, attention_sinks=True, norm_f32_weight=True,
-                         swiglu_limit=float(limit) if limit is not None else None,
+                         swiglu_limit=float(limit),
                          swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)), expert_bias=True,
                          router="softmax_topk", mxfp4_experts=bool(quant))
         elif family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
@@ -346,15 +352,18 @@ class ModelConfig:
 
         moe = {}
         if family in MOE_ARCHS.values():
-            n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4", "gpt_oss") else \
+            n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4") else \
+                raw.get("num_local_experts", raw.get("num_experts")) if family == "gpt_oss" else \
                 raw.get("num_experts", raw.get("num_local_experts"))
             if not n_exp:
                 raise ConfigError(f"config.json lacks the number of experts for {arch}")
             moe = dict(
                 num_experts=int(n_exp),
-                num_experts_per_tok=int(raw.get("num_experts_per_tok") or raw.get("experts_per_token")
-                                        or need("num_experts_per_tok")),
-                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")),
+                # (gpt-oss: transformers' default 4; it never reads experts_per_token)
+                num_experts_per_tok=int(raw.get("num_experts_per_tok") or 4) if family == "gpt_oss" else
+                int(need("num_experts_per_tok")),
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")
+                                          or (2880 if family == "gpt_oss" else need("intermediate_size"))),
                 shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
                 if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else 0,
                 norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
@@ -374,7 +383,7 @@ class ModelConfig:
                                   or 0),
             num_layers=int(need("num_hidden_layers")),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
-            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family == "llama4" else 1e-6)),
+            rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family in ("llama4", "gpt_oss") else 1e-6)),
             max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
             rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gemma3")),
@@ -399,7 +408,9 @@ def _rope_config(d: dict, max_position_embeddings: int = 0) -> RopeConfig:
     rtype = d.get("rope_type", d.get("type", "default")) or "default"
     if rtype not in ("default", "llama3", "linear", "yarn"):
         raise ConfigError(f"unsupported rope scaling type {rtype!r} (supported: default, llama3, linear, yarn)")
-    original = int(d.get("original_max_position_embeddings") or 8192)
+    # (yarn without one: transformers takes max_position_embeddings)
+    original = int(d.get("original_max_position_embeddings")
+                   or (max_position_embeddings if rtype == "yarn" and max_position_embeddings else 8192))
     factor = d.get("factor")
     if factor is None:
         factor = max_position_embeddings / original if rtype == "yarn" and max_position_embeddings else 1.0

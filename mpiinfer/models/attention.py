@@ -356,22 +356,26 @@ class Attention(nn.Module):
 
     def _attend_explicit(self, q, K, V, kl):
         """``_attend`` by explicit scores (the sinks' path: SDPA has no extra column), in query blocks of at most
-        SINK_SCORE_ELEMS scores."""
+        SINK_SCORE_ELEMS scores; a block scores only the keys its span reaches (a banded layer: about window keys
+        per query, not all kl)."""
         ql, hd, grp = q.shape[0], self.head_dim, self.group
         qg = q.view(ql, self.n_kv, grp, hd).transpose(0, 1)                    # (n_kv, ql, grp, hd)
-        Kt = K.transpose(1, 2).unsqueeze(1)                                     # (n_kv, 1, hd, kl)
         out = torch.empty(self.n_kv, ql, grp, hd, dtype=q.dtype, device=q.device)
-        step = max(1, SINK_SCORE_ELEMS // max(1, self.n_q * kl))
-        kpos = torch.arange(kl, device=q.device)[None, :]
+        reach = self.span.window or self.span.chunk or kl                       # keys one query can see, at most
+        step = max(1, SINK_SCORE_ELEMS // max(1, self.n_q * min(kl, reach + 1)))
         for a in range(0, ql, step):
             b = min(ql, a + step)
-            s = torch.matmul(qg[:, a:b], Kt).float() * self.scale                # (n_kv, n, grp, kl)
-            qpos = torch.arange(kl - ql + a, kl - ql + b, device=q.device)[:, None]
+            p0, p1 = kl - ql + a, kl - ql + b                                   # the block's query positions
+            lo = int(self.span.first(p0)) if self.span.limited else 0           # the first key any of them sees
+            Kt = K[:, lo:p1].transpose(1, 2).unsqueeze(1)                       # (n_kv, 1, hd, n_keys)
+            s = torch.matmul(qg[:, a:b], Kt).float() * self.scale                # (n_kv, n, grp, n_keys)
+            qpos = torch.arange(p0, p1, device=q.device)[:, None]
+            kpos = torch.arange(lo, p1, device=q.device)[None, :]
             mask = kpos <= qpos
             if self.span.limited:
                 mask &= kpos >= self.span.first(qpos)
             s.masked_fill_(~mask[None, :, None, :], float("-inf"))
-            out[:, a:b] = torch.matmul(self._softmax(s).to(V.dtype), V.unsqueeze(1))   # (n_kv, n, grp, hd)
+            out[:, a:b] = torch.matmul(self._softmax(s).to(V.dtype), V[:, lo:p1].unsqueeze(1))
         return out.transpose(0, 1).reshape(ql, self.n_q, hd)
 
     def _attend(self, q, K, V, kl):

@@ -117,20 +117,24 @@ class SparseMoeBlock(nn.Module):
         gu_name, d_name = self.names["fused"]
         experts, pair = Slice(0, self.e0, self.e1), Slice(1, 2 * i0, 2 * i1)
         if cfg.mxfp4_experts:
-            gu = mxfp4.dequantize(src.read(gu_name + "_blocks", (E, 2 * inter, h // 32, 16), experts, pair),
-                                  src.read(gu_name + "_scales", (E, 2 * inter, h // 32), experts, pair),
-                                  self.w13.dtype)                                          # (n, 2il, h)
+            # one expert at a time: its blocks, dequantized (a whole layer's at once would multiply the memory)
             g0, g1 = i0 // 32, -(-i1 // 32)                  # the blocks covering columns [i0, i1) of down
-            cols = Slice(2, g0, g1)
-            d = mxfp4.dequantize(src.read(d_name + "_blocks", (E, h, inter // 32, 16), experts, cols),
-                                 src.read(d_name + "_scales", (E, h, inter // 32), experts, cols),
-                                 self.w2.dtype)[..., i0 - g0 * 32:i1 - g0 * 32]           # (n, h, il)
+            for j, e in enumerate(range(self.e0, self.e1)):
+                one = Slice(0, e, e + 1)
+                gu = mxfp4.dequantize(src.read(gu_name + "_blocks", (E, 2 * inter, h // 32, 16), one, pair),
+                                      src.read(gu_name + "_scales", (E, 2 * inter, h // 32), one, pair),
+                                      self.w13.dtype)[0]                                   # (2il, h)
+                self.w13[j, :il].copy_(gu[0::2])
+                self.w13[j, il:].copy_(gu[1::2])
+                cols = Slice(2, g0, g1)
+                d = mxfp4.dequantize(src.read(d_name + "_blocks", (E, h, inter // 32, 16), one, cols),
+                                     src.read(d_name + "_scales", (E, h, inter // 32), one, cols), self.w2.dtype)
+                self.w2[j].copy_(d[0, :, i0 - g0 * 32:i1 - g0 * 32])                     # (h, il)
         else:
             gu = src.read(gu_name, (E, h, 2 * inter), experts, Slice(2, 2 * i0, 2 * i1)).transpose(1, 2)
-            d = src.read(d_name, (E, inter, h), experts, Slice(1, i0, i1)).transpose(1, 2)
-        self.w13[:, :il].copy_(gu[:, 0::2])
-        self.w13[:, il:].copy_(gu[:, 1::2])
-        self.w2.copy_(d)
+            self.w13[:, :il].copy_(gu[:, 0::2])
+            self.w13[:, il:].copy_(gu[:, 1::2])
+            self.w2.copy_(src.read(d_name, (E, inter, h), experts, Slice(1, i0, i1)).transpose(1, 2))
         self.gate_bias.copy_(src.read(self.names["router"] + ".bias", (E,)))
         b = src.read(gu_name + "_bias", (E, 2 * inter), experts, pair)                       # (n, 2il)
         self.b13[:, :il].copy_(b[:, 0::2])

@@ -77,8 +77,10 @@ LAYOUTS = [
     ("gpt_oss", {}, 4, ["--tp", "4"]),                            # sinks split with the query heads
     ("gpt_oss", {}, 2, ["--ep", "2"]),                            # wide EP
     ("gpt_oss", {"num_local_experts": 5}, 4, ["--tp", "4", "--ep", "2"]),   # 3 + 2 experts, down bias once
-    # MXFP4 experts (reference: transformers on a float32 copy): blocks split by expert TP (16 of a 32-block)
+    # MXFP4 experts (reference: transformers on a float32 copy): blocks split by expert TP (16 of a 32-block; 48
+    # of 96 columns: the second rank's down blocks start at block 1, mid-block)
     ("gpt_oss", {"mxfp4": True}, 2, ["--tp", "2"]),
+    ("gpt_oss", {"mxfp4": True, "intermediate_size": 96}, 2, ["--tp", "2"]),
     ("gpt_oss", {"mxfp4": True}, 2, ["--tp", "2", "--ep", "2"]),
     ("gpt_oss", {}, 2, []),                                       # dp=2
 ]
@@ -145,7 +147,7 @@ def layout_id(arch, overrides, n, flags):
 # EP inside a replica, wide EP; the rest of the matrix is in the slow tier
 QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2",
                  "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5", "gemma3---tp2",
-                 "llama4---tp2---ep2", "llama4---ep2", "gpt_oss---tp2-mxfp4True", "gpt_oss---ep2"}
+                 "llama4---tp2---ep2", "llama4---ep2", "gpt_oss---tp2-mxfp4True-interm96", "gpt_oss---ep2"}
 
 
 @pytest.mark.parametrize("arch,overrides,n,flags", [

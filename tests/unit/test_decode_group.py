@@ -145,3 +145,15 @@ def test_attention_sinks_on_every_torch_path():
         n = kl - 5 + j + 1                                                    # causal: rows up to its position
         assert torch.allclose(got[j].double(), _sink_reference(qp[j], kc[:, base:base + n], vc[:, base:base + n],
                                                                 a.sink, a.scale), atol=1e-5), j
+    # a banded layer (window 8): each block scores only the keys its queries reach
+    a.span = Span(window=8)
+    attention.SINK_SCORE_ELEMS = 2 * a.n_q * 9
+    try:
+        got = Attention._attend(a, qp, kc[:, base:base + kl], vc[:, base:base + kl], kl)
+    finally:
+        attention.SINK_SCORE_ELEMS = old
+    for j in range(5):
+        n = kl - 5 + j + 1
+        assert torch.allclose(got[j].double(), _sink_reference(qp[j], kc[:, base + n - 8:base + n],
+                                                                vc[:, base + n - 8:base + n], a.sink, a.scale),
+                              atol=1e-5), j

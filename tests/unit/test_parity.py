@@ -292,6 +292,23 @@ def test_gpt_oss_config_and_refusals():
                          ({"intermediate_size": 2890}, "divisible by 32")]:
         with pytest.raises(ConfigError, match=message):
             ModelConfig.from_hf({**GPT_OSS_20B, **bad})
+    # transformers' defaults where keys are left out: YaRN, eps 1e-5, head_dim 64, top-4, width 2880; it never
+    # reads experts_per_token; rope_scaling wins over rope_parameters
+    bare = {k: v for k, v in GPT_OSS_20B.items() if k not in ("rope_scaling", "rms_norm_eps", "head_dim",
+                                                              "num_experts_per_tok", "experts_per_token",
+                                                              "intermediate_size", "quantization_config")}
+    mb = ModelConfig.from_hf({**bare, "experts_per_token": 2})
+    assert (mb.rope.type, mb.rope.factor, mb.rope.original_max_position_embeddings, mb.rope.truncate) == \
+        ("yarn", 32.0, 4096, False)
+    assert (mb.rms_norm_eps, mb.head_dim, mb.num_experts_per_tok, mb.moe_intermediate_size) == (1e-5, 64, 4, 2880)
+    both = ModelConfig.from_hf({**GPT_OSS_20B, "rope_parameters": {"rope_type": "yarn", "factor": 8.0}})
+    assert both.rope.factor == 32.0
+    # a yarn dict without original_max_position_embeddings: transformers takes max_position_embeddings
+    no_orig = {k: v for k, v in GPT_OSS_20B["rope_scaling"].items() if k != "original_max_position_embeddings"}
+    assert ModelConfig.from_hf({**GPT_OSS_20B, "rope_scaling": no_orig}).rope.original_max_position_embeddings \
+        == 131072
+    with pytest.raises(ConfigError, match="swiglu_limit is null"):
+        ModelConfig.from_hf({**GPT_OSS_20B, "swiglu_limit": None})
     llama_gptq = {"architectures": ["LlamaForCausalLM"], "hidden_size": 64, "num_attention_heads": 4,
                   "num_hidden_layers": 2, "vocab_size": 512, "quantization_config": {"quant_method": "gptq"}}
     with pytest.raises(ConfigError, match="quantized checkpoint"):
