@@ -259,7 +259,7 @@ def bench_comm(args):
 @main.command("init-model")
 @click.argument("out_dir")
 @click.option("--arch", type=click.Choice(["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe",
-                                           "gemma3", "llama4", "gpt_oss"]),
+                                           "gemma3", "llama4", "gpt_oss", "deepseek_v3", "deepseek_v2"]),
               default="llama", help="Architecture family.")
 @click.option("--preset", type=click.Choice(["tiny", "1b"]), default="tiny", help="Size preset.")
 @click.option("--seed", type=int, default=0, help="Random seed of the weights.")

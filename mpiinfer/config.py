@@ -33,6 +33,8 @@ MOE_ARCHS = {
     "Qwen3MoeForCausalLM": "qwen3_moe",
     "Llama4ForCausalLM": "llama4",
     "GptOssForCausalLM": "gpt_oss",
+    "DeepseekV3ForCausalLM": "deepseek_v3",
+    "DeepseekV2ForCausalLM": "deepseek_v2",
 }
 # The base models of the dense families (``AutoModel`` / sentence-transformers exports of embedding models): no
 # LM head, so embedding records only (unless the embedding is tied, which is then the head)
@@ -104,6 +106,17 @@ class ModelConfig:
     swiglu_alpha: float = 1.702
     expert_bias: bool = False         # biases on the router and the experts' two projections
     mxfp4_experts: bool = False       # expert weights stored as MXFP4 blocks + scales (dequantized at load)
+    # DeepSeek-V3: multi-head latent attention.  The cache holds one latent row per token (kv_lora_rank compressed
+    # K/V + qk_rope_head_dim rotated key): num_kv_heads = 1 and head_dim = their sum; queries are absorbed into it
+    mla: tuple = ()                   # (q_lora_rank or 0, kv_lora_rank, qk_nope_head_dim, qk_rope_head_dim, v_head_dim)
+    softmax_scale: float | None = None   # attention scale where it is not head_dim ** -0.5 (MLA: qk dim, yarn mscale)
+    n_group: int = 1                  # DeepSeek-V3 routing: experts in n_group groups, the best topk_group kept
+    topk_group: int = 1
+    topk_method: str = ""             # DeepSeek-V2: "greedy" | "group_limited_greedy"
+    routed_scaling_factor: float = 1.0
+    mtp_layers: int = 0               # DeepSeek-V3's multi-token-prediction layers after the last: not run, not read
+    # FP8 block-scaled weights (DeepSeek-V3's published checkpoints, Qwen3 FP8...): (rows, cols) of one scale
+    fp8_block: tuple = ()
     # MoE
     num_experts: int = 0
     num_experts_per_tok: int = 0
@@ -128,7 +141,7 @@ class ModelConfig:
         """Which layers use the sparse MoE block (HF's rule for Qwen MoE; every layer for Mixtral)."""
         if not self.is_moe:
             return False
-        if self.family == "llama4":
+        if self.family in ("llama4", "deepseek_v3", "deepseek_v2"):
             return layer in self.moe_layer_ids
         if layer in self.mlp_only_layers:
             return False
@@ -161,7 +174,14 @@ class ModelConfig:
 
     @property
     def attn_scale(self) -> float:
+        if self.softmax_scale is not None:
+            return self.softmax_scale
         return (self.query_pre_attn_scalar if self.query_pre_attn_scalar else self.head_dim) ** -0.5
+
+    @property
+    def rope_dim(self) -> int:
+        """The dims each head rotates: head_dim, or MLA's qk_rope_head_dim."""
+        return self.mla[3] if self.mla else self.head_dim
 
     @property
     def num_params(self) -> int:
@@ -169,6 +189,11 @@ class ModelConfig:
         h, hd = self.hidden_size, self.head_dim
         attn = h * hd * (self.num_heads * 2 + self.num_kv_heads * 2)
         attn += (self.num_heads + 2 * self.num_kv_heads) * hd * self.attention_bias + h * self.o_bias
+        if self.mla:
+            qr, kvr, nope, rope, v = self.mla
+            qk = self.num_heads * (nope + rope)
+            attn = (h * qr + qr + qr * qk if qr else h * qk) + h * (kvr + rope) + kvr + \
+                kvr * self.num_heads * (nope + v) + self.num_heads * v * h
         attn += self.num_heads * self.attention_sinks
         total = self.vocab_size * h * (1 if self.tie_word_embeddings else 2) + h
         for layer in range(self.num_layers):
@@ -220,16 +245,34 @@ class ModelConfig:
             return raw[key]
 
         quant = raw.get("quantization_config") or {}
-        if quant and (family, quant.get("quant_method")) != ("gpt_oss", "mxfp4"):
+        fp8_block = ()
+        if quant.get("quant_method") == "fp8" and quant.get("weight_block_size") and \
+                quant.get("fmt", "e4m3") == "e4m3":
+            try:
+                fp8_block = tuple(int(b) for b in quant["weight_block_size"])
+            except (TypeError, ValueError):
+                fp8_block = ()
+            if len(fp8_block) != 2 or min(fp8_block) < 1:
+                raise ConfigError(f"quantization_config weight_block_size {quant['weight_block_size']} is not two "
+                                  f"positive sizes")
+        elif quant and (family, quant.get("quant_method")) != ("gpt_oss", "mxfp4"):
             raise ConfigError(f"quantized checkpoint (quantization_config quant_method "
-                              f"{quant.get('quant_method')!r}) is not supported: only float weights, and gpt-oss's "
-                              f"MXFP4 experts (dequantized at load)")
+                              f"{quant.get('quant_method')!r}) is not supported: only float weights, FP8 e4m3 with "
+                              f"block scales, and gpt-oss's MXFP4 experts (dequantized at load)")
         hidden = int(need("hidden_size"))
         heads = int(need("num_attention_heads"))
         kv_heads = int(raw.get("num_key_value_heads") or heads)
         head_dim = raw.get("head_dim") or (64 if family == "gpt_oss" else hidden // heads)   # transformers' defaults
+        mla = ()
+        if family in ("deepseek_v3", "deepseek_v2"):
+            qr = raw.get("q_lora_rank", 1536)
+            mla = (int(qr or 0), int(raw.get("kv_lora_rank") or 512), int(raw.get("qk_nope_head_dim") or 128),
+                   int(raw.get("qk_rope_head_dim") or 64), int(raw.get("v_head_dim") or 128))
+            kv_heads, head_dim = 1, mla[1] + mla[3]       # the latent row; every query head reads it
         if heads % kv_heads:
             raise ConfigError(f"num_attention_heads={heads} is not a multiple of num_key_value_heads={kv_heads}")
+        if mla and mla[3] % 2:
+            raise ConfigError(f"qk_rope_head_dim={mla[3]} must be even")
         act = raw.get("hidden_activation", raw.get("hidden_act", "silu")) if family == "gemma3" else \
             raw.get("hidden_act", "silu")
         if act == "swish":
@@ -315,6 +358,28 @@ class ModelConfig:
                          rope_interleaved=True, router="sigmoid", moe_scale_input=True,
                          moe_layer_ids=tuple(int(i) for i in moe_ids) if moe_ids is not None
                          else tuple(range(step - 1, L, step)))
+        elif family in ("deepseek_v3", "deepseek_v2"):
+            L = int(need("num_hidden_layers"))
+            v3 = family == "deepseek_v3"
+            scale = (mla[2] + mla[3]) ** -0.5
+            m_all = (raw.get("rope_scaling") or raw.get("rope_parameters") or {}).get("mscale_all_dim")
+            if rope.type != "default" and m_all:      # transformers' yarn_apply_mscale: the scale times mscale ** 2
+                m = 0.1 * float(m_all) * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
+                scale *= m * m
+            # transformers' defaults where keys are left out (V3: 8 groups, 4 kept, x2.5, 3 dense layers; V2: no
+            # groups, x1, none dense, greedy); null: none.  V2's RoPE always pairs adjacent dims (complex form).
+            n_group = int(raw.get("n_group", 8 if v3 else None) or 1)
+            dense = raw.get("first_k_dense_replace", 3 if v3 else 0)
+            method = "" if v3 else str(raw.get("topk_method") or "greedy")
+            if method not in ("", "greedy", "group_limited_greedy"):
+                raise ConfigError(f"topk_method {method!r} is not supported (greedy, group_limited_greedy)")
+            extra = dict(mla=mla, softmax_scale=scale,
+                         rope_interleaved=bool(raw.get("rope_interleave", True)) if v3 else True,
+                         router=family, topk_method=method, n_group=n_group,
+                         topk_group=int(raw.get("topk_group", 4 if v3 else None) or 1),
+                         routed_scaling_factor=float(raw.get("routed_scaling_factor", 2.5 if v3 else 1.0) or 1.0),
+                         moe_layer_ids=tuple(range(int(dense or 0), L)),
+                         mtp_layers=int(raw.get("num_nextn_predict_layers") or 0))
         elif family == "gpt_oss":
             L = int(need("num_hidden_layers"))
             sliding = raw.get("sliding_window", 128)
@@ -334,7 +399,7 @@ class ModelConfig:
             extra = dict(layer_types=layer_types, attention_sinks=True, norm_f32_weight=True,
                          swiglu_limit=float(limit),
                          swiglu_alpha=float(raw.get("swiglu_alpha", 1.702)), expert_bias=True,
-                         router="softmax_topk", mxfp4_experts=bool(quant))
+                         router="softmax_topk", mxfp4_experts=quant.get("quant_method") == "mxfp4")
         elif family in ("mistral", "mixtral") or raw.get("use_sliding_window"):
             sliding = raw.get("sliding_window") or None
         if family in ("qwen2", "qwen3", "qwen2_moe", "qwen3_moe") and raw.get("use_sliding_window"):
@@ -354,6 +419,8 @@ class ModelConfig:
         if family in MOE_ARCHS.values():
             n_exp = raw.get("num_local_experts") if family in ("mixtral", "llama4") else \
                 raw.get("num_local_experts", raw.get("num_experts")) if family == "gpt_oss" else \
+                raw.get("n_routed_experts", 256) if family == "deepseek_v3" else \
+                raw.get("n_routed_experts", raw.get("num_experts", 64)) if family == "deepseek_v2" else \
                 raw.get("num_experts", raw.get("num_local_experts"))
             if not n_exp:
                 raise ConfigError(f"config.json lacks the number of experts for {arch}")
@@ -362,16 +429,30 @@ class ModelConfig:
                 # (gpt-oss: transformers' default 4; it never reads experts_per_token)
                 num_experts_per_tok=int(raw.get("num_experts_per_tok") or 4) if family == "gpt_oss" else
                 int(need("num_experts_per_tok")),
-                moe_intermediate_size=int(raw.get("moe_intermediate_size") or raw.get("intermediate_size")
+                moe_intermediate_size=int(raw.get("moe_intermediate_size") or
+                                          {"deepseek_v3": 2048, "deepseek_v2": 1407}.get(family)
+                                          or raw.get("intermediate_size")
                                           or (2880 if family == "gpt_oss" else need("intermediate_size"))),
                 shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
-                if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else 0,
-                norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob", False)),
+                if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else
+                int(raw.get("moe_intermediate_size", 2048)) * int(raw.get("n_shared_experts", 1) or 0)
+                if family == "deepseek_v3" else
+                int(raw.get("moe_intermediate_size", 1407)) * int(raw.get("n_shared_experts", 2) or 0)
+                if family == "deepseek_v2" else 0,
+                norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob",
+                                                                             family == "deepseek_v3")),
                 decoder_sparse_step=int(raw.get("decoder_sparse_step", 1) or 1),
                 mlp_only_layers=tuple(raw.get("mlp_only_layers") or ()),
             )
             if moe["num_experts_per_tok"] > moe["num_experts"]:
                 raise ConfigError("num_experts_per_tok exceeds the number of experts")
+            if family in ("deepseek_v3", "deepseek_v2"):
+                g, kg = extra["n_group"], extra["topk_group"]
+                if moe["num_experts"] % g or (family == "deepseek_v3" and moe["num_experts"] // g < 2) \
+                        or not 1 <= kg <= g \
+                        or moe["num_experts_per_tok"] > kg * (moe["num_experts"] // g):
+                    raise ConfigError(f"n_group={g} / topk_group={kg} do not fit {moe['num_experts']} experts and "
+                                      f"top-{moe['num_experts_per_tok']} routing")
 
         return ModelConfig(
             arch=arch, family=family,
@@ -398,6 +479,7 @@ class ModelConfig:
             eos_token_ids=eos,
             is_matryoshka=bool(raw.get("is_matryoshka") or raw.get("matryoshka_dimensions")),
             matryoshka_dimensions=tuple(int(d) for d in raw.get("matryoshka_dimensions") or ()),
+            fp8_block=fp8_block,
             **moe, **extra,
         )
 

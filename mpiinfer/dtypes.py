@@ -14,7 +14,9 @@ CODES = {
     # known to safetensors, not loadable here (no scales): named in messages, refused by the loader
     "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2",
 }
-UNLOADABLE = ("float8_e4m3fn", "float8_e5m2")
+UNLOADABLE = ("float8_e4m3fn", "float8_e5m2")      # as model dtypes (FP8 weights with block scales: the loader)
+_BYTES = {"F32": 4, "F16": 2, "BF16": 2, "F64": 8, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1,
+          "F8_E4M3": 1, "F8_E5M2": 1}
 ALIASES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16", "half": "float16"}
 COMPUTE = ("float32", "bfloat16", "float16")        # what weights and activations may be
 
@@ -45,6 +47,14 @@ def torch_dtype(name):
         raise ValueError(f"unsupported dtype {name!r}")
     import torch
     return getattr(torch, key)
+
+
+def itemsize(name: str) -> int:
+    """Bytes per element of a dtype (canonical name, alias or safetensors code)."""
+    code = name if name in _BYTES else CODES.get(canonical(name))
+    if code not in _BYTES:
+        raise ValueError(f"unsupported dtype {name}")
+    return _BYTES[code]
 
 
 def code_of(name) -> str:

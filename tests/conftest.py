@@ -22,7 +22,7 @@ def pytest_collection_modifyitems(config, items):
             tier[item.nodeid] = rel[0]
     items.sort(key=lambda it: tier.get(it.nodeid) == "slurm")     # the real-Slurm jobs run after the rest
 
-ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3", "llama4", "gpt_oss"]
+ARCHS = ["llama", "mistral", "qwen2", "qwen3", "mixtral", "qwen2_moe", "qwen3_moe", "gemma3", "llama4", "gpt_oss", "deepseek_v3", "deepseek_v2"]
 
 
 @pytest.fixture(scope="session")

@@ -23,8 +23,9 @@ def hf_greedy(model_dir, prompts, max_new_tokens, **generate_kwargs):
 
 
 def dequantized_twin(model_dir, out_dir):
-    """A float32 copy of an MXFP4 gpt-oss checkpoint (experts dequantized into transformers' input-major
-    ``gate_up_proj`` / ``down_proj``, no quantization_config): the reference transformers runs in float32."""
+    """A float32 copy of a quantized checkpoint, no quantization_config: the reference transformers runs in
+    float32.  MXFP4 (gpt-oss): experts dequantized into transformers' input-major ``gate_up_proj`` /
+    ``down_proj``; FP8 with block scales: each weight times its blocks' ``weight_scale_inv``."""
     import json
     import os
     import shutil
@@ -40,12 +41,17 @@ def dequantized_twin(model_dir, out_dir):
             shutil.copy(os.path.join(model_dir, f), out_dir)
     with open(os.path.join(model_dir, "config.json")) as f:
         cfg = json.load(f)
-    cfg.pop("quantization_config")
+    quant = cfg.pop("quantization_config")
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(cfg, f)
     t = load_file(os.path.join(model_dir, "model.safetensors"))
     for name in [n for n in t if n.endswith("_blocks")]:
         base = name[:-len("_blocks")]
         t[base] = dequantize(t.pop(name), t.pop(base + "_scales")).transpose(1, 2).contiguous()
+    for name in [n for n in t if n.endswith("_scale_inv")]:
+        base, (br, bc) = name[:-len("_scale_inv")], quant["weight_block_size"]
+        w = t[base].float()
+        scale = t.pop(name).repeat_interleave(br, 0).repeat_interleave(bc, 1)[:w.shape[0], :w.shape[1]]
+        t[base] = (w * scale).contiguous()
     save_file(t, os.path.join(out_dir, "model.safetensors"))
     return str(out_dir)

@@ -61,22 +61,26 @@ def kv_budget(max_batch: int, max_seq_len: int, per_token: int, free_bytes: int,
 
 
 def kv_bytes_per_token(cfg: ModelConfig, dtype_bytes: int, tp: int = 1, tp_rank: int = 0) -> int:
-    """Bytes of K and V that one cached token takes on TP rank ``tp_rank`` (every layer)."""
+    """Bytes of K and V that one cached token takes on TP rank ``tp_rank`` (every layer).  MLA (DeepSeek-V3): one
+    latent row per token and layer, kv_lora_rank + qk_rope_head_dim wide, on every TP rank; no separate V."""
     k0, k1 = kv_heads_for_rank(cfg.num_kv_heads, tp, tp_rank)
-    return 2 * cfg.num_layers * (k1 - k0) * cfg.head_dim * dtype_bytes
+    return (1 if cfg.mla else 2) * cfg.num_layers * (k1 - k0) * cfg.head_dim * dtype_bytes
 
 
 class KVCache:
+    """Per layer a K and a V pool (n_kv_local, pool_tokens, head_dim).  ``v_is_k`` (MLA): V is the K tensor itself
+    (the latent row is both; attention reads its first kv_lora_rank values as the value)."""
+
     def __init__(self, num_layers: int, n_kv_local: int, head_dim: int, pool_tokens: int,
-                 dtype: torch.dtype, device: torch.device):
+                 dtype: torch.dtype, device: torch.device, v_is_k: bool = False):
         self.pool_tokens = pool_tokens
         shape = (n_kv_local, pool_tokens, head_dim)
         # never read before written (attention reads only rows the sequence wrote): no zero-fill
         self.k = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.v = [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.v = self.k if v_is_k else [torch.empty(shape, dtype=dtype, device=device) for _ in range(num_layers)]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+        return sum(t.numel() * t.element_size() for t in self.k + (self.v if self.v is not self.k else []))
 
 
 class FreeRuns:

@@ -61,7 +61,7 @@ class ModelRunner:
         self.device.activate()
         with torch.device(self.device.torch):
             model = CausalLM(self.cfg, self.mesh, self.dtype, self.device.torch)
-        src = WeightSource(index)
+        src = WeightSource(index, fp8_block=self.cfg.fp8_block)
         try:
             model.load(src)
         finally:
@@ -99,7 +99,8 @@ class ModelRunner:
     def _kv_cache(self, pool: int) -> KVCache:
         """A KV cache of ``pool`` token rows of this rank's KV heads."""
         k0, k1 = kv_heads_for_rank(self.cfg.num_kv_heads, self.mesh.tp, self.mesh.tp_rank)
-        return KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, self.device.torch)
+        return KVCache(self.cfg.num_layers, k1 - k0, self.cfg.head_dim, int(pool), self.kv_dtype, self.device.torch,
+                       v_is_k=bool(self.cfg.mla))
 
     def agree_kv(self) -> None:
         """Collective over the replica, once every rank has loaded: one pool size for all, the smallest (the

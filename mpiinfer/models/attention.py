@@ -302,7 +302,14 @@ class Attention(nn.Module):
             floor_scale, attn_scale = self.temperature
             t = torch.log1p(torch.floor((rope.positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # (T,)
             q = (q * t[:, None, None]).to(q.dtype)
-        out = torch.empty(T, self.n_q, hd, dtype=x.dtype, device=x.device)
+        return self.o(self.attend(q, plan, k_cache, v_cache).view(T, self.n_q * hd))
+
+    def attend(self, q, plan: AttentionPlan, k_cache, v_cache) -> torch.Tensor:
+        """Every sequence's attention of this step's queries q (T, n_q, hd), by the path the plan chose for it,
+        over the caches (n_kv, pool, hd) already holding this step's K/V: (T, n_q, hd)."""
+        T, hd = q.shape[0], self.head_dim
+        nq = self.n_q * hd
+        out = torch.empty(T, self.n_q, hd, dtype=q.dtype, device=q.device)
         b = plan.batch
         if plan.native is not None:
             native_kernels.decode_attention(q.view(T, nq), k_cache, v_cache, plan.native, self.scale,
@@ -329,7 +336,7 @@ class Attention(nn.Module):
             out[qs:qs + ql] = self._sunk(o, lse)
         if plan.cp_decode:
             self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode)
-        return self.o(out.view(T, self.n_q * hd))
+        return out
 
     def _sink_state(self, n: int):
         """The sinks as the running softmax state every native decode starts from: max = sink, sum = 1 (its

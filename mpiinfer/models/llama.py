@@ -30,6 +30,7 @@ from ..parallel.linear import ColumnParallelLinear, Part, VocabParallelEmbedding
 from ..parallel.shard import vocab_part, vocab_range
 from . import registry
 from .attention import Attention, AttentionPlan
+from .deepseek import LatentAttention
 from .gemma3 import Gemma3DecoderLayer
 from .layers import MLP, Rotary, norm
 from .moe import SparseMoeBlock
@@ -41,7 +42,7 @@ class DecoderLayer(nn.Module):
         super().__init__()
         p = f"model.layers.{layer}."
         self.input_norm = norm(cfg, p + "input_layernorm", cfg.hidden_size, dtype)
-        self.attn = Attention(cfg, mesh, layer, dtype)
+        self.attn = (LatentAttention if cfg.mla else Attention)(cfg, mesh, layer, dtype)
         self.post_norm = norm(cfg, p + "post_attention_layernorm", cfg.hidden_size, dtype)
         if cfg.is_moe_layer(layer):
             self.mlp = SparseMoeBlock(cfg, mesh, layer, dtype)
@@ -82,14 +83,14 @@ class CausalLM(nn.Module):
             self.lm_head = ColumnParallelLinear(cfg.hidden_size, [Part("lm_head", cfg.vocab_size, v0, v1)],
                                                 bias=False, dtype=dtype)
         # one rotary table per RoPE configuration of the layers (Gemma 3: the sliding layers' and the others')
-        self.rotary = {r: Rotary(r, cfg.head_dim, device) for r in dict.fromkeys(l.attn.rope for l in self.layers)}
+        self.rotary = {r: Rotary(r, cfg.rope_dim, device) for r in dict.fromkeys(l.attn.rope for l in self.layers)}
         # the distinct attention spans of the layers (window, chunk or all), in layer order: one plan each per step
         self.spans = list(dict.fromkeys(layer.attn.span for layer in self.layers))
         # Gemma: the embedding scale rounded to the model dtype, as transformers applies it
         self.embed_scale = None if cfg.embed_scale == 1.0 else torch.tensor(cfg.embed_scale, dtype=dtype, device="cpu").item()
         # the CPU kernels for RoPE + cache write and decode attention (models.attention), where they are built
         self.use_native = native.usable(torch.device(device), dtype) and \
-            cfg.num_heads // cfg.num_kv_heads <= native.MAX_GROUP
+            self.layers[0].attn.group <= native.MAX_GROUP
         self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
         self._head_out = None        # their output side by side, reused step to step
         self.hidden = None           # the last step's final hidden states of ``batch.hidden_rows`` (embeddings)

@@ -59,12 +59,18 @@ class SparseMoeBlock(nn.Module):
         n_local, il, h = self.e1 - self.e0, self.i1 - self.i0, cfg.hidden_size
         self.top_k, self.norm_topk = cfg.num_experts_per_tok, cfg.norm_topk_prob
         self.scale_input = cfg.moe_scale_input
-        self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=dtype), requires_grad=False)
+        # (DeepSeek-V3 routes in float32, as transformers does, whatever the model dtype)
+        self.f32_router = cfg.router in ("deepseek_v3", "deepseek_v2")
+        self.gate = nn.Parameter(torch.empty(cfg.num_experts, h, dtype=torch.float32 if self.f32_router
+                                             else dtype), requires_grad=False)
         self.w13 = nn.Parameter(torch.empty(n_local, 2 * il, h, dtype=dtype), requires_grad=False)  # gate | up
         self.w2 = nn.Parameter(torch.empty(n_local, h, il, dtype=dtype), requires_grad=False)
         # gpt-oss: router and expert biases; the down bias joins the sum once, on the first rank of each expert's
         # TP block (the others' partial outputs are added to it by the allreduce)
         self.gate_bias = self.b13 = self.b2 = None
+        # DeepSeek-V3: a per-expert bias added to the scores for choosing experts only (float32, as trained)
+        self.choice_bias = nn.Parameter(torch.empty(cfg.num_experts), requires_grad=False) \
+            if self.names.get("router_bias") else None
         if cfg.expert_bias:
             self.gate_bias = nn.Parameter(torch.empty(cfg.num_experts, dtype=dtype), requires_grad=False)
             self.b13 = nn.Parameter(torch.empty(n_local, 2 * il, dtype=dtype), requires_grad=False)
@@ -158,6 +164,8 @@ class SparseMoeBlock(nn.Module):
         return linear(self._glu(gu), self.w2[e], None if self.b2 is None else self.b2[e])
 
     def _load_shared(self, src):
+        if self.choice_bias is not None:
+            self.choice_bias.copy_(src.read(self.names["router_bias"], (self.cfg.num_experts,)))
         if self.shared is not None:
             self.shared.load(src)
         if self.shared_gate is not None:
@@ -167,12 +175,17 @@ class SparseMoeBlock(nn.Module):
         """Pack the router and each local expert's weights for ``kernels.linear`` (see ``CausalLM.pack``)."""
         self.w13 = [kernels.pack(w) for w in self._parameters.pop("w13")]
         self.w2 = [kernels.pack(w) for w in self._parameters.pop("w2")]
-        pack_weight(self, "gate")
+        if not self.f32_router:
+            pack_weight(self, "gate")
         if self.shared is not None:
             self.shared.pack()
 
     def route(self, x: torch.Tensor):
         """Top-k expert ids (T, k) and their weights (T, k) exactly as Hugging Face computes them."""
+        if self.cfg.router == "deepseek_v3":                        # (its float32 router, whatever the dtype)
+            return self._route_grouped(x)
+        if self.cfg.router == "deepseek_v2":
+            return self._route_v2(x)
         logits = linear(x, self.gate, self.gate_bias)               # (T, E)
         if self.cfg.router == "sigmoid":                            # Llama 4: top-k logits, then their sigmoid
             top, idx = torch.topk(logits, self.top_k, dim=-1)
@@ -185,6 +198,39 @@ class SparseMoeBlock(nn.Module):
         if self.norm_topk:
             w = w / w.sum(dim=-1, keepdim=True)
         return idx, w.to(x.dtype)
+
+    def _route_grouped(self, x: torch.Tensor):
+        """DeepSeek-V3: sigmoid scores in float32; experts chosen by score + choice bias within the topk_group
+        groups whose two best such scores sum highest; weighted by their plain scores, normalised
+        (norm_topk_prob), times routed_scaling_factor."""
+        cfg = self.cfg
+        E, G = cfg.num_experts, cfg.n_group
+        scores = torch.sigmoid(linear(x.float(), self.gate))                       # (T, E) float32
+        choice = scores + self.choice_bias                                           # (T, E)
+        groups = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)           # (T, G)
+        keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, cfg.topk_group, dim=-1, sorted=False)[1], 1)
+        mask = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
+        idx = torch.topk(choice.masked_fill(~mask, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
+        w = scores.gather(1, idx)
+        if self.norm_topk:
+            w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
+        return idx, (w * cfg.routed_scaling_factor).to(x.dtype)
+
+    def _route_v2(self, x: torch.Tensor):
+        """DeepSeek-V2: softmax over all experts in float32; the top-k (greedy), or the top-k among the topk_group
+        groups with the highest best score (group_limited_greedy, the others' scores zeroed); weighted by their
+        scores times routed_scaling_factor (not normalised)."""
+        cfg = self.cfg
+        E, G = cfg.num_experts, cfg.n_group
+        scores = torch.softmax(linear(x.float(), self.gate), dim=-1)                 # (T, E) float32
+        if cfg.topk_method == "group_limited_greedy":
+            groups = scores.view(-1, G, E // G).max(dim=-1).values                   # (T, G)
+            keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, cfg.topk_group, dim=-1,
+                                                                   sorted=False)[1], 1)
+            mask = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
+            scores = scores.masked_fill(~mask, 0.0)
+        w, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
+        return idx, (w * cfg.routed_scaling_factor).to(x.dtype)
 
     def experts(self, x: torch.Tensor, idx: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
         """Partial output of this rank's experts for tokens routed to them (zeros elsewhere)."""

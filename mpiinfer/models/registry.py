@@ -22,6 +22,10 @@ def moe_names(cfg: ModelConfig, layer: int) -> dict:
     """The checkpoint names of ``layer``'s MoE block.  ``fused`` (Llama 4): all experts in two 3-d tensors,
     ``gate_up_proj`` (E, hidden, 2 x inter) and ``down_proj`` (E, inter, hidden), no ``.weight`` suffix."""
     p = f"model.layers.{layer}."
+    if cfg.family in ("deepseek_v3", "deepseek_v2"):      # (V3's choice bias: e_score_correction_bias)
+        return {"router": p + "mlp.gate", "expert": p + "mlp.experts.{e}.{w}", "w": ("gate_proj", "up_proj", "down_proj"),
+                "router_bias": p + "mlp.gate.e_score_correction_bias" if cfg.family == "deepseek_v3" else None,
+                "shared_prefix": p + "mlp.shared_experts.", "shared_gate": None}
     if cfg.family == "gpt_oss":
         # gate and up columns interleaved (gate 0::2, up 1::2); biases "<name>_bias"; MXFP4: "<name>_blocks" /
         # "<name>_scales", (E, out, in / 32, 16) and (E, out, in / 32)
@@ -40,6 +44,29 @@ def moe_names(cfg: ModelConfig, layer: int) -> dict:
             "shared_prefix": p + "mlp.shared_expert.", "shared_gate": p + "mlp.shared_expert_gate"}
 
 
+def mla_tensors(cfg: ModelConfig, a: str) -> dict:
+    """DeepSeek-V3's multi-head latent attention tensors under ``a`` ("model.layers.N.self_attn.")."""
+    qr, kvr, nope, rope, v = cfg.mla
+    h, H = cfg.hidden_size, cfg.num_heads
+    t = {}
+    if qr:
+        t[a + "q_a_proj.weight"] = (qr, h)
+        t[a + "q_a_layernorm.weight"] = (qr,)
+        t[a + "q_b_proj.weight"] = (H * (nope + rope), qr)
+    else:
+        t[a + "q_proj.weight"] = (H * (nope + rope), h)
+    t[a + "kv_a_proj_with_mqa.weight"] = (kvr + rope, h)
+    t[a + "kv_a_layernorm.weight"] = (kvr,)
+    t[a + "kv_b_proj.weight"] = (H * (nope + v), kvr)
+    t[a + "o_proj.weight"] = (h, H * v)
+    if cfg.attention_bias:
+        if qr:
+            t[a + "q_a_proj.bias"] = (qr,)
+        t[a + "kv_a_proj_with_mqa.bias"] = (kvr + rope,)
+        t[a + "o_proj.bias"] = (h,)
+    return t
+
+
 def expected_tensors(cfg: ModelConfig) -> dict:
     """Every tensor name of the full checkpoint -> its shape (HF layout, (out, in) for linears)."""
     h, hd = cfg.hidden_size, cfg.head_dim
@@ -54,15 +81,18 @@ def expected_tensors(cfg: ModelConfig) -> dict:
         if cfg.family == "gemma3":
             t[p + "pre_feedforward_layernorm.weight"] = (h,)
             t[p + "post_feedforward_layernorm.weight"] = (h,)
-        t[a + "q_proj.weight"] = (cfg.num_heads * hd, h)
-        t[a + "k_proj.weight"] = (cfg.num_kv_heads * hd, h)
-        t[a + "v_proj.weight"] = (cfg.num_kv_heads * hd, h)
-        t[a + "o_proj.weight"] = (h, cfg.num_heads * hd)
-        if cfg.attention_bias:
+        if cfg.mla:
+            t.update(mla_tensors(cfg, a))
+        else:
+            t[a + "q_proj.weight"] = (cfg.num_heads * hd, h)
+            t[a + "k_proj.weight"] = (cfg.num_kv_heads * hd, h)
+            t[a + "v_proj.weight"] = (cfg.num_kv_heads * hd, h)
+            t[a + "o_proj.weight"] = (h, cfg.num_heads * hd)
+        if cfg.attention_bias and not cfg.mla:
             t[a + "q_proj.bias"] = (cfg.num_heads * hd,)
             t[a + "k_proj.bias"] = (cfg.num_kv_heads * hd,)
             t[a + "v_proj.bias"] = (cfg.num_kv_heads * hd,)
-        if cfg.o_bias:
+        if cfg.o_bias and not cfg.mla:
             t[a + "o_proj.bias"] = (h,)
         if cfg.qk_norm:
             t[a + "q_norm.weight"] = (hd,)
@@ -73,6 +103,8 @@ def expected_tensors(cfg: ModelConfig) -> dict:
             n = moe_names(cfg, i)
             E, inter = cfg.num_experts, cfg.moe_intermediate_size
             t[n["router"] + ".weight"] = (E, h)
+            if n.get("router_bias"):
+                t[n["router_bias"]] = (E,)
             if cfg.expert_bias:
                 t[n["router"] + ".bias"] = (E,)
                 t[n["fused"][0] + "_bias"] = (E, 2 * inter)
@@ -107,13 +139,26 @@ def expected_tensors(cfg: ModelConfig) -> dict:
     return t
 
 
+def _is_mtp(cfg: ModelConfig, name: str) -> bool:
+    """A tensor of a multi-token-prediction layer (model.layers.L.. for L = num_hidden_layers)."""
+    if not cfg.mtp_layers or not name.startswith("model.layers."):
+        return False
+    layer = name.split(".")[2]
+    return layer.isdigit() and cfg.num_layers <= int(layer) < cfg.num_layers + cfg.mtp_layers
+
+
 def check_checkpoint(cfg: ModelConfig, index) -> None:
     """Refuse a checkpoint whose tensors do not match the config: missing, unexpected, mis-shaped."""
     expected = expected_tensors(cfg)
     have = index.names()
     missing = sorted(set(expected) - have)
     extra = sorted(n for n in have - set(expected) if not n.endswith(IGNORED_SUFFIXES)
-                   and not (cfg.tie_word_embeddings and n == "lm_head.weight"))
+                   and not (cfg.tie_word_embeddings and n == "lm_head.weight")
+                   # FP8: a weight's block scales (checked where the weight is read)
+                   and not (cfg.fp8_block and n.endswith(".weight_scale_inv")
+                            and n[:-len("_scale_inv")] in expected)
+                   # DeepSeek-V3's multi-token-prediction layers (after the last layer): not run
+                   and not _is_mtp(cfg, n))
     bad = [(n, index[n].shape, expected[n]) for n in sorted(set(expected) & have)
            if tuple(index[n].shape) != tuple(expected[n])]
     problems = []

@@ -33,16 +33,17 @@ class Part:
     full_out: int        # rows of the full checkpoint tensor
     start: int
     stop: int
-    rope_pairs: int = 0  # head_dim of q/k rows whose RoPE pairs adjacent dims (Llama 4): reordered to halves at load
+    rope_pairs: int = 0  # the last rope_pairs rows of each head pair adjacent dims for RoPE (Llama 4, DeepSeek):
+    head: int = 0        # reordered to halves at load; head = rows per head (0: rope_pairs)
 
     def arrange(self, t: torch.Tensor) -> torch.Tensor:
-        """The rows as the model uses them: with ``rope_pairs``, each head's dims (0, 1, 2, 3, ...) become
+        """The rows as the model uses them: with ``rope_pairs``, each head's rotated dims (0, 1, 2, 3, ...) become
         (0, 2, 4, ..., 1, 3, 5, ...), so rotating halves (``layers.Rotary``) rotates the checkpoint's pairs.  The
         same order on q and k leaves every q.k product, hence attention, unchanged."""
         if not self.rope_pairs:
             return t
-        hd = self.rope_pairs
-        perm = torch.cat((torch.arange(0, hd, 2), torch.arange(1, hd, 2)))
+        hd, r = self.head or self.rope_pairs, self.rope_pairs
+        perm = torch.cat((torch.arange(hd - r), hd - r + torch.arange(0, r, 2), hd - r + torch.arange(1, r, 2)))
         return t.view(-1, hd, *t.shape[1:])[:, perm].reshape(t.shape)
 
     @property

@@ -53,6 +53,7 @@ import torch
 from .. import dtypes
 from ..config import ModelConfig
 from ..io.files import user_mode
+from ..models.registry import mla_tensors
 from ..weights.mxfp4 import quantize
 
 __all__ = [
@@ -82,8 +83,10 @@ ARCHS = {
     "gemma3": "Gemma3ForCausalLM",
     "llama4": "Llama4ForCausalLM",
     "gpt_oss": "GptOssForCausalLM",
+    "deepseek_v3": "DeepseekV3ForCausalLM",
+    "deepseek_v2": "DeepseekV2ForCausalLM",
 }
-_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "gpt_oss")
+_MOE = ("mixtral", "qwen2_moe", "qwen3_moe", "llama4", "gpt_oss", "deepseek_v3", "deepseek_v2")
 
 SPECIAL_TOKENS = ("<|begin_of_text|>", "<|end_of_text|>", "<|im_start|>", "<|im_end|>")
 BOS_ID, EOS_ID, IM_START_ID, IM_END_ID = 0, 1, 2, 3
@@ -119,6 +122,9 @@ PRESETS = {
         chunk=16, nope_interval=2, moe_step=2, floor_scale=4,   # Llama 4 only: attention chunk, layers per NoPE
                                                                 # layer, per MoE layer, temperature floor scale
         mxfp4=False,                    # gpt-oss only: experts as MXFP4 blocks and scales
+        fp8=None,                       # [rows, cols]: linear weights as FP8 e4m3 with a float32 scale per block
+        mla=(32, 24, 16, 8, 12), dense_layers=1, n_group=2,   # DeepSeek-V3 / V2 only: q_lora_rank, kv_lora_rank,
+                                                              # qk_nope / qk_rope / v head dims; first dense layers
     ),
     # Llama-3.2-1B shapes (1,235,814,400 parameters for the dense families).  For the
     # MoE families: 8 experts of width 1024 (top-2), i.e. the same total expert width.
@@ -133,7 +139,8 @@ PRESETS = {
         shared_expert_intermediate_size=1024, init_std=0.02,
         window=512, window_pattern=6,   # as gemma-3-1b
         chunk=8192, nope_interval=4, moe_step=2, floor_scale=8192,   # as Llama 4 Maverick
-        mxfp4=False,
+        mxfp4=False, fp8=None,
+        mla=(768, 256, 64, 32, 64), dense_layers=1, n_group=4,   # DeepSeek-V3's proportions at 2048 wide
     ),
 }
 # A family's own shapes at a preset, over the preset's: gemma3 "1b" is gemma-3-1b (999,885,952 parameters).
@@ -143,7 +150,7 @@ FAMILY_PRESETS = {
                            rms_norm_eps=1e-6),
 }
 # Knobs that are never config.json fields.
-_GEN_KNOBS = ("init_std", "tokenizer_vocab", "mxfp4")
+_GEN_KNOBS = ("init_std", "tokenizer_vocab", "mxfp4", "mla", "dense_layers", "n_group", "fp8")
 
 _CHUNK_ELEMS = 1 << 24        # at most 16M elements (64 MiB of float32) generated at once
 _NORM_NOISE = 0.05            # RMSNorm weights: 1 + N(0, 0.05)
@@ -258,7 +265,23 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
         cfg["attn_logit_softcapping"] = None
         cfg["final_logit_softcapping"] = None
 
-    if family == "gpt_oss":
+    if family in ("deepseek_v3", "deepseek_v2"):
+        # as DeepSeek-V3's config.json: MLA (q LoRA, a latent KV of kv_lora_rank + qk_rope_head_dim), sigmoid routing
+        # in n_group groups with a choice bias, a shared expert, the first dense_layers layers dense, YaRN-ready;
+        # DeepSeek-V2's: the same MLA, softmax routing limited to topk_group groups (group_limited_greedy), not
+        # normalised, x routed_scaling_factor, two shared experts
+        v3 = family == "deepseek_v3"
+        qr, kvr, nope, rope, v = knobs["mla"]
+        cfg.update(q_lora_rank=qr, kv_lora_rank=kvr, qk_nope_head_dim=nope, qk_rope_head_dim=rope, v_head_dim=v,
+                   head_dim=rope, n_routed_experts=knobs["num_experts"],
+                   num_experts_per_tok=knobs["num_experts_per_tok"], moe_intermediate_size=knobs["moe_intermediate_size"],
+                   n_shared_experts=1 if v3 else 2, first_k_dense_replace=knobs["dense_layers"],
+                   n_group=knobs["n_group"], topk_group=max(1, knobs["n_group"] // 2),
+                   routed_scaling_factor=2.5 if v3 else 16.0, norm_topk_prob=v3,
+                   num_key_value_heads=knobs["num_attention_heads"])     # (as published: the latent is shared)
+        cfg.update(rope_interleave=True, num_nextn_predict_layers=0) if v3 else \
+            cfg.update(topk_method="group_limited_greedy")
+    elif family == "gpt_oss":
         # as gpt-oss-20b's config.json: banded (sliding) and full layers alternating, YaRN RoPE, sinks, biased
         # router and experts with the clamped SwiGLU; experts are intermediate_size wide (moe_intermediate_size)
         cfg["intermediate_size"] = knobs["moe_intermediate_size"]
@@ -279,7 +302,11 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
         if knobs["mxfp4"]:
             cfg["quantization_config"] = {"quant_method": "mxfp4", "modules_to_not_convert": [
                 "model.layers.*.self_attn", "model.layers.*.mlp.router", "model.embed_tokens", "lm_head"]}
-    elif family == "llama4":
+    if knobs["fp8"]:
+        # as DeepSeek-V3's published checkpoints: e4m3 weights, one float32 scale per block
+        cfg["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                      "weight_block_size": list(knobs["fp8"])}
+    if family == "llama4":
         # as Llama 4 Maverick's text config: top-1 sigmoid routing, a shared expert as wide as the routed ones
         # (intermediate_size), dense layers of intermediate_size_mlp between MoE layers, chunked attention on the
         # RoPE layers, every nope_interval-th layer NoPE with temperature tuning, L2-normed q/k
@@ -353,15 +380,19 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
         p = f"model.layers.{i}."
         a = p + "self_attn."
         specs.append((p + "input_layernorm.weight", (h,), nk))
-        specs += [(a + "q_proj.weight", (q_out, h), "linear"),
-                  (a + "k_proj.weight", (kv_out, h), "linear"),
-                  (a + "v_proj.weight", (kv_out, h), "linear"),
-                  (a + "o_proj.weight", (h, q_out), "linear")]
-        if mc.attention_bias:
+        if mc.mla:
+            specs += [(n, shape, nk if n.endswith("layernorm.weight") else "bias" if n.endswith(".bias")
+                       else "linear") for n, shape in mla_tensors(mc, a).items()]
+        else:
+            specs += [(a + "q_proj.weight", (q_out, h), "linear"),
+                      (a + "k_proj.weight", (kv_out, h), "linear"),
+                      (a + "v_proj.weight", (kv_out, h), "linear"),
+                      (a + "o_proj.weight", (h, q_out), "linear")]
+        if mc.attention_bias and not mc.mla:
             specs += [(a + "q_proj.bias", (q_out,), "bias"),
                       (a + "k_proj.bias", (kv_out,), "bias"),
                       (a + "v_proj.bias", (kv_out,), "bias")]
-        if mc.o_bias:
+        if mc.o_bias and not mc.mla:
             specs.append((a + "o_proj.bias", (h,), "bias"))
         if mc.qk_norm:
             specs += [(a + "q_norm.weight", (hd,), nk), (a + "k_norm.weight", (hd,), nk)]
@@ -372,7 +403,18 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
             specs += [(p + "pre_feedforward_layernorm.weight", (h,), nk),
                       (p + "post_feedforward_layernorm.weight", (h,), nk)]
         E, I = mc.num_experts, mc.moe_intermediate_size
-        if mc.family == "gpt_oss":
+        if mc.family in ("deepseek_v3", "deepseek_v2"):
+            m = p + "mlp."
+            if mc.is_moe_layer(i):
+                specs += [(m + "gate.weight", (E, h), "router")]
+                if mc.family == "deepseek_v3":
+                    specs += [(m + "gate.e_score_correction_bias", (E,), "router")]
+                for e in range(E):
+                    specs += mlp(f"{m}experts.{e}.", I)
+                specs += mlp(m + "shared_experts.", mc.shared_expert_intermediate_size)
+            else:
+                specs += mlp(m, mc.intermediate_size)
+        elif mc.family == "gpt_oss":
             m = p + "mlp."
             specs += [(m + "router.weight", (E, h), "router"), (m + "router.bias", (E,), "bias")]
             if mc.mxfp4_experts:
@@ -415,7 +457,17 @@ def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
             specs += mlp(p + "mlp.", mc.intermediate_size, mc.mlp_bias)
     specs.append(("model.norm.weight", (h,), nk))
     if not mc.tie_word_embeddings:
-        specs.append(("lm_head.weight", (V, h), "linear"))
+        specs.append(("lm_head.weight", (V, h), "head"))
+    if mc.fp8_block:           # every projection matrix as FP8 blocks + scales (embedding, head, routers stay)
+        br, bc = mc.fp8_block
+        fp8 = []
+        for name, shape, kind in specs:
+            if kind == "linear" and len(shape) == 2:
+                fp8 += [(name, shape, "fp8:" + name),
+                        (name + "_scale_inv", (-(-shape[0] // br), -(-shape[1] // bc)), "fp8-scale:" + name)]
+            else:
+                fp8.append((name, shape, kind))
+        specs = fp8
     return specs
 
 
@@ -433,11 +485,32 @@ def _mxfp4(base: str, shape: tuple, kind: str, seed: int, std: float) -> bytes:
     return (blocks if kind.startswith("mxfp4-blocks") else scales).contiguous().numpy().tobytes()
 
 
+def _fp8_quantize(w: torch.Tensor, block: tuple) -> tuple:
+    """(e4m3 weights, float32 scales per block): w ~= e4m3 * scale, the block's largest value at e4m3's 448."""
+    br, bc = block
+    rows, cols = w.shape
+    gr, gc = -(-rows // br), -(-cols // bc)
+    pad = torch.zeros(gr * br, gc * bc)
+    pad[:rows, :cols] = w
+    amax = pad.view(gr, br, gc, bc).abs().amax(dim=(1, 3)).clamp(min=1e-12)      # (gr, gc)
+    scale = amax / 448.0
+    full = scale.repeat_interleave(br, 0).repeat_interleave(bc, 1)[:rows, :cols]
+    return (w / full).to(torch.float8_e4m3fn), scale.contiguous()
+
+
 def _tensor_chunks(name: str, shape: tuple, kind: str, seed: int, std: float,
-                   tdtype: torch.dtype) -> Iterator[bytes]:
-    """The tensor's bytes (row-major, little-endian), generated a few rows at a time."""
+                   tdtype: torch.dtype, fp8: tuple = ()) -> Iterator[bytes]:
+    """The tensor's bytes (row-major, little-endian), generated a few rows at a time.  ``fp8``: (block, the shapes
+    of the specs by name) for FP8 weights and their scales."""
     if kind.startswith("mxfp4-"):
         yield _mxfp4(kind.split(":", 1)[1], shape, kind, seed, std)
+        return
+    if kind.startswith("fp8"):              # one draw for the weight and its scales (seeded by the weight's name)
+        base = kind.split(":", 1)[1]
+        block, shapes = fp8
+        g = torch.Generator().manual_seed(_tensor_seed(seed, base))
+        q, s = _fp8_quantize(torch.randn(*shapes[base], generator=g) * std, block)
+        yield (q.view(torch.uint8) if kind.startswith("fp8:") else s).numpy().tobytes()
         return
     g = torch.Generator().manual_seed(_tensor_seed(seed, name))
     rows = shape[0]
@@ -464,14 +537,27 @@ def _nbytes(shape: tuple, tdtype: torch.dtype) -> int:
     return math.prod(shape) * torch.empty((), dtype=tdtype).element_size()
 
 
-def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dtype, st_dtype: str) -> int:
+def _spec_dtype(kind: str, tdtype: torch.dtype, st_dtype: str) -> tuple:
+    """(torch dtype, safetensors code) a spec is written in: MXFP4 bytes, FP8 e4m3 values and float32 scales, or
+    the checkpoint's dtype."""
+    if kind.startswith("mxfp4-"):
+        return torch.uint8, "U8"
+    if kind.startswith("fp8:"):
+        return torch.uint8, "F8_E4M3"
+    if kind.startswith("fp8-scale:"):
+        return torch.float32, "F32"
+    return tdtype, st_dtype
+
+
+def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dtype, st_dtype: str,
+                       fp8: tuple = ()) -> int:
     """Write one safetensors file tensor by tensor; returns the data size in bytes."""
     header: dict = {"__metadata__": {"format": "pt"}}
     off = 0
     for name, shape, kind in specs:
-        mx = kind.startswith("mxfp4-")                      # MXFP4 blocks and scales: bytes
-        n = _nbytes(shape, torch.uint8 if mx else tdtype)
-        header[name] = {"dtype": "U8" if mx else st_dtype, "shape": list(shape), "data_offsets": [off, off + n]}
+        t, code = _spec_dtype(kind, tdtype, st_dtype)
+        n = _nbytes(shape, t)
+        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [off, off + n]}
         off += n
     hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
     hb += b" " * (-len(hb) % 8)
@@ -479,19 +565,21 @@ def _write_safetensors(path: str, specs, seed: int, std: float, tdtype: torch.dt
         f.write(struct.pack("<Q", len(hb)))
         f.write(hb)
         for name, shape, kind in specs:
-            f.writelines(_tensor_chunks(name, shape, kind, seed, std, tdtype))
+            f.writelines(_tensor_chunks(name, shape, kind, seed, std, tdtype, fp8))
     return off
 
 
-def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: int | None) -> None:
+def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_bytes: int | None,
+                   fp8_block: tuple = ()) -> None:
     tdtype, st_dtype = dtypes.torch_dtype(dtype), dtypes.code_of(dtype)
+    fp8 = (fp8_block, {name: shape for name, shape, _ in specs}) if fp8_block else ()
     shards: list[list] = [[]]
     if shard_max_bytes is not None:
         if shard_max_bytes <= 0:
             raise ValueError("shard_max_bytes must be positive")
         size = 0
         for spec in specs:
-            n = _nbytes(spec[1], torch.uint8 if spec[2].startswith("mxfp4-") else tdtype)
+            n = _nbytes(spec[1], _spec_dtype(spec[2], tdtype, st_dtype)[0])
             if shards[-1] and size + n > shard_max_bytes:
                 shards.append([])
                 size = 0
@@ -500,12 +588,12 @@ def _write_weights(d: str, specs, seed: int, std: float, dtype: str, shard_max_b
     else:
         shards = [list(specs)]
     if len(shards) == 1:  # like save_pretrained: a single shard is plain model.safetensors
-        _write_safetensors(os.path.join(d, "model.safetensors"), shards[0], seed, std, tdtype, st_dtype)
+        _write_safetensors(os.path.join(d, "model.safetensors"), shards[0], seed, std, tdtype, st_dtype, fp8)
         return
     weight_map, total = {}, 0
     for k, shard in enumerate(shards):
         fname = f"model-{k + 1:05d}-of-{len(shards):05d}.safetensors"
-        total += _write_safetensors(os.path.join(d, fname), shard, seed, std, tdtype, st_dtype)
+        total += _write_safetensors(os.path.join(d, fname), shard, seed, std, tdtype, st_dtype, fp8)
         for name, _, _ in shard:
             weight_map[name] = fname
     index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
@@ -614,7 +702,7 @@ def init_model(out_dir: str, arch: str = "llama", preset="tiny", overrides: dict
         _write_json(os.path.join(tmp, "tokenizer_config.json"), _tokenizer_config(cfg["max_position_embeddings"]))
         _write_json(os.path.join(tmp, "special_tokens_map.json"),
                     {"bos_token": SPECIAL_TOKENS[BOS_ID], "eos_token": SPECIAL_TOKENS[EOS_ID]})
-        _write_weights(tmp, specs, seed, std, dtype, shard_max_bytes)
+        _write_weights(tmp, specs, seed, std, dtype, shard_max_bytes, ModelConfig.from_hf(cfg).fp8_block)
 
         if os.path.isdir(out_dir):
             if os.listdir(out_dir):

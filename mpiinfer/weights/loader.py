@@ -24,8 +24,13 @@ from .index import CheckpointIndex
 
 
 class WeightSource:
-    def __init__(self, index: CheckpointIndex):
+    """``fp8_block``: (rows, cols) of one scale of FP8 e4m3 weights stored with ``<name>_scale_inv`` (float32, one
+    per block): such a weight's slice is read with the scales of the blocks it touches and returned dequantized
+    (float32, w = fp8 * scale_inv)."""
+
+    def __init__(self, index: CheckpointIndex, fp8_block: tuple = ()):
         self.index = index
+        self.fp8_block = tuple(fp8_block)
         self._fds = {}
         self.bytes_read = 0
 
@@ -48,18 +53,51 @@ class WeightSource:
             raise ConfigError(
                 f"tensor {name!r} has shape {list(info.shape)} in {info.file}, expected {list(expected_shape)} "
                 "from config.json")
+        if info.dtype == "float8_e4m3fn":
+            return self._read_fp8(name, info, (sl,) + more)
         try:
             dtype = dtypes.torch_dtype(info.dtype)
         except ValueError:
             raise ConfigError(f"tensor {name!r} has unsupported dtype {info.dtype}") from None
+        return self._read_block(info, dtype, (sl,) + more)
+
+    def _read_fp8(self, name: str, info, slices: tuple) -> torch.Tensor:
+        """A block of an FP8 e4m3 matrix, dequantized with the scales of the blocks it touches (float32)."""
+        scale_name = name + "_scale_inv"
+        if not self.fp8_block or scale_name not in self.index or len(info.shape) != 2:
+            raise ConfigError(f"tensor {name!r} is float8 without block scales ({scale_name}) and a "
+                              f"quantization_config weight_block_size")
+        br, bc = self.fp8_block
+        rows, cols = info.shape
+        want = (-(-rows // br), -(-cols // bc))
+        if tuple(self.index[scale_name].shape) != want:
+            raise ConfigError(f"tensor {scale_name!r} has shape {list(self.index[scale_name].shape)}, expected "
+                              f"{list(want)} for {name} {list(info.shape)} in blocks of {br} x {bc}")
+        q = self._read_block(info, torch.uint8, slices).view(torch.float8_e4m3fn)
+        (r0, r1), (c0, c1) = [(0, n) for n in info.shape]
+        for s in slices:
+            if s.dim == 0:
+                r0, r1 = s.start, s.stop
+            elif s.dim == 1:
+                c0, c1 = s.start, s.stop
+        g0, h0 = r0 // br, c0 // bc
+        scales = self.read(scale_name, want, Slice(0, g0, -(-r1 // br) if r1 > r0 else g0),
+                           Slice(1, h0, -(-c1 // bc) if c1 > c0 else h0)).float()
+        full = scales.repeat_interleave(br, 0).repeat_interleave(bc, 1)
+        return q.float() * full[r0 - g0 * br:r1 - g0 * br, c0 - h0 * bc:c1 - h0 * bc]
+
+    def _read_block(self, info, dtype: torch.dtype, slices: tuple) -> torch.Tensor:
+        """The block of ``info``'s tensor that ``slices`` (at most one per dim) select, as ``dtype`` bytes."""
         shape = list(info.shape)
         ranges = [(0, n) for n in shape]
-        for s in (sl,) + more:
+        for s in slices:
             if s.dim is not None:
                 if not 0 <= s.dim < len(shape) or not 0 <= s.start <= s.stop <= shape[s.dim]:
                     raise ValueError(f"unsupported slice {s} of a {len(shape)}-d tensor")
                 ranges[s.dim] = (s.start, s.stop)
-        esize = torch.tensor([], dtype=dtype).element_size()
+        esize = dtypes.itemsize(info.dtype)
+        if dtype == torch.uint8 and esize != 1:
+            raise ValueError("raw bytes of a multi-byte tensor")
         scalar = not shape
         if scalar:                                      # one read of one element
             ranges, shape = [(0, 1)], [1]

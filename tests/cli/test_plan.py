@@ -20,7 +20,8 @@ def test_plan_weight_bytes_match_the_loaded_shards(model_dirs):
     for arch, over, tp, ep in (("llama", {}, 2, 1), ("qwen2_moe", {}, 2, 2), ("qwen3_moe", {}, 4, 2),
                                ("llama", {}, 4, 1), ("qwen3_moe", {"num_experts": 6}, 4, 4),    # 2 2 1 1 experts
                                ("gemma3", {}, 2, 1), ("llama4", {}, 2, 1), ("llama4", {}, 2, 2),
-                               ("gpt_oss", {}, 2, 2), ("gpt_oss", {"mxfp4": True}, 2, 1)):
+                               ("gpt_oss", {}, 2, 2), ("gpt_oss", {"mxfp4": True}, 2, 1),
+                               ("deepseek_v3", {}, 2, 1)):
         d = model_dirs(arch, **over)
         code, out = plan(["-m", d, "--world", str(tp), "--tp", str(tp), "--ep", str(ep), "--json"])
         assert code == 0, out

@@ -114,18 +114,18 @@ def per_layer_docs(model_dirs, tmp_path_factory):
         if arch not in made:
             d = model_dirs(arch, max_position_embeddings=8192, num_hidden_layers=3,
                            **({"sliding_window": 100} if arch in ("gemma3", "gpt_oss") else
-                              {"attention_chunk_size": None, "floor_scale": 4}))
+                              {"attention_chunk_size": None, "floor_scale": 4} if arch == "llama4" else {}))
             made[arch] = d, inp, hf_greedy(d, [prompt], NEW)[0]
         return made[arch]
     return get
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama4", "gpt_oss"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama4", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
 def test_cp_with_per_layer_attention(arch, n, flags, per_layer_docs, tmp_path):
     """Layers of one model that attend differently under ring attention: one ring plan per window, NoPE layers'
     identity rotation and position-dependent temperature on every CP shard, gpt-oss's sinks joined once after the
-    ring's and the CP decode's merge."""
+    ring's and the CP decode's merge, DeepSeek-V3's latent rows as the ring's K and V blocks."""
     d, inp, (toks, lps) = per_layer_docs(arch)
     out = tmp_path / "o.jsonl"
     p = mpirun(n, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000"]

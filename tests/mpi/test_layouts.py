@@ -83,6 +83,20 @@ LAYOUTS = [
     ("gpt_oss", {"mxfp4": True, "intermediate_size": 96}, 2, ["--tp", "2"]),
     ("gpt_oss", {"mxfp4": True}, 2, ["--tp", "2", "--ep", "2"]),
     ("gpt_oss", {}, 2, []),                                       # dp=2
+    # DeepSeek-V3: latent attention (heads split, the latent replicated), grouped sigmoid routing, shared expert
+    ("deepseek_v3", {}, 2, ["--tp", "2"]),
+    ("deepseek_v3", {}, 4, ["--tp", "4"]),
+    ("deepseek_v3", {}, 2, ["--tp", "2", "--ep", "2"]),
+    ("deepseek_v3", {}, 2, ["--ep", "2"]),                        # wide EP
+    ("deepseek_v3", {"n_routed_experts": 6, "n_group": 3}, 4, ["--ep", "4"]),   # wide EP, 2 2 1 1
+    ("deepseek_v3", {}, 2, []),                                   # dp=2
+    # FP8 e4m3 weights with 24 x 40 block scales (reference: transformers on a float32 copy): TP slices start
+    # mid-block (kv_b_proj's 56 rows a rank, o_proj's 24 columns)
+    ("deepseek_v3", {"fp8": [24, 40]}, 2, ["--tp", "2"]),
+    # DeepSeek-V2: the same latent attention, softmax routing limited to groups
+    ("deepseek_v2", {}, 2, ["--tp", "2"]),
+    ("deepseek_v2", {}, 2, ["--ep", "2"]),
+    ("deepseek_v2", {}, 4, ["--tp", "4", "--ep", "2"]),
 ]
 
 
@@ -127,8 +141,8 @@ def references(model_dirs, tmp_path_factory):
             write_input(tmp / "in.jsonl", ps)
             p1 = mpirun(1, common_args(d, tmp / "in.jsonl") + ["-o", str(tmp / "one.jsonl")])
             assert p1.returncode == 0, p1.stderr
-            # MXFP4 experts: transformers runs a float32 copy of the same values
-            hf_dir = dequantized_twin(d, tmp / "float32") if overrides.get("mxfp4") else d
+            # MXFP4 experts, FP8 weights: transformers runs a float32 copy of the same values
+            hf_dir = dequantized_twin(d, tmp / "float32") if overrides.get("mxfp4") or overrides.get("fp8") else d
             made[key] = (d, tmp / "in.jsonl", hf_greedy(hf_dir, ps, NEW), read(tmp / "one.jsonl"))
         return made[key]
     return get
@@ -147,7 +161,8 @@ def layout_id(arch, overrides, n, flags):
 # EP inside a replica, wide EP; the rest of the matrix is in the slow tier
 QUICK_LAYOUTS = {"llama---tp2-hidden96-num_at6-num_ke3-head_d16-interm75", "mixtral---tp2---ep2", "qwen3_moe---ep2",
                  "qwen3_moe---tp2---ep2-num_ex5", "mixtral---ep2-num_lo5", "gemma3---tp2",
-                 "llama4---tp2---ep2", "llama4---ep2", "gpt_oss---tp2-mxfp4True-interm96", "gpt_oss---ep2"}
+                 "llama4---tp2---ep2", "llama4---ep2", "gpt_oss---tp2-mxfp4True-interm96", "gpt_oss---ep2",
+                 "deepseek_v3---tp2", "deepseek_v3---tp2-fp8[24, 40]"}
 
 
 @pytest.mark.parametrize("arch,overrides,n,flags", [

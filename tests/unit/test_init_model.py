@@ -120,8 +120,11 @@ def test_config_parses_and_matches(tiny, arch):
     assert mc.hidden_size == raw["hidden_size"] == 64
     assert mc.num_layers == raw["num_hidden_layers"] == 2
     assert mc.num_heads == raw["num_attention_heads"] == 4
-    assert mc.num_kv_heads == raw["num_key_value_heads"] == 2
-    assert mc.head_dim == raw["head_dim"] == 16
+    if arch in ("deepseek_v3", "deepseek_v2"):   # MLA: one latent "KV head" of kv_lora_rank + qk_rope_head_dim
+        assert (mc.num_kv_heads, mc.head_dim) == (1, raw["kv_lora_rank"] + raw["qk_rope_head_dim"]) == (1, 32)
+    else:
+        assert mc.num_kv_heads == raw["num_key_value_heads"] == 2
+        assert mc.head_dim == raw["head_dim"] == 16
     assert mc.vocab_size == raw["vocab_size"] == 512
     assert mc.vocab_size >= Tokenizer.from_file(os.path.join(path, "tokenizer.json")).get_vocab_size()
     assert mc.intermediate_size == raw["intermediate_size_mlp" if arch == "llama4" else "intermediate_size"]
@@ -154,6 +157,15 @@ def test_config_parses_and_matches(tiny, arch):
         assert mc.layer_types == ("chunked_attention", "full_attention") and mc.no_rope_layers == (1, 0)
         assert [mc.layer_chunk(i) for i in range(2)] == [16, None] and mc.layer_rope(1).type == "none"
         assert mc.qk_l2_norm and mc.temperature_tuning == (4.0, 0.1) and mc.rope_interleaved and mc.moe_scale_input
+    elif arch == "deepseek_v3":   # as DeepSeek-V3: the first layer dense, grouped sigmoid routing, a shared expert
+        assert mc.num_experts == raw["n_routed_experts"] == 4 and mc.router == "deepseek_v3"
+        assert [mc.is_moe_layer(i) for i in range(2)] == [False, True] and (mc.n_group, mc.topk_group) == (2, 1)
+        assert mc.mla == (32, 24, 16, 8, 12) and mc.rope_dim == 8 and mc.rope_interleaved
+        assert mc.attn_scale == 24 ** -0.5 and mc.shared_expert_intermediate_size == 32
+    elif arch == "deepseek_v2":   # as DeepSeek-V2: softmax routing limited to groups, two shared experts
+        assert mc.num_experts == raw["n_routed_experts"] == 4 and mc.router == "deepseek_v2"
+        assert mc.topk_method == "group_limited_greedy" and (mc.n_group, mc.topk_group) == (2, 1)
+        assert mc.routed_scaling_factor == 16.0 and mc.shared_expert_intermediate_size == 64
     elif arch == "gpt_oss":   # as gpt-oss-20b: banded and full layers alternating, YaRN, sinks, biased experts
         assert mc.num_experts == raw["num_local_experts"] == 4 and mc.num_experts_per_tok == 2
         assert mc.moe_intermediate_size == raw["intermediate_size"] == 32 and mc.router == "softmax_topk"
@@ -196,6 +208,8 @@ def test_config_parses_and_matches(tiny, arch):
         "gemma3": "model.layers.1.post_feedforward_layernorm.weight",
         "llama4": "model.layers.1.feed_forward.experts.gate_up_proj",
         "gpt_oss": "model.layers.1.self_attn.sinks",
+        "deepseek_v3": "model.layers.1.mlp.gate.e_score_correction_bias",
+        "deepseek_v2": "model.layers.1.self_attn.kv_a_proj_with_mqa.weight",
     }[arch]
     assert expected in specs and "lm_head.weight" in specs
 

@@ -331,3 +331,98 @@ def test_gpt_oss_mxfp4_and_knobs_match_transformers(model_dirs, tmp_path):
             assert len(set(toks)) >= 4
             assert r.token_ids == toks
             assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
+# DeepSeek-V3's config.json as published (without its FP8 quantization_config), shapes aside
+DEEPSEEK_V3 = {"architectures": ["DeepseekV3ForCausalLM"], "model_type": "deepseek_v3", "attention_bias": False,
+               "bos_token_id": 0, "eos_token_id": 1, "first_k_dense_replace": 3, "hidden_act": "silu",
+               "hidden_size": 7168, "intermediate_size": 18432, "kv_lora_rank": 512, "max_position_embeddings": 163840,
+               "moe_intermediate_size": 2048, "moe_layer_freq": 1, "n_group": 8, "n_routed_experts": 256,
+               "n_shared_experts": 1, "norm_topk_prob": True, "num_attention_heads": 128, "num_experts_per_tok": 8,
+               "num_hidden_layers": 61, "num_key_value_heads": 128, "num_nextn_predict_layers": 1,
+               "q_lora_rank": 1536, "qk_nope_head_dim": 128, "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+               "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 1.0, "mscale_all_dim": 1.0,
+                                "original_max_position_embeddings": 4096, "type": "yarn"},
+               "rope_theta": 10000, "routed_scaling_factor": 2.5, "scoring_func": "sigmoid", "topk_group": 4,
+               "topk_method": "noaux_tc", "torch_dtype": "bfloat16", "v_head_dim": 128, "vocab_size": 129280}
+
+
+def test_deepseek_v3_config_kv_bytes_and_refusals():
+    from mpiinfer.config import ConfigError, ModelConfig
+    from mpiinfer.engine.kv_cache import kv_bytes_per_token
+    mc = ModelConfig.from_hf(DEEPSEEK_V3)
+    assert mc.mla == (1536, 512, 128, 64, 128) and (mc.num_kv_heads, mc.head_dim, mc.rope_dim) == (1, 576, 64)
+    assert [mc.is_moe_layer(i) for i in (0, 2, 3, 60)] == [False, False, True, True]
+    assert (mc.n_group, mc.topk_group, mc.routed_scaling_factor, mc.norm_topk_prob) == (8, 4, 2.5, True)
+    # transformers' yarn_apply_mscale: qk_head_dim ** -0.5 times mscale(40, 1) ** 2
+    assert mc.attn_scale == pytest.approx(192 ** -0.5 * (0.1 * math.log(40) + 1) ** 2)
+    assert round(mc.num_params / 1e9) == 671                       # as published, without the MTP layer
+    # MLA's point: 576 cached values per token and layer, on every TP rank; the same width as MHA: 2 x 128 x 128 at
+    # tp=1, 2 x 16 x 128 at tp=8 (heads split)
+    assert kv_bytes_per_token(mc, 2) == 61 * 576 * 2 and kv_bytes_per_token(mc, 2, tp=8) == 61 * 576 * 2
+    for bad, message in [({"n_group": 3}, "n_group=3"), ({"qk_rope_head_dim": 63}, "must be even"),
+                         ({"topk_group": 9}, "topk_group=9")]:
+        with pytest.raises(ConfigError, match=message):
+            ModelConfig.from_hf({**DEEPSEEK_V3, **bad})
+
+
+def test_deepseek_v3_fp8_weights_match_transformers(model_dirs, tmp_path):
+    """DeepSeek-V3's published form: every projection as FP8 e4m3 with a float32 scale per block (24 x 40 here, so
+    blocks end mid-head), dequantized at load; transformers on a float32 copy of the same values."""
+    d = model_dirs("deepseek_v3", fp8=[24, 40])
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=9)
+    ref = hf_greedy(dequantized_twin(d, tmp_path / "float32"), prompts, NEW)
+    res, eng = run_engine(d, prompts, max_batch=3, step_tokens=7)
+    assert eng.runner.cfg.fp8_block == (24, 40)
+    for (toks, lps), r in zip(ref, res):
+        assert len(set(toks)) >= 4 and r.token_ids == toks
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
+@pytest.mark.parametrize("overrides", [
+    # no q LoRA (q_proj), YaRN with mscale (the softmax scale times mscale_all_dim's mscale squared, cos/sin by
+    # mscale / mscale_all_dim), 8 experts in 4 groups (2 kept), top-3, non-interleaved RoPE, 3 layers (1 dense),
+    # rms_norm_eps 1e-5 (the latent norms keep 1e-6), biases on q_a / kv_a / o
+    dict(num_hidden_layers=3, q_lora_rank=None, n_routed_experts=8, n_group=4, topk_group=2, num_experts_per_tok=3,
+         rope_interleave=False, rms_norm_eps=1e-5, attention_bias=True,
+         rope_scaling={"type": "yarn", "factor": 4.0, "mscale": 0.9, "mscale_all_dim": 1.0, "beta_fast": 32,
+                       "beta_slow": 1, "original_max_position_embeddings": 256}),
+    # as published: q LoRA, interleaved RoPE, one multi-token-prediction layer's tensors in the checkpoint (not read)
+    dict(num_nextn_predict_layers=1, attention_bias=True),
+], ids=["knobs", "mtp"])
+def test_deepseek_v3_knobs_match_transformers(overrides, model_dirs):
+    d = model_dirs("deepseek_v3", **overrides)
+    if overrides.get("num_nextn_predict_layers"):
+        from safetensors.torch import load_file, save_file
+        path = d + "/model.safetensors"
+        t = load_file(path)
+        t.update({"model.layers.2.eh_proj.weight": torch.zeros(64, 128), "model.layers.2.enorm.weight": torch.ones(64),
+                  "model.layers.2.self_attn.kv_b_proj.weight": torch.zeros(4, 4)})
+        save_file(t, path)
+    assert_whole_and_chunked_prompts_match(d, seed=8)
+
+
+# DeepSeek-V2-Lite's config.json as published, shapes aside
+DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "deepseek_v2", "attention_bias": False,
+                    "first_k_dense_replace": 1, "hidden_act": "silu", "hidden_size": 2048, "intermediate_size": 10944,
+                    "kv_lora_rank": 512, "max_position_embeddings": 163840, "moe_intermediate_size": 1408,
+                    "moe_layer_freq": 1, "n_group": 1, "n_routed_experts": 64, "n_shared_experts": 2,
+                    "norm_topk_prob": False, "num_attention_heads": 16, "num_experts_per_tok": 6,
+                    "num_hidden_layers": 27, "num_key_value_heads": 16, "q_lora_rank": None, "qk_nope_head_dim": 128,
+                    "qk_rope_head_dim": 64, "rms_norm_eps": 1e-06,
+                    "rope_scaling": {"beta_fast": 32, "beta_slow": 1, "factor": 40, "mscale": 0.707,
+                                     "mscale_all_dim": 0.707, "original_max_position_embeddings": 4096,
+                                     "type": "yarn"},
+                    "rope_theta": 10000, "routed_scaling_factor": 1.0, "scoring_func": "softmax", "topk_group": 1,
+                    "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}
+
+
+def test_deepseek_v2_config():
+    from mpiinfer.config import ConfigError, ModelConfig
+    mc = ModelConfig.from_hf(DEEPSEEK_V2_LITE)
+    assert mc.mla == (0, 512, 128, 64, 128) and mc.topk_method == "greedy" and mc.router == "deepseek_v2"
+    assert (mc.num_experts, mc.num_experts_per_tok, mc.shared_expert_intermediate_size) == (64, 6, 2816)
+    assert [mc.is_moe_layer(i) for i in (0, 1, 26)] == [False, True, True] and mc.rope_interleaved
+    assert round(mc.num_params / 1e9, 1) == 15.7                  # as published
+    with pytest.raises(ConfigError, match="topk_method"):
+        ModelConfig.from_hf({**DEEPSEEK_V2_LITE, "topk_method": "noaux_tc"})

@@ -239,7 +239,7 @@ def assert_matches(ref, res):
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mixtral", {}),
                                             ("mistral", {"sliding_window": 20}), ("gemma3", {}),
-                                            ("llama4", {}), ("gpt_oss", {})])
+                                            ("llama4", {}), ("gpt_oss", {}), ("deepseek_v3", {})])
 def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
     d = model_dirs(arch, **overrides)
     prompts = shared_prefix_prompts(Tokenizer(d).vocab_size)

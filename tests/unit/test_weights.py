@@ -84,3 +84,22 @@ def test_mxfp4_dequantize_equals_transformers_and_round_trips():
     assert ((dequantize(b, s) - w).abs() / amax).max() <= 1 / 3
     with pytest.raises(ValueError, match="do not pair up"):
         dequantize(blocks, scales[..., :1])
+
+
+def test_fp8_block_scaled_slices_equal_the_dequantized_whole(tmp_path):
+    """FP8 e4m3 weights with one float32 scale per 3 x 4 block: any row or column slice (starting mid-block) is the
+    same slice of the whole dequantized matrix; a float8 tensor without scales is refused."""
+    g = torch.Generator().manual_seed(1)
+    q = (torch.randn(7, 10, generator=g) * 50).to(torch.float8_e4m3fn)
+    scale = torch.rand(3, 3, generator=g) + 0.5                         # ceil(7 / 3) x ceil(10 / 4)
+    save_file({"w.weight": q, "w.weight_scale_inv": scale, "bare.weight": q.clone()}, str(tmp_path / "model.safetensors"))
+    whole = q.float() * scale.repeat_interleave(3, 0).repeat_interleave(4, 1)[:7, :10]
+    src = WeightSource(CheckpointIndex(str(tmp_path)), fp8_block=(3, 4))
+    assert torch.equal(src.read("w.weight", (7, 10)), whole)
+    assert torch.equal(src.read("w.weight", (7, 10), Slice(0, 2, 6)), whole[2:6])
+    assert torch.equal(src.read("w.weight", (7, 10), Slice(1, 5, 9)), whole[:, 5:9])
+    with pytest.raises(ConfigError, match="without block scales"):
+        src.read("bare.weight", (7, 10))
+    with pytest.raises(ConfigError, match="without block scales"):
+        WeightSource(CheckpointIndex(str(tmp_path))).read("w.weight", (7, 10))
+    src.close()
