@@ -301,7 +301,8 @@ class ModelConfig:
                 # transformers' GptOssConfig fills in its YaRN where config.json names none
                 scaling = {"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                            "original_max_position_embeddings": 4096}
-            rope = _rope_config({**scaling, "rope_theta": theta}, int(raw.get("max_position_embeddings", 4096)))
+            rope = _rope_config({**scaling, "rope_theta": theta},
+                                int(raw.get("max_position_embeddings", 2048 if family == "deepseek_v2" else 4096)))
 
         attention_bias = bool(raw.get("attention_bias", family == "gpt_oss"))
         o_bias = attention_bias  # Llama's attention_bias covers o_proj too
@@ -391,7 +392,7 @@ class ModelConfig:
             if sliding is None and "sliding_attention" in layer_types:
                 raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
             quant = raw.get("quantization_config") or {}
-            if quant and (hidden % 32 or int(raw.get("intermediate_size") or 2880) % 32):
+            if quant.get("quant_method") == "mxfp4" and (hidden % 32 or int(raw.get("intermediate_size") or 2880) % 32):
                 raise ConfigError("MXFP4 experts need hidden_size and intermediate_size divisible by 32")
             limit = raw.get("swiglu_limit", 7.0)
             if limit is None:
@@ -428,6 +429,7 @@ class ModelConfig:
                 num_experts=int(n_exp),
                 # (gpt-oss: transformers' default 4; it never reads experts_per_token)
                 num_experts_per_tok=int(raw.get("num_experts_per_tok") or 4) if family == "gpt_oss" else
+                int(raw.get("num_experts_per_tok") or 8) if family == "deepseek_v3" else
                 int(need("num_experts_per_tok")),
                 moe_intermediate_size=int(raw.get("moe_intermediate_size") or
                                           {"deepseek_v3": 2048, "deepseek_v2": 1407}.get(family)
@@ -435,9 +437,9 @@ class ModelConfig:
                                           or (2880 if family == "gpt_oss" else need("intermediate_size"))),
                 shared_expert_intermediate_size=int(raw.get("shared_expert_intermediate_size") or 0)
                 if family == "qwen2_moe" else int(raw.get("intermediate_size") or 0) if family == "llama4" else
-                int(raw.get("moe_intermediate_size", 2048)) * int(raw.get("n_shared_experts", 1) or 0)
+                int(raw.get("moe_intermediate_size") or 2048) * int(raw.get("n_shared_experts", 1) or 0)
                 if family == "deepseek_v3" else
-                int(raw.get("moe_intermediate_size", 1407)) * int(raw.get("n_shared_experts", 2) or 0)
+                int(raw.get("moe_intermediate_size") or 1407) * int(raw.get("n_shared_experts", 2) or 0)
                 if family == "deepseek_v2" else 0,
                 norm_topk_prob=True if family == "mixtral" else bool(raw.get("norm_topk_prob",
                                                                              family == "deepseek_v3")),
@@ -446,7 +448,8 @@ class ModelConfig:
             )
             if moe["num_experts_per_tok"] > moe["num_experts"]:
                 raise ConfigError("num_experts_per_tok exceeds the number of experts")
-            if family in ("deepseek_v3", "deepseek_v2"):
+            # (V2 with greedy routing ignores the groups, as transformers does)
+            if family == "deepseek_v3" or extra.get("topk_method") == "group_limited_greedy":
                 g, kg = extra["n_group"], extra["topk_group"]
                 if moe["num_experts"] % g or (family == "deepseek_v3" and moe["num_experts"] // g < 2) \
                         or not 1 <= kg <= g \
@@ -461,11 +464,11 @@ class ModelConfig:
             # Llama 4: intermediate_size is the experts' (and shared expert's) width, intermediate_size_mlp the dense
             # layers'
             intermediate_size=int(raw.get("intermediate_size_mlp" if family == "llama4" else "intermediate_size")
-                                  or 0),
+                                  or {"deepseek_v3": 18432, "deepseek_v2": 11008}.get(family, 0)),
             num_layers=int(need("num_hidden_layers")),
             num_heads=heads, num_kv_heads=kv_heads, head_dim=int(head_dim),
             rms_norm_eps=float(raw.get("rms_norm_eps", 1e-5 if family in ("llama4", "gpt_oss") else 1e-6)),
-            max_position_embeddings=int(raw.get("max_position_embeddings", 4096)),
+            max_position_embeddings=int(raw.get("max_position_embeddings", 2048 if family == "deepseek_v2" else 4096)),
             rope=rope,
             tie_word_embeddings=bool(raw.get("tie_word_embeddings", family == "gemma3")),
             lm_head=arch not in BASE_ARCHS or bool(raw.get("tie_word_embeddings", False)),

@@ -417,6 +417,20 @@ DEEPSEEK_V2_LITE = {"architectures": ["DeepseekV2ForCausalLM"], "model_type": "d
                     "topk_method": "greedy", "v_head_dim": 128, "vocab_size": 102400}
 
 
+@pytest.mark.parametrize("overrides", [
+    # V2-Lite's kind: greedy top-3 of 8 (the groups ignored), no q LoRA, YaRN with mscale 0.707, x2, no dense layer
+    dict(topk_method="greedy", n_routed_experts=8, num_experts_per_tok=3, topk_group=None,
+         q_lora_rank=None, routed_scaling_factor=2.0, first_k_dense_replace=0,
+         rope_scaling={"type": "yarn", "factor": 4.0, "mscale": 0.707, "mscale_all_dim": 0.707, "beta_fast": 32,
+                       "beta_slow": 1, "original_max_position_embeddings": 256}),
+    # V2's: group-limited, 8 experts in 2 groups of 4 (1 kept), top-3 inside it
+    dict(n_routed_experts=8, n_group=2, topk_group=1, num_experts_per_tok=3),
+], ids=["greedy-lite", "group-limited"])
+def test_deepseek_v2_knobs_match_transformers(overrides, model_dirs):
+    d = model_dirs("deepseek_v2", **overrides)
+    assert_whole_and_chunked_prompts_match(d, seed=10)
+
+
 def test_deepseek_v2_config():
     from mpiinfer.config import ConfigError, ModelConfig
     mc = ModelConfig.from_hf(DEEPSEEK_V2_LITE)
@@ -424,5 +438,10 @@ def test_deepseek_v2_config():
     assert (mc.num_experts, mc.num_experts_per_tok, mc.shared_expert_intermediate_size) == (64, 6, 2816)
     assert [mc.is_moe_layer(i) for i in (0, 1, 26)] == [False, True, True] and mc.rope_interleaved
     assert round(mc.num_params / 1e9, 1) == 15.7                  # as published
+    assert mc.attn_scale == pytest.approx(192 ** -0.5 * (0.1 * 0.707 * math.log(40) + 1) ** 2)
+    # transformers' defaults for keys left out or null; greedy routing ignores the groups
+    bare = {k: v for k, v in DEEPSEEK_V2_LITE.items() if k not in ("intermediate_size", "moe_intermediate_size")}
+    mb = ModelConfig.from_hf({**bare, "moe_intermediate_size": None, "n_group": 7, "topk_group": 9})
+    assert (mb.intermediate_size, mb.moe_intermediate_size, mb.shared_expert_intermediate_size) == (11008, 1407, 2814)
     with pytest.raises(ConfigError, match="topk_method"):
         ModelConfig.from_hf({**DEEPSEEK_V2_LITE, "topk_method": "noaux_tc"})
