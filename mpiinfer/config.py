@@ -40,6 +40,10 @@ MOE_ARCHS = {
 # LM head, so embedding records only (unless the embedding is tied, which is then the head)
 BASE_ARCHS = {"LlamaModel": "llama", "MistralModel": "mistral", "Qwen2Model": "qwen2", "Qwen3Model": "qwen3"}
 SUPPORTED_ARCHS = {**DENSE_ARCHS, **MOE_ARCHS, **BASE_ARCHS}
+# Multimodal checkpoints whose language model we run (text in, text out; the vision tower is not read): the causal
+# LM their text_config describes
+MULTIMODAL_ARCHS = {"Gemma3ForConditionalGeneration": "Gemma3ForCausalLM",
+                    "Llama4ForConditionalGeneration": "Llama4ForCausalLM"}
 
 
 @dataclass(frozen=True)
@@ -234,9 +238,19 @@ class ModelConfig:
         gen = gen or {}
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else None
+        if arch in MULTIMODAL_ARCHS:
+            text = raw.get("text_config")
+            if not isinstance(text, dict):
+                raise ConfigError(f"{arch} config.json lacks a text_config")
+            # the top level's token ids, tying and dtype where the text config has none (as transformers reads them)
+            top = {k: raw[k] for k in ("bos_token_id", "eos_token_id", "tie_word_embeddings", "torch_dtype", "dtype")
+                   if k in raw and k not in text}
+            raw = {**text, **top, "architectures": [MULTIMODAL_ARCHS[arch]]}
+            arch = MULTIMODAL_ARCHS[arch]
         if arch not in SUPPORTED_ARCHS:
             raise ConfigError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}")
+                f"unsupported architecture {arch!r}; supported: {', '.join(sorted(SUPPORTED_ARCHS))}, and the language "
+                f"models of {', '.join(sorted(MULTIMODAL_ARCHS))}")
         family = SUPPORTED_ARCHS[arch]
 
         def need(key):

@@ -73,6 +73,16 @@ class CheckpointIndex:
         # causal LM's names; TensorInfo.name keeps the file's own
         if "model.embed_tokens.weight" not in self.tensors and "embed_tokens.weight" in self.tensors:
             self.tensors = {(n if n.startswith("lm_head.") else "model." + n): t for n, t in self.tensors.items()}
+        # a multimodal checkpoint (Gemma 3 4B+, Llama 4 Scout / Maverick): its language model's tensors under the
+        # causal LM's names ("language_model.model.X" as published, "model.language_model.X" as transformers 5
+        # saves); the vision tower and projector are left out (not read)
+        for prefix, lm_head in (("language_model.model.", "language_model.lm_head."),
+                                ("model.language_model.", "lm_head.")):
+            if any(n.startswith(prefix) for n in self.tensors):
+                self.tensors = {"model." + n[len(prefix):] if n.startswith(prefix) else "lm_head." + n[len(lm_head):]:
+                                t for n, t in self.tensors.items()
+                                if n.startswith((prefix, lm_head))}
+                break
 
     @staticmethod
     def _find_files(model_dir: str) -> list:

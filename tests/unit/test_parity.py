@@ -445,3 +445,38 @@ def test_deepseek_v2_config():
     assert (mb.intermediate_size, mb.moe_intermediate_size, mb.shared_expert_intermediate_size) == (11008, 1407, 2814)
     with pytest.raises(ConfigError, match="topk_method"):
         ModelConfig.from_hf({**DEEPSEEK_V2_LITE, "topk_method": "noaux_tc"})
+
+
+@pytest.mark.parametrize("arch,layout", [("llama4", "published"), ("gemma3", "transformers5")])
+def test_multimodal_checkpoints_run_their_language_model(arch, layout, model_dirs, tmp_path):
+    """Llama 4 Scout / Maverick and Gemma 3 4B+ are published as ...ForConditionalGeneration: text_config nested,
+    the language model's tensors under "language_model.model." (as published) or "model.language_model." (as
+    transformers 5 saves), a vision tower beside them.  The language model runs (the vision tensors are not read)
+    and gives the text checkpoint's tokens, which equal transformers'."""
+    import json
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+    d = model_dirs(arch)
+    mm = tmp_path / "mm"
+    shutil.copytree(d, mm)
+    with open(mm / "config.json") as f:
+        text = json.load(f)
+    cfg = {"architectures": [{"llama4": "Llama4ForConditionalGeneration",
+                              "gemma3": "Gemma3ForConditionalGeneration"}[arch]],
+           "model_type": arch, "text_config": text, "vision_config": {"hidden_size": 8},
+           "eos_token_id": text["eos_token_id"]}
+    (mm / "config.json").write_text(json.dumps(cfg))
+    t = load_file(str(mm / "model.safetensors"))
+    lm, head = ("language_model.model.", "language_model.lm_head.") if layout == "published" else \
+        ("model.language_model.", "lm_head.")
+    t = {(lm + n[len("model."):] if n.startswith("model.") else head + n[len("lm_head."):]): v for n, v in t.items()}
+    t["vision_model.patch_embedding.weight"] = torch.zeros(8, 3)
+    t["multi_modal_projector.linear_1.weight"] = torch.zeros(8, 8)
+    save_file(t, str(mm / "model.safetensors"))
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=11)
+    ref = hf_greedy(d, prompts, NEW)
+    res, _ = run_engine(str(mm), prompts, max_batch=3, step_tokens=9)
+    for (toks, lps), r in zip(ref, res):
+        assert r.token_ids == toks
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
