@@ -53,7 +53,7 @@ import torch
 from .. import dtypes
 from ..config import ModelConfig
 from ..io.files import user_mode
-from ..models.registry import mla_tensors
+from ..models.registry import expected_tensors
 from ..weights.mxfp4 import quantize
 
 __all__ = [
@@ -354,110 +354,35 @@ def make_config(arch: str = "llama", preset="tiny", overrides: dict | None = Non
     return cfg
 
 
-def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
-    """``(name, shape, kind)`` for every tensor of a checkpoint with this config.json.
+def _kind(name: str, norm_kind: str) -> str:
+    """How the tensor ``name`` is drawn (``_tensor_chunks``): "embed", "head", "linear" and "router" with the
+    preset's std, norms near 1 ("norm") or 0 ("norm0": Gemma's, which scale by 1 + w), small "bias", unit "sink",
+    and gpt-oss's MXFP4 pairs ("mxfp4-blocks:<base>" / "mxfp4-scales:<base>", one draw for both)."""
+    if name == "model.embed_tokens.weight":
+        return "embed"
+    if name == "lm_head.weight":
+        return "head"
+    if name.endswith("norm.weight"):
+        return norm_kind
+    if name.endswith(("gate.weight", "router.weight", "e_score_correction_bias")):
+        return "router"
+    if name.endswith("bias"):
+        return "bias"
+    if name.endswith(".sinks"):
+        return "sink"
+    for suffix in ("_blocks", "_scales"):
+        if name.endswith(suffix):
+            return f"mxfp4{suffix.replace('_', '-')}:{name[:-len(suffix)]}"
+    return "linear"
 
-    Names are those of the real HF checkpoints (per-expert tensors for MoE).  ``kind``
-    is one of "embed", "linear", "norm", "norm0" (Gemma's, which scale by 1 + w), "bias", "router".
-    """
+
+def weight_specs(config: dict) -> list[tuple[str, tuple, str]]:
+    """``(name, shape, kind)`` for every tensor of a checkpoint with this config.json: the tensors
+    ``registry.expected_tensors`` checks a checkpoint for (the names of the real HF checkpoints), each with how it is
+    drawn (``_kind``); with FP8 (``fp8`` knob), every projection matrix as e4m3 values plus block scales."""
     mc = ModelConfig.from_hf(config)
     nk = "norm0" if mc.norm_plus_one else "norm"
-    h, hd, V = mc.hidden_size, mc.head_dim, mc.vocab_size
-    q_out, kv_out = mc.num_heads * hd, mc.num_kv_heads * hd
-    specs: list[tuple[str, tuple, str]] = [("model.embed_tokens.weight", (V, h), "embed")]
-
-    def mlp(prefix: str, inter: int, bias: bool = False):
-        out = [(prefix + "gate_proj.weight", (inter, h), "linear"),
-               (prefix + "up_proj.weight", (inter, h), "linear"),
-               (prefix + "down_proj.weight", (h, inter), "linear")]
-        if bias:
-            out += [(prefix + "gate_proj.bias", (inter,), "bias"),
-                    (prefix + "up_proj.bias", (inter,), "bias"),
-                    (prefix + "down_proj.bias", (h,), "bias")]
-        return out
-
-    for i in range(mc.num_layers):
-        p = f"model.layers.{i}."
-        a = p + "self_attn."
-        specs.append((p + "input_layernorm.weight", (h,), nk))
-        if mc.mla:
-            specs += [(n, shape, nk if n.endswith("layernorm.weight") else "bias" if n.endswith(".bias")
-                       else "linear") for n, shape in mla_tensors(mc, a).items()]
-        else:
-            specs += [(a + "q_proj.weight", (q_out, h), "linear"),
-                      (a + "k_proj.weight", (kv_out, h), "linear"),
-                      (a + "v_proj.weight", (kv_out, h), "linear"),
-                      (a + "o_proj.weight", (h, q_out), "linear")]
-        if mc.attention_bias and not mc.mla:
-            specs += [(a + "q_proj.bias", (q_out,), "bias"),
-                      (a + "k_proj.bias", (kv_out,), "bias"),
-                      (a + "v_proj.bias", (kv_out,), "bias")]
-        if mc.o_bias and not mc.mla:
-            specs.append((a + "o_proj.bias", (h,), "bias"))
-        if mc.qk_norm:
-            specs += [(a + "q_norm.weight", (hd,), nk), (a + "k_norm.weight", (hd,), nk)]
-        if mc.attention_sinks:
-            specs.append((a + "sinks", (mc.num_heads,), "sink"))
-        specs.append((p + "post_attention_layernorm.weight", (h,), nk))
-        if mc.family == "gemma3":
-            specs += [(p + "pre_feedforward_layernorm.weight", (h,), nk),
-                      (p + "post_feedforward_layernorm.weight", (h,), nk)]
-        E, I = mc.num_experts, mc.moe_intermediate_size
-        if mc.family in ("deepseek_v3", "deepseek_v2"):
-            m = p + "mlp."
-            if mc.is_moe_layer(i):
-                specs += [(m + "gate.weight", (E, h), "router")]
-                if mc.family == "deepseek_v3":
-                    specs += [(m + "gate.e_score_correction_bias", (E,), "router")]
-                for e in range(E):
-                    specs += mlp(f"{m}experts.{e}.", I)
-                specs += mlp(m + "shared_experts.", mc.shared_expert_intermediate_size)
-            else:
-                specs += mlp(m, mc.intermediate_size)
-        elif mc.family == "gpt_oss":
-            m = p + "mlp."
-            specs += [(m + "router.weight", (E, h), "router"), (m + "router.bias", (E,), "bias")]
-            if mc.mxfp4_experts:
-                # random weights quantized: the blocks and the scales of one draw (seeded by the blocks' name)
-                for w, (rows, cols) in (("gate_up_proj", (2 * I, h)), ("down_proj", (h, I))):
-                    base = m + "experts." + w
-                    specs += [(base + "_blocks", (E, rows, cols // 32, 16), "mxfp4-blocks:" + base),
-                              (base + "_scales", (E, rows, cols // 32), "mxfp4-scales:" + base)]
-            else:
-                specs += [(m + "experts.gate_up_proj", (E, h, 2 * I), "linear"),
-                          (m + "experts.down_proj", (E, I, h), "linear")]
-            specs += [(m + "experts.gate_up_proj_bias", (E, 2 * I), "bias"),
-                      (m + "experts.down_proj_bias", (E, h), "bias")]
-        elif mc.family == "llama4":
-            f = p + "feed_forward."
-            if mc.is_moe_layer(i):
-                specs += [(f + "router.weight", (E, h), "router"),
-                          (f + "experts.gate_up_proj", (E, h, 2 * I), "linear"),   # input-major, all experts
-                          (f + "experts.down_proj", (E, I, h), "linear")]
-                specs += mlp(f + "shared_expert.", mc.shared_expert_intermediate_size)
-            else:
-                specs += mlp(f, mc.intermediate_size)
-        elif mc.is_moe_layer(i) and mc.family == "mixtral":
-            m = p + "block_sparse_moe."
-            specs.append((m + "gate.weight", (E, h), "router"))
-            for e in range(E):
-                x = f"{m}experts.{e}."
-                specs += [(x + "w1.weight", (I, h), "linear"),   # gate
-                          (x + "w2.weight", (h, I), "linear"),   # down
-                          (x + "w3.weight", (I, h), "linear")]   # up
-        elif mc.is_moe_layer(i):
-            m = p + "mlp."
-            specs.append((m + "gate.weight", (E, h), "router"))
-            for e in range(E):
-                specs += mlp(f"{m}experts.{e}.", I)
-            if mc.family == "qwen2_moe":
-                specs += mlp(m + "shared_expert.", mc.shared_expert_intermediate_size)
-                specs.append((m + "shared_expert_gate.weight", (1, h), "router"))
-        else:
-            specs += mlp(p + "mlp.", mc.intermediate_size, mc.mlp_bias)
-    specs.append(("model.norm.weight", (h,), nk))
-    if not mc.tie_word_embeddings:
-        specs.append(("lm_head.weight", (V, h), "head"))
+    specs = [(name, shape, _kind(name, nk)) for name, shape in expected_tensors(mc).items()]
     if mc.fp8_block:           # every projection matrix as FP8 blocks + scales (embedding, head, routers stay)
         br, bc = mc.fp8_block
         fp8 = []
