@@ -328,15 +328,8 @@ class ModelConfig:
         layer_types, extra = (), {}
         if family == "gemma3":
             sliding = raw.get("sliding_window", 4096)
-            layer_types = tuple(raw.get("layer_types") or (
-                "sliding_attention" if (i + 1) % int(raw.get("sliding_window_pattern") or 6) else "full_attention"
-                for i in range(int(need("num_hidden_layers")))))
-            if len(layer_types) != int(need("num_hidden_layers")) or \
-                    set(layer_types) - {"sliding_attention", "full_attention"}:
-                raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the "
-                                  f"{need('num_hidden_layers')} layers")
-            if sliding is None and "sliding_attention" in layer_types:
-                raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
+            layer_types = _sliding_layer_types(raw, int(need("num_hidden_layers")),
+                                               int(raw.get("sliding_window_pattern") or 6), sliding)
             if raw.get("attn_logit_softcapping") is not None:
                 raise ConfigError("attn_logit_softcapping is not supported (Gemma 3 checkpoints set it to null)")
             if raw.get("use_bidirectional_attention"):
@@ -379,8 +372,7 @@ class ModelConfig:
             scale = (mla[2] + mla[3]) ** -0.5
             m_all = (raw.get("rope_scaling") or raw.get("rope_parameters") or {}).get("mscale_all_dim")
             if rope.type != "default" and m_all:      # transformers' yarn_apply_mscale: the scale times mscale ** 2
-                m = 0.1 * float(m_all) * math.log(rope.factor) + 1.0 if rope.factor > 1 else 1.0
-                scale *= m * m
+                scale *= _yarn_mscale(rope.factor, float(m_all)) ** 2
             # transformers' defaults where keys are left out (V3: 8 groups, 4 kept, x2.5, 3 dense layers; V2: no
             # groups, x1, none dense, greedy); null: none.  V2's RoPE always pairs adjacent dims (complex form).
             n_group = int(raw.get("n_group", 8 if v3 else None) or 1)
@@ -398,14 +390,7 @@ class ModelConfig:
         elif family == "gpt_oss":
             L = int(need("num_hidden_layers"))
             sliding = raw.get("sliding_window", 128)
-            layer_types = tuple(raw.get("layer_types") or (
-                "sliding_attention" if (i + 1) % 2 else "full_attention" for i in range(L)))
-            if len(layer_types) != L or set(layer_types) - {"sliding_attention", "full_attention"}:
-                raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the {L} "
-                                  f"layers")
-            if sliding is None and "sliding_attention" in layer_types:
-                raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
-            quant = raw.get("quantization_config") or {}
+            layer_types = _sliding_layer_types(raw, L, 2, sliding)
             if quant.get("quant_method") == "mxfp4" and (hidden % 32 or int(raw.get("intermediate_size") or 2880) % 32):
                 raise ConfigError("MXFP4 experts need hidden_size and intermediate_size divisible by 32")
             limit = raw.get("swiglu_limit", 7.0)
@@ -501,6 +486,25 @@ class ModelConfig:
         )
 
 
+def _sliding_layer_types(raw: dict, layers: int, pattern: int, window) -> tuple:
+    """Gemma 3's / gpt-oss's per-layer attention kinds: config.json's layer_types, else every ``pattern``-th layer
+    full attention and the others sliding; refused unless one sliding_attention / full_attention per layer, and
+    sliding layers with a window."""
+    kinds = tuple(raw.get("layer_types") or (
+        "sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)))
+    if len(kinds) != layers or set(kinds) - {"sliding_attention", "full_attention"}:
+        raise ConfigError(f"layer_types must name sliding_attention or full_attention for each of the {layers} "
+                          f"layers")
+    if window is None and "sliding_attention" in kinds:
+        raise ConfigError("sliding_window is null but layer_types has sliding_attention layers")
+    return kinds
+
+
+def _yarn_mscale(factor: float, m: float = 1.0) -> float:
+    """YaRN's mscale, ``0.1 m log(factor) + 1`` (1 without scaling), as transformers' ``yarn_get_mscale``."""
+    return 1.0 if factor <= 1 else 0.1 * m * math.log(factor) + 1.0
+
+
 def _rope_config(d: dict, max_position_embeddings: int = 0) -> RopeConfig:
     """RopeConfig from a rope_scaling / rope_parameters dict (with its rope_theta), yarn's attention factor
     derived as transformers derives it (``_compute_yarn_parameters``)."""
@@ -516,12 +520,10 @@ def _rope_config(d: dict, max_position_embeddings: int = 0) -> RopeConfig:
     factor = float(factor)
     attention = 1.0
     if rtype == "yarn":
-        def mscale(scale, m=1.0):
-            return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
         attention = d.get("attention_factor")
         if attention is None:
             m, m_all = d.get("mscale"), d.get("mscale_all_dim")
-            attention = mscale(factor, m) / mscale(factor, m_all) if m and m_all else mscale(factor)
+            attention = _yarn_mscale(factor, m) / _yarn_mscale(factor, m_all) if m and m_all else _yarn_mscale(factor)
     return RopeConfig(
         theta=float(d.get("rope_theta", 10000.0)), type=rtype, factor=factor,
         low_freq_factor=float(d.get("low_freq_factor", 1.0)),

@@ -91,6 +91,13 @@ class Span(NamedTuple):
         """A one-token decode at ``kv_len`` rows attends all of them."""
         return self.first(kv_len - 1) == 0
 
+    def mask(self, qpos: torch.Tensor, kpos: torch.Tensor) -> torch.Tensor:
+        """Which keys at ``kpos`` (1, K) queries at ``qpos`` (Q, 1) attend: causal, within the span. (Q, K) bool."""
+        mask = kpos <= qpos
+        if self.limited:
+            mask &= kpos >= self.first(qpos)
+        return mask
+
 
 class SharedGroup(NamedTuple):
     """One-token decodes whose cache rows start with the same run ``start : start + length``: their sequence
@@ -137,11 +144,11 @@ class DecodeGroup(NamedTuple):
     invalid: torch.Tensor
 
 
-def decode_group(batch: StepBatch, window, row_bytes: int, taken=frozenset()) -> DecodeGroup | None:
+def decode_group(batch: StepBatch, span, row_bytes: int, taken=frozenset()) -> DecodeGroup | None:
     """The one-token decodes of ordinary sequences in ``batch`` (not in ``taken``) to attend together, or None
     when the per-sequence loop is cheaper (too few of them, or a gather of more than DECODE_GATHER_BYTES each).
-    ``window``: the layers' ``Span`` (or window size)."""
-    span = Span.of(window)
+    ``span``: the layers' ``Span`` (or window size, or None)."""
+    span = Span.of(span)
     sel = [i for i, (ql, kl) in enumerate(zip(batch.q_len, batch.kv_len))
            if ql == 1 and i not in taken and batch.seq_mode(i) == MODE_LOCAL and span.whole(kl)]
     if len(sel) < DECODE_GROUP_MIN:
@@ -181,14 +188,13 @@ class AttentionPlan:
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
     @staticmethod
-    def build(batch: StepBatch, cp_comm, window, row_bytes: int,
+    def build(batch: StepBatch, cp_comm, span, row_bytes: int,
               group_decodes: bool, device=None, use_native: bool = False) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``).
         ``use_native``: the CPU kernels (``mpiinfer.native``) rotate and store K/V and attend every local one-token
         decode not in a shared-prefix group (sliding windows and chunks included), in place of the decode group and
-        loop.  ``window``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
-        span = Span.of(window)
-        window = span.window
+        loop.  ``span``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
+        span = Span.of(span)
         shared = shared_groups(batch, span) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)
         if use_native:
@@ -224,7 +230,7 @@ class AttentionPlan:
             elif mode == MODE_CP_PREFILL:
                 qs, ql = batch.q_start[i], batch.q_len[i]
                 plan.ring.append((i, RingPlan.build(batch.positions[qs:qs + ql], batch.kv_positions(i), cp_comm,
-                                                    window)))
+                                                    span.window)))
             elif mode == MODE_CP_DECODE:
                 plan.cp_decode.append(i)
         return plan
@@ -376,11 +382,8 @@ class Attention(nn.Module):
             lo = int(self.span.first(p0)) if self.span.limited else 0           # the first key any of them sees
             Kt = K[:, lo:p1].transpose(1, 2).unsqueeze(1)                       # (n_kv, 1, hd, n_keys)
             s = torch.matmul(qg[:, a:b], Kt).float() * self.scale                # (n_kv, n, grp, n_keys)
-            qpos = torch.arange(p0, p1, device=q.device)[:, None]
-            kpos = torch.arange(lo, p1, device=q.device)[None, :]
-            mask = kpos <= qpos
-            if self.span.limited:
-                mask &= kpos >= self.span.first(qpos)
+            mask = self.span.mask(torch.arange(p0, p1, device=q.device)[:, None],
+                                  torch.arange(lo, p1, device=q.device)[None, :])
             s.masked_fill_(~mask[None, :, None, :], float("-inf"))
             out[:, a:b] = torch.matmul(self._softmax(s).to(V.dtype), V[:, lo:p1].unsqueeze(1))
         return out.transpose(0, 1).reshape(ql, self.n_q, hd)
@@ -401,11 +404,8 @@ class Attention(nn.Module):
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), is_causal=True,
                                                enable_gqa=True, scale=self.scale)
         else:
-            qpos = torch.arange(kl - ql, kl, device=q.device)[:, None]
-            kpos = torch.arange(kl, device=q.device)[None, :]
-            mask = kpos <= qpos
-            if self.span.limited:
-                mask &= kpos >= self.span.first(qpos)
+            mask = self.span.mask(torch.arange(kl - ql, kl, device=q.device)[:, None],
+                                  torch.arange(kl, device=q.device)[None, :])
             o = F.scaled_dot_product_attention(qt, K.unsqueeze(0), V.unsqueeze(0), attn_mask=mask,
                                                enable_gqa=True, scale=self.scale)
         return o[0].transpose(0, 1)                                     # (ql, n_q, hd)

@@ -207,14 +207,21 @@ class SparseMoeBlock(nn.Module):
         E, G = cfg.num_experts, cfg.n_group
         scores = torch.sigmoid(linear(x.float(), self.gate))                       # (T, E) float32
         choice = scores + self.choice_bias                                           # (T, E)
-        groups = choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1)           # (T, G)
-        keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, cfg.topk_group, dim=-1, sorted=False)[1], 1)
-        mask = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
+        mask = self._kept_groups(choice.view(-1, G, E // G).topk(2, dim=-1)[0].sum(dim=-1))   # (T, E)
         idx = torch.topk(choice.masked_fill(~mask, float("-inf")), self.top_k, dim=-1, sorted=False)[1]
         w = scores.gather(1, idx)
         if self.norm_topk:
             w = w / (w.sum(dim=-1, keepdim=True) + 1e-20)
         return idx, (w * cfg.routed_scaling_factor).to(x.dtype)
+
+    def _kept_groups(self, group_scores: torch.Tensor) -> torch.Tensor:
+        """(T, n_group) scores of the expert groups -> (T, E) bool: the experts of each token's topk_group best
+        groups (DeepSeek's group-limited routing)."""
+        T, G = group_scores.shape
+        keep = torch.zeros_like(group_scores).scatter_(
+            1, torch.topk(group_scores, self.cfg.topk_group, dim=-1, sorted=False)[1], 1)
+        E = self.cfg.num_experts
+        return keep.unsqueeze(-1).expand(T, G, E // G).reshape(T, E).bool()
 
     def _route_v2(self, x: torch.Tensor):
         """DeepSeek-V2: softmax over all experts in float32; the top-k (greedy), or the top-k among the topk_group
@@ -224,11 +231,7 @@ class SparseMoeBlock(nn.Module):
         E, G = cfg.num_experts, cfg.n_group
         scores = torch.softmax(linear(x.float(), self.gate), dim=-1)                 # (T, E) float32
         if cfg.topk_method == "group_limited_greedy":
-            groups = scores.view(-1, G, E // G).max(dim=-1).values                   # (T, G)
-            keep = torch.zeros_like(groups).scatter_(1, torch.topk(groups, cfg.topk_group, dim=-1,
-                                                                   sorted=False)[1], 1)
-            mask = keep.unsqueeze(-1).expand(-1, G, E // G).reshape(-1, E).bool()
-            scores = scores.masked_fill(~mask, 0.0)
+            scores = scores.masked_fill(~self._kept_groups(scores.view(-1, G, E // G).max(dim=-1).values), 0.0)
         w, idx = torch.topk(scores, self.top_k, dim=-1, sorted=False)
         return idx, (w * cfg.routed_scaling_factor).to(x.dtype)
 

@@ -23,6 +23,17 @@ from ..parallel.shard import Slice
 from .index import CheckpointIndex
 
 
+def _ranges(shape, slices: tuple) -> list:
+    """[start, stop) along each dim of a tensor of ``shape`` that ``slices`` (at most one per dim) select."""
+    ranges = [(0, n) for n in shape]
+    for s in slices:
+        if s.dim is not None:
+            if not 0 <= s.dim < len(shape) or not 0 <= s.start <= s.stop <= shape[s.dim]:
+                raise ValueError(f"unsupported slice {s} of a {len(shape)}-d tensor")
+            ranges[s.dim] = (s.start, s.stop)
+    return ranges
+
+
 class WeightSource:
     """``fp8_block``: (rows, cols) of one scale of FP8 e4m3 weights stored with ``<name>_scale_inv`` (float32, one
     per block): such a weight's slice is read with the scales of the blocks it touches and returned dequantized
@@ -74,12 +85,7 @@ class WeightSource:
             raise ConfigError(f"tensor {scale_name!r} has shape {list(self.index[scale_name].shape)}, expected "
                               f"{list(want)} for {name} {list(info.shape)} in blocks of {br} x {bc}")
         q = self._read_block(info, torch.uint8, slices).view(torch.float8_e4m3fn)
-        (r0, r1), (c0, c1) = [(0, n) for n in info.shape]
-        for s in slices:
-            if s.dim == 0:
-                r0, r1 = s.start, s.stop
-            elif s.dim == 1:
-                c0, c1 = s.start, s.stop
+        (r0, r1), (c0, c1) = _ranges(info.shape, slices)
         g0, h0 = r0 // br, c0 // bc
         scales = self.read(scale_name, want, Slice(0, g0, -(-r1 // br) if r1 > r0 else g0),
                            Slice(1, h0, -(-c1 // bc) if c1 > c0 else h0)).float()
@@ -89,12 +95,7 @@ class WeightSource:
     def _read_block(self, info, dtype: torch.dtype, slices: tuple) -> torch.Tensor:
         """The block of ``info``'s tensor that ``slices`` (at most one per dim) select, as ``dtype`` bytes."""
         shape = list(info.shape)
-        ranges = [(0, n) for n in shape]
-        for s in slices:
-            if s.dim is not None:
-                if not 0 <= s.dim < len(shape) or not 0 <= s.start <= s.stop <= shape[s.dim]:
-                    raise ValueError(f"unsupported slice {s} of a {len(shape)}-d tensor")
-                ranges[s.dim] = (s.start, s.stop)
+        ranges = _ranges(shape, slices)
         esize = dtypes.itemsize(info.dtype)
         if dtype == torch.uint8 and esize != 1:
             raise ValueError("raw bytes of a multi-byte tensor")

@@ -54,7 +54,7 @@ def test_group_selection():
     sel = decode_group(b, None, 64)
     assert sel[0] == {0, 1, 3, 4} and sel[1].tolist() == [0, 1, 5, 6]
     assert decode_group(_batch([5, 6, 7]), None, 64) is None                  # too few to pay off
-    assert decode_group(_batch([3, 4, 5, 6, 7, 8]), window=6, row_bytes=64)[0] == {0, 1, 2, 3}  # beyond it: loop
+    assert decode_group(_batch([3, 4, 5, 6, 7, 8]), span=6, row_bytes=64)[0] == {0, 1, 2, 3}  # beyond it: loop
     # a chunk of 7 (Llama 4): a decode at position 7 or later starts a new chunk, so attends part of its rows
     assert decode_group(_batch([3, 4, 5, 6, 7, 8]), Span(chunk=7), row_bytes=64)[0] == {0, 1, 2, 3, 4}
     assert [Span(chunk=4).first(p) for p in (0, 3, 4, 9)] == [0, 0, 4, 8]
