@@ -10,8 +10,9 @@ kept after their last user until the space is needed (least recently used first)
 
 Attention reads a sequence's rows as *extents* (runs of consecutive rows): the pool places a new sequence in
 the middle of the largest free run and grows it into the block after its last one when that is free, so a
-sequence is usually one extent (a plain strided view, no copy); a shared prefix adds one.  A CP sequence gets
-one contiguous run per CP rank, sized for its prompt and all its new tokens (``allocate_run``).
+sequence is usually one extent (a plain strided view, no copy); a shared prefix adds one.  A CP sequence holds
+blocks on every CP rank the same way: its prompt shard's at admission, then one at a time where its new tokens
+are stored.
 """
 from __future__ import annotations
 
@@ -115,15 +116,6 @@ class FreeRuns:
         self.count -= 1
         return True
 
-    def take_run(self, n: int) -> int | None:
-        """First block of ``n`` consecutive free blocks (first fit), or None."""
-        for s in self._starts:
-            if self._len[s] >= n:
-                for b in range(s, s + n):
-                    self.take(b)
-                return s
-        return None
-
     def take_spaced(self, n: int) -> list:
         """``n`` free blocks placed with room to grow: in the middle of the largest run when one holds them all
         (at its start when it starts the pool), else whole runs, largest first.  Assumes ``count >= n``."""
@@ -222,17 +214,6 @@ class BlockPool:
         for b in out:
             self.ref[b] = 1
         return out
-
-    def allocate_run(self, n: int) -> int | None:
-        """First of ``n`` consecutive blocks (reference 1), evicting unused cached blocks if it must; or None."""
-        s = self.free.take_run(n)
-        while s is None and self.lru:
-            self._evict(self.free.count + 1)
-            s = self.free.take_run(n)
-        if s is not None:
-            for b in range(s, s + n):
-                self.ref[b] = 1
-        return s
 
     def lookup(self, keys: list) -> list:
         """The cached blocks of the longest prefix of ``keys`` (a reference taken on each)."""

@@ -3,9 +3,9 @@
 Owns: ``Sequence`` (one request's state across steps); admission into the KV cache, FIFO: an ordinary
 sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the longest prefix of them found in
 the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
-takes one contiguous run per CP rank for its prompt and all its new tokens.  When a decoding sequence finds no
-free block, the newest ordinary sequence on that rank is preempted (its blocks freed; it starts over later,
-first in line).  Also the CP routing of ordinary sequences (each to the CP rank with the fewest tokens still
+takes the blocks of its prompt shard on every CP rank, then one block at a time on the rank that stores its next
+token.  When a decoding sequence finds no free block on a rank, the newest sequence holding blocks there is
+preempted (its blocks freed on every rank; it starts over later, first in line).  Also the CP routing of ordinary sequences (each to the CP rank with the fewest tokens still
 to process, or all on rank 0), the registration of finished prompt blocks in the prefix cache, and the
 per-step plan: every decoding sequence contributes one token, then prompt chunks fill the step's token
 budget; a CP prompt goes whole, one load-balanced shard per CP rank.  No model, no tokenizer, no MPI: the
@@ -33,8 +33,7 @@ class Sequence:
     generator: torch.Generator | None
     cp: bool = False                   # context-parallel: prompt and KV spread over the CP ranks
     home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
-    kv_base: list = field(default_factory=list)   # CP: first row of its run on each CP rank
-    kv_cap: list = field(default_factory=list)    # CP: rows of that run
+    rank_blocks: list = field(default_factory=list)   # CP: its KV blocks on each CP rank, in local token order
     blocks: list = field(default_factory=list)    # not CP: its KV blocks on ``home``, in token order
     keys: list | None = None           # not CP: prefix-cache keys of its full prompt blocks
     registered: int = 0                # leading prompt blocks that are in the prefix cache
@@ -75,7 +74,7 @@ class Sequence:
 
     def restart(self) -> None:
         """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
-        self.blocks, self.registered, self.n_cached = [], 0, 0
+        self.blocks, self.rank_blocks, self.registered, self.n_cached = [], [], 0, 0
         self.out, self.logprobs, self.t_first, self.finish_reason, self.text = [], [], None, None, None
         self.top_logprobs = []
         if self.prompt_logprobs is not None:
@@ -91,8 +90,12 @@ class Sequence:
             self.matcher.reset()
 
     def ranks(self, cp: int) -> list:
-        """The CP ranks holding this sequence's KV cache, in ``kv_base`` order."""
+        """The CP ranks holding this sequence's KV cache."""
         return list(range(cp)) if self.cp else [self.home]
+
+    def holds(self, r: int) -> bool:
+        """Whether it holds KV blocks on CP rank ``r``."""
+        return bool(self.rank_blocks) if self.cp else self.home == r
 
 
 def rows_needed(prompt_len: int, max_new: int, cp: int, use_cp: bool) -> list:
@@ -149,17 +152,19 @@ class Scheduler:
             self.running.append(seq)
 
     def _admit_cp(self, seq: Sequence) -> bool:
-        need = rows_needed(len(seq.prompt), max(seq.max_new, 1), self.cp, True)   # max_new 0: the prompt's rows
-        starts = []
-        for r, n in enumerate(need):
-            s0 = self.pools[r].allocate_run(-(-n // self.bs))
-            if s0 is None:
-                for rr, st in enumerate(starts):
-                    self.pools[rr].release(range(st, st + -(-need[rr] // self.bs)))
-                return False
-            starts.append(s0)
-        seq.kv_base, seq.kv_cap = [st * self.bs for st in starts], need
+        """The blocks of its prompt shard on every CP rank, leaving each rank room for its running decodes to grow
+        by a block each (as an ordinary admission); nothing for the new tokens (``grow`` adds them)."""
+        L = len(seq.prompt)
+        need = [-(-cp_local_count(L, L, self.cp, r) // self.bs) for r in range(self.cp)]
+        if any(self.pools[r].available - need[r] < self._decoding_on(r) for r in range(self.cp)):
+            return False
+        seq.rank_blocks = [self.pools[r].allocate(need[r]) for r in range(self.cp)]
         return True
+
+    def _decoding_on(self, r: int) -> int:
+        """Running sequences that hold blocks on CP rank ``r`` (each may need one more block before the next
+        step)."""
+        return sum(1 for s in self.running if s.holds(r))
 
     def _admit_local(self, seq: Sequence) -> bool:
         L, bs = len(seq.prompt), self.bs
@@ -185,8 +190,7 @@ class Scheduler:
                 hits = []
             need = -(-L // bs) - len(hits)
             # room for the running decodes on this rank to grow by a block each
-            reserve = sum(1 for s in self.running if not s.cp and s.home == r)
-            if pool.available - need < reserve:
+            if pool.available - need < self._decoding_on(r):
                 pool.release(hits)
                 continue
             seq.home = r
@@ -200,23 +204,43 @@ class Scheduler:
         return False
 
     def grow(self) -> None:
-        """Before a step: every decoding sequence has a row for the token it feeds in; where a rank has no free
-        block, its newest ordinary sequence is preempted (possibly the one that needed the block)."""
+        """Before a step: every decoding sequence has a row for the token it feeds in (a CP sequence: on the CP
+        rank that stores it); where that rank has no free block, the newest sequence holding blocks there is
+        preempted (possibly the one that needed the block)."""
         for seq in list(self.running):
-            while not seq.cp and not seq.in_prefill and seq in self.running and \
-                    seq.n_cached + 1 > len(seq.blocks) * self.bs:
-                got = self.pools[seq.home].allocate(1, after=seq.blocks[-1] if seq.blocks else None)
-                if got is not None:
-                    seq.blocks += got
+            while not seq.in_prefill and seq in self.running:
+                r, blocks = self._short(seq)
+                if blocks is None:
                     break
-                victim = next(s for s in reversed(self.running) if not s.cp and s.home == seq.home)
-                self.preempt(victim)
+                got = self.pools[r].allocate(1, after=blocks[-1] if blocks else None)
+                if got is not None:
+                    blocks += got
+                    break
+                self.preempt(next(s for s in reversed(self.running) if s.holds(r)))
+
+    def _short(self, seq: Sequence) -> tuple:
+        """(CP rank, its block list) of a decoding sequence whose next token has no row there; (None, None) when
+        it has one."""
+        p = seq.n_cached                                   # position of the token it feeds in
+        if not seq.cp:
+            return (seq.home, seq.blocks) if p + 1 > len(seq.blocks) * self.bs else (None, None)
+        r = p % self.cp                                    # the CP rank that stores position p (StepBatch.write)
+        blocks = seq.rank_blocks[r]
+        short = cp_local_count(len(seq.prompt), p + 1, self.cp, r) > len(blocks) * self.bs
+        return (r, blocks) if short else (None, None)
+
+    def _release(self, seq: Sequence) -> None:
+        if seq.cp:
+            for r, blocks in enumerate(seq.rank_blocks):
+                self.pools[r].release(blocks)
+        else:
+            self.pools[seq.home].release(seq.blocks)
+            self._drop_pending(seq)
 
     def preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and put it first in line to start over."""
         self.running.remove(seq)
-        self.pools[seq.home].release(seq.blocks)
-        self._drop_pending(seq)
+        self._release(seq)
         seq.restart()
         seq.preemptions += 1
         self.preemptions += 1
@@ -236,6 +260,10 @@ class Scheduler:
                         del self.pending[(seq.home, seq.keys[j])]
                 seq.registered = max(seq.registered, full)
 
+    def _cp_extents(self, seq: Sequence, r: int, rows: int) -> list:
+        """The runs of a CP sequence's first ``rows`` cache rows on CP rank ``r`` (the scratch row when none)."""
+        return extents(seq.rank_blocks[r], self.bs, rows) or [(self.scratch_row, 0)]
+
     def _homes(self) -> list:
         """CP ranks to try for a new ordinary sequence, least loaded first: by the tokens its ordinary sequences
         still have to process (prompt not yet cached + new tokens not yet generated), then by their count.
@@ -252,13 +280,7 @@ class Scheduler:
     def finish(self, seq: Sequence) -> None:
         """Take a finished sequence out of the running set and release its KV blocks."""
         self.running.remove(seq)
-        if seq.cp:
-            for r, (base, cap) in enumerate(zip(seq.kv_base, seq.kv_cap)):
-                b0 = base // self.bs
-                self.pools[r].release(range(b0, b0 + -(-cap // self.bs)))
-        else:
-            self.pools[seq.home].release(seq.blocks)
-            self._drop_pending(seq)
+        self._release(seq)
 
     def _drop_pending(self, seq: Sequence) -> None:
         for k in seq.keys[seq.registered:] if seq.keys else ():
@@ -289,7 +311,8 @@ class Scheduler:
             else:
                 for r in range(cp):
                     kl = cp_local_count(len(seq.prompt), p + 1, cp, r)
-                    P[r].add([seq.out[-1]], [p], [(seq.kv_base[r], kl)], kl, sample=(r == 0), mode=MODE_CP_DECODE,
+                    P[r].add([seq.out[-1]], [p], self._cp_extents(seq, r, kl), kl, sample=(r == 0),
+                             mode=MODE_CP_DECODE,
                              plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r))
                     budget[r] -= 1
                 sampled[0].append(seq)
@@ -303,7 +326,7 @@ class Scheduler:
                     continue
                 for r in range(cp):
                     pos = shard_positions(L, cp, r).tolist()
-                    P[r].add([seq.prompt[j] for j in pos], pos, [(seq.kv_base[r], len(pos))], len(pos),
+                    P[r].add([seq.prompt[j] for j in pos], pos, self._cp_extents(seq, r, len(pos)), len(pos),
                              sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
                     budget[r] -= len(pos)
                     if seq.pooling and (k := P[r].add_hidden(seq.pooling, pos, L - 1)):

@@ -38,6 +38,7 @@ from ..parallel.ring import (
     RingPlan,
     combine_across_ranks,
     decode_attention_partial,
+    merge_partials,
     ring_attention,
 )
 from ..parallel.shard import Slice, kv_heads_for_rank, q_heads_for_rank
@@ -182,7 +183,8 @@ class AttentionPlan:
     paged: dict = field(default_factory=dict)        # of those, the ones in several runs: index -> (runs, rows)
     decodes: list = field(default_factory=list)      # other one-token decodes: (packed row, [(start, rows)] if
                                                      # its cache is one run, else its rows' index tensor)
-    ring: list = field(default_factory=list)         # (sequence index, RingPlan) of CP prompts
+    ring: list = field(default_factory=list)         # (sequence index, RingPlan, its rows' index tensor when its
+                                                     # cache is in several runs, else None) of CP prompts
     cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
     native: native_kernels.DecodeRuns | None = None  # CPU: every other local decode, in one C kernel call
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
@@ -230,7 +232,8 @@ class AttentionPlan:
             elif mode == MODE_CP_PREFILL:
                 qs, ql = batch.q_start[i], batch.q_len[i]
                 plan.ring.append((i, RingPlan.build(batch.positions[qs:qs + ql], batch.kv_positions(i), cp_comm,
-                                                    span.window)))
+                                                    span.window),
+                                  None if batch.contiguous(i) else torch.from_numpy(batch.rows(i)).to(device)))
             elif mode == MODE_CP_DECODE:
                 plan.cp_decode.append(i)
         return plan
@@ -333,10 +336,14 @@ class Attention(nn.Module):
             else:
                 out[qs:qs + ql] = self._attend(q[qs:qs + ql], k_cache[:, base:base + kl], v_cache[:, base:base + kl],
                                                kl)
-        for i, ring_plan in plan.ring:
+        for i, ring_plan, rows in plan.ring:
             qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
+            if rows is None:
+                K, V = k_cache[:, base:base + kl], v_cache[:, base:base + kl]
+            else:                                   # its shard's blocks in several runs: gathered once per layer
+                K, V = k_cache.index_select(1, rows), v_cache.index_select(1, rows)
             o, lse = ring_attention(
-                q[qs:qs + ql], k_cache[:, base:base + kl].transpose(0, 1), v_cache[:, base:base + kl].transpose(0, 1),
+                q[qs:qs + ql], K.transpose(0, 1), V.transpose(0, 1),
                 b.positions[qs:qs + ql], b.kv_positions(i), self.cp_comm, self.scale, self.window, plan=ring_plan,
                 return_lse=True)
             out[qs:qs + ql] = self._sunk(o, lse)
@@ -500,14 +507,21 @@ class Attention(nn.Module):
         out[rows] = o.transpose(0, 1).reshape(B, self.n_q, self.head_dim)
 
     def _attend_cp_decodes(self, q, k_cache, v_cache, out, b: StepBatch, seqs: list):
-        """CP decodes: each sequence's new token against this rank's cache shard, then one merge of every
-        sequence's partials across the CP ranks (one ``Allgather`` over ``cp_comm``)."""
+        """CP decodes: each sequence's new token against this rank's cache shard (a partial per run of its blocks,
+        merged), then one merge of every sequence's partials across the CP ranks (one ``Allgather`` over
+        ``cp_comm``)."""
         parts = []                                                      # (rows, partial out, partial lse)
         for i in seqs:
-            qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
-            o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, base:base + kl].transpose(0, 1),
-                                              v_cache[:, base:base + kl].transpose(0, 1), self.scale,
-                                              b.positions[qs:qs + ql], b.kv_positions(i), self.window)
+            qs, ql = b.q_start[i], b.q_len[i]
+            kv_pos, at, outs, lses = b.kv_positions(i), 0, [], []
+            for start, n in b.extents(i):
+                o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, start:start + n].transpose(0, 1),
+                                                  v_cache[:, start:start + n].transpose(0, 1), self.scale,
+                                                  b.positions[qs:qs + ql], kv_pos[at:at + n], self.window)
+                outs.append(o)
+                lses.append(lse)
+                at += n
+            o, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_partials(outs, lses)
             parts.append((qs, ql, o, lse))
         merged, lse = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),
                                            self.cp_comm, return_lse=True)

@@ -77,6 +77,38 @@ def test_document_beyond_one_ranks_kv_budget_needs_cp(setup, tmp_path):
     assert recs["doc"]["token_ids"] == ref["doc"][0]
 
 
+@pytest.mark.parametrize("arch", ["qwen3", "gemma3"])
+def test_cp_documents_in_a_tight_cache_grow_and_are_preempted(arch, model_dirs, tmp_path):
+    """CP documents take their prompt shard's blocks and then a block at a time, beside ordinary requests, in a
+    cache too small for everything at once: decodes find no block, sequences (CP ones included) are preempted and
+    start over, caches end up in several runs (CP decode attends run by run, the ring gathers its rows), and every
+    answer is still transformers' (Gemma 3: windowed layers over the runs too)."""
+    from mpiinfer.config import ModelConfig
+    from mpiinfer.engine.kv_cache import kv_bytes_per_token
+    d = model_dirs(arch, max_position_embeddings=8192,
+                   **({"sliding_window": 100, "num_hidden_layers": 3} if arch == "gemma3" else {}))
+    rng = random.Random(11)
+    lengths, new = [100, 120, 90, 110, 100, 130, 80, 95, 1500, 1201], 100
+    prompts = [[rng.randrange(4, 500) for _ in range(n)] for n in lengths]
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": new, "logprobs": True,
+                                       "ignore_eos": True}) + "\n" for i, p in enumerate(prompts)))
+    ref = hf_greedy(d, prompts, new)
+    per_token = kv_bytes_per_token(ModelConfig.from_dir(d), 4)
+    out = tmp_path / "o.jsonl"
+    # 1,400 rows per CP rank: the first document's shard (750 rows, 800 with its new tokens) and the short
+    # requests' prompts fit, not all their answers
+    p = mpirun(2, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000",
+                   "--cp", "2", "--kv-budget", str(1400 * per_token), "--max-batch", "8"])
+    assert p.returncode == 0, p.stderr
+    recs = [json.loads(x) for x in out.read_text().splitlines()]
+    assert [r["id"] for r in recs] == [str(i) for i in range(len(prompts))]
+    for r, (toks, lps) in zip(recs, ref):
+        assert r["token_ids"] == toks, r["id"]
+        assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4, r["id"]
+    assert json.loads(open(str(out) + ".summary.json").read())["preemptions"] > 0
+
+
 @pytest.mark.slow
 def test_cp_with_moe_model(model_dirs, tmp_path):
     """CP composes with MoE layers (experts see only this rank's tokens) and with in-replica EP."""

@@ -113,3 +113,97 @@ def test_spread_balances_tokens_not_counts():
         assert r.error is None and r.token_ids == expected(p, 4), r.index
     lo, hi = sorted(runner.tokens_per_rank)
     assert lo > 0.7 * hi, runner.tokens_per_rank
+
+
+class CacheCheckingRunner(FakeCPRunner):
+    """A fake replica with a real KV cache: each rank's pool rows store the (token, position) written to them,
+    every sequence's rows must hold exactly its positions on that rank, and the next token is a function of all
+    the tokens its rows hold (on every CP rank for a CP sequence), so a row read from the wrong block, a block
+    shared by mistake or a write lost changes the output."""
+
+    def __init__(self, cp, pool):
+        super().__init__(cp, pool)
+        self.tok = [[-1] * pool for _ in range(cp)]
+        self.pos = [[-1] * pool for _ in range(cp)]
+
+    def execute(self, batches):
+        sums, cp_sums = [], []                     # per rank: {seq index: context value}; CP seqs by order
+        for r, b in enumerate(batches):
+            for j, row in enumerate(b.write_index.tolist()):
+                if row != b.scratch_row:
+                    self.tok[r][row], self.pos[r][row] = int(b.input_ids[j]), int(b.positions[j])
+            mine, cps = {}, []
+            for i in range(len(b.q_start)):
+                rows = b.rows(i).tolist()
+                want = b.kv_positions(i).tolist() if b.seq_mode(i) else list(range(b.kv_len[i]))
+                assert [self.pos[r][x] for x in rows] == want, (r, i)
+                mine[i] = sum(context_term(self.tok[r][x], self.pos[r][x]) for x in rows)
+                if b.seq_mode(i):
+                    cps.append(i)
+            sums.append(mine)
+            cp_sums.append(cps)
+        out = []
+        for r, b in enumerate(batches):
+            rows = b.logits_rows.tolist()
+            if not (r == 0 or b.gather_logits):
+                continue
+            lg = torch.full((len(rows), V), -10.0)
+            for j, row in enumerate(rows):
+                i = next(i for i in range(len(b.q_start)) if b.q_start[i] <= row < b.q_start[i] + b.q_len[i])
+                if b.seq_mode(i):                  # its context is spread over every CP rank
+                    k = cp_sums[r].index(i)
+                    val = sum(sums[rr][cp_sums[rr][k]] for rr in range(len(batches)))
+                else:
+                    val = sums[r][i]
+                lg[j, val % V] = 10.0
+            out.append(lg)
+        return torch.cat(out)
+
+
+def context_term(tok: int, pos: int) -> int:
+    return (tok * 7 + 1) * (pos * 3 + 5)
+
+
+def expected_from_context(prompt, n):
+    ctx, out = list(prompt), []
+    for _ in range(n):
+        t = sum(context_term(x, p) for p, x in enumerate(ctx)) % V
+        out.append(t)
+        ctx.append(t)
+    return out
+
+
+def test_cp_sequences_take_blocks_as_they_grow_and_survive_preemption():
+    """CP documents hold only their prompt shard's blocks when admitted, grow a block at a time on the rank that
+    stores their next token, are preempted (on every rank) when a rank runs out, and restart identically; every
+    row read is the right one (the cache-checking fake) and every block goes back to its pool."""
+    from mpiinfer.engine.kv_cache import KV_BLOCK
+    from mpiinfer.parallel.shard import cp_local_count
+    cp, bs = 2, KV_BLOCK
+    runner = CacheCheckingRunner(cp, pool=12 * bs + 1)      # 12 blocks per rank (+ the scratch row)
+    eng = Engine(runner, _Tok(), max_batch=8, step_tokens=512, cp_min_tokens=200)
+    lengths = [300, 9, 250, 40, 5, 330, 21]                  # three CP documents, four short requests
+    new = [40, 80, 50, 90, 70, 35, 100]                      # the short ones grow by several blocks
+    prompts = [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
+    reqs = [Request(i, i, SamplingParams(max_tokens=m, ignore_eos=True), prompt_token_ids=p)
+            for i, (p, m) in enumerate(zip(prompts, new))]
+    admitted = []
+    real_admit = eng.sched.admit
+
+    def admit():
+        real_admit()
+        for s in eng.running:
+            if s.cp and s.n_cached == 0:
+                admitted.append([len(b) for b in s.rank_blocks] ==
+                                [-(-cp_local_count(len(s.prompt), len(s.prompt), cp, r) // bs) for r in range(cp)])
+    eng.sched.admit = admit
+    res = sorted(eng.generate(reqs), key=lambda r: r.index)
+    for r, p, m in zip(res, prompts, new):
+        assert r.error is None, r.error
+        assert r.token_ids == expected_from_context(p, m), r.index
+    assert admitted and all(admitted)                      # the prompt shard's blocks only, nothing for max_tokens
+    assert eng.sched.preemptions > 0
+    assert any(r.preemptions for r, n in zip(res, lengths) if n >= 200), "no CP document was preempted"
+    for pool in eng.sched.pools:
+        pool.check()
+        assert pool.available == pool.num_blocks and not any(pool.ref)
