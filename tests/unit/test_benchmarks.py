@@ -62,6 +62,23 @@ def test_bench_kernels_quick(tmp_path):
         assert c["max_rel_err_vs_mkl"] <= (2e-2 if k.startswith("bf16") else 1e-4), (o, i, m, k)
 
 
+@pytest.mark.timeout(300)
+def test_bench_decode_small(tmp_path):
+    """The decode-kernel benchmark runs and its kernel computes the torch path's attention (hd 64 and 128, the
+    AVX-512 tiles' sizes, over paged runs)."""
+    from mpiinfer import native
+    if not native.available():
+        pytest.skip("no C compiler: the native kernels are off")
+    for hd, grp in ((64, 3), (128, 4)):
+        out = tmp_path / f"decode{hd}.json"
+        _run("bench_decode.py", "--seqs", "24", "--rows", "45", "--runs", "3", "--hd", str(hd), "--grp", str(grp),
+             "--threads", "1", "--repeat", "2", "--rounds", "1", "--json", str(out))
+        rows = {(r["dtype"], r["impl"]): r for r in json.loads(out.read_text())["rows"]}
+        assert set(rows) == {(d, i) for d in ("float32", "bfloat16") for i in ("kernel", "torch")}
+        assert rows["float32", "kernel"]["max_abs_diff"] < 1e-5 and rows["bfloat16", "kernel"]["max_abs_diff"] < 3e-2
+        assert all(r["ms"] > 0 and r["gb_s"] > 0 for r in rows.values())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_bench_coordinator_quick(tmp_path):

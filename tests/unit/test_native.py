@@ -43,9 +43,10 @@ def _reference(q, kc, vc, rows, scale):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("grp", [1, 3, 8])
-def test_decode_attention_over_paged_runs(dtype, tol, grp):
-    g = torch.Generator().manual_seed(grp)
-    n_kv, hd, pool, T = 2, 32, 300, 14
+@pytest.mark.parametrize("hd", [32, 64, 128, 24])      # the AVX-512 tiles' sizes (16 x 1-8 registers), and not
+def test_decode_attention_over_paged_runs(dtype, tol, grp, hd):
+    g = torch.Generator().manual_seed(grp * 1000 + hd)
+    n_kv, pool, T = 2, 300, 14
     n_q = n_kv * grp
     kc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
     vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
@@ -63,6 +64,36 @@ def test_decode_attention_over_paged_runs(dtype, tol, grp):
         assert torch.allclose(got, want, atol=tol, rtol=tol), i
     untouched = sorted(set(range(T)) - set(q_rows))
     assert torch.isnan(out[untouched].float()).all()          # only the decodes' rows are written
+
+
+@pytest.fixture
+def without_avx512(tmp_path, monkeypatch):
+    """The kernels built as on a CPU without AVX-512 (``-mno-avx512f``: the row-at-a-time decode path), loaded in
+    place of this machine's build for the test."""
+    import ctypes
+    import shutil
+    import subprocess
+    cc = shutil.which("cc") or shutil.which("gcc")
+    objs = []
+    for name, flags in native.SOURCES:
+        obj = str(tmp_path / (name + ".o"))
+        p = subprocess.run([cc, *native.FLAGS, "-mno-avx512f", *flags, "-c", str(native.HERE / name), "-o", obj],
+                           capture_output=True, text=True)
+        assert p.returncode == 0, p.stderr
+        objs.append(obj)
+    so = str(tmp_path / "k.so")
+    subprocess.run([cc, "-shared", "-fopenmp", *objs, "-o", so, "-lm"], check=True)
+    lib = ctypes.CDLL(so)
+    for fn in ("decode_attention", "rope_store"):
+        getattr(lib, fn).restype = None
+        getattr(lib, fn).argtypes = getattr(native._lib(), fn).argtypes
+    monkeypatch.setattr(native, "_LIB", [lib])
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("hd", [64, 24])
+def test_decode_attention_without_avx512(dtype, tol, hd, without_avx512):
+    test_decode_attention_over_paged_runs(dtype, tol, 3, hd)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
