@@ -95,7 +95,7 @@ class Sequence:
 
     def holds(self, r: int) -> bool:
         """Whether it holds KV blocks on CP rank ``r``."""
-        return bool(self.rank_blocks) if self.cp else self.home == r
+        return bool(self.rank_blocks and self.rank_blocks[r]) if self.cp else self.home == r
 
 
 def rows_needed(prompt_len: int, max_new: int, cp: int, use_cp: bool) -> list:
@@ -262,7 +262,9 @@ class Scheduler:
 
     def _cp_extents(self, seq: Sequence, r: int, rows: int) -> list:
         """The runs of a CP sequence's first ``rows`` cache rows on CP rank ``r`` (the scratch row when none)."""
-        return extents(seq.rank_blocks[r], self.bs, rows) or [(self.scratch_row, 0)]
+        ext = extents(seq.rank_blocks[r], self.bs, rows)
+        assert sum(n for _, n in ext) == rows, (rows, len(seq.rank_blocks[r]))   # its blocks hold every row
+        return ext or [(self.scratch_row, 0)]
 
     def _homes(self) -> list:
         """CP ranks to try for a new ordinary sequence, least loaded first: by the tokens its ordinary sequences

@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -186,6 +187,9 @@ class AttentionPlan:
     ring: list = field(default_factory=list)         # (sequence index, RingPlan, its rows' index tensor when its
                                                      # cache is in several runs, else None) of CP prompts
     cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
+    cp_tails: dict = field(default_factory=dict)     # of those, the ones in several runs: index -> (its longest
+                                                     # run's start, rows and first token; the other rows' pool
+                                                     # rows (tensor) and token indices (array))
     native: native_kernels.DecodeRuns | None = None  # CPU: every other local decode, in one C kernel call
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
@@ -236,6 +240,14 @@ class AttentionPlan:
                                   None if batch.contiguous(i) else torch.from_numpy(batch.rows(i)).to(device)))
             elif mode == MODE_CP_DECODE:
                 plan.cp_decode.append(i)
+                if not batch.contiguous(i):
+                    ext = batch.extents(i)
+                    m = max(range(len(ext)), key=lambda j: ext[j][1])
+                    off = sum(n for _, n in ext[:m])
+                    allrows = batch.rows(i)
+                    rest = np.r_[0:off, off + ext[m][1]:len(allrows)]
+                    plan.cp_tails[i] = (ext[m][0], ext[m][1], off, torch.from_numpy(allrows[rest]).to(device),
+                                        torch.from_numpy(rest))
         return plan
 
 
@@ -348,7 +360,7 @@ class Attention(nn.Module):
                 return_lse=True)
             out[qs:qs + ql] = self._sunk(o, lse)
         if plan.cp_decode:
-            self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode)
+            self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode, plan.cp_tails)
         return out
 
     def _sink_state(self, n: int):
@@ -506,22 +518,27 @@ class Attention(nn.Module):
         o = torch.matmul(p, V)                                           # (n_kv, B, group, hd)
         out[rows] = o.transpose(0, 1).reshape(B, self.n_q, self.head_dim)
 
-    def _attend_cp_decodes(self, q, k_cache, v_cache, out, b: StepBatch, seqs: list):
-        """CP decodes: each sequence's new token against this rank's cache shard (a partial per run of its blocks,
-        merged), then one merge of every sequence's partials across the CP ranks (one ``Allgather`` over
-        ``cp_comm``)."""
+    def _attend_cp_decodes(self, q, k_cache, v_cache, out, b: StepBatch, seqs: list, tails: dict):
+        """CP decodes: each sequence's new token against this rank's cache shard, then one merge of every
+        sequence's partials across the CP ranks (one ``Allgather`` over ``cp_comm``).  A shard in several runs of
+        blocks (``tails``): its longest run (usually the prompt's rows) read where it is, the other rows gathered,
+        the two partials merged: two calls whatever the number of runs."""
         parts = []                                                      # (rows, partial out, partial lse)
         for i in seqs:
             qs, ql = b.q_start[i], b.q_len[i]
-            kv_pos, at, outs, lses = b.kv_positions(i), 0, [], []
-            for start, n in b.extents(i):
-                o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, start:start + n].transpose(0, 1),
-                                                  v_cache[:, start:start + n].transpose(0, 1), self.scale,
-                                                  b.positions[qs:qs + ql], kv_pos[at:at + n], self.window)
-                outs.append(o)
-                lses.append(lse)
-                at += n
-            o, lse = (outs[0], lses[0]) if len(outs) == 1 else merge_partials(outs, lses)
+            kv_pos = b.kv_positions(i)
+            if i in tails:
+                start, n, off, rows, rest = tails[i]
+            else:
+                (start, n), off = b.extents(i)[0], 0
+            o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, start:start + n].transpose(0, 1),
+                                              v_cache[:, start:start + n].transpose(0, 1), self.scale,
+                                              b.positions[qs:qs + ql], kv_pos[off:off + n], self.window)
+            if i in tails:
+                o2, lse2 = decode_attention_partial(q[qs:qs + ql], k_cache.index_select(1, rows).transpose(0, 1),
+                                                    v_cache.index_select(1, rows).transpose(0, 1), self.scale,
+                                                    b.positions[qs:qs + ql], kv_pos[rest], self.window)
+                o, lse = merge_partials([o, o2], [lse, lse2])
             parts.append((qs, ql, o, lse))
         merged, lse = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),
                                            self.cp_comm, return_lse=True)

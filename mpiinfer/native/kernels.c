@@ -122,7 +122,7 @@ static inline __attribute__((always_inline)) void attend_item(
 }
 
 #if defined(__AVX512F__)
-/* The same item with AVX-512, for hd a multiple of 16 up to 128, in tiles of TILE rows.  Pass 1: each row's
+/* The same item with AVX-512, for hd 16, 32, 64 or 128 (the caller's dispatch), in tiles of TILE rows.  Pass 1: each row's
  * q.k as one vector of partial sums, the tile's TILE vectors reduced together into one vector of TILE scores
  * (15 adds and 30 shuffles per tile, where a reduction per row costs ~8 operations per row: the scalar kernel
  * spent most of its time there).  Pass 2: the weighted sums of GV query heads at a time held in registers across
@@ -159,7 +159,8 @@ static inline __m512 exp_nonpos16(__m512 x) {
     __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(z), _mm512_set1_epi32(127));
     e = _mm512_max_epi32(e, _mm512_set1_epi32(1));
     const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_GE_OQ);
+    /* not below the cutoff: a NaN stays NaN, as in the scalar path */
+    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
     return _mm512_maskz_mul_ps(keep, p, scale);
 }
 

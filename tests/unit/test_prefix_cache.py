@@ -280,3 +280,36 @@ def test_preemption_under_a_tiny_kv_budget_matches_transformers(model_dirs):
         outs.append([r.token_ids for r in sorted(engine.generate(
             [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]), key=lambda r: r.index)])
     assert engine.sched.preemptions > 0 and outs[0] == outs[1]
+
+
+@pytest.mark.parametrize("window", [None, 20])
+def test_cp_decode_over_several_runs_equals_one_run(window):
+    """A CP decode whose shard is in several runs of blocks (the longest in the middle): the longest read where it
+    is, the others gathered, the partials merged; equal to the same rows in one run (a window reaching into the
+    gathered rows included)."""
+    from mpiinfer.models.step import MODE_CP_DECODE
+    from mpiinfer.parallel.shard import cp_local_count
+    g = torch.Generator().manual_seed(4)
+    a = _Heads()
+    a.window, a.cp_comm = window, None
+    a._sunk = lambda o, lse: o
+    kc = torch.randn(a.n_kv, 400, a.head_dim, generator=g)
+    vc = torch.randn(a.n_kv, 400, a.head_dim, generator=g)
+    L, glen = 90, 97
+    kl = cp_local_count(L, glen, 2, 0)
+    ext = [(100, 5), (10, kl - 8), (200, 3)]
+    rows = torch.cat([torch.arange(s, s + n) for s, n in ext])
+    kc[:, 300:300 + kl], vc[:, 300:300 + kl] = kc[:, rows], vc[:, rows]      # the same rows in one run
+    q = torch.randn(1, a.n_q, a.head_dim, generator=g)
+    outs = []
+    for kv_ext, base in ((None, 300), ([ext], 100)):
+        b = StepBatch(torch.zeros(1, dtype=torch.long), torch.tensor([glen - 1]), [0], [1], [base], [kl],
+                      torch.arange(1), kv_ext=kv_ext)
+        b.mode, b.prompt_len, b.glen, b.write, b.cp, b.cp_rank = [MODE_CP_DECODE], [L], [glen], [0], 2, 0
+        plan = AttentionPlan.build(b, None, None, 64, group_decodes=False)
+        assert plan.cp_decode == [0] and (0 in plan.cp_tails) == (kv_ext is not None)
+        out = torch.zeros_like(q)
+        Attention._attend_cp_decodes(a, q, kc, vc, out, b, plan.cp_decode, plan.cp_tails)
+        outs.append(out)
+    assert plan.cp_tails[0][:3] == (10, kl - 8, 5)
+    assert torch.allclose(outs[0], outs[1], atol=1e-6)
