@@ -236,7 +236,7 @@ class AttentionPlan:
             elif mode == MODE_CP_PREFILL:
                 qs, ql = batch.q_start[i], batch.q_len[i]
                 plan.ring.append((i, RingPlan.build(batch.positions[qs:qs + ql], batch.kv_positions(i), cp_comm,
-                                                    span.window),
+                                                    span.window, chunk=span.chunk),
                                   None if batch.contiguous(i) else torch.from_numpy(batch.rows(i)).to(device)))
             elif mode == MODE_CP_DECODE:
                 plan.cp_decode.append(i)
@@ -533,11 +533,13 @@ class Attention(nn.Module):
                 (start, n), off = b.extents(i)[0], 0
             o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, start:start + n].transpose(0, 1),
                                               v_cache[:, start:start + n].transpose(0, 1), self.scale,
-                                              b.positions[qs:qs + ql], kv_pos[off:off + n], self.window)
+                                              b.positions[qs:qs + ql], kv_pos[off:off + n], self.window,
+                                              self.span.chunk)
             if i in tails:
                 o2, lse2 = decode_attention_partial(q[qs:qs + ql], k_cache.index_select(1, rows).transpose(0, 1),
                                                     v_cache.index_select(1, rows).transpose(0, 1), self.scale,
-                                                    b.positions[qs:qs + ql], kv_pos[rest], self.window)
+                                                    b.positions[qs:qs + ql], kv_pos[rest], self.window,
+                                                    self.span.chunk)
                 o, lse = merge_partials([o, o2], [lse, lse2])
             parts.append((qs, ql, o, lse))
         merged, lse = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),

@@ -190,9 +190,6 @@ def validate_layout(cfg: ModelConfig, mesh_layout) -> None:
     for name, v in inner:
         if v < tp:
             raise ConfigError(f"--tp {tp} is larger than {name}={v}")
-    if mesh_layout.cp > 1 and any(cfg.layer_chunk(i) for i in range(cfg.num_layers)):
-        raise ConfigError(f"--cp {mesh_layout.cp}: context parallelism does not support {cfg.arch}'s chunked "
-                          f"attention yet (attention_chunk_size={cfg.attention_chunk_size}); run it without --cp")
     if ep > 1 and not cfg.is_moe:
         raise ConfigError(f"--ep {ep} was given but {cfg.arch} has no experts")
     if cfg.is_moe:

@@ -80,12 +80,16 @@ def _minmax(pos, a, b, regular):
     return (int(pos[a]), int(pos[b - 1])) if regular else (int(pos[a:b].min()), int(pos[a:b].max()))
 
 
-def _classify(qmin, qmax, kmin, kmax, window) -> int:
-    """0: no pair can attend (future, or all outside the window); 1: every pair attends (no
-    mask); 2: some do (masked)."""
+def _classify(qmin, qmax, kmin, kmax, window, chunk=None) -> int:
+    """0: no pair can attend (future, or all outside the window, or every key in an earlier chunk than every
+    query); 1: every pair attends (no mask); 2: some do (masked).  ``chunk``: a query attends only the keys of
+    its own chunk of positions (``pos // chunk`` equal; Llama 4)."""
     if kmin > qmax or (window is not None and kmax <= qmin - window):
         return 0
-    if kmax <= qmin and (window is None or kmin > qmax - window):
+    if chunk is not None and kmax // chunk < qmin // chunk:
+        return 0
+    if kmax <= qmin and (window is None or kmin > qmax - window) and \
+            (chunk is None or kmin // chunk == qmax // chunk):
         return 1
     return 2
 
@@ -99,7 +103,7 @@ def default_tile(*positions) -> int:
 
 
 def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: int | None = None,
-               tile: int | None = None):
+               tile: int | None = None, chunk: int | None = None):
     """The matmuls attending queries at ``q_pos`` to one K/V block at ``kv_pos``.
 
     Both are split into runs of consecutive positions; each (q run, kv run) pair is skipped
@@ -115,7 +119,7 @@ def plan_block(q_pos: np.ndarray, kv_pos: np.ndarray, window: int | None = None,
 
     def visit(qa, qb, qreg, ka, kb, kreg):
         nonlocal skipped
-        c = _classify(*_minmax(q_pos, qa, qb, qreg), *_minmax(kv_pos, ka, kb, kreg), window)
+        c = _classify(*_minmax(q_pos, qa, qb, qreg), *_minmax(kv_pos, ka, kb, kreg), window, chunk)
         if c == 0:
             skipped += 1
             return
@@ -169,9 +173,10 @@ class RingPlan:
     window: int | None
     steps: list                      # steps[t] = (source rank, [Rect]); step 0 is this rank's own block
     skipped: int = 0                 # sub-blocks skipped as future / out of window
+    chunk: int | None = None         # attention within chunks of positions (Llama 4), or None
 
     @classmethod
-    def build(cls, q_pos, kv_pos, comm, window=None, tile: int | None = None) -> RingPlan:
+    def build(cls, q_pos, kv_pos, comm, window=None, tile: int | None = None, chunk: int | None = None) -> RingPlan:
         qp = _np_pos(q_pos)
         kp = _np_pos(kv_pos)
         if comm is None or comm.Get_size() == 1:
@@ -189,10 +194,10 @@ class RingPlan:
         tile = default_tile(*allpos) if tile is None else tile
         for t in range(cp):
             src = (rank - t) % cp
-            rects, s = plan_block(qp, allpos[src], window, tile)
+            rects, s = plan_block(qp, allpos[src], window, tile, chunk)
             steps.append((src, rects))
             skipped += s
-        return cls(cp, rank, sizes, allpos, qp, window, steps, skipped)
+        return cls(cp, rank, sizes, allpos, qp, window, steps, skipped, chunk)
 
     @property
     def blocks(self) -> int:
@@ -263,7 +268,7 @@ def _flash_ok(qg: torch.Tensor) -> bool:
 
 
 def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse,
-                  max_elems=MAX_SCORE_ELEMS, poll=None):
+                  max_elems=MAX_SCORE_ELEMS, poll=None, chunk=None):
     """Attend grouped queries ``qg`` (n_kv, Tq*g, hd) to K/V (n_kv, Tk, hd) over ``rects``,
     merging into the accumulators; ``poll()`` is called after every matmul chunk (to let MPI
     progress the transfers in flight)."""
@@ -296,6 +301,8 @@ def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse
                 bad = kp > qp
                 if window is not None:
                     bad |= kp <= qp - window
+                if chunk is not None:
+                    bad |= (kp // chunk) != (qp // chunk)
                 s.view(n_kv, R, group, w).masked_fill_(bad[None, :, None, :], -math.inf)
             o, lse = _softmax_av(s, Vs)
             _merge_into(acc_o[:, a * group:b * group], acc_lse[:, a * group:b * group], o, lse)
@@ -388,7 +395,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
             block = block.float() if block.dtype != torch.float32 else block   # reads only: safe while sending
             kpos_t = torch.from_numpy(plan.kv_pos[src]).to(dev)
             _attend_rects(qg, qpos_t, block[0], block[1], kpos_t, rects, group, plan.window,
-                          acc_o, acc_lse, max_score_elems, poll)
+                          acc_o, acc_lse, max_score_elems, poll, plan.chunk)
         if reqs:
             t0 = time.perf_counter()
             MPI.Request.Waitall(reqs)
@@ -409,7 +416,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
 # --------------------------------------------------------------------------- decode: sharded KV
 
 def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             q_pos=None, kv_pos=None, window: int | None = None):
+                             q_pos=None, kv_pos=None, window: int | None = None, chunk: int | None = None):
     """Attention of queries q (Tq, n_q, hd) to one rank's local K/V shard k, v (Tk, n_kv, hd).
 
     Without positions every key is visible (decode: the shard is all in the past).  With
@@ -427,12 +434,12 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
         V = v.transpose(0, 1).float()
         if q_pos is not None:
             qp, kp = _np_pos(q_pos), _np_pos(kv_pos)
-            rects = plan_block(qp, kp, window)[0]
+            rects = plan_block(qp, kp, window, chunk=chunk)[0]
             qp, kp = torch.from_numpy(qp).to(q.device), torch.from_numpy(kp).to(q.device)
         else:
             qp = kp = None
             rects = [Rect(0, Tq, 0, Tk, False)]
-        _attend_rects(qg, qp, K, V, kp, rects, group, window, acc_o, acc_lse)
+        _attend_rects(qg, qp, K, V, kp, rects, group, window, acc_o, acc_lse, chunk=chunk)
     return _ungroup(acc_o, acc_lse, Tq, group)
 
 
@@ -470,8 +477,8 @@ def combine_across_ranks(out: torch.Tensor, lse: torch.Tensor, comm, return_lse:
 
 def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
                                window: int | None = None, q_pos=None, kv_pos=None,
-                               return_lse: bool = False):
-    """Full causal (optionally sliding-window) attention in float64 on one process.
+                               return_lse: bool = False, chunk: int | None = None):
+    """Full causal (optionally sliding-window or chunked) attention in float64 on one process.
     q (Tq, n_q, hd), k/v (Tk, n_kv, hd); positions default to ``arange``.  Returns out in q's
     dtype (and lse float64 with ``return_lse``); rows with no visible key give 0."""
     Tq, n_q, _hd = q.shape
@@ -485,6 +492,8 @@ def causal_attention_reference(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor
     bad = kp[None, :] > qp[:, None]
     if window is not None:
         bad |= kp[None, :] <= qp[:, None] - window
+    if chunk is not None:
+        bad |= kp[None, :] // chunk != qp[:, None] // chunk
     s = s.masked_fill(bad[None], -math.inf)
     lse = torch.logsumexp(s, dim=-1)                                   # (n_q, Tq)
     p = torch.exp(s - lse.masked_fill(lse == -math.inf, 0.0)[..., None])

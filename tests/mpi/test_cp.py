@@ -133,8 +133,9 @@ def test_cp_with_moe_model(model_dirs, tmp_path):
 def per_layer_docs(model_dirs, tmp_path_factory):
     """A 2,501-token document (ring blocks of ~1,250 rows) for models whose layers attend differently: Gemma 3 (a
     window of 100 on layers 0 and 2, full attention on layer 1: windows reach across the CP shards' edges in the
-    prefill and every decode) and Llama 4 unchunked (RoPE layers with L2 q/k norm, a NoPE layer with temperature
-    tuning from position 3, a MoE layer between dense ones)."""
+    prefill and every decode), Llama 4 unchunked (RoPE layers with L2 q/k norm, a NoPE layer with temperature
+    tuning from position 3, a MoE layer between dense ones) and chunked (chunks of 700 positions on the RoPE layers,
+    cutting across the CP shards: ring blocks in earlier chunks skipped, the decodes' chunk spread over ranks)."""
     rng = random.Random(5)
     prompt = [rng.randrange(4, 500) for _ in range(2501)]
     inp = tmp_path_factory.mktemp("layers_cp") / "in.jsonl"
@@ -144,15 +145,16 @@ def per_layer_docs(model_dirs, tmp_path_factory):
 
     def get(arch):
         if arch not in made:
-            d = model_dirs(arch, max_position_embeddings=8192, num_hidden_layers=3,
+            d = model_dirs(arch.removesuffix("_chunked"), max_position_embeddings=8192, num_hidden_layers=3,
                            **({"sliding_window": 100} if arch in ("gemma3", "gpt_oss") else
-                              {"attention_chunk_size": None, "floor_scale": 4} if arch == "llama4" else {}))
+                              {"attention_chunk_size": None, "floor_scale": 4} if arch == "llama4" else
+                              {"attention_chunk_size": 700, "floor_scale": 4} if arch == "llama4_chunked" else {}))
             made[arch] = d, inp, hf_greedy(d, [prompt], NEW)[0]
         return made[arch]
     return get
 
 
-@pytest.mark.parametrize("arch", ["gemma3", "llama4", "gpt_oss", "deepseek_v3"])
+@pytest.mark.parametrize("arch", ["gemma3", "llama4", "llama4_chunked", "gpt_oss", "deepseek_v3"])
 @pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
 def test_cp_with_per_layer_attention(arch, n, flags, per_layer_docs, tmp_path):
     """Layers of one model that attend differently under ring attention: one ring plan per window, NoPE layers'

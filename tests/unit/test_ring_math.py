@@ -81,20 +81,24 @@ def _covered(q_pos, kv_pos, rects):
     return m
 
 
-@pytest.mark.parametrize("window", [None, 7, 64])
+@pytest.mark.parametrize("window,chunk", [(None, None), (7, None), (64, None), (None, 13), (None, 300)])
 @pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (1000, 4), (64, 8), (9, 4)])
-def test_plan_covers_exactly_the_visible_pairs(L, cp, window):
+def test_plan_covers_exactly_the_visible_pairs(L, cp, window, chunk):
     """Every visible (q, kv) pair is computed exactly once, no unmasked rectangle contains an
-    invisible pair, and blocks entirely in the future produce no rectangle at all."""
+    invisible pair, and blocks entirely in the future (or in earlier chunks) produce no rectangle at all."""
     shards = [shard_positions(L, cp, r) for r in range(cp)]
     tile = default_tile(*shards)
     for qp in shards:
         for kp in shards:
-            rects, _ = plan_block(qp, kp, window, tile)
+            rects, _ = plan_block(qp, kp, window, tile, chunk)
             cov = _covered(qp, kp, rects)
             vis = kp[None, :] <= qp[:, None]
             if window is not None:
                 vis &= kp[None, :] > qp[:, None] - window
+            if chunk is not None:
+                vis &= kp[None, :] // chunk == qp[:, None] // chunk
+                if len(qp) and len(kp) and kp.max() // chunk < qp.min() // chunk:
+                    assert rects == []
             assert cov.max(initial=0) <= 1
             assert np.all(cov[vis] == 1)
             for r in rects:
@@ -200,15 +204,16 @@ def test_ring_without_comm_equals_reference(window, dtype, tol):
     assert (out.float() - ref).abs().max() < tol
 
 
-@pytest.mark.parametrize("window", [None, 13])
+@pytest.mark.parametrize("window,chunk", [(None, None), (13, None), (None, 29)])
 @pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (300, 4), (5, 4), (1, 3)])
-def test_simulated_ring_equals_reference(L, cp, window):
+def test_simulated_ring_equals_reference(L, cp, window, chunk):
     """Each rank's plan applied to each rank's block, merged in ring order, equals full attention
-    restricted to the rank's positions (the MPI transport is tested in tests/mpi/test_ring.py)."""
+    restricted to the rank's positions (the MPI transport is tested in tests/mpi/test_ring.py); chunked
+    attention (Llama 4) too."""
     n_q, n_kv, hd = 8, 2, 16
     q, k, v = qkv(L, n_q, n_kv, hd, seed=L)
     scale = hd ** -0.5
-    ref = causal_attention_reference(q, k, v, scale, window=window)
+    ref = causal_attention_reference(q, k, v, scale, window=window, chunk=chunk)
     shards = [shard_positions(L, cp, r) for r in range(cp)]
     tile = default_tile(*shards)
     for r in range(cp):
@@ -219,9 +224,9 @@ def test_simulated_ring_equals_reference(L, cp, window):
         for t in range(cp):
             s = (r - t) % cp
             kp = torch.from_numpy(shards[s])
-            rects, _ = plan_block(shards[r], shards[s], window, tile)
+            rects, _ = plan_block(shards[r], shards[s], window, tile, chunk)
             ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, 4, window,
-                               acc_o, acc_l, max_elems=200)          # tiny chunks: exercise query chunking
+                               acc_o, acc_l, max_elems=200, chunk=chunk)   # tiny chunks: exercise query chunking
         out, _ = ring._ungroup(acc_o, acc_l, len(qp), 4)
         assert (out - ref[qp]).abs().max().item() < 1e-5 if len(qp) else out.shape == (0, n_q, hd)
 
