@@ -18,46 +18,48 @@ void rope_store(void *q, int64_t q_stride, int n_q, void *k, int64_t k_stride, c
                 void *vc, int64_t pool, const int64_t *widx, int bf16, int nthreads) {
     const int heads = n_q + n_kv;
     const int half = hd / 2;
+    const int64_t esz = bf16 ? 2 : 4;
 #pragma omp parallel num_threads(nthreads)
     {
         float *x = (float *)malloc(sizeof(float) * (size_t)hd * 4);
         float *y = x + hd, *c = y + hd, *sn = c + hd;
+        /* one item per token: its tables once for all its heads; the two halves in separate loops (no per-element
+         * branch: vectorisable) */
 #pragma omp for schedule(static)
-        for (int64_t it = 0; it < T * heads; it++) {
-            const int64_t t = it / heads;
-            const int hh = (int)(it % heads);
+        for (int64_t t = 0; t < T; t++) {
             const float *ct = cos_t + pos[t] * hd, *st = sin_t + pos[t] * hd;
             for (int d = 0; d < hd; d++) {
                 c[d] = bf16 ? bf2f(f2bf(ct[d])) : ct[d];
                 sn[d] = bf16 ? bf2f(f2bf(st[d])) : st[d];
             }
-            void *base;
-            int64_t off;
-            if (hh < n_q) {
-                base = q;
-                off = t * q_stride + (int64_t)hh * hd;
-            } else {
-                base = k;
-                off = t * k_stride + (int64_t)(hh - n_q) * hd;
-            }
-            const float *src = row_f32(base, off, hd, bf16, y);
-            memcpy(x, src, sizeof(float) * (size_t)hd);
-            for (int d = 0; d < hd; d++) {
-                const float rot = d < half ? -x[d + half] : x[d - half];
-                float a = x[d] * c[d], b = rot * sn[d];
-                if (bf16) {
-                    a = bf2f(f2bf(a));
-                    b = bf2f(f2bf(b));
+            for (int hh = 0; hh < heads; hh++) {
+                void *base;
+                int64_t off;
+                if (hh < n_q) {
+                    base = q;
+                    off = t * q_stride + (int64_t)hh * hd;
+                } else {
+                    base = k;
+                    off = t * k_stride + (int64_t)(hh - n_q) * hd;
                 }
-                y[d] = a + b;
-            }
-            store_row(base, off, y, hd, bf16);
-            if (hh >= n_q) {
-                const int h = hh - n_q;
-                store_row(kc, ((int64_t)h * pool + widx[t]) * hd, y, hd, bf16);
-                const int64_t esz = bf16 ? 2 : 4;
-                memcpy((char *)vc + ((int64_t)h * pool + widx[t]) * hd * esz,
-                       (const char *)v + (t * v_stride + (int64_t)h * hd) * esz, (size_t)(hd * esz));
+                const float *src = row_f32(base, off, hd, bf16, y);
+                memcpy(x, src, sizeof(float) * (size_t)hd);
+                if (bf16) {
+                    for (int d = 0; d < half; d++)
+                        y[d] = bf2f(f2bf(x[d] * c[d])) + bf2f(f2bf(-x[d + half] * sn[d]));
+                    for (int d = half; d < hd; d++)
+                        y[d] = bf2f(f2bf(x[d] * c[d])) + bf2f(f2bf(x[d - half] * sn[d]));
+                } else {
+                    for (int d = 0; d < half; d++) y[d] = x[d] * c[d] + -x[d + half] * sn[d];
+                    for (int d = half; d < hd; d++) y[d] = x[d] * c[d] + x[d - half] * sn[d];
+                }
+                store_row(base, off, y, hd, bf16);
+                if (hh >= n_q) {
+                    const int h = hh - n_q;
+                    store_row(kc, ((int64_t)h * pool + widx[t]) * hd, y, hd, bf16);
+                    memcpy((char *)vc + ((int64_t)h * pool + widx[t]) * hd * esz,
+                           (const char *)v + (t * v_stride + (int64_t)h * hd) * esz, (size_t)(hd * esz));
+                }
             }
         }
         free(x);
