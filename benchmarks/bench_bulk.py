@@ -12,8 +12,10 @@ log (``run_vllm_batch.sh``).  Start-up of each is reported apart.  Every system'
 Concurrency (``--old-tree``, a checkout of an engine before paged KV, e.g. ``git worktree add /tmp/base
 c1f85c1``): the first ``--conc-n`` prompts through each engine in-process under the same ``--conc-budget``,
 ``--max-batch 256``, 1 thread, every request at ``max_tokens`` = each of ``--conc-max-tokens``; the number of
-sequences holding KV cache, averaged over the first ``--conc-steps`` steps (and their maximum).  The old engine reserves prompt + max_tokens rows per sequence up
-front; the paged one takes blocks as tokens are written.
+sequences holding KV cache, averaged over the first ``--conc-steps`` steps (and their maximum), and over the steps
+after which requests still wait (the engine then holds all its cache allows: the steady state, without the ramp
+and the drain).  The old engine reserves prompt + max_tokens rows per sequence up front; the paged one takes blocks
+as tokens are written.
 
 JSON: ``benchmarks/results/bulk.json``.
 """
@@ -107,14 +109,17 @@ for i, r in enumerate(recs):
     sp = SamplingParams(max_tokens=max_tokens)
     res = eng.add(Request(i, r["id"], sp, messages=r["messages"]))
     assert res is None or res.error is None, res
-counts = []
+counts, backed = [], []
 for _ in range(steps):
     if not eng.has_work():
         break
     eng.step()
     counts.append(len(eng.running))
+    if eng.waiting:                  # requests still wait: the engine holds all that its cache allows
+        backed.append(len(eng.running))
 print(json.dumps({"package": mpiinfer.__file__, "pool_tokens": runner.pool_tokens, "mean_running": statistics.mean(counts),
-                  "max_running": max(counts), "steps": len(counts)}))
+                  "max_running": max(counts), "steps": len(counts), "finished": not eng.has_work(),
+                  "mean_running_backed": statistics.mean(backed) if backed else None, "backed_steps": len(backed)}))
 """
 
 
@@ -203,6 +208,11 @@ def main(argv=None):
         print(f"\nsequences holding KV at once, first {a.conc_n} prompts, max_tokens {mt}, --kv-budget "
               f"{a.conc_budget >> 20} MiB: paged {new['mean_running']:.1f} (max {new['max_running']}), contiguous "
               f"{old['mean_running']:.1f} (max {old['max_running']}): {new['mean_running'] / old['mean_running']:.2f}x")
+        if new.get("mean_running_backed") and old.get("mean_running_backed"):
+            print(f"  while requests still wait (whole run when --conc-steps covers it): paged "
+                  f"{new['mean_running_backed']:.1f} over {new['backed_steps']} steps, contiguous "
+                  f"{old['mean_running_backed']:.1f} over {old['backed_steps']} steps: "
+                  f"{new['mean_running_backed'] / old['mean_running_backed']:.2f}x")
     save()
     print(f"-> {a.json}")
 

@@ -4,9 +4,10 @@ Owns: ``Sequence`` (one request's state across steps); admission into the KV cac
 sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the longest prefix of them found in
 the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
 takes the blocks of its prompt shard on every CP rank, then one block at a time on the rank that stores its next
-token.  When a decoding sequence finds no free block on a rank, the newest sequence holding blocks there is
-preempted (its blocks freed on every rank; it starts over later, first in line).  Also the CP routing of ordinary sequences (each to the CP rank with the fewest tokens still
-to process, or all on rank 0), the registration of finished prompt blocks in the prefix cache, and the
+token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
+is preempted (its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds
+blocks there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
+routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0), the registration of finished prompt blocks in the prefix cache, and the
 per-step plan: every decoding sequence contributes one token, then prompt chunks fill the step's token
 budget; a CP prompt goes whole, one load-balanced shard per CP rank.  No model, no tokenizer, no MPI: the
 ``Engine`` executes the plan and samples.
@@ -205,8 +206,8 @@ class Scheduler:
 
     def grow(self) -> None:
         """Before a step: every decoding sequence has a row for the token it feeds in (a CP sequence: on the CP
-        rank that stores it); where that rank has no free block, the newest sequence holding blocks there is
-        preempted (possibly the one that needed the block)."""
+        rank that stores it); where that rank has no free block, a sequence holding blocks there is preempted
+        (``_victim``; possibly the one that needed the block)."""
         for seq in list(self.running):
             while not seq.in_prefill and seq in self.running:
                 r, blocks = self._short(seq)
@@ -216,7 +217,13 @@ class Scheduler:
                 if got is not None:
                     blocks += got
                     break
-                self.preempt(next(s for s in reversed(self.running) if s.holds(r)))
+                self.preempt(self._victim(r))
+
+    def _victim(self, r: int) -> Sequence:
+        """Whom to preempt for a block on CP rank ``r``: the newest ordinary sequence holding blocks there, else the
+        newest CP sequence (there is one: a decode found no block, so running sequences hold them all)."""
+        holders = [s for s in reversed(self.running) if s.holds(r)]
+        return next((s for s in holders if not s.cp), holders[0])
 
     def _short(self, seq: Sequence) -> tuple:
         """(CP rank, its block list) of a decoding sequence whose next token has no row there; (None, None) when

@@ -173,22 +173,17 @@ def expected_from_context(prompt, n):
     return out
 
 
-def test_cp_sequences_take_blocks_as_they_grow_and_survive_preemption():
-    """CP documents hold only their prompt shard's blocks when admitted, grow a block at a time on the rank that
-    stores their next token, are preempted (on every rank) when a rank runs out, and restart identically; every
-    row read is the right one (the cache-checking fake) and every block goes back to its pool."""
+def _cp_run(lengths, new, pool_blocks, cp=2):
     from mpiinfer.engine.kv_cache import KV_BLOCK
     from mpiinfer.parallel.shard import cp_local_count
-    cp, bs = 2, KV_BLOCK
-    runner = CacheCheckingRunner(cp, pool=12 * bs + 1)      # 12 blocks per rank (+ the scratch row)
+    bs = KV_BLOCK
+    runner = CacheCheckingRunner(cp, pool=pool_blocks * bs + 1)     # (+ the scratch row)
     eng = Engine(runner, _Tok(), max_batch=8, step_tokens=512, cp_min_tokens=200)
-    lengths = [300, 9, 250, 40, 5, 330, 21]                  # three CP documents, four short requests
-    new = [40, 80, 50, 90, 70, 35, 100]                      # the short ones grow by several blocks
     prompts = [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
     reqs = [Request(i, i, SamplingParams(max_tokens=m, ignore_eos=True), prompt_token_ids=p)
             for i, (p, m) in enumerate(zip(prompts, new))]
-    admitted = []
-    real_admit = eng.sched.admit
+    admitted, preempted = [], []
+    real_admit, real_victim = eng.sched.admit, eng.sched._victim
 
     def admit():
         real_admit()
@@ -196,14 +191,33 @@ def test_cp_sequences_take_blocks_as_they_grow_and_survive_preemption():
             if s.cp and s.n_cached == 0:
                 admitted.append([len(b) for b in s.rank_blocks] ==
                                 [-(-cp_local_count(len(s.prompt), len(s.prompt), cp, r) // bs) for r in range(cp)])
-    eng.sched.admit = admit
+
+    def victim(r):
+        v = real_victim(r)
+        # (victim is CP, an ordinary sequence held blocks on that rank)
+        preempted.append((v.cp, any(not s.cp and s.holds(r) for s in eng.running)))
+        return v
+    eng.sched.admit, eng.sched._victim = admit, victim
     res = sorted(eng.generate(reqs), key=lambda r: r.index)
     for r, p, m in zip(res, prompts, new):
         assert r.error is None, r.error
         assert r.token_ids == expected_from_context(p, m), r.index
     assert admitted and all(admitted)                      # the prompt shard's blocks only, nothing for max_tokens
-    assert eng.sched.preemptions > 0
-    assert any(r.preemptions for r, n in zip(res, lengths) if n >= 200), "no CP document was preempted"
     for pool in eng.sched.pools:
         pool.check()
         assert pool.available == pool.num_blocks and not any(pool.ref)
+    return eng, preempted
+
+
+def test_cp_sequences_take_blocks_as_they_grow_and_survive_preemption():
+    """CP documents hold only their prompt shard's blocks when admitted, grow a block at a time on the rank that
+    stores their next token, and restart identically when preempted; ordinary sequences are preempted before
+    them; every row read is the right one (the cache-checking fake) and every block goes back to its pool."""
+    # three CP documents and four short requests that grow by several blocks each: 12 blocks per rank
+    eng, preempted = _cp_run([300, 9, 250, 40, 5, 330, 21], [40, 80, 50, 90, 70, 35, 100], 12)
+    assert eng.sched.preemptions > 0 and preempted
+    assert not any(was_cp and ordinary for was_cp, ordinary in preempted), "a CP document went before a short one"
+    assert any(not was_cp for was_cp, _ in preempted)
+    # CP documents alone, two at once (7 blocks each) in 16 blocks per rank: as they grow the newer one is preempted
+    eng, preempted = _cp_run([200, 210, 205], [60, 60, 60], 16)
+    assert preempted and all(was_cp for was_cp, _ in preempted)
