@@ -172,7 +172,7 @@ class RingPlan:
     q_pos: np.ndarray
     window: int | None
     steps: list                      # steps[t] = (source rank, [Rect]); step 0 is this rank's own block
-    skipped: int = 0                 # sub-blocks skipped as future / out of window
+    skipped: int = 0                 # sub-blocks skipped as future / out of window / in earlier chunks
     chunk: int | None = None         # attention within chunks of positions (Llama 4), or None
 
     @classmethod
@@ -313,7 +313,7 @@ def _attend_rects(qg, qpos_t, K, V, kpos_t, rects, group, window, acc_o, acc_lse
 # --------------------------------------------------------------------------- prefill: ring attention
 
 def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_pos, comm, scale: float,
-                   window: int | None = None, *, plan: RingPlan | None = None,
+                   window: int | None = None, *, plan: RingPlan | None = None, chunk: int | None = None,
                    stats: dict | None = None, return_lse: bool = False,
                    max_score_elems: int = MAX_SCORE_ELEMS, progress: bool = True):
     """Exact causal attention of this rank's queries to the K/V of ALL ranks of ``comm``.
@@ -329,8 +329,8 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     those entirely in the past are computed without a mask.  Every rank of ``comm`` must call
     this collectively (same n_kv, hd, dtype), even with no tokens.
 
-    ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window)`` reused across layers (saves two
-    small collectives per call; its window wins over ``window``).  ``progress``: call
+    ``plan``: a ``RingPlan.build(q_pos, kv_pos, comm, window, chunk=chunk)`` reused across layers (saves two
+    small collectives per call; its window and chunk win over ``window`` and ``chunk``).  ``progress``: call
     ``Testall`` on the transfers in flight after every matmul chunk, so that MPI libraries
     without an asynchronous progress thread (MPICH's default) move the block while we compute
     rather than inside ``Waitall``.  ``stats``: a dict that gets accumulated ``wait_s`` (in
@@ -342,7 +342,7 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
     Tk, n_kv = k.shape[0], k.shape[1]
     group = n_q // n_kv
     if plan is None:
-        plan = RingPlan.build(q_pos, kv_pos, comm, window)
+        plan = RingPlan.build(q_pos, kv_pos, comm, window, chunk=chunk)
     cp, rank = plan.cp, plan.rank
     if Tk != plan.sizes[rank] or Tq != len(plan.q_pos) or n_q % n_kv:
         raise ValueError(f"ring_attention: q {tuple(q.shape)} / k {tuple(k.shape)} do not match the plan "
@@ -425,6 +425,8 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     an empty shard gives (0, -inf), which merges as a no-op."""
     Tq, n_q, hd = q.shape
     Tk, n_kv = k.shape[0], k.shape[1]
+    if q_pos is None and (window is not None or chunk is not None):
+        raise ValueError("decode_attention_partial: a window or chunk needs q_pos and kv_pos")
     group = n_q // n_kv
     acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32, device=q.device)
     acc_lse = torch.full((n_kv, Tq * group), -math.inf, dtype=torch.float32, device=q.device)
