@@ -7,10 +7,10 @@ takes the blocks of its prompt shard on every CP rank, then one block at a time 
 token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
 is preempted (its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds
 blocks there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
-routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0), the registration of finished prompt blocks in the prefix cache, and the
-per-step plan: every decoding sequence contributes one token, then prompt chunks fill the step's token
-budget; a CP prompt goes whole, one load-balanced shard per CP rank.  No model, no tokenizer, no MPI: the
-``Engine`` executes the plan and samples.
+routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0),
+the registration of finished prompt blocks in the prefix cache, and the per-step plan: every decoding sequence
+contributes one token, then prompt chunks fill the step's token budget; a CP prompt goes whole, one load-balanced
+shard per CP rank.  No model, no tokenizer, no MPI: the ``Engine`` executes the plan and samples.
 """
 from __future__ import annotations
 

@@ -53,6 +53,22 @@ typedef struct {
     int bf16;
 } cache_t;
 
+/* query head g's running state after its scores' max mx and exponentials' sum: acc (its hd values) starts as
+ * the initial state's weighted values rescaled to mx (or 0), l[g] = sum plus the initial state's rescaled sum */
+static inline __attribute__((always_inline)) void start_state(
+    int g, const int hd, float mx, float sum, float *acc, float *l, const float *im, const float *il,
+    const float *ia) {
+    float *ag = acc + g * hd;
+    if (im) {
+        const float cs = expf(im[g] - mx);
+        sum += il[g] * cs;
+        for (int d = 0; d < hd; d++) ag[d] = ia[(int64_t)g * hd + d] * cs;
+    } else {
+        for (int d = 0; d < hd; d++) ag[d] = 0.f;
+    }
+    l[g] = sum;
+}
+
 /* softmax numerators of the scores sc (grp, stride) in place, continuing the initial state when given (im/il/ia);
  * acc (grp, hd) starts as the initial state's weighted values (or 0), l (grp,) gets the denominators */
 static inline __attribute__((always_inline)) void softmax_start(
@@ -70,15 +86,7 @@ static inline __attribute__((always_inline)) void softmax_start(
             sg[i] = e;
             sum += e;
         }
-        float *ag = acc + g * hd;
-        if (im) {
-            const float cs = expf(im[g] - mx);
-            sum += il[g] * cs;
-            for (int d = 0; d < hd; d++) ag[d] = ia[(int64_t)g * hd + d] * cs;
-        } else {
-            for (int d = 0; d < hd; d++) ag[d] = 0.f;
-        }
-        l[g] = sum;
+        start_state(g, hd, mx, sum, acc, l, im, il, ia);
     }
 }
 
@@ -185,15 +193,7 @@ static inline __attribute__((always_inline)) void softmax_start16(
             vs = _mm512_add_ps(vs, e);
         }
         float sum = _mm512_reduce_add_ps(vs);
-        float *ag = acc + g * hd;
-        if (im) {
-            const float cs = expf(im[g] - mx);
-            sum += il[g] * cs;
-            for (int d = 0; d < hd; d++) ag[d] = ia[(int64_t)g * hd + d] * cs;
-        } else {
-            for (int d = 0; d < hd; d++) ag[d] = 0.f;
-        }
-        l[g] = sum;
+        start_state(g, hd, mx, sum, acc, l, im, il, ia);
     }
 }
 
