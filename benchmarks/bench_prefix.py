@@ -11,6 +11,12 @@
    ``--kv-budget`` and ``--max-batch 256``: how many sequences the cache holds at once (``peak_running_sequences``
    of the summary), which reserving prompt + max_tokens per sequence limits.
 
+With ``--cp N`` the shared-prefix workload runs under ``mpiexec -n N`` with ``--cp N`` (one thread per rank) and
+every prompt split over the CP ranks (``--cp-min-tokens`` = the prefix length): CP documents share their full groups
+of 2 x N units (``parallel.shard.cp_groups``) through the prefix cache; the tail after the last full group is
+computed for each question.  For example ``--cp 2 --prefix-tokens 6000 --n 60 --n-off 12``
+(``benchmarks/results/prefix_cp.json``).
+
 Reported per run: records/s, generated tok/s, prompt tokens taken from the cache, peak running sequences,
 preemptions; the table gives the ratios.  JSON: ``benchmarks/results/prefix.json``.
 """
@@ -20,6 +26,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -27,11 +34,12 @@ import tempfile
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run_job(inp, out, model, flags, threads, pythonpath=None, timeout=7200):
+def run_job(inp, out, model, flags, threads, pythonpath=None, timeout=7200, ranks=1):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads))
     if pythonpath:
         env["PYTHONPATH"] = pythonpath
-    cmd = [sys.executable, "-m", "mpiinfer", "run", "-m", model, "-i", inp, "-o", out, "--overwrite", "-q",
+    launch = [shutil.which("mpiexec") or "mpiexec", "-n", str(ranks)] if ranks > 1 else []
+    cmd = [*launch, sys.executable, "-m", "mpiinfer", "run", "-m", model, "-i", inp, "-o", out, "--overwrite", "-q",
            "--threads", str(threads), *flags]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout, cwd=pythonpath or ROOT)
     if p.returncode != 0:
@@ -63,6 +71,7 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cp", type=int, default=1, help="run the shared-prefix workload over this many CP ranks")
     ap.add_argument("--chat", type=int, default=0, help="also the chat workload with this many prompts")
     ap.add_argument("--chat-kv-budget", default="256MiB")
     ap.add_argument("--baseline", default=None, help="a checkout whose engine runs the chat workload too")
@@ -75,8 +84,14 @@ def main(argv=None) -> int:
         a.model = init_model(os.path.join(work, "tiny"), arch="llama", preset="tiny")
         a.n, a.n_off, a.prefix_tokens, a.question_tokens, a.new = 24, 8, 100, 5, 4
         a.chat = a.chat and 20
+        if a.cp > 1:
+            a.prefix_tokens = 700
         if a.json.endswith("prefix.json"):
             a.json = a.json.replace("prefix.json", "prefix_quick.json")
+    if a.cp > 1:
+        a.threads = 1
+        if a.json.endswith(".json"):
+            a.json = a.json[:-5] + "_cp.json"
     from mpiinfer.config import ModelConfig
     vocab = ModelConfig.from_dir(a.model).vocab_size
     res = {"config": vars(a).copy(), "runs": {}}
@@ -84,8 +99,11 @@ def main(argv=None) -> int:
     shared_prefix_input(on_in, a.n, a.prefix_tokens, a.question_tokens, a.new, vocab)
     shared_prefix_input(off_in, a.n_off, a.prefix_tokens, a.question_tokens, a.new, vocab)
     flags = ["--max-batch", str(a.max_batch)]
+    if a.cp > 1:
+        flags += ["--cp", str(a.cp), "--cp-min-tokens", str(a.prefix_tokens)]
     for name, inp, pc in (("shared_on", on_in, "on"), ("shared_off", off_in, "off")):
-        r = run_job(inp, os.path.join(work, name + ".out.jsonl"), a.model, [*flags, "--prefix-cache", pc], a.threads)
+        r = run_job(inp, os.path.join(work, name + ".out.jsonl"), a.model, [*flags, "--prefix-cache", pc], a.threads,
+                    ranks=a.cp)
         res["runs"][name] = r
         print(f"  {name}: {r['records']} records, {r['records_per_s']:.2f} rec/s, "
               f"{r['generated_tokens_per_s']:.1f} tok/s, {r['prompt_tokens_cached']} prompt tokens cached", flush=True)
@@ -103,7 +121,8 @@ def main(argv=None) -> int:
             res["runs"][name] = r
             print(f"  {name}: {r['records_per_s']:.2f} rec/s, {r['generated_tokens_per_s']:.1f} tok/s, "
                   f"peak running {r['peak_running']}, preemptions {r['preemptions']}", flush=True)
-    print(f"\nshared prefix ({a.prefix_tokens} + {a.question_tokens} tokens, {a.new} new, --max-batch {a.max_batch}):")
+    print(f"\nshared prefix ({a.prefix_tokens} + {a.question_tokens} tokens, {a.new} new, --max-batch {a.max_batch}"
+          f"{f', --cp {a.cp}' if a.cp > 1 else ''}):")
     print("| run | records | records/s | generated tok/s | prompt tokens cached |")
     print("|---|---:|---:|---:|---:|")
     for name in ("shared_on", "shared_off"):

@@ -167,6 +167,25 @@ def block_hashes(tokens, block_size: int) -> list:
     return out
 
 
+def cp_group_keys(tokens, cp: int, unit: int, groups: int) -> list:
+    """The hash chain of a CP prompt's first ``groups`` full groups of ``2 * cp * unit`` tokens
+    (``parallel.shard.cp_groups``): group g's key covers every token up to its end and the layout (cp, unit), so
+    equal keys mean equal prefixes stored alike on every CP rank.  Salted apart from ``block_hashes``' keys."""
+    out = []
+    prev = hashlib.blake2b(f"cp {cp} {unit}".encode(), digest_size=16).digest()
+    arr = np.asarray(tokens, dtype=np.int64)
+    n = 2 * cp * unit
+    for j in range(groups):
+        prev = hashlib.blake2b(prev + arr[j * n:(j + 1) * n].tobytes(), digest_size=16).digest()
+        out.append(prev)
+    return out
+
+
+def cp_block_keys(group_key: bytes, n: int) -> list:
+    """Keys of the ``n`` blocks a CP rank stores of one group (its two units; each CP rank has its own pool)."""
+    return [hashlib.blake2b(group_key + j.to_bytes(4, "little"), digest_size=16).digest() for j in range(n)]
+
+
 class BlockPool:
     """The blocks of one rank's KV pool: free runs, reference counts, and the prefix cache (hash -> block of
     registered full prompt blocks; those nobody uses wait in ``lru``, evicted oldest first when blocks run

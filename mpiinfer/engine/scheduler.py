@@ -21,8 +21,17 @@ import torch
 
 from ..messages import Request
 from ..models.step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
-from ..parallel.shard import cp_local_count, shard_positions
-from .kv_cache import KV_BLOCK, MIN_SHARED_BLOCKS, BlockPool, block_hashes, extents, usable_blocks
+from ..parallel.shard import cp_groups, cp_local_count, shard_count, shard_positions
+from .kv_cache import (
+    KV_BLOCK,
+    MIN_SHARED_BLOCKS,
+    BlockPool,
+    block_hashes,
+    cp_block_keys,
+    cp_group_keys,
+    extents,
+    usable_blocks,
+)
 
 
 @dataclass(eq=False)      # identity: ``seq in running`` / ``running.remove(seq)`` must not compare every field
@@ -36,8 +45,8 @@ class Sequence:
     home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
     rank_blocks: list = field(default_factory=list)   # CP: its KV blocks on each CP rank, in local token order
     blocks: list = field(default_factory=list)    # not CP: its KV blocks on ``home``, in token order
-    keys: list | None = None           # not CP: prefix-cache keys of its full prompt blocks
-    registered: int = 0                # leading prompt blocks that are in the prefix cache
+    keys: list | None = None           # prefix-cache keys of its full prompt blocks (CP: of its full groups)
+    registered: int = 0                # leading prompt blocks (CP: groups) that are in the prefix cache
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
     logprobs: list = field(default_factory=list)
@@ -154,13 +163,43 @@ class Scheduler:
 
     def _admit_cp(self, seq: Sequence) -> bool:
         """The blocks of its prompt shard on every CP rank, leaving each rank room for its running decodes to grow
-        by a block each (as an ordinary admission); nothing for the new tokens (``grow`` adds them)."""
-        L = len(seq.prompt)
-        need = [-(-cp_local_count(L, L, self.cp, r) // self.bs) for r in range(self.cp)]
-        if any(self.pools[r].available - need[r] < self._decoding_on(r) for r in range(self.cp)):
+        by a block each (as an ordinary admission); nothing for the new tokens (``grow`` adds them).
+
+        Prefix cache: the longest run of its leading full groups (``shard.cp_groups``) cached on every CP rank is
+        shared, not computed (at least one token is computed); when a running sequence is computing its next
+        group right now, it waits for it."""
+        L, cp, bs = len(seq.prompt), self.cp, self.bs
+        need = [-(-shard_count(L, cp, r) // bs) for r in range(cp)]
+        unit, groups = cp_groups(L, cp)
+        nb = 2 * unit // bs                                  # blocks of one group on each rank
+        hits, h = [[] for _ in range(cp)], 0
+        if self.pools[0].prefix_cache and groups and 2 * unit % bs == 0 and seq.keys is None:
+            seq.keys = cp_group_keys(seq.prompt, cp, unit, groups)      # registered once computed, hits or not
+        if seq.keys is not None and seq.takes_cache_hits:
+            limit = min(groups, (L - 1) // (2 * cp * unit))
+            bkeys = [k for g in seq.keys[:limit] for k in cp_block_keys(g, nb)]
+            hits = [self.pools[r].lookup(bkeys) for r in range(cp)]
+            h = min(len(x) for x in hits) // nb
+            for r in range(cp):
+                self.pools[r].release(hits[r][h * nb:])
+                hits[r] = hits[r][:h * nb]
+            if h < limit and (-1, seq.keys[h]) in self.pending:
+                self._release_all(hits)
+                return False
+        if any(self.pools[r].available - (need[r] - h * nb) < self._decoding_on(r) for r in range(cp)):
+            self._release_all(hits)
             return False
-        seq.rank_blocks = [self.pools[r].allocate(need[r]) for r in range(self.cp)]
+        seq.rank_blocks = [hits[r] + self.pools[r].allocate(need[r] - h * nb, after=hits[r][-1] if h else None)
+                           for r in range(cp)]
+        seq.n_cached = seq.cached_tokens = h * 2 * cp * unit
+        seq.registered = h
+        for k in (seq.keys or [])[h:]:
+            self.pending.setdefault((-1, k), seq)
         return True
+
+    def _release_all(self, per_rank: list) -> None:
+        for r, blocks in enumerate(per_rank):
+            self.pools[r].release(blocks)
 
     def _decoding_on(self, r: int) -> int:
         """Running sequences that hold blocks on CP rank ``r`` (each may need one more block before the next
@@ -238,11 +277,10 @@ class Scheduler:
 
     def _release(self, seq: Sequence) -> None:
         if seq.cp:
-            for r, blocks in enumerate(seq.rank_blocks):
-                self.pools[r].release(blocks)
+            self._release_all(seq.rank_blocks)
         else:
             self.pools[seq.home].release(seq.blocks)
-            self._drop_pending(seq)
+        self._drop_pending(seq)
 
     def preempt(self, seq: Sequence) -> None:
         """Free ``seq``'s blocks and put it first in line to start over."""
@@ -258,7 +296,11 @@ class Scheduler:
         the prefix cache."""
         for seq, n in planned:
             seq.n_cached += n
-            if seq.keys is not None and not seq.cp:
+            if seq.cp:
+                if seq.keys is not None and seq.n_cached == len(seq.prompt) and seq.registered < len(seq.keys):
+                    self._register_cp(seq)
+                continue
+            if seq.keys is not None:
                 full = min(seq.n_cached // self.bs, len(seq.keys))
                 pool = self.pools[seq.home]
                 for j in range(seq.registered, full):
@@ -266,6 +308,19 @@ class Scheduler:
                     if self.pending.get((seq.home, seq.keys[j])) is seq:
                         del self.pending[(seq.home, seq.keys[j])]
                 seq.registered = max(seq.registered, full)
+
+    def _register_cp(self, seq: Sequence) -> None:
+        """A CP prompt just computed: its full groups go into the prefix cache on every CP rank."""
+        unit, _ = cp_groups(len(seq.prompt), self.cp)
+        nb = 2 * unit // self.bs
+        for g in range(seq.registered, len(seq.keys)):
+            bkeys = cp_block_keys(seq.keys[g], nb)
+            for r in range(self.cp):
+                for j, k in enumerate(bkeys):
+                    self.pools[r].register(seq.rank_blocks[r][g * nb + j], k)
+            if self.pending.get((-1, seq.keys[g])) is seq:
+                del self.pending[(-1, seq.keys[g])]
+        seq.registered = len(seq.keys)
 
     def _cp_extents(self, seq: Sequence, r: int, rows: int) -> list:
         """The runs of a CP sequence's first ``rows`` cache rows on CP rank ``r`` (the scratch row when none)."""
@@ -292,9 +347,10 @@ class Scheduler:
         self._release(seq)
 
     def _drop_pending(self, seq: Sequence) -> None:
+        at = -1 if seq.cp else seq.home
         for k in seq.keys[seq.registered:] if seq.keys else ():
-            if self.pending.get((seq.home, k)) is seq:
-                del self.pending[(seq.home, k)]
+            if self.pending.get((at, k)) is seq:
+                del self.pending[(at, k)]
 
     # -------------------------------------------------------------- planning
     def plan(self) -> tuple:
@@ -334,13 +390,16 @@ class Scheduler:
                 if min(budget) <= 0:
                     continue
                 for r in range(cp):
-                    pos = shard_positions(L, cp, r).tolist()
-                    P[r].add([seq.prompt[j] for j in pos], pos, self._cp_extents(seq, r, len(pos)), len(pos),
+                    # its rows on this rank: the shard; its queries: the shard after the cached groups (every CP
+                    # rank holds n_cached / cp of them, see _admit_cp), the last prompt position among rank 0's
+                    shard = shard_positions(L, cp, r)
+                    pos = shard[seq.n_cached // cp:].tolist()
+                    P[r].add([seq.prompt[j] for j in pos], pos, self._cp_extents(seq, r, len(shard)), len(shard),
                              sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
                     budget[r] -= len(pos)
                     if seq.pooling and (k := P[r].add_hidden(seq.pooling, pos, L - 1)):
                         embedded[r].append((seq, k))
-                planned.append((seq, L))
+                planned.append((seq, L - seq.n_cached))
                 if seq.max_new > 0:
                     sampled[0].append(seq)
                 continue

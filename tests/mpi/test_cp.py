@@ -109,6 +109,47 @@ def test_cp_documents_in_a_tight_cache_grow_and_are_preempted(arch, model_dirs, 
     assert json.loads(open(str(out) + ".summary.json").read())["preemptions"] > 0
 
 
+@pytest.mark.parametrize("arch,n,flags", by_ranks([("qwen3", 2, ["--cp", "2"]), ("gemma3", 2, ["--cp", "2"]),
+                                                  ("qwen3", 4, ["--tp", "2", "--cp", "2"]),
+                                                  ("qwen3", 3, ["--cp", "3"])], ranks=lambda c: c[1]))
+def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_path):
+    """Documents sharing a prefix share its full CP groups through the prefix cache (questions after one document,
+    a document cut short and continued differently, an identical one; the later ones wait for the first to compute
+    the groups): tokens are transformers', logprobs within 1e-4, and the summary counts the shared tokens; with
+    ``--prefix-cache off`` nothing is shared and the answers are the same (Gemma 3: windowed layers over queries
+    that are only the uncached part)."""
+    from mpiinfer.parallel.shard import cp_groups
+    d = model_dirs(arch, max_position_embeddings=8192,
+                   **({"sliding_window": 100, "num_hidden_layers": 3} if arch == "gemma3" else {}))
+    rng = random.Random(5)
+    doc = [rng.randrange(4, 500) for _ in range(1500)]
+    qs = [[rng.randrange(4, 500) for _ in range(k)] for k in (30, 41, 25)]
+    prompts = [doc + qs[0], doc + qs[1], doc[:1000] + qs[2], list(doc), doc + qs[0], qs[1] * 3]
+    cp = int(flags[-1])
+    unit, groups = cp_groups(len(prompts[0]), cp)
+    assert groups >= 2 and all(cp_groups(len(p), cp)[0] == unit for p in prompts[:5])
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
+                                       "ignore_eos": True}) + "\n" for i, p in enumerate(prompts)))
+    ref = hf_greedy(d, prompts, NEW)
+    cached = {}
+    for mode in ("on", "off"):
+        out = tmp_path / f"{mode}.jsonl"
+        p = mpirun(n, ["-m", d, "-i", str(inp), "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000",
+                       "--prefix-cache", mode] + flags)
+        assert p.returncode == 0, p.stderr
+        recs = [json.loads(x) for x in out.read_text().splitlines()]
+        assert [r["id"] for r in recs] == [str(i) for i in range(len(prompts))]
+        for r, (toks, lps) in zip(recs, ref):
+            assert r["token_ids"] == toks, (mode, r["id"])
+            assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4, (mode, r["id"])
+        cached[mode] = json.loads(open(str(out) + ".summary.json").read())["prompt_tokens_cached"]
+    group = 2 * cp * unit
+    # every document after the first shares all its full groups of the document (the one cut at 1,000: fewer)
+    assert cached["on"] >= 3 * (1500 // group) * group + (1000 // group) * group, cached
+    assert cached["off"] == 0
+
+
 @pytest.mark.slow
 def test_cp_with_moe_model(model_dirs, tmp_path):
     """CP composes with MoE layers (experts see only this rank's tokens) and with in-replica EP."""

@@ -110,3 +110,18 @@ def test_bench_grammar_and_structured_quick(tmp_path):
     # a random tiny model's answers: every one that is not cut by max_tokens validates
     assert rnd["schema"]["valid"] == rnd["schema"]["answers"] - rnd["schema"]["cut"]
     assert rnd["ratio"] > 0
+
+
+@pytest.mark.timeout(200)
+def test_bench_prefix_cp_quick(tmp_path):
+    """The shared-prefix benchmark over 2 CP ranks: every question after the first takes the document's full CP
+    groups from the prefix cache (700 + 5 tokens at cp=2: 2 groups of 256), none with the cache off."""
+    from mpiinfer.parallel.shard import cp_groups
+    out = tmp_path / "p.json"
+    _run("bench_prefix.py", "--quick", "--cp", "2", "--json", str(out), timeout=180)
+    res = json.loads((tmp_path / "p_cp.json").read_text())
+    unit, groups = cp_groups(705, 2)
+    on, off = res["runs"]["shared_on"], res["runs"]["shared_off"]
+    assert on["records"] == 24 and off["records"] == 8 and on["errors"] == off["errors"] == 0
+    assert on["prompt_tokens_cached"] == 23 * groups * 4 * unit and off["prompt_tokens_cached"] == 0
+    assert res["shared_prefix_speedup"] > 0

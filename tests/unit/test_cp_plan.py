@@ -173,15 +173,21 @@ def expected_from_context(prompt, n):
     return out
 
 
-def _cp_run(lengths, new, pool_blocks, cp=2):
+def _cp_run(lengths, new, pool_blocks, cp=2, prompts=None, prefix_cache=True, n=None, results=None):
     from mpiinfer.engine.kv_cache import KV_BLOCK
     from mpiinfer.parallel.shard import cp_local_count
     bs = KV_BLOCK
     runner = CacheCheckingRunner(cp, pool=pool_blocks * bs + 1)     # (+ the scratch row)
     eng = Engine(runner, _Tok(), max_batch=8, step_tokens=512, cp_min_tokens=200)
-    prompts = [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
-    reqs = [Request(i, i, SamplingParams(max_tokens=m, ignore_eos=True), prompt_token_ids=p)
-            for i, (p, m) in enumerate(zip(prompts, new))]
+    if not prefix_cache:
+        for pool in eng.sched.pools:
+            pool.prefix_cache = False
+    prompts = prompts or [[(i * 31 + j * 5) % V for j in range(n)] for i, n in enumerate(lengths)]
+    n = n or [1] * len(prompts)
+    # n > 1 samples (temperature 1 over the fake's one-hot logits: the argmax but for a ~1e-7 chance per token)
+    reqs = [Request(i, i, SamplingParams(max_tokens=m, ignore_eos=True, n=k, temperature=1.0 if k > 1 else 0.0,
+                                         seed=i), prompt_token_ids=p)
+            for i, (p, m, k) in enumerate(zip(prompts, new, n))]
     admitted, preempted = [], []
     real_admit, real_victim = eng.sched.admit, eng.sched._victim
 
@@ -201,7 +207,10 @@ def _cp_run(lengths, new, pool_blocks, cp=2):
     res = sorted(eng.generate(reqs), key=lambda r: r.index)
     for r, p, m in zip(res, prompts, new):
         assert r.error is None, r.error
-        assert r.token_ids == expected_from_context(p, m), r.index
+        for c in r.choices or [r]:
+            assert c.token_ids == expected_from_context(p, m), r.index
+    if results is not None:
+        results.extend(res)
     assert admitted and all(admitted)                      # the prompt shard's blocks only, nothing for max_tokens
     for pool in eng.sched.pools:
         pool.check()
@@ -221,3 +230,36 @@ def test_cp_sequences_take_blocks_as_they_grow_and_survive_preemption():
     # CP documents alone, two at once (7 blocks each) in 16 blocks per rank: as they grow the newer one is preempted
     eng, preempted = _cp_run([200, 210, 205], [60, 60, 60], 16)
     assert preempted and all(was_cp for was_cp, _ in preempted)
+
+
+def test_cp_documents_share_cached_groups():
+    """CP documents that share a prefix share its full groups (``shard.cp_groups``) through the prefix cache on
+    every CP rank: a document cut short and continued differently, one extending another, an identical one, two
+    samples of one; those admitted while the first is computing wait for its groups instead of computing them
+    too.  Every row read holds the right (token, position) (the cache-checking fake), every answer is the one
+    computed without sharing, and every block goes back to its pool; under a tight cache too (preemptions)."""
+    from mpiinfer.parallel.shard import cp_groups
+    base = [(j * 7 + 3) % V for j in range(1100)]              # cp=2: unit 64, 4 full groups of 256, tail 76
+    assert cp_groups(1100, 2) == (64, 4)
+    prompts = [base,
+               base[:900] + [(j * 11) % V for j in range(200)],   # shares groups 0-2 (768 tokens)
+               base + [5, 6, 7] * 10,                            # extends it: shares all 4 groups
+               list(base),                                       # the same prompt: 4 groups, the tail computed
+               [(j * 13 + 1) % V for j in range(1100)],          # nothing shared
+               base[:1100 - 76] + [1] * 5]                       # 4 full groups exactly and 5 more
+    n = [1, 1, 2, 1, 1, 1]                 # two samples (the result counts the first one's prompt, as prompt_tokens)
+    want = [0, 768, 1024, 1024, 0, 1024]
+    for pool_blocks, new in ((200, [20, 15, 25, 10, 12, 8]), (48, [100] * 6)):
+        res = []
+        eng, _ = _cp_run(None, new, pool_blocks, prompts=prompts, n=n, results=res)
+        got = [r.cached_tokens for r in res]
+        if pool_blocks == 200:
+            assert got == want, got
+            assert eng.sched.preemptions == 0
+        else:   # 48 blocks per rank (a document's shard takes 35): documents sharing groups run together and grow
+            assert eng.sched.preemptions > 0 and sum(got) >= 2 * 1024, (eng.sched.preemptions, got)
+        off = []
+        _cp_run(None, new, pool_blocks, prompts=prompts, n=n, prefix_cache=False, results=off)
+        assert [r.cached_tokens for r in off] == [0] * len(prompts)
+        assert [[c.token_ids for c in r.choices or [r]] for r in res] == \
+            [[c.token_ids for c in r.choices or [r]] for r in off]

@@ -19,13 +19,19 @@ from mpiinfer.parallel.ring import (
     ring_attention,
 )
 from mpiinfer.parallel.shard import (
+    CP_MAX_GROUPS,
+    CP_UNIT,
     chunk_bounds,
+    cp_groups,
+    cp_local_count,
+    cp_local_positions,
     gather_order,
+    shard_count,
     shard_order,
     shard_positions,
 )
 
-LENS = [0, 1, 2, 3, 5, 7, 8, 9, 16, 37, 64, 101, 1000, 1001]
+LENS = [0, 1, 2, 3, 5, 7, 8, 9, 16, 37, 64, 101, 1000, 1001, 4099, 70001]
 CPS = [1, 2, 3, 4, 5, 8]
 
 
@@ -46,14 +52,63 @@ def test_shards_cover_every_position_once(L, cp):
     assert all(s.dtype == np.int64 and np.all(np.diff(s) > 0) for s in shards)
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 1
-    b = chunk_bounds(L, 2 * cp)
+    assert sizes == [shard_count(L, cp, r) for r in range(cp)]
+    u, groups = cp_groups(L, cp)
+    g = 2 * cp * u                                     # tokens per full group
+    t0 = groups * g
+    b = chunk_bounds(L - t0, 2 * cp) + t0
     lens = np.diff(b)
     assert lens.max() - lens.min() <= 1 and b[-1] == L
-    for r in range(cp):   # rank r owns exactly chunks r and 2cp-1-r
-        want = list(range(b[r], b[r + 1])) + list(range(b[2 * cp - 1 - r], b[2 * cp - r]))
+    for r in range(cp):   # rank r owns units r and 2cp-1-r of every full group, then tail chunks r and 2cp-1-r
+        want = [p for j in range(groups) for a in (r, 2 * cp - 1 - r) for p in range(j * g + a * u, j * g + (a + 1) * u)]
+        want += list(range(b[r], b[r + 1])) + list(range(b[2 * cp - 1 - r], b[2 * cp - r]))
         assert shards[r].tolist() == want
     if L:
         assert L - 1 in shards[0]          # the logits row of a prefill is on cp rank 0
+
+
+@pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
+def test_unit_bounds_runs_and_tail(cp):
+    """The unit is CP_UNIT * 2**k, the smallest with at most CP_MAX_GROUPS full groups; once it is larger than
+    CP_UNIT there are at least 4 full groups (the tail is under a fifth of the prompt), and no rank holds more
+    than 2 * CP_MAX_GROUPS + 2 runs of consecutive positions (ring.MAX_RUNS: beyond that the ring plans coarsely)."""
+    for L in list(range(0, 3000, 37)) + [2 * cp * CP_UNIT * 8 * 2 ** k + d for k in range(6) for d in (-1, 0, 1)]:
+        u, groups = cp_groups(L, cp)
+        assert u % CP_UNIT == 0 and (u // CP_UNIT) & (u // CP_UNIT - 1) == 0
+        assert groups <= CP_MAX_GROUPS
+        if u > CP_UNIT:
+            assert L // (cp * u) > CP_MAX_GROUPS and groups >= 4 and L - groups * 2 * cp * u < L / 5
+        for r in range(cp):
+            pos = shard_positions(L, cp, r)
+            assert len(np.flatnonzero(np.diff(pos) != 1)) + 1 <= ring.MAX_RUNS
+
+
+def test_shared_prefix_is_laid_out_alike():
+    """Two prompt lengths with the same unit put every position of their common full groups on the same rank and
+    at the same cache row (what CP prefix sharing relies on); within the tail they differ."""
+    for cp in (2, 3, 4):
+        for L1, L2 in [(4099, 4500), (900, 1000), (5000, 5100), (70001, 70500)]:
+            (u1, g1), (u2, g2) = cp_groups(L1, cp), cp_groups(L2, cp)
+            assert u1 == u2, (L1, L2, cp)
+            shared = min(g1, g2) * 2 * cp * u1
+            assert shared > 0
+            for r in range(cp):
+                a, b = shard_positions(L1, cp, r), shard_positions(L2, cp, r)
+                n = min(g1, g2) * 2 * u1
+                assert np.array_equal(a[:n], b[:n]) and a[:n].max() < shared <= a[n:].min(initial=L1)
+
+
+@pytest.mark.parametrize("L,cp", [(4099, 2), (300, 3), (1000, 4), (5, 2)])
+def test_local_positions_and_counts(L, cp):
+    """A CP sequence's cache rows on a rank: its prompt shard, then the generated positions p with p % cp == r."""
+    for glen in (L, L + 1, L + 7):
+        for r in range(cp):
+            pos = cp_local_positions(L, glen, cp, r)
+            assert len(pos) == cp_local_count(L, glen, cp, r)
+            assert pos[:shard_count(L, cp, r)].tolist() == shard_positions(L, cp, r).tolist()
+            assert all(p % cp == r for p in pos[shard_count(L, cp, r):])
+        assert sorted(np.concatenate([cp_local_positions(L, glen, cp, r) for r in range(cp)]).tolist()) == \
+            list(range(glen))
 
 
 @pytest.mark.parametrize("L", LENS)
@@ -115,7 +170,8 @@ def test_future_block_is_skipped_and_past_block_unmasked():
     assert [(r.qa, r.qb, r.ka, r.kb, r.masked) for r in rects] == [(0, 10, 0, 10, False)]
 
 
-@pytest.mark.parametrize("L,cp", [(1000, 2), (1000, 3), (1000, 4), (4096, 4), (1001, 8), (32768, 2)])
+@pytest.mark.parametrize("L,cp", [(1000, 2), (1000, 3), (1000, 4), (4096, 4), (1001, 8), (32768, 2), (4099, 2),
+                                  (100001, 2)])
 def test_load_balance(L, cp):
     """Zigzag sharding: every rank attends every block, computes the same number of matmul
     rectangles (+-1 / +-2 when chunk lengths differ) and the same work within 2%, and the total is
@@ -205,7 +261,7 @@ def test_ring_without_comm_equals_reference(window, dtype, tol):
 
 
 @pytest.mark.parametrize("window,chunk", [(None, None), (13, None), (None, 29)])
-@pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (300, 4), (5, 4), (1, 3)])
+@pytest.mark.parametrize("L,cp", [(37, 2), (101, 3), (300, 4), (5, 4), (1, 3), (1100, 2)])
 def test_simulated_ring_equals_reference(L, cp, window, chunk):
     """Each rank's plan applied to each rank's block, merged in ring order, equals full attention
     restricted to the rank's positions (the MPI transport is tested in tests/mpi/test_ring.py); chunked
@@ -229,6 +285,38 @@ def test_simulated_ring_equals_reference(L, cp, window, chunk):
                                acc_o, acc_l, max_elems=200, chunk=chunk)   # tiny chunks: exercise query chunking
         out, _ = ring._ungroup(acc_o, acc_l, len(qp), 4)
         assert (out - ref[qp]).abs().max().item() < 1e-5 if len(qp) else out.shape == (0, n_q, hd)
+
+
+@pytest.mark.parametrize("window,chunk", [(None, None), (50, None), (None, 300)])
+@pytest.mark.parametrize("L,cp,cached", [(1100, 2, 1), (1100, 2, 3), (1300, 3, 2), (1050, 4, 1), (1024, 2, 3)])
+def test_simulated_ring_with_cached_groups(L, cp, cached, window, chunk):
+    """A CP prompt whose first ``cached`` full groups are in the cache (a prefix shared with an earlier prompt):
+    each rank's queries are only its positions after them, its keys all its positions; merged over the ring it
+    equals full attention at those positions (1024 = 4 full groups, no tail, at cp=2: the last group is computed)."""
+    n_q, n_kv, hd = 4, 2, 16
+    q, k, v = qkv(L, n_q, n_kv, hd, seed=L + cached)
+    scale = hd ** -0.5
+    ref = causal_attention_reference(q, k, v, scale, window=window, chunk=chunk)
+    shards = [shard_positions(L, cp, r) for r in range(cp)]
+    u, groups = cp_groups(L, cp)
+    assert cached < groups or (cached == groups and L > groups * 2 * cp * u)
+    first = cached * 2 * cp * u
+    tile = default_tile(*shards)
+    for r in range(cp):
+        qpos = shards[r][cached * 2 * u:]
+        assert qpos.min() >= first
+        qp = torch.from_numpy(qpos)
+        acc_o = torch.zeros(n_kv, len(qp) * 2, hd)
+        acc_l = torch.full((n_kv, len(qp) * 2), -math.inf)
+        qg = ring._group_q(q[qp], n_kv, scale)
+        for t in range(cp):
+            s = (r - t) % cp
+            kp = torch.from_numpy(shards[s])
+            rects, _ = plan_block(qpos, shards[s], window, tile, chunk)
+            ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, 2, window,
+                               acc_o, acc_l, chunk=chunk)
+        out, _ = ring._ungroup(acc_o, acc_l, len(qp), 2)
+        assert (out - ref[qp]).abs().max().item() < 1e-5
 
 
 def test_ring_plan_single_process():
