@@ -167,17 +167,19 @@ def block_hashes(tokens, block_size: int) -> list:
     return out
 
 
-def cp_group_keys(tokens, cp: int, unit: int, groups: int) -> list:
-    """The hash chain of a CP prompt's first ``groups`` full groups of ``2 * cp * unit`` tokens
-    (``parallel.shard.cp_groups``): group g's key covers every token up to its end and the layout (cp, unit), so
-    equal keys mean equal prefixes stored alike on every CP rank.  Salted apart from ``block_hashes``' keys."""
+def cp_group_keys(tokens, cp: int, units: list) -> list:
+    """The hash chain of a CP prompt's groups of ``2 * cp * unit`` tokens (``parallel.shard.cp_groups``): group g's
+    key covers every token up to its end, cp and every group's unit so far, so equal keys mean equal prefixes stored
+    alike on every CP rank.  Salted apart from ``block_hashes``' keys."""
     out = []
-    prev = hashlib.blake2b(f"cp {cp} {unit}".encode(), digest_size=16).digest()
+    prev = hashlib.blake2b(f"cp {cp}".encode(), digest_size=16).digest()
     arr = np.asarray(tokens, dtype=np.int64)
-    n = 2 * cp * unit
-    for j in range(groups):
-        prev = hashlib.blake2b(prev + arr[j * n:(j + 1) * n].tobytes(), digest_size=16).digest()
+    at = 0
+    for u in units:
+        n = 2 * cp * u
+        prev = hashlib.blake2b(prev + u.to_bytes(8, "little") + arr[at:at + n].tobytes(), digest_size=16).digest()
         out.append(prev)
+        at += n
     return out
 
 

@@ -15,6 +15,7 @@ shard per CP rank.  No model, no tokenizer, no MPI: the ``Engine`` executes the 
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -170,28 +171,32 @@ class Scheduler:
         group right now, it waits for it."""
         L, cp, bs = len(seq.prompt), self.cp, self.bs
         need = [-(-shard_count(L, cp, r) // bs) for r in range(cp)]
-        unit, groups = cp_groups(L, cp)
-        nb = 2 * unit // bs                                  # blocks of one group on each rank
-        hits, h = [[] for _ in range(cp)], 0
-        if self.pools[0].prefix_cache and groups and 2 * unit % bs == 0 and seq.keys is None:
-            seq.keys = cp_group_keys(seq.prompt, cp, unit, groups)      # registered once computed, hits or not
+        units = cp_groups(L, cp)                             # each group: 2 units (2 * unit rows) on every rank
+        hits, h, nblocks = [[] for _ in range(cp)], 0, 0
+        if self.pools[0].prefix_cache and units and 2 * units[-1] % bs == 0 and seq.keys is None:
+            seq.keys = cp_group_keys(seq.prompt, cp, units)             # registered once computed, hits or not
         if seq.keys is not None and seq.takes_cache_hits:
-            limit = min(groups, (L - 1) // (2 * cp * unit))
-            bkeys = [k for g in seq.keys[:limit] for k in cp_block_keys(g, nb)]
+            ends = list(itertools.accumulate(2 * cp * u for u in units))
+            limit = sum(1 for e in ends if e <= L - 1)
+            nbs = [2 * u // bs for u in units[:limit]]
+            bkeys = [k for g, nb in zip(seq.keys, nbs) for k in cp_block_keys(g, nb)]
             hits = [self.pools[r].lookup(bkeys) for r in range(cp)]
-            h = min(len(x) for x in hits) // nb
+            common = min(len(x) for x in hits)
+            while h < limit and nblocks + nbs[h] <= common:
+                nblocks += nbs[h]
+                h += 1
             for r in range(cp):
-                self.pools[r].release(hits[r][h * nb:])
-                hits[r] = hits[r][:h * nb]
+                self.pools[r].release(hits[r][nblocks:])
+                hits[r] = hits[r][:nblocks]
             if h < limit and (-1, seq.keys[h]) in self.pending:
                 self._release_all(hits)
                 return False
-        if any(self.pools[r].available - (need[r] - h * nb) < self._decoding_on(r) for r in range(cp)):
+        if any(self.pools[r].available - (need[r] - nblocks) < self._decoding_on(r) for r in range(cp)):
             self._release_all(hits)
             return False
-        seq.rank_blocks = [hits[r] + self.pools[r].allocate(need[r] - h * nb, after=hits[r][-1] if h else None)
+        seq.rank_blocks = [hits[r] + self.pools[r].allocate(need[r] - nblocks, after=hits[r][-1] if h else None)
                            for r in range(cp)]
-        seq.n_cached = seq.cached_tokens = h * 2 * cp * unit
+        seq.n_cached = seq.cached_tokens = 2 * cp * sum(units[:h])
         seq.registered = h
         for k in (seq.keys or [])[h:]:
             self.pending.setdefault((-1, k), seq)
@@ -311,13 +316,14 @@ class Scheduler:
 
     def _register_cp(self, seq: Sequence) -> None:
         """A CP prompt just computed: its full groups go into the prefix cache on every CP rank."""
-        unit, _ = cp_groups(len(seq.prompt), self.cp)
-        nb = 2 * unit // self.bs
+        units = cp_groups(len(seq.prompt), self.cp)
+        at = sum(2 * u // self.bs for u in units[:seq.registered])      # its first block on every rank
         for g in range(seq.registered, len(seq.keys)):
-            bkeys = cp_block_keys(seq.keys[g], nb)
+            bkeys = cp_block_keys(seq.keys[g], 2 * units[g] // self.bs)
             for r in range(self.cp):
                 for j, k in enumerate(bkeys):
-                    self.pools[r].register(seq.rank_blocks[r][g * nb + j], k)
+                    self.pools[r].register(seq.rank_blocks[r][at + j], k)
+            at += len(bkeys)
             if self.pending.get((-1, seq.keys[g])) is seq:
                 del self.pending[(-1, seq.keys[g])]
         seq.registered = len(seq.keys)

@@ -116,56 +116,61 @@ def chunk_bounds(seq_len: int, n_chunks: int) -> np.ndarray:
     return np.concatenate(([0], np.cumsum(lens))).astype(np.int64)
 
 
-# A long CP prompt is split in *units* of CP_UNIT * 2**k tokens (a whole number of KV blocks), in groups of
-# 2 * cp units: rank r takes units r and 2cp-1-r of every group (each group is balanced on its own), then the
-# same zigzag over the 2cp chunks of the tail after the last full group.  Which rank holds a position below the
-# tail therefore depends only on (cp, unit), not on the prompt's length: prompts that share a prefix store its
-# full groups identically, which is what lets CP documents share them through the prefix cache
-# (``engine.scheduler``).  The unit is the smallest with at most CP_MAX_GROUPS full groups, so that a rank holds
-# at most 2 * CP_MAX_GROUPS + 2 runs of consecutive positions (``ring.MAX_RUNS``), and with at least
-# CP_MAX_GROUPS // 2 + 1 full groups once the prompt is long enough (the tail, never shared, is under 1/4 of it).
+# A long CP prompt is laid out in *groups* of 2 * cp *units* of CP_UNIT * 2**k tokens (a whole number of KV
+# blocks): rank r takes units r and 2cp-1-r of every group (each group is balanced on its own), then the same
+# zigzag over the 2cp chunks of the tail after the last group.  The groups: as many as fit of the top unit (the
+# smallest with at most CP_MAX_GROUPS of them), then at most one of each smaller unit down to CP_UNIT, so the tail
+# is shorter than 2 * cp * CP_UNIT tokens.  Which rank holds a position in a group, and at which cache row,
+# therefore depends only on cp and the groups before it, not on the prompt's length: prompts that share a prefix
+# store its groups identically, which is what lets CP documents share them through the prefix cache
+# (``engine.scheduler``).  A rank holds at most 2 * groups + 2 runs of consecutive positions (``ring.MAX_RUNS``).
 CP_UNIT = 64
 CP_MAX_GROUPS = 7
 
 
 def cp_unit(seq_len: int, cp: int) -> int:
-    """The unit of a ``seq_len``-token CP prompt's layout (see CP_UNIT)."""
+    """The top unit of a ``seq_len``-token CP prompt's layout (see CP_UNIT)."""
     u = CP_UNIT
     while seq_len // (2 * cp * u) > CP_MAX_GROUPS:
         u *= 2
     return u
 
 
-def cp_groups(seq_len: int, cp: int) -> tuple:
-    """(unit, full groups) of a ``seq_len``-token CP prompt: positions below ``groups * 2 * cp * unit`` are laid
-    out in units, the rest (the tail) in 2 * cp chunks."""
-    u = cp_unit(seq_len, cp)
-    return u, seq_len // (2 * cp * u)
+def cp_groups(seq_len: int, cp: int) -> list:
+    """The unit of each group of a ``seq_len``-token CP prompt, in order (see CP_UNIT); the tail starts at
+    ``2 * cp * sum(units)``."""
+    u, at, out = cp_unit(seq_len, cp), 0, []
+    while u >= CP_UNIT:
+        k = (seq_len - at) // (2 * cp * u)
+        out += [u] * k
+        at += k * 2 * cp * u
+        u //= 2
+    return out
 
 
 def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
     """Global positions (int64, ascending) owned by ``cp_rank``: units ``cp_rank`` and ``2*cp - 1 - cp_rank`` of
-    every full group of 2*cp units, then chunks ``cp_rank`` and ``2*cp - 1 - cp_rank`` of the tail's 2*cp
-    near-equal chunks (see CP_UNIT), so every rank does the same causal work.  The last position ``seq_len - 1``
-    is always owned by cp rank 0 (the replica leader), which therefore holds the logits row of a prefill."""
+    every group of 2*cp units, then chunks ``cp_rank`` and ``2*cp - 1 - cp_rank`` of the tail's 2*cp near-equal
+    chunks (see CP_UNIT), so every rank does the same causal work.  The last position ``seq_len - 1`` is always
+    owned by cp rank 0 (the replica leader), which therefore holds the logits row of a prefill."""
     if not 0 <= cp_rank < cp:
         raise ValueError(f"cp_rank {cp_rank} out of range for cp={cp}")
-    u, groups = cp_groups(seq_len, cp)
-    t0 = groups * 2 * cp * u
-    starts = (np.arange(groups, dtype=np.int64)[:, None] * (2 * cp * u)
-              + np.array([cp_rank * u, (2 * cp - 1 - cp_rank) * u], dtype=np.int64)[None, :])
-    full = (starts.reshape(-1, 1) + np.arange(u, dtype=np.int64)[None, :]).reshape(-1)
-    b = chunk_bounds(seq_len - t0, 2 * cp) + t0
     lo, hi = cp_rank, 2 * cp - 1 - cp_rank
-    return np.concatenate((full, np.arange(b[lo], b[lo + 1]), np.arange(b[hi], b[hi + 1]))).astype(np.int64)
+    parts, at = [], 0
+    for u in cp_groups(seq_len, cp):
+        parts += [np.arange(at + lo * u, at + (lo + 1) * u), np.arange(at + hi * u, at + (hi + 1) * u)]
+        at += 2 * cp * u
+    b = chunk_bounds(seq_len - at, 2 * cp) + at
+    parts += [np.arange(b[lo], b[lo + 1]), np.arange(b[hi], b[hi + 1])]
+    return np.concatenate(parts).astype(np.int64)
 
 
 def shard_count(seq_len: int, cp: int, cp_rank: int) -> int:
     """``len(shard_positions(...))`` without building the array."""
-    u, groups = cp_groups(seq_len, cp)
-    b = chunk_bounds(seq_len - groups * 2 * cp * u, 2 * cp)
+    units = cp_groups(seq_len, cp)
+    b = chunk_bounds(seq_len - 2 * cp * sum(units), 2 * cp)
     lo, hi = cp_rank, 2 * cp - 1 - cp_rank
-    return groups * 2 * u + int(b[lo + 1] - b[lo] + b[hi + 1] - b[hi])
+    return 2 * sum(units) + int(b[lo + 1] - b[lo] + b[hi + 1] - b[hi])
 
 
 def shard_order(seq_len: int, cp: int) -> np.ndarray:

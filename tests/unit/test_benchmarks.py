@@ -120,8 +120,8 @@ def test_bench_prefix_cp_quick(tmp_path):
     out = tmp_path / "p.json"
     _run("bench_prefix.py", "--quick", "--cp", "2", "--json", str(out), timeout=180)
     res = json.loads((tmp_path / "p_cp.json").read_text())
-    unit, groups = cp_groups(705, 2)
+    units = cp_groups(705, 2)
     on, off = res["runs"]["shared_on"], res["runs"]["shared_off"]
     assert on["records"] == 24 and off["records"] == 8 and on["errors"] == off["errors"] == 0
-    assert on["prompt_tokens_cached"] == 23 * groups * 4 * unit and off["prompt_tokens_cached"] == 0
+    assert on["prompt_tokens_cached"] == 23 * 4 * sum(units) == 23 * 512 and off["prompt_tokens_cached"] == 0
     assert res["shared_prefix_speedup"] > 0

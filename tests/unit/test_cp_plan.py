@@ -239,25 +239,25 @@ def test_cp_documents_share_cached_groups():
     too.  Every row read holds the right (token, position) (the cache-checking fake), every answer is the one
     computed without sharing, and every block goes back to its pool; under a tight cache too (preemptions)."""
     from mpiinfer.parallel.shard import cp_groups
-    base = [(j * 7 + 3) % V for j in range(1100)]              # cp=2: unit 64, 4 full groups of 256, tail 76
-    assert cp_groups(1100, 2) == (64, 4)
+    base = [(j * 7 + 3) % V for j in range(2400)]
+    assert cp_groups(2400, 2) == [128] * 4 + [64]              # 4 groups of 512 tokens, one of 256, a 96-token tail
     prompts = [base,
-               base[:900] + [(j * 11) % V for j in range(200)],   # shares groups 0-2 (768 tokens)
-               base + [5, 6, 7] * 10,                            # extends it: shares all 4 groups
-               list(base),                                       # the same prompt: 4 groups, the tail computed
-               [(j * 13 + 1) % V for j in range(1100)],          # nothing shared
-               base[:1100 - 76] + [1] * 5]                       # 4 full groups exactly and 5 more
+               base[:1900] + [(j * 11) % V for j in range(200)],   # differs inside group 3: shares groups 0-2
+               base + [5, 6, 7] * 10,                            # extends it: shares all 5 groups
+               list(base),                                       # the same prompt: 5 groups, the tail computed
+               [(j * 13 + 1) % V for j in range(2400)],          # nothing shared
+               base[:2304] + [1] * 5]                            # the 5 groups and 5 more tokens
     n = [1, 1, 2, 1, 1, 1]                 # two samples (the result counts the first one's prompt, as prompt_tokens)
-    want = [0, 768, 1024, 1024, 0, 1024]
-    for pool_blocks, new in ((200, [20, 15, 25, 10, 12, 8]), (48, [100] * 6)):
+    want = [0, 1536, 2304, 2304, 0, 2304]
+    for pool_blocks, new in ((400, [20, 15, 25, 10, 12, 8]), (100, [100] * 6)):
         res = []
         eng, _ = _cp_run(None, new, pool_blocks, prompts=prompts, n=n, results=res)
         got = [r.cached_tokens for r in res]
-        if pool_blocks == 200:
+        if pool_blocks == 400:
             assert got == want, got
             assert eng.sched.preemptions == 0
-        else:   # 48 blocks per rank (a document's shard takes 35): documents sharing groups run together and grow
-            assert eng.sched.preemptions > 0 and sum(got) >= 2 * 1024, (eng.sched.preemptions, got)
+        else:   # 100 blocks per rank (a document's shard takes 75): documents sharing groups run together and grow
+            assert eng.sched.preemptions > 0 and sum(got) >= 2 * 2304, (eng.sched.preemptions, got)
         off = []
         _cp_run(None, new, pool_blocks, prompts=prompts, n=n, prefix_cache=False, results=off)
         assert [r.cached_tokens for r in off] == [0] * len(prompts)

@@ -53,14 +53,17 @@ def test_shards_cover_every_position_once(L, cp):
     sizes = [len(s) for s in shards]
     assert max(sizes) - min(sizes) <= 1
     assert sizes == [shard_count(L, cp, r) for r in range(cp)]
-    u, groups = cp_groups(L, cp)
-    g = 2 * cp * u                                     # tokens per full group
-    t0 = groups * g
+    units = cp_groups(L, cp)
+    t0 = 2 * cp * sum(units)                          # where the tail starts
     b = chunk_bounds(L - t0, 2 * cp) + t0
     lens = np.diff(b)
     assert lens.max() - lens.min() <= 1 and b[-1] == L
-    for r in range(cp):   # rank r owns units r and 2cp-1-r of every full group, then tail chunks r and 2cp-1-r
-        want = [p for j in range(groups) for a in (r, 2 * cp - 1 - r) for p in range(j * g + a * u, j * g + (a + 1) * u)]
+    for r in range(cp):   # rank r owns units r and 2cp-1-r of every group, then tail chunks r and 2cp-1-r
+        want, at = [], 0
+        for u in units:
+            want += list(range(at + r * u, at + (r + 1) * u)) + \
+                list(range(at + (2 * cp - 1 - r) * u, at + (2 * cp - r) * u))
+            at += 2 * cp * u
         want += list(range(b[r], b[r + 1])) + list(range(b[2 * cp - 1 - r], b[2 * cp - r]))
         assert shards[r].tolist() == want
     if L:
@@ -68,34 +71,51 @@ def test_shards_cover_every_position_once(L, cp):
 
 
 @pytest.mark.parametrize("cp", [1, 2, 3, 4, 8])
-def test_unit_bounds_runs_and_tail(cp):
-    """The unit is CP_UNIT * 2**k, the smallest with at most CP_MAX_GROUPS full groups; once it is larger than
-    CP_UNIT there are at least 4 full groups (the tail is under a fifth of the prompt), and no rank holds more
-    than 2 * CP_MAX_GROUPS + 2 runs of consecutive positions (ring.MAX_RUNS: beyond that the ring plans coarsely)."""
-    for L in list(range(0, 3000, 37)) + [2 * cp * CP_UNIT * 8 * 2 ** k + d for k in range(6) for d in (-1, 0, 1)]:
-        u, groups = cp_groups(L, cp)
-        assert u % CP_UNIT == 0 and (u // CP_UNIT) & (u // CP_UNIT - 1) == 0
-        assert groups <= CP_MAX_GROUPS
-        if u > CP_UNIT:
-            assert L // (cp * u) > CP_MAX_GROUPS and groups >= 4 and L - groups * 2 * cp * u < L / 5
+def test_groups_runs_and_tail(cp):
+    """The groups: as many of the top unit (CP_UNIT * 2**k, the smallest with at most CP_MAX_GROUPS of them) as
+    fit, then at most one of each smaller unit down to CP_UNIT; the tail is under 2 * cp * CP_UNIT tokens, and no
+    rank holds more than 2 * groups + 2 <= ring.MAX_RUNS runs of consecutive positions."""
+    for L in list(range(0, 3000, 37)) + [2 * cp * CP_UNIT * 8 * 2 ** k + d for k in range(12) for d in (-1, 0, 1)] + \
+            [10_000_000]:
+        units = cp_groups(L, cp)
+        top = units[0] if units else CP_UNIT
+        assert top % CP_UNIT == 0 and (top // CP_UNIT) & (top // CP_UNIT - 1) == 0
+        assert units.count(top) <= CP_MAX_GROUPS
+        if top > CP_UNIT:
+            assert L // (cp * top) > CP_MAX_GROUPS
+        lower = units[units.count(top):]
+        assert lower == sorted(set(lower), reverse=True) and all(u < top and u % CP_UNIT == 0 for u in lower)
+        assert 0 <= L - 2 * cp * sum(units) < 2 * cp * CP_UNIT
+        if L > 100_000:
+            continue                                 # the run count below; positions of 10M tokens are slow to build
         for r in range(cp):
             pos = shard_positions(L, cp, r)
-            assert len(np.flatnonzero(np.diff(pos) != 1)) + 1 <= ring.MAX_RUNS
+            runs = len(np.flatnonzero(np.diff(pos) != 1)) + 1
+            assert runs <= 2 * len(units) + 2 <= ring.MAX_RUNS
+    assert 2 * len(cp_groups(10_000_000, 2)) + 2 <= ring.MAX_RUNS
 
 
 def test_shared_prefix_is_laid_out_alike():
-    """Two prompt lengths with the same unit put every position of their common full groups on the same rank and
-    at the same cache row (what CP prefix sharing relies on); within the tail they differ."""
+    """A document followed by different questions: positions in the groups both prompts start with are stored
+    alike (same rank, same cache row).  Those groups usually cover all but the last < 4 * cp * CP_UNIT tokens of
+    the document (here always): they differ only where a question pushes the remaining length over a group size,
+    which a question much shorter than that group rarely does."""
     for cp in (2, 3, 4):
-        for L1, L2 in [(4099, 4500), (900, 1000), (5000, 5100), (70001, 70500)]:
-            (u1, g1), (u2, g2) = cp_groups(L1, cp), cp_groups(L2, cp)
-            assert u1 == u2, (L1, L2, cp)
-            shared = min(g1, g2) * 2 * cp * u1
-            assert shared > 0
-            for r in range(cp):
-                a, b = shard_positions(L1, cp, r), shard_positions(L2, cp, r)
-                n = min(g1, g2) * 2 * u1
-                assert np.array_equal(a[:n], b[:n]) and a[:n].max() < shared <= a[n:].min(initial=L1)
+        for doc in (1100, 4099, 6000, 70001):
+            u_doc = cp_groups(doc, cp)
+            for q in (5, 30, 41, 100):
+                L = doc + q
+                units = cp_groups(L, cp)
+                k = 0
+                while k < min(len(units), len(u_doc)) and units[k] == u_doc[k]:
+                    k += 1
+                shared = 2 * cp * sum(units[:k])
+                if units[:1] == u_doc[:1]:             # the same top unit (a boundary between them is rare)
+                    assert shared >= doc - 2 * 2 * cp * CP_UNIT, (cp, doc, q, units, u_doc)
+                for r in range(cp):
+                    a, b = shard_positions(doc, cp, r), shard_positions(L, cp, r)
+                    n = 2 * sum(units[:k])
+                    assert np.array_equal(a[:n], b[:n]) and a[:n].max(initial=-1) < shared <= a[n:].min(initial=doc)
 
 
 @pytest.mark.parametrize("L,cp", [(4099, 2), (300, 3), (1000, 4), (5, 2)])
@@ -288,22 +308,26 @@ def test_simulated_ring_equals_reference(L, cp, window, chunk):
 
 
 @pytest.mark.parametrize("window,chunk", [(None, None), (50, None), (None, 300)])
-@pytest.mark.parametrize("L,cp,cached", [(1100, 2, 1), (1100, 2, 3), (1300, 3, 2), (1050, 4, 1), (1024, 2, 3)])
+@pytest.mark.parametrize("L,cp,cached", [(1100, 2, 1), (1100, 2, 3), (1300, 3, 2), (1050, 4, 1), (1024, 2, 3),
+                                          (2900, 2, 5), (2900, 2, 6)])
 def test_simulated_ring_with_cached_groups(L, cp, cached, window, chunk):
     """A CP prompt whose first ``cached`` full groups are in the cache (a prefix shared with an earlier prompt):
     each rank's queries are only its positions after them, its keys all its positions; merged over the ring it
-    equals full attention at those positions (1024 = 4 full groups, no tail, at cp=2: the last group is computed)."""
+    equals full attention at those positions (1024 = 4 full groups, no tail, at cp=2: the last group is computed;
+    2900 at cp=2: 5 groups of 128-token units, one of 64, a 84-token tail)."""
+    if L == 2900:
+        assert cp_groups(L, cp) == [128] * 5 + [64]
     n_q, n_kv, hd = 4, 2, 16
     q, k, v = qkv(L, n_q, n_kv, hd, seed=L + cached)
     scale = hd ** -0.5
     ref = causal_attention_reference(q, k, v, scale, window=window, chunk=chunk)
     shards = [shard_positions(L, cp, r) for r in range(cp)]
-    u, groups = cp_groups(L, cp)
-    assert cached < groups or (cached == groups and L > groups * 2 * cp * u)
-    first = cached * 2 * cp * u
+    units = cp_groups(L, cp)
+    first = 2 * cp * sum(units[:cached])
+    assert first < L
     tile = default_tile(*shards)
     for r in range(cp):
-        qpos = shards[r][cached * 2 * u:]
+        qpos = shards[r][2 * sum(units[:cached]):]
         assert qpos.min() >= first
         qp = torch.from_numpy(qpos)
         acc_o = torch.zeros(n_kv, len(qp) * 2, hd)
