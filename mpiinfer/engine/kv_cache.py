@@ -12,7 +12,8 @@ Attention reads a sequence's rows as *extents* (runs of consecutive rows): the p
 the middle of the largest free run and grows it into the block after its last one when that is free, so a
 sequence is usually one extent (a plain strided view, no copy); a shared prefix adds one.  A CP sequence holds
 blocks on every CP rank the same way: its prompt shard's at admission, then one at a time where its new tokens
-are stored.
+are stored; its prompt's groups (``parallel.shard.cp_groups``) are cached as blocks keyed by ``cp_group_keys`` /
+``cp_block_keys``.
 """
 from __future__ import annotations
 

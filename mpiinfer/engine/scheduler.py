@@ -3,8 +3,9 @@
 Owns: ``Sequence`` (one request's state across steps); admission into the KV cache, FIFO: an ordinary
 sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the longest prefix of them found in
 the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
-takes the blocks of its prompt shard on every CP rank, then one block at a time on the rank that stores its next
-token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
+takes the blocks of its prompt shard on every CP rank, after the longest run of its leading groups
+(``parallel.shard.cp_groups``) found in the prefix cache on every CP rank, then one block at a time on the rank
+that stores its next token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
 is preempted (its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds
 blocks there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
 routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0),
