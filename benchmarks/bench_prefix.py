@@ -71,7 +71,8 @@ def main(argv=None) -> int:
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--max-batch", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--cp", type=int, default=1, help="run the shared-prefix workload over this many CP ranks")
+    ap.add_argument("--cp", type=int, default=1, help="run the shared-prefix workload over this many CP ranks, "
+                    "one thread each (--threads is then 1 for every workload)")
     ap.add_argument("--chat", type=int, default=0, help="also the chat workload with this many prompts")
     ap.add_argument("--chat-kv-budget", default="256MiB")
     ap.add_argument("--baseline", default=None, help="a checkout whose engine runs the chat workload too")

@@ -41,7 +41,7 @@ from ..comm.collectives import as_buffer, mpi_module
 MAX_SCORE_ELEMS = 1 << 23
 # A run is a stretch of consecutive positions; positions split into more runs than this
 # are treated as one irregular run (classified by min/max, masked when it straddles).
-MAX_RUNS = 48               # a CP shard (shard.CP_UNIT): 2 x 22 + 2 runs at most for 10M tokens at cp=2
+MAX_RUNS = 48               # a CP shard (shard.CP_UNIT) up to 10M tokens: 2 x 19 + 2 runs at most
 # Diagonal blocks are cut into masked tiles no longer than this many rows (see default_tile).
 MIN_TILE = 32
 _TAG = 7117

@@ -114,8 +114,8 @@ def test_cp_documents_in_a_tight_cache_grow_and_are_preempted(arch, model_dirs, 
                                                   ("qwen3", 3, ["--cp", "3"])], ranks=lambda c: c[1]))
 def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_path):
     """Documents sharing a prefix share its full CP groups through the prefix cache (questions after one document,
-    a document cut short and continued differently, an identical one; the later ones wait for the first to compute
-    the groups): tokens are transformers', logprobs within 1e-4, and the summary counts the shared tokens; with
+    a document cut short and continued differently, an identical one, one whose every group is cached; the later
+    ones wait for the first to compute the groups): tokens are transformers', logprobs within 1e-4, and the summary counts the shared tokens; with
     ``--prefix-cache off`` nothing is shared and the answers are the same (Gemma 3: windowed layers over queries
     that are only the uncached part)."""
     from mpiinfer.parallel.shard import cp_groups
@@ -124,7 +124,8 @@ def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_pat
     rng = random.Random(5)
     doc = [rng.randrange(4, 500) for _ in range(2400)]       # cp=2: 4 groups of 512 tokens, one of 256, a tail
     qs = [[rng.randrange(4, 500) for _ in range(k)] for k in (30, 41, 25)]
-    prompts = [doc + qs[0], doc + qs[1], doc[:1700] + qs[2], list(doc), doc + qs[0], qs[1] * 3]
+    # ... doc[:2304] + 1 token: every group cached, a 1-token tail, so CP ranks > 0 have no query at all
+    prompts = [doc + qs[0], doc + qs[1], doc[:2200] + qs[2], list(doc), doc + qs[0], doc[:2304] + [7], qs[1] * 3]
     cp = int(flags[-1])
     assert cp != 2 or cp_groups(len(doc), cp) == [128] * 4 + [64]
 
@@ -140,8 +141,9 @@ def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_pat
             at += 2 * cp * x
         return at
 
-    want = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 5))
-    assert want >= 3 * (len(doc) - 4 * cp * 64)              # all but < 2 groups of the smallest unit, 3 times
+    want = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 6))
+    assert want >= 4 * (len(doc) - 4 * cp * 64) + 1900       # the cut one too (at cp=2 2,048, at cp=3 1,920)
+    assert cp_groups(2305, cp) == cp_groups(2400, cp) and 2 * cp * sum(cp_groups(2305, cp)) == 2304
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
                                        "ignore_eos": True}) + "\n" for i, p in enumerate(prompts)))
