@@ -247,6 +247,25 @@ def test_decode_partial_plus_merge_equals_full():
     assert (out - ref).abs().max() < 1e-5
 
 
+def test_decode_partial_of_a_bfloat16_shard_in_pieces(monkeypatch):
+    """A bfloat16 shard longer than DECODE_ROWS is attended a piece at a time in float32 (no float32 copy of the
+    whole shard): the same result as attending its float32 copy at once, within float32 rounding of the merge."""
+    T, n_q, n_kv, hd = 1000, 8, 2, 32
+    q, k, v = qkv(T, n_q, n_kv, hd, seed=9, dtype=torch.bfloat16)
+    scale = hd ** -0.5
+    whole = decode_attention_partial(q[-2:], k.float(), v.float(), scale)
+    monkeypatch.setattr(ring, "DECODE_ROWS", 96)              # 11 pieces, the last one short
+    seen = []
+    real = ring._attend_rects
+    monkeypatch.setattr(ring, "_attend_rects", lambda *a, **kw: seen.append(a[5]) or real(*a, **kw))
+    o, lse = decode_attention_partial(q[-2:], k, v, scale)
+    assert len(seen[0]) == 11 and seen[0][-1].kb == T
+    assert (o - whole[0]).abs().max() < 1e-5 and (lse - whole[1]).abs().max() < 1e-5
+    ref = causal_attention_reference(q[-2:].double(), k.double(), v.double(), scale, q_pos=torch.full((2,), T),
+                                     kv_pos=torch.arange(T))            # every key visible, in float64
+    assert (o.double() - ref).abs().max() < 1e-4
+
+
 def test_empty_shard_and_fully_masked_rows_merge_as_noop():
     q, k, v = qkv(4)
     o0, l0 = decode_attention_partial(q, k[:0], v[:0], 0.25)
