@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from ..config import ModelConfig
-from ..parallel.shard import kv_heads_for_rank
+from ..parallel.shard import CP_UNIT, kv_heads_for_rank
 
 DEFAULT_KV_FRACTION = 0.3       # of the memory free after loading the weights
 DEFAULT_KV_CAP = 8 << 30
@@ -168,19 +168,36 @@ def block_hashes(tokens, block_size: int) -> list:
     return out
 
 
-def cp_group_keys(tokens, cp: int, units: list) -> list:
-    """The hash chain of a CP prompt's groups of ``2 * cp * unit`` tokens (``parallel.shard.cp_groups``): group g's
-    key covers every token up to its end, cp and every group's unit so far, so equal keys mean equal prefixes stored
-    alike on every CP rank.  Salted apart from ``block_hashes``' keys."""
-    out = []
-    prev = hashlib.blake2b(f"cp {cp}".encode(), digest_size=16).digest()
+def cp_chunk_hashes(tokens, cp: int) -> list:
+    """Hashes of a CP prompt's consecutive full chunks of ``2 * cp * CP_UNIT`` tokens: every group
+    (``parallel.shard.cp_groups``) is a run of them, so any candidate group's key is cheap to compute
+    (``cp_group_key``)."""
+    n = 2 * cp * CP_UNIT
     arr = np.asarray(tokens, dtype=np.int64)
-    at = 0
+    return [hashlib.blake2b(arr[j * n:(j + 1) * n].tobytes(), digest_size=16).digest() for j in range(len(arr) // n)]
+
+
+def cp_root(cp: int) -> bytes:
+    """The start of every CP group key chain at ``cp`` ranks (salted apart from ``block_hashes``' keys)."""
+    return hashlib.blake2b(f"cp {cp}".encode(), digest_size=16).digest()
+
+
+def cp_group_key(prev: bytes, unit: int, chunks: list, at: int) -> bytes:
+    """The key of a group of ``unit`` following the group keyed ``prev`` (``cp_root`` for the first) and starting
+    at chunk ``at`` of ``cp_chunk_hashes``: it covers every token up to the group's end and every group's unit so
+    far, so equal keys mean equal prefixes stored alike on every CP rank."""
+    return hashlib.blake2b(prev + unit.to_bytes(8, "little") + b"".join(chunks[at:at + unit // CP_UNIT]),
+                           digest_size=16).digest()
+
+
+def cp_group_keys(chunks: list, cp: int, units: list, prev: bytes | None = None, at: int = 0) -> list:
+    """The key chain of groups of ``units`` in a prompt whose ``cp_chunk_hashes`` are ``chunks``: from its start,
+    or after the group keyed ``prev`` ending at chunk ``at``."""
+    out, prev = [], cp_root(cp) if prev is None else prev
     for u in units:
-        n = 2 * cp * u
-        prev = hashlib.blake2b(prev + u.to_bytes(8, "little") + arr[at:at + n].tobytes(), digest_size=16).digest()
+        prev = cp_group_key(prev, u, chunks, at)
         out.append(prev)
-        at += n
+        at += u // CP_UNIT
     return out
 
 

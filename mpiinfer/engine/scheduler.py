@@ -16,21 +16,23 @@ shard per CP rank.  No model, no tokenizer, no MPI: the ``Engine`` executes the 
 from __future__ import annotations
 
 import collections
-import itertools
 from dataclasses import dataclass, field
 
 import torch
 
 from ..messages import Request
 from ..models.step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
-from ..parallel.shard import cp_groups, cp_local_count, shard_count, shard_positions
+from ..parallel.shard import CP_UNIT, cp_groups, cp_local_count, shard_count, shard_positions
 from .kv_cache import (
     KV_BLOCK,
     MIN_SHARED_BLOCKS,
     BlockPool,
     block_hashes,
     cp_block_keys,
+    cp_chunk_hashes,
+    cp_group_key,
     cp_group_keys,
+    cp_root,
     extents,
     usable_blocks,
 )
@@ -47,7 +49,9 @@ class Sequence:
     home: int = 0                      # not CP: the CP rank that runs it (its KV cache lives there)
     rank_blocks: list = field(default_factory=list)   # CP: its KV blocks on each CP rank, in local token order
     blocks: list = field(default_factory=list)    # not CP: its KV blocks on ``home``, in token order
-    keys: list | None = None           # prefix-cache keys of its full prompt blocks (CP: of its full groups)
+    keys: list | None = None           # prefix-cache keys of its full prompt blocks (CP: of its groups)
+    units: list | None = None          # CP: the unit of each group of its layout (``parallel.shard.cp_groups``)
+    chunks: list | None = None         # CP: ``kv_cache.cp_chunk_hashes`` of its prompt
     registered: int = 0                # leading prompt blocks (CP: groups) that are in the prefix cache
     n_cached: int = 0                  # tokens whose K/V are in the cache
     out: list = field(default_factory=list)
@@ -87,6 +91,8 @@ class Sequence:
     def restart(self) -> None:
         """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
         self.blocks, self.rank_blocks, self.registered, self.n_cached = [], [], 0, 0
+        if self.cp:                    # its layout and keys follow what the cache holds at its next admission
+            self.units = self.keys = None
         self.out, self.logprobs, self.t_first, self.finish_reason, self.text = [], [], None, None, None
         self.top_logprobs = []
         if self.prompt_logprobs is not None:
@@ -167,41 +173,73 @@ class Scheduler:
         """The blocks of its prompt shard on every CP rank, leaving each rank room for its running decodes to grow
         by a block each (as an ordinary admission); nothing for the new tokens (``grow`` adds them).
 
-        Prefix cache: the longest run of its leading full groups (``shard.cp_groups``) cached on every CP rank is
-        shared, not computed (at least one token is computed); when a running sequence is computing its next
-        group right now, it waits for it."""
+        Prefix cache: the longest chain of groups cached on every CP rank that its prompt starts with (``_walk``)
+        is shared, not computed, in the layout it was stored in; the rest of the prompt is laid out after it
+        (``shard.cp_groups(..., start)``) and computed (at least its last token).  When a running sequence is
+        computing the group that would extend the chain, it waits for it."""
         L, cp, bs = len(seq.prompt), self.cp, self.bs
-        need = [-(-shard_count(L, cp, r) // bs) for r in range(cp)]
-        units = cp_groups(L, cp)                             # each group: 2 units (2 * unit rows) on every rank
-        hits, h, nblocks = [[] for _ in range(cp)], 0, 0
-        if self.pools[0].prefix_cache and units and 2 * units[-1] % bs == 0 and seq.keys is None:
-            seq.keys = cp_group_keys(seq.prompt, cp, units)             # registered once computed, hits or not
-        if seq.keys is not None and seq.takes_cache_hits:
-            ends = list(itertools.accumulate(2 * cp * u for u in units))
-            limit = sum(1 for e in ends if e <= L - 1)
-            nbs = [2 * u // bs for u in units[:limit]]
-            bkeys = [k for g, nb in zip(seq.keys, nbs) for k in cp_block_keys(g, nb)]
-            hits = [self.pools[r].lookup(bkeys) for r in range(cp)]
-            common = min(len(x) for x in hits)
-            while h < limit and nblocks + nbs[h] <= common:
-                nblocks += nbs[h]
-                h += 1
-            for r in range(cp):
-                self.pools[r].release(hits[r][nblocks:])
-                hits[r] = hits[r][:nblocks]
-            if h < limit and (-1, seq.keys[h]) in self.pending:
-                self._release_all(hits)
+        cacheable = self.pools[0].prefix_cache and 2 * CP_UNIT % bs == 0 and L >= 2 * cp * CP_UNIT
+        if cacheable and seq.chunks is None:
+            seq.chunks = cp_chunk_hashes(seq.prompt, cp)
+        prefix, keys = [], []
+        if cacheable and seq.takes_cache_hits:
+            found = self._walk(seq)
+            if found is None:
                 return False
+            prefix, keys = found
+        units = prefix + cp_groups(L, cp, 2 * cp * sum(prefix))
+        need = [-(-shard_count(L, cp, r, units) // bs) for r in range(cp)]
+        if prefix and any(n > pool.num_blocks for n, pool in zip(need, self.pools)):
+            # the shared layout would need a block more than a rank has (the default layout fits: checked when the
+            # request was queued): lay it out afresh
+            prefix, keys, units = [], [], cp_groups(L, cp)
+            need = [-(-shard_count(L, cp, r, units) // bs) for r in range(cp)]
+        nblocks = 2 * sum(prefix) // bs                      # every rank holds 2 * unit rows of each group
+        bkeys = [k for g, u in zip(keys, prefix) for k in cp_block_keys(g, 2 * u // bs)]
+        hits = [self.pools[r].lookup(bkeys) if bkeys else [] for r in range(cp)]
+        assert all(len(x) == nblocks for x in hits)          # _walk found every block on every rank
         if any(self.pools[r].available - (need[r] - nblocks) < self._decoding_on(r) for r in range(cp)):
             self._release_all(hits)
             return False
-        seq.rank_blocks = [hits[r] + self.pools[r].allocate(need[r] - nblocks, after=hits[r][-1] if h else None)
+        seq.rank_blocks = [hits[r] + self.pools[r].allocate(need[r] - nblocks, after=hits[r][-1] if hits[r] else None)
                            for r in range(cp)]
-        seq.n_cached = seq.cached_tokens = 2 * cp * sum(units[:h])
-        seq.registered = h
-        for k in (seq.keys or [])[h:]:
+        seq.units = units
+        seq.keys = None
+        if cacheable:                                        # its groups' keys: registered once computed
+            seq.keys = keys + cp_group_keys(seq.chunks, cp, units[len(prefix):], keys[-1] if keys else None,
+                                            sum(prefix) // CP_UNIT)
+        seq.n_cached = seq.cached_tokens = 2 * cp * sum(prefix)
+        seq.registered = len(prefix)
+        for k in (seq.keys or [])[len(prefix):]:
             self.pending.setdefault((-1, k), seq)
         return True
+
+    def _walk(self, seq: Sequence):
+        """(units, keys) of the longest chain of groups cached on every CP rank that ``seq``'s prompt starts with,
+        ending before its last token; at each step the largest unit whose group is cached.  None when no cached
+        group extends the chain but a running sequence is computing one that would."""
+        L, cp, bs = len(seq.prompt), self.cp, self.bs
+        prev, at, units, keys = None, 0, [], []
+        while True:
+            u, found, pending = CP_UNIT, None, False
+            while at + 2 * cp * 2 * u <= L - 1:
+                u *= 2
+            while u >= CP_UNIT and found is None:
+                if at + 2 * cp * u <= L - 1:
+                    key = cp_group_key(prev if prev is not None else cp_root(cp), u, seq.chunks,
+                                       at // (2 * cp * CP_UNIT))
+                    bkeys = cp_block_keys(key, 2 * u // bs)
+                    if all(k in pool.block_of for pool in self.pools for k in bkeys):
+                        found = (u, key)
+                    else:
+                        pending = pending or (-1, key) in self.pending
+                u //= 2
+            if found is None:
+                return None if pending else (units, keys)
+            units.append(found[0])
+            keys.append(found[1])
+            prev = found[1]
+            at += 2 * cp * found[0]
 
     def _release_all(self, per_rank: list) -> None:
         for r, blocks in enumerate(per_rank):
@@ -278,7 +316,7 @@ class Scheduler:
             return (seq.home, seq.blocks) if p + 1 > len(seq.blocks) * self.bs else (None, None)
         r = p % self.cp                                    # the CP rank that stores position p (StepBatch.write)
         blocks = seq.rank_blocks[r]
-        short = cp_local_count(len(seq.prompt), p + 1, self.cp, r) > len(blocks) * self.bs
+        short = cp_local_count(len(seq.prompt), p + 1, self.cp, r, seq.units) > len(blocks) * self.bs
         return (r, blocks) if short else (None, None)
 
     def _release(self, seq: Sequence) -> None:
@@ -317,7 +355,7 @@ class Scheduler:
 
     def _register_cp(self, seq: Sequence) -> None:
         """A CP prompt just computed: its full groups go into the prefix cache on every CP rank."""
-        units = cp_groups(len(seq.prompt), self.cp)
+        units = seq.units
         at = sum(2 * u // self.bs for u in units[:seq.registered])      # its first block on every rank
         for g in range(seq.registered, len(seq.keys)):
             bkeys = cp_block_keys(seq.keys[g], 2 * units[g] // self.bs)
@@ -382,10 +420,10 @@ class Scheduler:
                 budget[seq.home] -= 1
             else:
                 for r in range(cp):
-                    kl = cp_local_count(len(seq.prompt), p + 1, cp, r)
+                    kl = cp_local_count(len(seq.prompt), p + 1, cp, r, seq.units)
                     P[r].add([seq.out[-1]], [p], self._cp_extents(seq, r, kl), kl, sample=(r == 0),
                              mode=MODE_CP_DECODE,
-                             plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r))
+                             plen=len(seq.prompt), glen=p + 1, write=int(p % cp == r), units=seq.units)
                     budget[r] -= 1
                 sampled[0].append(seq)
             planned.append((seq, 1))
@@ -399,10 +437,11 @@ class Scheduler:
                 for r in range(cp):
                     # its rows on this rank: the shard; its queries: the shard after the cached groups (every CP
                     # rank holds n_cached / cp of them, see _admit_cp), the last prompt position among rank 0's
-                    shard = shard_positions(L, cp, r)
+                    shard = shard_positions(L, cp, r, seq.units)
                     pos = shard[seq.n_cached // cp:].tolist()
                     P[r].add([seq.prompt[j] for j in pos], pos, self._cp_extents(seq, r, len(shard)), len(shard),
-                             sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1)
+                             sample=(r == 0 and seq.max_new > 0), mode=MODE_CP_PREFILL, plen=L, glen=L, write=1,
+                             units=seq.units)
                     budget[r] -= len(pos)
                     if seq.pooling and (k := P[r].add_hidden(seq.pooling, pos, L - 1)):
                         embedded[r].append((seq, k))
@@ -445,11 +484,11 @@ class _RankPlan:
 
     def __init__(self):
         self.ids, self.pos, self.qs, self.ql, self.ext, self.kl, self.rows = [], [], [], [], [], [], []
-        self.mode, self.plen, self.glen, self.write = [], [], [], []
+        self.mode, self.plen, self.glen, self.write, self.units = [], [], [], [], []
         self.score_rows = []          # rows whose logits score the next prompt token (after the sampled rows)
         self.hidden_rows = []         # rows whose final hidden states an embedding needs
 
-    def add(self, ids, pos, ext, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1):
+    def add(self, ids, pos, ext, kv_len, sample, mode=MODE_LOCAL, plen=0, glen=0, write=1, units=None):
         t = len(self.ids)
         self.ids.extend(ids)
         self.pos.extend(pos)
@@ -462,6 +501,7 @@ class _RankPlan:
         self.plen.append(plen)
         self.glen.append(glen)
         self.write.append(write)
+        self.units.append(units)
         if sample:
             self.rows.append(t + n - 1)
 
@@ -483,5 +523,6 @@ class _RankPlan:
             b.hidden_rows = torch.tensor(self.hidden_rows, dtype=torch.int64)
         if cp > 1:
             b.mode, b.prompt_len, b.glen, b.write = self.mode, self.plen, self.glen, self.write
+            b.units = [list(u) if u is not None else None for u in self.units] if any(self.units) else None
             b.cp, b.cp_rank, b.scratch_row = cp, cp_rank, scratch
         return b

@@ -14,8 +14,9 @@ Context parallelism (cp > 1) gives each CP rank its own batch.  ``mode[i]``:
 prompt; ring attention), ``MODE_CP_DECODE`` = decode of a CP sequence (every rank holds the new
 token; only the owner of its position, ``position % cp``, writes its K/V; partial attentions are
 merged across ranks).  The cache rows of a CP sequence on rank r are at the positions
-``parallel.shard.cp_local_positions(prompt_len, glen, cp, r)``, so every rank derives them from
-``prompt_len`` and the sequence's global length ``glen``.
+``parallel.shard.cp_local_positions(prompt_len, glen, cp, r, units)``, so every rank derives them from
+``prompt_len``, the sequence's global length ``glen`` and its layout ``units`` (the groups it shares with an earlier
+prompt through the prefix cache, then its own).
 """
 from __future__ import annotations
 
@@ -55,6 +56,9 @@ class StepBatch:
     # every CP rank's go to the leader after the step, in CP rank order
     hidden_rows: torch.Tensor | None = None
     gather_hidden: int = 0
+    # CP sequences: the unit of each group of its layout (``parallel.shard.cp_groups``; None: the default for
+    # its prompt length)
+    units: list | None = None
 
     @property
     def num_tokens(self) -> int:
@@ -89,7 +93,8 @@ class StepBatch:
 
     def kv_positions(self, i: int) -> torch.Tensor:
         """Global positions of sequence i's cache rows on this rank (CP sequences)."""
-        return torch.from_numpy(cp_local_positions(self.prompt_len[i], self.glen[i], self.cp, self.cp_rank))
+        return torch.from_numpy(cp_local_positions(self.prompt_len[i], self.glen[i], self.cp, self.cp_rank,
+                                                   self.units[i] if self.units else None))
 
     def to_arrays(self) -> dict:
         """Plain numpy arrays, for sending the plan to the other ranks of a replica."""
@@ -101,6 +106,9 @@ class StepBatch:
             if self.mode else None,
             "cp_meta": (self.cp, self.cp_rank, self.scratch_row, self.gather_logits, self.gather_hidden),
             "hidden_rows": None if self.hidden_rows is None else self.hidden_rows.numpy(),
+            "units": None if not self.units else (
+                np.array([-1 if u is None else len(u) for u in self.units], dtype=np.int64),
+                np.array([x for u in self.units if u for x in u], dtype=np.int64)),
             "ext": None if self.kv_ext is None else (
                 np.array([len(e) for e in self.kv_ext], dtype=np.int64),
                 np.array([x for e in self.kv_ext for run in e for x in run], dtype=np.int64)),
@@ -118,6 +126,12 @@ class StepBatch:
         b.cp, b.cp_rank, b.scratch_row, b.gather_logits, b.gather_hidden = a.get("cp_meta", (1, 0, -1, 0, 0))
         if a.get("hidden_rows") is not None:
             b.hidden_rows = torch.from_numpy(a["hidden_rows"])
+        if a.get("units") is not None:
+            counts, flat = a["units"]
+            b.units, at = [], 0
+            for c in counts.tolist():
+                b.units.append(None if c < 0 else flat[at:at + c].tolist())
+                at += max(c, 0)
         if a.get("ext") is not None:
             counts, flat = a["ext"]
             runs = flat.reshape(-1, 2).tolist()

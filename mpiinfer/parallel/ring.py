@@ -41,7 +41,7 @@ from ..comm.collectives import as_buffer, mpi_module
 MAX_SCORE_ELEMS = 1 << 23
 # A run is a stretch of consecutive positions; positions split into more runs than this
 # are treated as one irregular run (classified by min/max, masked when it straddles).
-MAX_RUNS = 48               # a CP shard (shard.CP_UNIT) up to 10M tokens: 2 x 19 + 2 runs at most
+MAX_RUNS = 96               # a CP shard (shard.CP_UNIT): up to 2 x 19 + 2 runs of its own groups, as many shared
 # CP decode on the CPU over a cache in another dtype than float32 (bfloat16) converts this many rows at a time
 # instead of copying the whole shard to float32 (~200 MB per layer and step for a 100K-token document at cp=4 with
 # 8 KV heads of 128).  Measured, one 25,000-row bfloat16 shard of 8 KV heads x 128, 32 query heads, 2 threads,

@@ -123,7 +123,9 @@ def chunk_bounds(seq_len: int, n_chunks: int) -> np.ndarray:
 # is shorter than 2 * cp * CP_UNIT tokens.  Which rank holds a position in a group, and at which cache row,
 # therefore depends only on cp and the groups before it, not on the prompt's length: prompts that share a prefix
 # store its groups identically, which is what lets CP documents share them through the prefix cache
-# (``engine.scheduler``).  A rank holds at most 2 * groups + 2 runs of consecutive positions (``ring.MAX_RUNS``).
+# (``engine.scheduler``).  A prompt that shares another's groups takes them as they are, and lays out only the rest
+# this way (``cp_groups(..., start)``): a sequence's layout is then its list of units (``units`` below; None = this
+# default).  A rank holds at most 2 * groups + 2 runs of consecutive positions (``ring.MAX_RUNS``).
 CP_UNIT = 64
 CP_MAX_GROUPS = 7
 
@@ -136,10 +138,11 @@ def cp_unit(seq_len: int, cp: int) -> int:
     return u
 
 
-def cp_groups(seq_len: int, cp: int) -> list:
+def cp_groups(seq_len: int, cp: int, start: int = 0) -> list:
     """The unit of each group of a ``seq_len``-token CP prompt, in order (see CP_UNIT); the tail starts at
-    ``2 * cp * sum(units)``."""
-    u, at, out = cp_unit(seq_len, cp), 0, []
+    ``2 * cp * sum(units)``.  With ``start``: the groups of its tokens from ``start`` on (a prefix laid out
+    already)."""
+    u, at, out = cp_unit(seq_len - start, cp), start, []
     while u >= CP_UNIT:
         k = (seq_len - at) // (2 * cp * u)
         out += [u] * k
@@ -148,16 +151,25 @@ def cp_groups(seq_len: int, cp: int) -> list:
     return out
 
 
-def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
+def _units(seq_len: int, cp: int, units) -> list:
+    if units is None:
+        return cp_groups(seq_len, cp)
+    if 2 * cp * sum(units) > seq_len:
+        raise ValueError(f"CP groups of {2 * cp * sum(units)} tokens in a {seq_len}-token prompt")
+    return units
+
+
+def shard_positions(seq_len: int, cp: int, cp_rank: int, units: list | None = None) -> np.ndarray:
     """Global positions (int64, ascending) owned by ``cp_rank``: units ``cp_rank`` and ``2*cp - 1 - cp_rank`` of
     every group of 2*cp units, then chunks ``cp_rank`` and ``2*cp - 1 - cp_rank`` of the tail's 2*cp near-equal
     chunks (see CP_UNIT), so every rank does the same causal work.  The last position ``seq_len - 1`` is always
-    owned by cp rank 0 (the replica leader), which therefore holds the logits row of a prefill."""
+    owned by cp rank 0 (the replica leader), which therefore holds the logits row of a prefill.  ``units``: the
+    sequence's groups when they are not the default ``cp_groups(seq_len, cp)``."""
     if not 0 <= cp_rank < cp:
         raise ValueError(f"cp_rank {cp_rank} out of range for cp={cp}")
     lo, hi = cp_rank, 2 * cp - 1 - cp_rank
     parts, at = [], 0
-    for u in cp_groups(seq_len, cp):
+    for u in _units(seq_len, cp, units):
         parts += [np.arange(at + lo * u, at + (lo + 1) * u), np.arange(at + hi * u, at + (hi + 1) * u)]
         at += 2 * cp * u
     b = chunk_bounds(seq_len - at, 2 * cp) + at
@@ -165,9 +177,9 @@ def shard_positions(seq_len: int, cp: int, cp_rank: int) -> np.ndarray:
     return np.concatenate(parts).astype(np.int64)
 
 
-def shard_count(seq_len: int, cp: int, cp_rank: int) -> int:
+def shard_count(seq_len: int, cp: int, cp_rank: int, units: list | None = None) -> int:
     """``len(shard_positions(...))`` without building the array."""
-    units = cp_groups(seq_len, cp)
+    units = _units(seq_len, cp, units)
     b = chunk_bounds(seq_len - 2 * cp * sum(units), 2 * cp)
     lo, hi = cp_rank, 2 * cp - 1 - cp_rank
     return 2 * sum(units) + int(b[lo + 1] - b[lo] + b[hi + 1] - b[hi])
@@ -189,16 +201,17 @@ def _first_generated(prompt_len: int, cp: int, cp_rank: int) -> int:
     return prompt_len + ((cp_rank - prompt_len) % cp)
 
 
-def cp_local_positions(prompt_len: int, glen: int, cp: int, cp_rank: int) -> np.ndarray:
+def cp_local_positions(prompt_len: int, glen: int, cp: int, cp_rank: int, units: list | None = None) -> np.ndarray:
     """Global positions of a CP sequence's cache rows on ``cp_rank`` when it has ``glen`` tokens cached:
-    the rank's prompt shard, then the generated positions p with ``p % cp == cp_rank``."""
-    pre = shard_positions(prompt_len, cp, cp_rank)
+    the rank's prompt shard (laid out in ``units``, see ``shard_positions``), then the generated positions p with
+    ``p % cp == cp_rank``."""
+    pre = shard_positions(prompt_len, cp, cp_rank, units)
     gen = np.arange(_first_generated(prompt_len, cp, cp_rank), glen, cp, dtype=np.int64)
     return np.concatenate([pre, gen]) if gen.size else pre
 
 
-def cp_local_count(prompt_len: int, glen: int, cp: int, cp_rank: int) -> int:
+def cp_local_count(prompt_len: int, glen: int, cp: int, cp_rank: int, units: list | None = None) -> int:
     """``len(cp_local_positions(...))`` without building the array."""
     first = _first_generated(prompt_len, cp, cp_rank)
-    n = shard_count(prompt_len, cp, cp_rank)
+    n = shard_count(prompt_len, cp, cp_rank, units)
     return n + (len(range(first, glen, cp)) if glen > first else 0)

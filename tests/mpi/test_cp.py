@@ -113,9 +113,10 @@ def test_cp_documents_in_a_tight_cache_grow_and_are_preempted(arch, model_dirs, 
                                                   ("qwen3", 4, ["--tp", "2", "--cp", "2"]),
                                                   ("qwen3", 3, ["--cp", "3"])], ranks=lambda c: c[1]))
 def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_path):
-    """Documents sharing a prefix share its full CP groups through the prefix cache (questions after one document,
-    a document cut short and continued differently, an identical one, one whose every group is cached; the later
-    ones wait for the first to compute the groups): tokens are transformers', logprobs within 1e-4, and the summary counts the shared tokens; with
+    """Documents sharing a prefix share CP groups through the prefix cache (questions after one document, a document
+    cut short and continued differently, an identical one, one whose every group is cached, one laid out partly
+    in another prompt's layout; the later ones wait for the first to compute the groups): tokens are transformers',
+    logprobs within 1e-4, and the summary counts at least 90% of the shareable tokens as shared; with
     ``--prefix-cache off`` nothing is shared and the answers are the same (Gemma 3: windowed layers over queries
     that are only the uncached part)."""
     from mpiinfer.parallel.shard import cp_groups
@@ -124,26 +125,21 @@ def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_pat
     rng = random.Random(5)
     doc = [rng.randrange(4, 500) for _ in range(2400)]       # cp=2: 4 groups of 512 tokens, one of 256, a tail
     qs = [[rng.randrange(4, 500) for _ in range(k)] for k in (30, 41, 25)]
-    # ... doc[:2304] + 1 token: every group cached, a 1-token tail, so CP ranks > 0 have no query at all
-    prompts = [doc + qs[0], doc + qs[1], doc[:2200] + qs[2], list(doc), doc + qs[0], doc[:2304] + [7], qs[1] * 3]
+    # ... doc[:2304] + 1 token: every group cached, a 1-token tail, so CP ranks > 0 have no query at all; doc[:2040]
+    # + a question: at cp=2 its default layout (4 groups of 512) would straddle 2,040: it shares 3 and lays out the
+    # rest its own way (2 groups of 256); doc[:1900] + a question: at cp=2 its default layout (7 groups of 256)
+    # shares nothing with the others', it takes their 3 groups of 512 and the previous prompt's first group of 256
+    prompts = [doc + qs[0], doc + qs[1], doc[:2200] + qs[2], list(doc), doc + qs[0], doc[:2304] + [7],
+               doc[:2040] + qs[2], doc[:1900] + qs[1], qs[1] * 3]
     cp = int(flags[-1])
-    assert cp != 2 or cp_groups(len(doc), cp) == [128] * 4 + [64]
-
-    def shared(a, b):
-        """Tokens of the groups prompt a can take from prompt b: those both layouts start with, within their common
-        prefix, leaving a's last token to compute."""
-        ua, ub = cp_groups(len(a), cp), cp_groups(len(b), cp)
-        same = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-        at = 0
-        for x, y in zip(ua, ub):
-            if x != y or at + 2 * cp * x > min(same, len(a) - 1):
-                break
-            at += 2 * cp * x
-        return at
-
-    want = sum(max(shared(prompts[i], prompts[j]) for j in range(i)) for i in range(1, 6))
-    assert want >= 4 * (len(doc) - 4 * cp * 64) + 1900       # the cut one too (at cp=2 2,048, at cp=3 1,920)
-    assert cp_groups(2305, cp) == cp_groups(2400, cp) and 2 * cp * sum(cp_groups(2305, cp)) == 2304
+    assert cp != 2 or (cp_groups(len(doc), cp) == [128] * 4 + [64] and cp_groups(2065, cp) == [128] * 4 and
+                       cp_groups(1941, cp) == [64] * 7)
+    # what a prompt could take at best: its common prefix with an earlier one, its last token computed
+    ideal = sum(max(min(next((k for k, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b))), len(a) - 1)
+                    for b in prompts[:i]) for i, a in enumerate(prompts[:8]) if i)
+    # worked out by hand from the layouts: at cp=2 2,304 x 4 + 2,048 + 1,536 + 1,792; at cp=3 (groups of 384)
+    # 2,304 x 4 + 1,920 x 2 + 1,536
+    want = 14592
     inp = tmp_path / "in.jsonl"
     inp.write_text("".join(json.dumps({"id": str(i), "prompt_token_ids": p, "max_tokens": NEW, "logprobs": True,
                                        "ignore_eos": True}) + "\n" for i, p in enumerate(prompts)))
@@ -160,7 +156,8 @@ def test_cp_documents_share_the_prefix_cache(arch, n, flags, model_dirs, tmp_pat
             assert r["token_ids"] == toks, (mode, r["id"])
             assert max(abs(a - b) for a, b in zip(r["logprobs"], lps)) < 1e-4, (mode, r["id"])
         cached[mode] = json.loads(open(str(out) + ".summary.json").read())["prompt_tokens_cached"]
-    assert cached["on"] == want and cached["off"] == 0, (cached, want)
+    # groups are 2 x cp x 64 tokens at the finest: over 90% of the best possible
+    assert cached["on"] == want > 0.9 * ideal and cached["off"] == 0, (cached, want, ideal)
 
 
 @pytest.mark.slow

@@ -125,3 +125,14 @@ def test_bench_prefix_cp_quick(tmp_path):
     assert on["records"] == 24 and off["records"] == 8 and on["errors"] == off["errors"] == 0
     assert on["prompt_tokens_cached"] == 23 * 4 * sum(units) == 23 * 512 and off["prompt_tokens_cached"] == 0
     assert res["shared_prefix_speedup"] > 0
+
+
+def test_bench_cp_reuse_small(tmp_path):
+    """The CP reuse benchmark drives the real scheduler: every question after the first takes most of the document
+    from the cache, never more than the document, and the first takes nothing."""
+    out = tmp_path / "r.json"
+    _run("bench_cp_reuse.py", "--docs", "4", "--questions", "4", "--max", "12000", "--json", str(out), timeout=120)
+    res = json.loads(out.read_text())
+    for row in res["rows"]:
+        assert row["cached"][0] == 0 and all(0.7 * row["doc"] < c <= row["doc"] for c in row["cached"][1:]), row
+    assert all(s["second_lose_all"] == 0 for s in res["summary"])

@@ -263,3 +263,24 @@ def test_cp_documents_share_cached_groups():
         assert [r.cached_tokens for r in off] == [0] * len(prompts)
         assert [[c.token_ids for c in r.choices or [r]] for r in res] == \
             [[c.token_ids for c in r.choices or [r]] for r in off]
+
+
+def test_cp_documents_share_groups_across_layouts():
+    """A document whose prompts fall on either side of a layout boundary (doc + 30 tokens: 4 groups of 512 tokens
+    straddling the document's end; doc + 5: 7 groups of 256): a later prompt shares the longest chain of groups
+    cached, in the layout they were stored in, and lays out only the rest (its own layout, not the default for its
+    length), which later prompts share in turn.  The cache-checking fake checks every row against the layout the
+    batch says; answers equal those with the cache off."""
+    from mpiinfer.parallel.shard import cp_groups
+    doc = [(j * 7 + 3) % V for j in range(2040)]
+    qs = [[(j * 5 + k) % V for j in range(n)] for k, n in ((1, 30), (2, 5), (3, 100))]
+    assert cp_groups(2070, 2) == [128] * 4 and cp_groups(2045, 2) == [64] * 7
+    prompts = [doc + qs[0], doc + qs[1], doc + qs[2], doc + qs[1]]
+    # doc + 5 takes doc + 30's first 3 groups (its 4th ends past the document) and lays out the rest as one group of
+    # 256 and a tail; doc + 100 and doc + 5 again take those 3 and the group of 256
+    want = [0, 1536, 1792, 1792]
+    res, off = [], []
+    _cp_run(None, [12] * 4, 400, prompts=prompts, results=res)
+    assert [r.cached_tokens for r in res] == want
+    _cp_run(None, [12] * 4, 400, prompts=prompts, prefix_cache=False, results=off)
+    assert [r.token_ids for r in res] == [r.token_ids for r in off]
