@@ -3,9 +3,9 @@
 Owns: ``Sequence`` (one request's state across steps); admission into the KV cache, FIFO: an ordinary
 sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the longest prefix of them found in
 the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
-takes the blocks of its prompt shard on every CP rank, after the longest run of its leading groups
-(``parallel.shard.cp_groups``) found in the prefix cache on every CP rank, then one block at a time on the rank
-that stores its next token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
+takes the blocks of its prompt shard on every CP rank, after the longest chain of groups (``parallel.shard``) its
+prompt starts with found in the prefix cache on every CP rank (kept in the layout they were stored in; the rest of
+the prompt laid out after them), then one block at a time on the rank that stores its next token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
 is preempted (its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds
 blocks there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
 routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0),
@@ -188,12 +188,9 @@ class Scheduler:
                 return False
             prefix, keys = found
         units = prefix + cp_groups(L, cp, 2 * cp * sum(prefix))
+        # a rank's row count does not depend on the layout (each group gives every rank 2 * unit rows, the tail's
+        # chunks depend on L % 2cp only), so the length check made when the request was queued holds
         need = [-(-shard_count(L, cp, r, units) // bs) for r in range(cp)]
-        if prefix and any(n > pool.num_blocks for n, pool in zip(need, self.pools)):
-            # the shared layout would need a block more than a rank has (the default layout fits: checked when the
-            # request was queued): lay it out afresh
-            prefix, keys, units = [], [], cp_groups(L, cp)
-            need = [-(-shard_count(L, cp, r, units) // bs) for r in range(cp)]
         nblocks = 2 * sum(prefix) // bs                      # every rank holds 2 * unit rows of each group
         bkeys = [k for g, u in zip(keys, prefix) for k in cp_block_keys(g, 2 * u // bs)]
         hits = [self.pools[r].lookup(bkeys) if bkeys else [] for r in range(cp)]

@@ -41,12 +41,12 @@ from ..comm.collectives import as_buffer, mpi_module
 MAX_SCORE_ELEMS = 1 << 23
 # A run is a stretch of consecutive positions; positions split into more runs than this
 # are treated as one irregular run (classified by min/max, masked when it straddles).
-MAX_RUNS = 96               # a CP shard (shard.CP_UNIT): up to 2 x 19 + 2 runs of its own groups, as many shared
+MAX_RUNS = 96               # a CP shard (shard.CP_UNIT): up to 2 x 19 + 2 runs of its own groups, more when shared
 # CP decode on the CPU over a cache in another dtype than float32 (bfloat16) converts this many rows at a time
 # instead of copying the whole shard to float32 (~200 MB per layer and step for a 100K-token document at cp=4 with
 # 8 KV heads of 128).  Measured, one 25,000-row bfloat16 shard of 8 KV heads x 128, 32 query heads, 2 threads,
-# whole copy vs pieces alternating 3 times: 1 query 68-69 -> 17-39 ms, 8 queries 81-84 -> 33-42 ms; 1,024 rows
-# was as fast as 512 and steadier than 4,096.
+# whole copy vs pieces alternating 3 times, one query with positions as the engine's CP decode calls it:
+# 67.6-68.1 -> 14.1-17.4 ms; 1,024 rows was as fast as 512 and steadier than 4,096.
 # On CUDA the shard is converted whole (one kernel instead of one per piece).
 DECODE_ROWS = 1024
 # Diagonal blocks are cut into masked tiles no longer than this many rows (see default_tile).
@@ -456,9 +456,11 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
             qp, kp = torch.from_numpy(qp).to(q.device), torch.from_numpy(kp).to(q.device)
         else:
             qp = kp = None
-            # float32 (or CUDA): one rectangle; another dtype on the CPU: DECODE_ROWS rows at a time
-            step = Tk if k.dtype == torch.float32 or k.device.type != "cpu" else DECODE_ROWS
-            rects = [Rect(0, Tq, a, min(Tk, a + step), False) for a in range(0, Tk, step)]
+            rects = [Rect(0, Tq, 0, Tk, False)]
+        if k.dtype != torch.float32 and k.device.type == "cpu":
+            # another dtype on the CPU: DECODE_ROWS rows at a time (float32 or CUDA: the rectangles as planned)
+            rects = [Rect(r.qa, r.qb, a, min(r.kb, a + DECODE_ROWS), r.masked)
+                     for r in rects for a in range(r.ka, r.kb, DECODE_ROWS)]
         _attend_rects(qg, qp, K, V, kp, rects, group, window, acc_o, acc_lse, chunk=chunk)
     return _ungroup(acc_o, acc_lse, Tq, group)
 

@@ -131,6 +131,29 @@ def test_local_positions_and_counts(L, cp):
             list(range(glen))
 
 
+@pytest.mark.parametrize("cp", [2, 3, 4])
+def test_any_layout_covers_the_prompt_with_the_same_row_counts(cp):
+    """A prompt laid out after another prompt's groups (``cp_groups(L, cp, start)``): every position once, ascending
+    on each rank, the last one on rank 0, and each rank's row count the same as with the default layout (the length
+    check made when a request is queued holds whatever layout it gets)."""
+    rng = np.random.default_rng(cp)
+    for _ in range(300):
+        L = int(rng.integers(2 * cp * CP_UNIT, 30000))
+        prefix, at = [], 0
+        while True:                                  # a random chain of groups ending before the last token
+            u = CP_UNIT * 2 ** int(rng.integers(0, 6))
+            if at + 2 * cp * u > L - 1 or rng.random() < 0.2:
+                break
+            prefix.append(u)
+            at += 2 * cp * u
+        units = prefix + cp_groups(L, cp, at)
+        shards = [shard_positions(L, cp, r, units) for r in range(cp)]
+        assert sorted(np.concatenate(shards).tolist()) == list(range(L))
+        assert all(np.all(np.diff(s) > 0) for s in shards) and L - 1 in shards[0]
+        assert [len(s) for s in shards] == [shard_count(L, cp, r, units) for r in range(cp)] == \
+            [shard_count(L, cp, r) for r in range(cp)]
+
+
 @pytest.mark.parametrize("L", LENS)
 @pytest.mark.parametrize("cp", CPS)
 def test_gather_order_restores_sequence(L, cp):
@@ -261,6 +284,15 @@ def test_decode_partial_of_a_bfloat16_shard_in_pieces(monkeypatch):
     o, lse = decode_attention_partial(q[-2:], k, v, scale)
     assert len(seen[0]) == 11 and seen[0][-1].kb == T
     assert (o - whole[0]).abs().max() < 1e-5 and (lse - whole[1]).abs().max() < 1e-5
+    # with positions, as the engine's CP decode calls it (every key in the past: one rectangle, then pieces)
+    o2, lse2 = decode_attention_partial(q[-2:], k, v, scale, torch.full((2,), T), torch.arange(T))
+    assert len(seen[1]) == 11 and not any(r.masked for r in seen[1])
+    assert (o2 - whole[0]).abs().max() < 1e-5 and (lse2 - whole[1]).abs().max() < 1e-5
+    # and with a window: the masked rectangles are cut the same way
+    o3, _ = decode_attention_partial(q[-2:], k, v, scale, torch.tensor([T, T + 1]), torch.arange(T), window=500)
+    ref3 = causal_attention_reference(q[-2:].double(), k.double(), v.double(), scale, window=500,
+                                      q_pos=torch.tensor([T, T + 1]), kv_pos=torch.arange(T))
+    assert all(r.kb - r.ka <= 96 for r in seen[2]) and (o3.double() - ref3).abs().max() < 1e-4
     ref = causal_attention_reference(q[-2:].double(), k.double(), v.double(), scale, q_pos=torch.full((2,), T),
                                      kv_pos=torch.arange(T))            # every key visible, in float64
     assert (o.double() - ref).abs().max() < 1e-4
