@@ -59,6 +59,7 @@ class StepBatch:
     # CP sequences: the unit of each group of its layout (``parallel.shard.cp_groups``; None: the default for
     # its prompt length)
     units: list | None = None
+    _kv_pos: dict = field(default_factory=dict, repr=False, compare=False)   # kv_positions, once per step
 
     @property
     def num_tokens(self) -> int:
@@ -92,9 +93,13 @@ class StepBatch:
         return torch.from_numpy(idx)
 
     def kv_positions(self, i: int) -> torch.Tensor:
-        """Global positions of sequence i's cache rows on this rank (CP sequences)."""
-        return torch.from_numpy(cp_local_positions(self.prompt_len[i], self.glen[i], self.cp, self.cp_rank,
-                                                   self.units[i] if self.units else None))
+        """Global positions of sequence i's cache rows on this rank (CP sequences); computed once per step (every
+        layer asks: ~0.3 ms for a 100K-token document), not to be modified."""
+        pos = self._kv_pos.get(i)
+        if pos is None:
+            pos = self._kv_pos[i] = torch.from_numpy(cp_local_positions(
+                self.prompt_len[i], self.glen[i], self.cp, self.cp_rank, self.units[i] if self.units else None))
+        return pos
 
     def to_arrays(self) -> dict:
         """Plain numpy arrays, for sending the plan to the other ranks of a replica."""
