@@ -5,9 +5,10 @@ sequence takes the blocks of its prompt (``kv_cache.BlockPool``), after the long
 the prefix cache, which it shares instead of computing, then one block at a time as it decodes; a CP sequence
 takes the blocks of its prompt shard on every CP rank, after the longest chain of groups (``parallel.shard``) its
 prompt starts with found in the prefix cache on every CP rank (kept in the layout they were stored in; the rest of
-the prompt laid out after them), then one block at a time on the rank that stores its next token.  When a decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there
-is preempted (its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds
-blocks there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
+the prompt laid out after them), then one block at a time on the rank that stores its next token.  When a
+decoding sequence finds no free block on a rank, the newest ordinary sequence holding blocks there is preempted
+(its blocks freed; it starts over later, first in line); a CP sequence only when no ordinary one holds blocks
+there (starting a long document over costs its whole ring prefill, a short request little).  Also the CP
 routing of ordinary sequences (each to the CP rank with the fewest tokens still to process, or all on rank 0),
 the registration of finished prompt blocks in the prefix cache, and the per-step plan: every decoding sequence
 contributes one token, then prompt chunks fill the step's token budget; a CP prompt goes whole, one load-balanced
@@ -181,18 +182,17 @@ class Scheduler:
         cacheable = self.pools[0].prefix_cache and 2 * CP_UNIT % bs == 0 and L >= 2 * cp * CP_UNIT
         if cacheable and seq.chunks is None:
             seq.chunks = cp_chunk_hashes(seq.prompt, cp)
-        prefix, keys = [], []
+        prefix, keys, bkeys = [], [], []
         if cacheable and seq.takes_cache_hits:
             found = self._walk(seq)
             if found is None:
                 return False
-            prefix, keys = found
+            prefix, keys, bkeys = found
         units = prefix + cp_groups(L, cp, 2 * cp * sum(prefix))
         # a rank's row count does not depend on the layout (each group gives every rank 2 * unit rows, the tail's
         # chunks depend on L % 2cp only), so the length check made when the request was queued holds
         need = [-(-shard_count(L, cp, r, units) // bs) for r in range(cp)]
         nblocks = 2 * sum(prefix) // bs                      # every rank holds 2 * unit rows of each group
-        bkeys = [k for g, u in zip(keys, prefix) for k in cp_block_keys(g, 2 * u // bs)]
         hits = [self.pools[r].lookup(bkeys) if bkeys else [] for r in range(cp)]
         assert all(len(x) == nblocks for x in hits)          # _walk found every block on every rank
         if any(self.pools[r].available - (need[r] - nblocks) < self._decoding_on(r) for r in range(cp)):
@@ -212,31 +212,40 @@ class Scheduler:
         return True
 
     def _walk(self, seq: Sequence):
-        """(units, keys) of the longest chain of groups cached on every CP rank that ``seq``'s prompt starts with,
-        ending before its last token; at each step the largest unit whose group is cached.  None when no cached
-        group extends the chain but a running sequence is computing one that would."""
+        """(units, keys, block keys) of the longest chain of groups cached on every CP rank that ``seq``'s prompt
+        starts with, ending before its last token; at each step the largest unit whose group is cached.  None when
+        no cached group extends the chain but a running sequence is computing one that would."""
         L, cp, bs = len(seq.prompt), self.cp, self.bs
-        prev, at, units, keys = None, 0, [], []
+        prev, at, units, keys, bkeys = cp_root(cp), 0, [], [], []
         while True:
             u, found, pending = CP_UNIT, None, False
             while at + 2 * cp * 2 * u <= L - 1:
                 u *= 2
             while u >= CP_UNIT and found is None:
                 if at + 2 * cp * u <= L - 1:
-                    key = cp_group_key(prev if prev is not None else cp_root(cp), u, seq.chunks,
-                                       at // (2 * cp * CP_UNIT))
-                    bkeys = cp_block_keys(key, 2 * u // bs)
-                    if all(k in pool.block_of for pool in self.pools for k in bkeys):
-                        found = (u, key)
+                    key = cp_group_key(prev, u, seq.chunks, at // (2 * cp * CP_UNIT))
+                    blocks = self._cached_group(key, 2 * u // bs)
+                    if blocks is not None:
+                        found = (u, key, blocks)
                     else:
                         pending = pending or (-1, key) in self.pending
                 u //= 2
             if found is None:
-                return None if pending else (units, keys)
+                return None if pending else (units, keys, bkeys)
             units.append(found[0])
             keys.append(found[1])
+            bkeys += found[2]
             prev = found[1]
             at += 2 * cp * found[0]
+
+    def _cached_group(self, key: bytes, n: int) -> list | None:
+        """The keys of the ``n`` blocks of the group keyed ``key`` when every CP rank has them all cached, else None
+        (its first block's key settles most candidates: the rest are hashed only for a likely hit)."""
+        first = cp_block_keys(key, 1)[0]
+        if not all(first in pool.block_of for pool in self.pools):
+            return None
+        keys = cp_block_keys(key, n)
+        return keys if all(k in pool.block_of for pool in self.pools for k in keys) else None
 
     def _release_all(self, per_rank: list) -> None:
         for r, blocks in enumerate(per_rank):
