@@ -344,18 +344,27 @@ def test_simulated_ring_equals_reference(L, cp, window, chunk):
     shards = [shard_positions(L, cp, r) for r in range(cp)]
     tile = default_tile(*shards)
     for r in range(cp):
+        # tiny score chunks: exercise query chunking
+        out = _simulated_rank(q, k, v, n_kv, scale, shards, r, shards[r], window, tile, chunk, max_elems=200)
         qp = torch.from_numpy(shards[r])
-        acc_o = torch.zeros(n_kv, len(qp) * 4, hd)
-        acc_l = torch.full((n_kv, len(qp) * 4), -math.inf)
-        qg = ring._group_q(q[qp], n_kv, scale)
-        for t in range(cp):
-            s = (r - t) % cp
-            kp = torch.from_numpy(shards[s])
-            rects, _ = plan_block(shards[r], shards[s], window, tile, chunk)
-            ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, 4, window,
-                               acc_o, acc_l, max_elems=200, chunk=chunk)   # tiny chunks: exercise query chunking
-        out, _ = ring._ungroup(acc_o, acc_l, len(qp), 4)
         assert (out - ref[qp]).abs().max().item() < 1e-5 if len(qp) else out.shape == (0, n_q, hd)
+
+
+def _simulated_rank(q, k, v, n_kv, scale, shards, r, qpos, window, tile, chunk, **kw):
+    """Rank r's queries at ``qpos`` (positions of its shard) attended to every rank's block of ``shards`` in ring
+    order: each block's planned rectangles, merged into one accumulator as ``ring_attention`` does."""
+    cp, group, hd = len(shards), q.shape[1] // n_kv, q.shape[2]
+    qp = torch.from_numpy(qpos)
+    acc_o = torch.zeros(n_kv, len(qp) * group, hd)
+    acc_l = torch.full((n_kv, len(qp) * group), -math.inf)
+    qg = ring._group_q(q[qp], n_kv, scale)
+    for t in range(cp):
+        s = (r - t) % cp
+        kp = torch.from_numpy(shards[s])
+        rects, _ = plan_block(qpos, shards[s], window, tile, chunk)
+        ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, group, window,
+                           acc_o, acc_l, chunk=chunk, **kw)
+    return ring._ungroup(acc_o, acc_l, len(qp), group)[0]
 
 
 @pytest.mark.parametrize("window,chunk", [(None, None), (50, None), (None, 300)])
@@ -380,18 +389,8 @@ def test_simulated_ring_with_cached_groups(L, cp, cached, window, chunk):
     for r in range(cp):
         qpos = shards[r][2 * sum(units[:cached]):]
         assert qpos.min() >= first
-        qp = torch.from_numpy(qpos)
-        acc_o = torch.zeros(n_kv, len(qp) * 2, hd)
-        acc_l = torch.full((n_kv, len(qp) * 2), -math.inf)
-        qg = ring._group_q(q[qp], n_kv, scale)
-        for t in range(cp):
-            s = (r - t) % cp
-            kp = torch.from_numpy(shards[s])
-            rects, _ = plan_block(qpos, shards[s], window, tile, chunk)
-            ring._attend_rects(qg, qp, k[kp].transpose(0, 1), v[kp].transpose(0, 1), kp, rects, 2, window,
-                               acc_o, acc_l, chunk=chunk)
-        out, _ = ring._ungroup(acc_o, acc_l, len(qp), 2)
-        assert (out - ref[qp]).abs().max().item() < 1e-5
+        out = _simulated_rank(q, k, v, n_kv, scale, shards, r, qpos, window, tile, chunk)
+        assert (out - ref[torch.from_numpy(qpos)]).abs().max().item() < 1e-5
 
 
 def test_ring_plan_single_process():
