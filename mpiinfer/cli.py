@@ -71,6 +71,11 @@ def main():
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               envvar=_env("DTYPE"), show_envvar=True,
               help="Weight dtype (auto: float32 on CPU, the checkpoint's dtype on GPU).")
+@click.option("--kv-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              envvar=_env("KV_DTYPE"), show_envvar=True,
+              help="KV cache dtype (auto: the model's). bfloat16 under a float32 model halves the cache per token "
+                   "(about twice the sequences at once in the same --kv-budget); results are then those of a "
+                   "cache rounded to bfloat16, no longer token-exact against float32.")
 @click.option("--device", default="auto", envvar=_env("DEVICE"), show_envvar=True,
               help="auto, cpu, cuda or cuda:N (auto picks CUDA when a GPU is visible).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, envvar=_env("MAX_BATCH"), show_envvar=True,
@@ -135,8 +140,8 @@ def main():
               help="null: no model; every record gets --max-tokens made-up tokens at once (measures the "
                    "coordinator and the files: benchmarks/bench_coordinator.py).")
 @click.option("-q", "--quiet", is_flag=True, envvar=_env("QUIET"), show_envvar=True, help="Only warnings and errors.")
-def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, device, max_batch,
-        kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
+def run(model, inputs, output, input_format, output_format, prompt_template, dataset, max_tokens, temperature, top_p, top_k, seed, dtype, kv_dtype, device,
+        max_batch, kv_budget, max_seq_len, step_tokens, threads, pack_weights, tp, ep, cp, cp_min_tokens, cp_short, allreduce, share_gpus, overwrite, flush_every, max_errors,
         drain_seconds, retry_errors, engine_kind, prefix_cache, routing, quiet, served_model_names):
     """Generate a result for every input record and write them to OUTPUT in input order."""
     from .job import run as run_job
@@ -149,7 +154,8 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
         prompt_template=prompt_template.replace("\\n", "\n") if prompt_template else None, dataset=dataset,
         defaults=SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, top_k=top_k),
         seed=seed,
-        engine=EngineConfig(kind=engine_kind, device=device, dtype=None if dtype == "auto" else dtype, max_batch=max_batch,
+        engine=EngineConfig(kind=engine_kind, device=device, dtype=None if dtype == "auto" else dtype,
+                            kv_dtype=None if kv_dtype == "auto" else kv_dtype, max_batch=max_batch,
                             kv_budget_bytes=parse_size(kv_budget) if kv_budget else None,
                             max_seq_len=max_seq_len, prefill_chunk_tokens=step_tokens, threads=threads,
                             share_gpus=share_gpus, cp_min_tokens=cp_min_tokens, cp_short=cp_short,
@@ -173,6 +179,8 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
 @click.option("--dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
               envvar=_env("DTYPE"), show_envvar=True,
               help="Weight dtype (auto, as for run: float32 on CPU, the checkpoint's dtype on GPU).")
+@click.option("--kv-dtype", type=click.Choice(["auto", "float32", "bfloat16", "float16"]), default="auto",
+              envvar=_env("KV_DTYPE"), show_envvar=True, help="KV cache dtype (auto, as for run: the model's).")
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu",
               help="Where the ranks run (the dtype auto picks, and the memory the KV cache is sized from).")
 @click.option("--max-seq-len", type=click.IntRange(min=2), default=None, help="Default: the model's context.")
@@ -180,13 +188,13 @@ def run(model, inputs, output, input_format, output_format, prompt_template, dat
 @click.option("--kv-budget", default=None, help="KV-cache memory per rank (default: sized as run sizes it).")
 @click.option("--memory-per-rank", default=None, help="Check that each rank fits in this much memory, e.g. 80GB.")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan as JSON.")
-def plan(model, world, tp, ep, cp, dtype, device, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
+def plan(model, world, tp, ep, cp, dtype, kv_dtype, device, max_seq_len, max_batch, kv_budget, memory_per_rank, as_json):
     """Print the mesh and per-rank memory of a layout, without loading weights."""
     import json
 
     from .tools.plan import format_plan, make_plan
     try:
-        p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, max_seq_len=max_seq_len, max_batch=max_batch,
+        p = make_plan(model, world, tp=tp, cp=cp, ep=ep, dtype=dtype, kv_dtype=kv_dtype, max_seq_len=max_seq_len, max_batch=max_batch,
                       kv_budget=parse_size(kv_budget) if kv_budget else None,
                       memory_per_rank=parse_size(memory_per_rank) if memory_per_rank else None, device=device)
     except ConfigError as e:

@@ -647,6 +647,7 @@ class EngineConfig:
     kind: str = "model"             # "null": no model, each result max_tokens made-up tokens (engine/null.py)
     device: str = "cpu"
     dtype: str | None = None        # None: float32 on CPU, the checkpoint's dtype on GPU
+    kv_dtype: str | None = None     # the KV cache's dtype; None: the model's (dtype)
     max_batch: int = 64                # sequences decoding at once
     kv_budget_bytes: int | None = None  # None: a default fraction of free memory
     max_seq_len: int | None = None      # None: the model's max_position_embeddings, capped by the budget

@@ -2,24 +2,38 @@
 import torch
 
 
-def hf_greedy(model_dir, prompts, max_new_tokens, **generate_kwargs):
+def hf_greedy(model_dir, prompts, max_new_tokens, kv_dtype=None, **generate_kwargs):
     """Greedy token ids and the logprob of each chosen token (of the model's raw logits), one prompt at a time (no
-    padding).  ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``logits_processor``)."""
+    padding).  ``generate_kwargs`` go to ``generate`` (e.g. ``repetition_penalty``, ``logits_processor``).
+    ``kv_dtype``: every key and value row is rounded to it as it enters the cache (and attended so), as a cache
+    of that dtype under a float32 model holds them (``--kv-dtype``)."""
     from transformers import AutoModelForCausalLM
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
     model.eval()
-    out = []
-    for p in prompts:
-        # an explicit mask: without one generate takes every pad_token_id (0) in the prompt for padding
-        ids = torch.tensor([p])
-        g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
-                           min_new_tokens=max_new_tokens,
-                           do_sample=False, output_logits=True, return_dict_in_generate=True,
-                           eos_token_id=None, pad_token_id=0, **generate_kwargs)
-        toks = g.sequences[0, len(p):].tolist()
-        lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, toks)]
-        out.append((toks, lps))
-    return out
+    if kv_dtype is None:
+        return [_greedy_one(model, p, max_new_tokens, generate_kwargs) for p in prompts]
+    from unittest import mock
+
+    from transformers.cache_utils import Cache
+    update = Cache.update
+
+    def rounded(self, key_states, value_states, *args, **kwargs):
+        r = lambda t: t.to(kv_dtype).to(t.dtype)
+        return update(self, r(key_states), r(value_states), *args, **kwargs)
+    with mock.patch.object(Cache, "update", rounded):
+        return [_greedy_one(model, p, max_new_tokens, generate_kwargs) for p in prompts]
+
+
+def _greedy_one(model, p, max_new_tokens, generate_kwargs):
+    # an explicit mask: without one generate takes every pad_token_id (0) in the prompt for padding
+    ids = torch.tensor([p])
+    g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
+                       min_new_tokens=max_new_tokens,
+                       do_sample=False, output_logits=True, return_dict_in_generate=True,
+                       eos_token_id=None, pad_token_id=0, **generate_kwargs)
+    toks = g.sequences[0, len(p):].tolist()
+    lps = [torch.log_softmax(l[0].float(), -1)[t].item() for l, t in zip(g.logits, toks)]
+    return toks, lps
 
 
 def dequantized_twin(model_dir, out_dir):

@@ -42,6 +42,7 @@ class ModelRunner:
         index = CheckpointIndex(model_dir)
         registry.check_checkpoint(self.cfg, index)
         self.dtype = parse_dtype(engine_cfg.dtype) or device.default_dtype(self.cfg.torch_dtype)
+        self.kv_dtype = parse_dtype(engine_cfg.kv_dtype) or self.dtype
         if engine_cfg.threads:
             torch.set_num_threads(engine_cfg.threads)
         t0 = time.perf_counter()
@@ -49,18 +50,18 @@ class ModelRunner:
         self.load_seconds = time.perf_counter() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.packed = self._pack(index)
-        self.kv_dtype = self.dtype
         self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, self.kv_dtype.itemsize, mesh.tp, mesh.tp_rank)
         self.kv = self._allocate_kv()
-        log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB)",
+        log.info("rank %d: loaded %s (%s, %.2f GB of weights on this rank) in %.1fs; KV cache %d tokens (%.2f GB, %s)",
                  mesh.rank, self.cfg.arch, str(self.dtype).replace("torch.", ""), self.weight_bytes / 1e9,
-                 self.load_seconds, self.kv.pool_tokens, self.kv.nbytes() / 1e9)
+                 self.load_seconds, self.kv.pool_tokens, self.kv.nbytes() / 1e9,
+                 str(self.kv_dtype).replace("torch.", ""))
 
     def _load(self, index: CheckpointIndex) -> CausalLM:
         """The model at shard size on the device, with this rank's slices of the checkpoint read into it."""
         self.device.activate()
         with torch.device(self.device.torch):
-            model = CausalLM(self.cfg, self.mesh, self.dtype, self.device.torch)
+            model = CausalLM(self.cfg, self.mesh, self.dtype, self.device.torch, kv_dtype=self.kv_dtype)
         src = WeightSource(index, fp8_block=self.cfg.fp8_block)
         try:
             model.load(src)

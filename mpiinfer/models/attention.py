@@ -65,6 +65,12 @@ SINK_SCORE_ELEMS = 1 << 26
 SHARED_MIN_ROWS = 256
 
 
+def _as(kv: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """Cache rows ``kv`` in the queries' dtype: themselves, or (a cache of another ``--kv-dtype``) converted.  The
+    CP paths (``parallel.ring``) take any cache dtype and compute in float32 on their own."""
+    return kv if kv.dtype == q.dtype else kv.to(q.dtype)
+
+
 class Span(NamedTuple):
     """Which of its earlier positions a query attends, beyond causality: the last ``window`` (its own included;
     Mistral, Gemma 3's sliding layers), or those of its own ``chunk`` of positions (Llama 4's chunked layers:
@@ -317,8 +323,9 @@ class Attention(nn.Module):
         else:
             q = Rotary.apply(q2.view(T, self.n_q, hd), rope.cos, rope.sin)    # (T, heads, hd)
             k = Rotary.apply(k2.view(T, self.n_kv, hd), rope.cos, rope.sin)
-            k_cache.index_copy_(1, write_index, k.transpose(0, 1))          # cache: (n_kv, pool, hd)
-            v_cache.index_copy_(1, write_index, v2.view(T, self.n_kv, hd).transpose(0, 1))
+            # cache: (n_kv, pool, hd), in its own dtype (``--kv-dtype``)
+            k_cache.index_copy_(1, write_index, k.transpose(0, 1).to(k_cache.dtype))
+            v_cache.index_copy_(1, write_index, v2.view(T, self.n_kv, hd).transpose(0, 1).to(v_cache.dtype))
         if self.temperature:
             floor_scale, attn_scale = self.temperature
             t = torch.log1p(torch.floor((rope.positions.float() + 1.0) / floor_scale)) * attn_scale + 1.0   # (T,)
@@ -346,8 +353,8 @@ class Attention(nn.Module):
             if i in plan.paged:
                 out[qs:qs + ql] = self._attend_paged(q[qs:qs + ql], k_cache, v_cache, kl, *plan.paged[i])
             else:
-                out[qs:qs + ql] = self._attend(q[qs:qs + ql], k_cache[:, base:base + kl], v_cache[:, base:base + kl],
-                                               kl)
+                out[qs:qs + ql] = self._attend(q[qs:qs + ql], _as(k_cache[:, base:base + kl], q),
+                                               _as(v_cache[:, base:base + kl], q), kl)
         for i, ring_plan, rows in plan.ring:
             qs, ql, base, kl = b.q_start[i], b.q_len[i], b.kv_base[i], b.kv_len[i]
             if rows is None:
@@ -432,7 +439,7 @@ class Attention(nn.Module):
     def _attend_paged(self, q, k_cache, v_cache, kl, runs, rows):
         """``_attend`` of a prompt chunk (or a windowed decode) whose cache rows are in several runs: over a
         gathered copy of its rows (``runs`` kept for the plan's bookkeeping)."""
-        return self._attend(q, k_cache.index_select(1, rows), v_cache.index_select(1, rows), kl)
+        return self._attend(q, _as(k_cache.index_select(1, rows), q), _as(v_cache.index_select(1, rows), q), kl)
 
     def _attend_decode_loop(self, q, k_cache, v_cache, out, items):
         """One-token decodes one sequence at a time, query heads grouped by their KV head, reading each cache run
@@ -442,21 +449,21 @@ class Attention(nn.Module):
         into many blocks apart cost many more calls; on the CI CPU a 96-prompt chat job ran 38 s that way, against
         32 s with every sequence in one run)."""
         T, hd, grp, n_kv = q.shape[0], self.head_dim, self.group, self.n_kv
-        f32 = v_cache.dtype == torch.float32
+        f32 = q.dtype == torch.float32
         qa = (q * self.scale if f32 else q).view(T, n_kv, grp, hd)
         o4 = out.view(T, n_kv, grp, hd)
         for r, where in items:
             qg = qa[r]                                                     # (n_kv, group, hd)
             if isinstance(where, list):
                 a, n = where[0]
-                K, V = k_cache[:, a:a + n], v_cache[:, a:a + n]
+                K, V = _as(k_cache[:, a:a + n], q), _as(v_cache[:, a:a + n], q)
             else:
-                K, V = k_cache.index_select(1, where), v_cache.index_select(1, where)
+                K, V = _as(k_cache.index_select(1, where), q), _as(v_cache.index_select(1, where), q)
             s = torch.matmul(qg, K.transpose(1, 2))                        # (n_kv, group, kl)
             if f32:
                 torch.matmul(self._softmax(s), V, out=o4[r])
             else:
-                p = self._softmax(s.float() * self.scale).to(v_cache.dtype)
+                p = self._softmax(s.float() * self.scale).to(V.dtype)
                 o4[r] = torch.matmul(p, V)
 
     def _attend_shared(self, q, k_cache, v_cache, out, g: SharedGroup):
@@ -468,11 +475,12 @@ class Attention(nn.Module):
         G, hd, grp = len(g.seqs), self.head_dim, self.group
         a, n = g.start, g.length
         qg = q[g.rows].view(G, self.n_kv, grp, hd).transpose(0, 1).reshape(self.n_kv, G * grp, hd)
-        s = torch.matmul(qg, k_cache[:, a:a + n].transpose(1, 2)).float() * self.scale   # (n_kv, G*grp, n)
+        Vs = _as(v_cache[:, a:a + n], q)
+        s = torch.matmul(qg, _as(k_cache[:, a:a + n], q).transpose(1, 2)).float() * self.scale   # (n_kv, G*grp, n)
         m = s.amax(-1, keepdim=True)
         p = torch.exp(s - m)
         den = p.sum(-1, keepdim=True)
-        num = torch.matmul(p.to(v_cache.dtype), v_cache[:, a:a + n]).float()           # (n_kv, G*grp, hd)
+        num = torch.matmul(p.to(Vs.dtype), Vs).float()                                 # (n_kv, G*grp, hd)
         if self.sink is not None:                       # the sinks join the shared part's state: one more term
             sink = self.sink.view(self.n_kv, 1, grp).expand(self.n_kv, G, grp).reshape(self.n_kv, G * grp, 1)
             m2 = torch.maximum(m, sink)
@@ -491,14 +499,14 @@ class Attention(nn.Module):
                 continue
             sl = slice(j * grp, (j + 1) * grp)
             qj = qg[:, sl]                                                              # (n_kv, grp, hd)
-            st = torch.cat([torch.matmul(qj, k_cache[:, b:b + r].transpose(1, 2)) for b, r in runs],
+            st = torch.cat([torch.matmul(qj, _as(k_cache[:, b:b + r], q).transpose(1, 2)) for b, r in runs],
                            dim=-1).float() * self.scale                                 # (n_kv, grp, t)
             mt = torch.maximum(m[:, sl], st.amax(-1, keepdim=True))
             c = torch.exp(m[:, sl] - mt)                                                # rescales the shared part
             pt = torch.exp(st - mt)
             ot, at = num[:, sl] * c, 0
             for b, r in runs:
-                ot = ot + torch.matmul(pt[..., at:at + r].to(v_cache.dtype), v_cache[:, b:b + r]).float()
+                ot = ot + torch.matmul(pt[..., at:at + r].to(q.dtype), _as(v_cache[:, b:b + r], q)).float()
                 at += r
             num[:, sl], den[:, sl] = ot, den[:, sl] * c + pt.sum(-1, keepdim=True)
         o = (num / den).view(self.n_kv, G, grp, hd).transpose(0, 1).reshape(G, self.n_q, hd)
@@ -509,8 +517,8 @@ class Attention(nn.Module):
         (L = the longest, shorter ones padded with a repeated row and masked out)."""
         B, L = idx.shape
         flat = idx.view(-1)
-        K = k_cache.index_select(1, flat).view(self.n_kv, B, L, self.head_dim)   # (n_kv, B, L, hd)
-        V = v_cache.index_select(1, flat).view(self.n_kv, B, L, self.head_dim)
+        K = _as(k_cache.index_select(1, flat), q).view(self.n_kv, B, L, self.head_dim)   # (n_kv, B, L, hd)
+        V = _as(v_cache.index_select(1, flat), q).view(self.n_kv, B, L, self.head_dim)
         qg = q[rows].view(B, self.n_kv, self.group, self.head_dim).transpose(0, 1)   # (n_kv, B, group, hd)
         s = torch.matmul(qg, K.transpose(-1, -2)).float() * self.scale    # (n_kv, B, group, L)
         s.masked_fill_(invalid, float("-inf"))

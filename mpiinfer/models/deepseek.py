@@ -86,7 +86,8 @@ class LatentAttention(Attention):
         kv = self.kv_a(x)                                                                # (T, kvr + rope)
         k_pe = Rotary.apply(kv[:, None, kvr:], rope.cos, rope.sin)                       # (T, 1, rope)
         row = torch.cat((self.kv_a_norm(kv[:, :kvr]), k_pe[:, 0]), dim=-1)               # (T, kvr + rope)
-        k_cache.index_copy_(1, write_index, row.unsqueeze(0))        # the latent cache (1, pool, kvr + rope) = V
+        # the latent cache (1, pool, kvr + rope) = V, in its own dtype (``--kv-dtype``)
+        k_cache.index_copy_(1, write_index, row.unsqueeze(0).to(k_cache.dtype))
         # absorbed queries: head h's nope part times its key rows of kv_b_proj, into the latent space
         q_lat = torch.bmm(q[..., :nope].transpose(0, 1), self.kv_b[:, :nope])          # (n_q, T, kvr)
         qa = torch.cat((q_lat.transpose(0, 1), Rotary.apply(q[..., nope:], rope.cos, rope.sin)), dim=-1)

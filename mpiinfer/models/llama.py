@@ -67,7 +67,9 @@ TIED_HEAD_BLOCKS = 8   # a packed tied LM head is built (and applied) in this ma
 class CausalLM(nn.Module):
     """Embedding -> layers -> final norm -> vocab-parallel LM head (logits gathered on tp rank 0)."""
 
-    def __init__(self, cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, device=torch.device("cpu")):
+    def __init__(self, cfg: ModelConfig, mesh: Mesh, dtype: torch.dtype, device=torch.device("cpu"),
+                 kv_dtype: torch.dtype | None = None):
+        """``kv_dtype``: the KV cache's dtype (default ``dtype``), for choosing the CPU kernels."""
         super().__init__()
         self.cfg, self.mesh, self.dtype, self.device = cfg, mesh, dtype, device
         v0, v1 = vocab_range(cfg.vocab_size, mesh.tp, mesh.tp_rank)
@@ -89,7 +91,7 @@ class CausalLM(nn.Module):
         # Gemma: the embedding scale rounded to the model dtype, as transformers applies it
         self.embed_scale = None if cfg.embed_scale == 1.0 else torch.tensor(cfg.embed_scale, dtype=dtype, device="cpu").item()
         # the CPU kernels for RoPE + cache write and decode attention (models.attention), where they are built
-        self.use_native = native.usable(torch.device(device), dtype) and \
+        self.use_native = native.usable(torch.device(device), dtype, kv_dtype) and \
             self.layers[0].attn.group <= native.MAX_GROUP
         self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
         self._head_out = None        # their output side by side, reused step to step

@@ -111,11 +111,11 @@ def _lib():
                     lib.decode_attention.restype = None
                     lib.decode_attention.argtypes = [
                         _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _P, _P, _I64, _F32, _P, _I64,
-                        _P, _P, _P, _INT, _INT]
+                        _P, _P, _P, _INT, _INT, _INT]
                     lib.rope_store.restype = None
                     lib.rope_store.argtypes = [
                         _P, _I64, _INT, _P, _I64, _P, _I64, _INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P,
-                        _INT, _INT]
+                        _INT, _INT, _INT]
                 except OSError as e:
                     log.warning("native kernels off: loading %s failed (%s)", so, e)
                     lib = None
@@ -128,9 +128,11 @@ def available() -> bool:
     return _lib() is not None
 
 
-def usable(device: torch.device, dtype: torch.dtype) -> bool:
-    """The kernels serve tensors of ``dtype`` on ``device``."""
-    return device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and available()
+def usable(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> bool:
+    """The kernels serve activations of ``dtype`` and a KV cache of ``kv_dtype`` (default: ``dtype``) on
+    ``device``."""
+    ok = (torch.float32, torch.bfloat16)
+    return device.type == "cpu" and dtype in ok and (kv_dtype or dtype) in ok and available()
 
 
 def _bf16(t: torch.Tensor) -> int:
@@ -173,7 +175,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor, n_q: int, init=None) -> None:
     """Write the attention of each decode's ``n_q`` query heads (at ``q[d.q_rows]``, heads ordered KV head by KV
     head) over its cache runs into ``out[d.q_rows]``.  q, out: (T, >= n_q * hd) with contiguous rows; caches:
-    (n_kv, pool, hd) contiguous.  ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode
+    (n_kv, pool, hd) contiguous, of q's dtype or the other one (a bfloat16 cache under a float32 model).  ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode
     and query head ((B, n_q), (B, n_q), (B, n_q, hd)), to continue from."""
     if d.n == 0:
         return
@@ -181,9 +183,10 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     grp = n_q // n_kv
     if grp > MAX_GROUP or n_q % n_kv:
         raise ValueError(f"{n_q} query heads over {n_kv} KV heads: the kernel takes at most {MAX_GROUP} a KV head")
-    bf = _bf16(k_cache)
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not (q.dtype == k_cache.dtype == out.dtype):
-        raise ValueError("decode_attention needs contiguous caches and q, caches and out of one dtype")
+    bf, qbf = _bf16(k_cache), _bf16(q)
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous()) or not (q.dtype == out.dtype and
+                                                                          k_cache.dtype == v_cache.dtype):
+        raise ValueError("decode_attention needs contiguous caches of one dtype, and q and out of one dtype")
     qs, os_ = _rows(q, n_q * hd), _rows(out, n_q * hd)
     im = il = ia = None
     if init is not None:
@@ -192,22 +195,23 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     _lib().decode_attention(
         q.data_ptr(), qs, k_cache.data_ptr(), v_cache.data_ptr(), pool, n_kv, grp, hd, d.n, d.q_rows.data_ptr(),
         d.run_off.data_ptr(), d.runs.data_ptr(), d.skip.data_ptr() if d.skip is not None else None, d.max_rows,
-        scale, out.data_ptr(), os_, im, il, ia, bf, torch.get_num_threads())
+        scale, out.data_ptr(), os_, im, il, ia, bf, qbf, torch.get_num_threads())
 
 
 def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor, cos: torch.Tensor,
                sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, write_index: torch.Tensor) -> None:
     """Rotate q (T, n_q * hd) and k (T, n_kv * hd) in place by ``positions`` with the float32 tables ``cos`` /
     ``sin`` (positions, hd), then write k and v (T, n_kv * hd) into the caches (n_kv, pool, hd) at rows
-    ``write_index`` (T,).  Views with contiguous rows (e.g. slices of the fused qkv output)."""
+    ``write_index`` (T,), rounded to the caches' dtype where it is not theirs (as ``Tensor.to`` rounds).  Views
+    with contiguous rows (e.g. slices of the fused qkv output)."""
     n_kv, pool, hd = k_cache.shape
     T = q.shape[0]
     if T == 0:
         return
     n_q = q.shape[1] // hd
-    bf = _bf16(k_cache)
-    if not (q.dtype == k.dtype == v.dtype == k_cache.dtype == v_cache.dtype):
-        raise ValueError("rope_store: q, k, v and the caches must have one dtype")
+    bf, kvbf = _bf16(q), _bf16(k_cache)
+    if not (q.dtype == k.dtype == v.dtype and k_cache.dtype == v_cache.dtype):
+        raise ValueError("rope_store: q, k and v must have one dtype, and the caches one dtype")
     if not (k_cache.is_contiguous() and v_cache.is_contiguous() and cos.is_contiguous() and sin.is_contiguous()
             and cos.dtype == sin.dtype == torch.float32 and cos.shape[1] == hd):
         raise ValueError("rope_store: contiguous caches, and float32 (positions, head_dim) tables")
@@ -215,4 +219,5 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
     widx = write_index.contiguous()
     _lib().rope_store(q.data_ptr(), _rows(q, n_q * hd), n_q, k.data_ptr(), _rows(k, n_kv * hd), v.data_ptr(),
                       _rows(v, n_kv * hd), n_kv, hd, T, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
-                      k_cache.data_ptr(), v_cache.data_ptr(), pool, widx.data_ptr(), bf, torch.get_num_threads())
+                      k_cache.data_ptr(), v_cache.data_ptr(), pool, widx.data_ptr(), bf, kvbf,
+                      torch.get_num_threads())

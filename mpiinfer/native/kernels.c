@@ -5,7 +5,8 @@
  * contiguous torch tensors and a thread count.  OpenMP here is the libgomp torch already loaded (same soname), so
  * these kernels share torch's thread pool.
  *
- * Element types: float32 (dtype 0) or bfloat16 (dtype 1, raw uint16); arithmetic is float32.
+ * Element types: float32 (dtype 0) or bfloat16 (dtype 1, raw uint16); arithmetic is float32.  The cache's type
+ * (`bf16`) and the queries' and outputs' (`q_bf16`) are separate: a bfloat16 cache under a float32 model.
  */
 #include "common.h"
 #if defined(__AVX512F__)
@@ -313,7 +314,7 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
                       int grp, int hd, int64_t nseq, const int64_t *q_rows, const int64_t *run_off,
                       const int64_t *runs, const int64_t *skip, int64_t max_rows, float scale, void *out,
                       int64_t out_stride, const float *init_m, const float *init_l, const float *init_acc,
-                      int bf16, int nthreads) {
+                      int bf16, int q_bf16, int nthreads) {
     const int64_t items = nseq * n_kv;
     const cache_t c = {kc, vc, pool, bf16};
     const int64_t stride = max_rows + 16;
@@ -334,7 +335,7 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
             const int h = (int)(it % n_kv);
             const int64_t qoff = q_rows[s] * q_stride + (int64_t)h * grp * hd;
             for (int g = 0; g < grp; g++) {
-                const float *qr = row_f32(q, qoff + (int64_t)g * hd, hd, bf16, tmp);
+                const float *qr = row_f32(q, qoff + (int64_t)g * hd, hd, q_bf16, tmp);
                 for (int d = 0; d < hd; d++) qf[g * hd + d] = qr[d] * scale;
             }
             /* the pool rows attended, in token order: the runs, less the first skip[s] rows (a window) */
@@ -368,7 +369,7 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
                 float *ag = acc + g * hd;
                 const float inv = 1.f / l[g];
                 for (int d = 0; d < hd; d++) ag[d] *= inv;
-                store_row(out, ooff + (int64_t)g * hd, ag, hd, bf16);
+                store_row(out, ooff + (int64_t)g * hd, ag, hd, q_bf16);
             }
         }
         free(idx);

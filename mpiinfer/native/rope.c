@@ -10,12 +10,13 @@
  *
  * q: (T, q_stride) with n_q heads of hd at the start of each row; k, v: (T, k_stride / v_stride) with n_kv heads
  * cos_t/sin_t: float32 tables (positions, hd) (Hugging Face's cat(freqs, freqs)); pos: (T,) positions
- * kc/vc: (n_kv, pool, hd) contiguous; token t's K/V go to row widx[t]
+ * kc/vc: (n_kv, pool, hd) contiguous, float32 or bfloat16 (kv_bf16) whatever q, k, v are (bf16); token t's K/V
+ *        go to row widx[t]
  * Per element, exactly as torch computes x * cos + rotate_half(x) * sin in the element type (the tables rounded
  * to it first, each product and the sum rounded to it). */
 void rope_store(void *q, int64_t q_stride, int n_q, void *k, int64_t k_stride, const void *v, int64_t v_stride,
                 int n_kv, int hd, int64_t T, const int64_t *pos, const float *cos_t, const float *sin_t, void *kc,
-                void *vc, int64_t pool, const int64_t *widx, int bf16, int nthreads) {
+                void *vc, int64_t pool, const int64_t *widx, int bf16, int kv_bf16, int nthreads) {
     const int heads = n_q + n_kv;
     const int half = hd / 2;
     const int64_t esz = bf16 ? 2 : 4;
@@ -56,9 +57,15 @@ void rope_store(void *q, int64_t q_stride, int n_q, void *k, int64_t k_stride, c
                 store_row(base, off, y, hd, bf16);
                 if (hh >= n_q) {
                     const int h = hh - n_q;
-                    store_row(kc, ((int64_t)h * pool + widx[t]) * hd, y, hd, bf16);
-                    memcpy((char *)vc + ((int64_t)h * pool + widx[t]) * hd * esz,
-                           (const char *)v + (t * v_stride + (int64_t)h * hd) * esz, (size_t)(hd * esz));
+                    const int64_t crow = ((int64_t)h * pool + widx[t]) * hd;
+                    const int64_t voff = t * v_stride + (int64_t)h * hd;
+                    /* the row as stored in k (rounded to bfloat16 when k is), in the cache's type */
+                    store_row(kc, crow, bf16 ? row_f32(base, off, hd, 1, x) : y, hd, kv_bf16);
+                    if (kv_bf16 == bf16) {
+                        memcpy((char *)vc + crow * esz, (const char *)v + voff * esz, (size_t)(hd * esz));
+                    } else {                 /* a cache of another type: each value rounded as torch's .to() */
+                        store_row(vc, crow, row_f32(v, voff, hd, bf16, x), hd, kv_bf16);
+                    }
                 }
             }
         }

@@ -23,16 +23,18 @@ def _gib(n: int) -> str:
 
 
 def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1, dtype: str | None = None,
-              max_seq_len: int | None = None, max_batch: int = 64, kv_budget: int | None = None,
+              kv_dtype: str | None = None, max_seq_len: int | None = None, max_batch: int = 64, kv_budget: int | None = None,
               memory_per_rank: int | None = None, device: str = "cpu") -> dict:
-    """``dtype`` None / "auto": what ``run`` takes on ``device`` (float32 on CPU, the checkpoint's on CUDA).  The
+    """``dtype`` None / "auto": what ``run`` takes on ``device`` (float32 on CPU, the checkpoint's on CUDA);
+    ``kv_dtype`` None / "auto": ``dtype``.  The
     KV cache is sized as ``run`` sizes it (``engine.kv_cache.kv_budget``): the memory left after the weights
     is ``memory_per_rank`` less the weights and the runtime, else this machine's free memory (CPU)."""
     cfg = ModelConfig.from_dir(model_dir)
     layout = Layout(world=world, tp=tp, cp=cp, ep=ep)
     validate_layout(cfg, layout)
     tdtype = parse_dtype(dtype) or Device(device).default_dtype(cfg.torch_dtype)
-    esize = tdtype.itemsize
+    kdtype = parse_dtype(kv_dtype) or tdtype
+    esize = kdtype.itemsize
     seq = min(max_seq_len or cfg.max_position_embeddings, cfg.max_position_embeddings)
     from ..models.llama import CausalLM
     ranks = []
@@ -66,14 +68,15 @@ def make_plan(model_dir: str, world: int, tp: int = 1, cp: int = 1, ep: int = 1,
         "replicas": sorted({tuple(layout.replica_group(r)) for r in range(world)}),
     }
     return {"model": model_dir, "arch": cfg.arch, "params": cfg.num_params, "dtype": str(tdtype).replace("torch.", ""),
-            "layout": {"world": world, "dp": layout.dp, "cp": cp, "tp": tp, "ep": ep}, "groups": groups,
+            "kv_dtype": str(kdtype).replace("torch.", ""), "layout": {"world": world, "dp": layout.dp, "cp": cp, "tp": tp, "ep": ep}, "groups": groups,
             "max_seq_len": seq, "max_batch": max_batch, "ranks": ranks, "memory_per_rank": memory_per_rank,
             "runtime_overhead_bytes": RUNTIME_OVERHEAD}
 
 
 def format_plan(p: dict) -> str:
     L = p["layout"]
-    lines = [f"{p['arch']} ({p['params'] / 1e9:.2f}B parameters, {p['dtype']}) from {p['model']}",
+    kv = "" if p["kv_dtype"] == p["dtype"] else f", KV cache {p['kv_dtype']}"
+    lines = [f"{p['arch']} ({p['params'] / 1e9:.2f}B parameters, {p['dtype']}{kv}) from {p['model']}",
              f"mesh: world={L['world']} = dp {L['dp']} x cp {L['cp']} x tp {L['tp']}; ep={L['ep']}"]
     for axis in ("replicas", "tp", "cp", "dp"):
         groups = p["groups"][axis]

@@ -81,3 +81,31 @@ def test_plan_sizes_the_kv_cache_as_run_does(model_dirs):
         assert runner.pool_tokens == r["kv_tokens"]
         from mpiinfer.engine.scheduler import Scheduler
         assert Scheduler(1, runner.pool_tokens, 8, 64).pools[0].num_blocks == r["kv_blocks"] > 0
+
+
+def test_plan_and_run_size_a_bfloat16_kv_cache_alike(model_dirs):
+    """``--kv-dtype bfloat16`` under float32 weights: half the KV bytes per token, twice the tokens in a budget, in
+    plan's answer and in the pool the runner allocates (whose tensors are bfloat16); the weights stay float32."""
+    import torch
+
+    from mpiinfer.comm.mesh import Mesh
+    from mpiinfer.config import EngineConfig
+    from mpiinfer.device import Device
+    from mpiinfer.engine.runner import ModelRunner
+    d = model_dirs("llama")
+    got = {}
+    for kv in ("auto", "bfloat16"):
+        code, out = plan(["-m", d, "--world", "1", "--kv-budget", "3MB", "--kv-dtype", kv, "--json"])
+        assert code == 0, out
+        got[kv] = json.loads(out)
+    full, half = got["auto"], got["bfloat16"]
+    assert full["kv_dtype"] == full["dtype"] == half["dtype"] == "float32" and half["kv_dtype"] == "bfloat16"
+    assert half["ranks"][0]["kv_bytes_per_token"] * 2 == full["ranks"][0]["kv_bytes_per_token"]
+    assert half["ranks"][0]["weight_bytes"] == full["ranks"][0]["weight_bytes"]
+    runner = ModelRunner(d, EngineConfig(kv_budget_bytes=3_000_000, kv_dtype="bfloat16"), Mesh.single(),
+                         Device("cpu"))
+    assert runner.pool_tokens == half["ranks"][0]["kv_tokens"] >= 2 * full["ranks"][0]["kv_tokens"] - 1
+    assert runner.kv.k[0].dtype == runner.kv.v[-1].dtype == torch.bfloat16
+    assert next(runner.model.parameters()).dtype == torch.float32
+    code, out = plan(["-m", d, "--world", "1", "--kv-budget", "3MB", "--kv-dtype", "bfloat16"])
+    assert code == 0 and "float32, KV cache bfloat16" in out, out

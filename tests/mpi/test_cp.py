@@ -58,6 +58,32 @@ def test_cp_matches_reference(n, flags, setup, tmp_path):
         assert max(abs(a - b) for a, b in zip(recs[k]["logprobs"], lps)) < 1e-4, k
 
 
+@pytest.mark.parametrize("n,flags", by_ranks([(2, ["--cp", "2"]), (4, ["--tp", "2", "--cp", "2"])]))
+def test_cp_with_a_bfloat16_kv_cache(n, flags, setup, tmp_path):
+    """``--kv-dtype bfloat16`` under float32 weights: the ring passes bfloat16 K/V blocks and the CP decode reads a
+    bfloat16 shard, both computing in float32: tokens equal transformers' with its cache rounded to bfloat16
+    (tests/reference.py), for the document, the spread prompts and the short ones; logprobs as in
+    test_parity.py::test_bfloat16_kv_cache_under_a_float32_model (float32 noise at the median, 2e-3 at most: a value
+    at a rounding boundary may round the other way)."""
+    import statistics
+
+    import torch
+    d, inp, _ = setup
+    prompts = {r["id"]: r["prompt_token_ids"] for r in map(json.loads, open(inp))}
+    ref = dict(zip(prompts, hf_greedy(d, list(prompts.values()), NEW, kv_dtype=torch.bfloat16)))
+    out = tmp_path / "o.jsonl"
+    p = mpirun(n, ["-m", d, "-i", inp, "-o", str(out), "--max-seq-len", "8192", "--cp-min-tokens", "1000",
+                   "--kv-dtype", "bfloat16"] + flags)
+    assert p.returncode == 0, p.stderr
+    recs = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert list(recs) == list(ref)
+    diffs = []
+    for k, (toks, lps) in ref.items():
+        assert recs[k]["token_ids"] == toks, k
+        diffs += [abs(a - b) for a, b in zip(recs[k]["logprobs"], lps)]
+    assert max(diffs) < 2e-3 and statistics.median(diffs) < 1e-5, (max(diffs), statistics.median(diffs))
+
+
 def test_document_beyond_one_ranks_kv_budget_needs_cp(setup, tmp_path):
     d, inp, ref = setup
     # qwen3 tiny: 2 layers x 2 KV heads x 16 dims x 2 (K, V) x 4 bytes = 512 bytes per token and rank

@@ -44,12 +44,13 @@ def _reference(q, kc, vc, rows, scale):
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
 @pytest.mark.parametrize("grp", [1, 3, 8])
 @pytest.mark.parametrize("hd", [16, 32, 64, 128, 24])  # the AVX-512 tiles' sizes (16 x 1-8 registers), and not
-def test_decode_attention_over_paged_runs(dtype, tol, grp, hd):
+def test_decode_attention_over_paged_runs(dtype, tol, grp, hd, kv_dtype=None):
+    """``kv_dtype``: a cache of another dtype than q and out (``--kv-dtype``)."""
     g = torch.Generator().manual_seed(grp * 1000 + hd)
     n_kv, pool, T = 2, 300, 14
     n_q = n_kv * grp
-    kc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
-    vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    kc = torch.randn(n_kv, pool, hd, generator=g).to(kv_dtype or dtype)
+    vc = torch.randn(n_kv, pool, hd, generator=g).to(kv_dtype or dtype)
     qkv = torch.randn(T, (n_q + 2 * n_kv) * hd, generator=g).to(dtype)   # q as a strided slice of it
     q = qkv[:, :n_q * hd]
     runs = _runs(g, pool, 9)
@@ -64,6 +65,14 @@ def test_decode_attention_over_paged_runs(dtype, tol, grp, hd):
         assert torch.allclose(got, want, atol=tol, rtol=tol), i
     untouched = sorted(set(range(T)) - set(q_rows))
     assert torch.isnan(out[untouched].float()).all()          # only the decodes' rows are written
+
+
+@pytest.mark.parametrize("dtype,kv_dtype,tol", [
+    (torch.float32, torch.bfloat16, 2e-6),     # float32 arithmetic over the cache's exact bfloat16 values
+    (torch.bfloat16, torch.float32, 1e-2)])
+@pytest.mark.parametrize("grp,hd", [(3, 64), (8, 128), (1, 24)])
+def test_decode_attention_over_a_cache_of_another_dtype(dtype, kv_dtype, tol, grp, hd):
+    test_decode_attention_over_paged_runs(dtype, tol, grp, hd, kv_dtype)
 
 
 @pytest.fixture
@@ -93,10 +102,11 @@ def without_avx512(tmp_path, monkeypatch):
     monkeypatch.setattr(native, "_LIB", [lib])
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+@pytest.mark.parametrize("dtype,tol,kv_dtype", [(torch.float32, 2e-6, None), (torch.bfloat16, 1e-2, None),
+                                                (torch.float32, 2e-6, torch.bfloat16)])
 @pytest.mark.parametrize("hd", [64, 24])
-def test_decode_attention_without_avx512(dtype, tol, hd, without_avx512):
-    test_decode_attention_over_paged_runs(dtype, tol, 3, hd)
+def test_decode_attention_without_avx512(dtype, tol, kv_dtype, hd, without_avx512):
+    test_decode_attention_over_paged_runs(dtype, tol, 3, hd, kv_dtype)
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
@@ -122,8 +132,12 @@ def test_decode_attention_continues_a_shared_prefix_state(dtype, tol):
         assert torch.allclose(out[i].view(n_q, hd).double(), _reference(q[i], kc, vc, rows, 0.25), atol=tol), i
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rope_store_is_bit_identical_to_the_torch_path(dtype):
+@pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
+                                            (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
+def test_rope_store_is_bit_identical_to_the_torch_path(dtype, kv_dtype):
+    """The cache rows are the rotated k and v as stored, converted to the cache's dtype by ``Tensor.to`` (a
+    ``--kv-dtype`` other than the model's)."""
+    kv_dtype = kv_dtype or dtype
     g = torch.Generator().manual_seed(3)
     n_q, n_kv, hd, pool, T = 6, 2, 64, 50, 9
     qkv = torch.randn(T, (n_q + 2 * n_kv) * hd, generator=g).to(dtype)
@@ -133,7 +147,8 @@ def test_rope_store_is_bit_identical_to_the_torch_path(dtype):
     emb = torch.cat((emb, emb), dim=-1)
     cos, sin = emb.cos(), emb.sin()
     widx = torch.tensor([3, 4, 5, 6, 7, 8, 49, 49, 49])      # the last three: a scratch row, written thrice
-    kc, vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype), torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    kc = torch.randn(n_kv, pool, hd, generator=g).to(kv_dtype)
+    vc = torch.randn(n_kv, pool, hd, generator=g).to(kv_dtype)
     a, kc_a, vc_a = qkv.clone(), kc.clone(), vc.clone()
     native.rope_store(a[:, :n_q * hd], a[:, n_q * hd:(n_q + n_kv) * hd], a[:, (n_q + n_kv) * hd:], pos, cos, sin,
                       kc_a, vc_a, widx)
@@ -145,7 +160,7 @@ def test_rope_store_is_bit_identical_to_the_torch_path(dtype):
     assert torch.equal(a[:, n_q * hd:(n_q + n_kv) * hd].view(T, n_kv, hd), k)
     assert torch.equal(a[:, (n_q + n_kv) * hd:], qkv[:, (n_q + n_kv) * hd:])         # v read, not changed
     kc_b, vc_b = kc.clone(), vc.clone()
-    kc_b[:, widx[:6]], vc_b[:, widx[:6]] = k[:6].transpose(0, 1), v[:6].transpose(0, 1)
+    kc_b[:, widx[:6]], vc_b[:, widx[:6]] = k[:6].transpose(0, 1).to(kv_dtype), v[:6].transpose(0, 1).to(kv_dtype)
     assert torch.equal(kc_a[:, :49], kc_b[:, :49]) and torch.equal(vc_a[:, :49], vc_b[:, :49])
 
 

@@ -1,5 +1,6 @@
 """Single-process engine vs transformers: greedy tokens identical, logprobs within 1e-4 (float32)."""
 import math
+import statistics
 
 import pytest
 import torch
@@ -24,9 +25,9 @@ def prompts_for(vocab, seed=0):
     return [torch.randint(0, vocab, (n,), generator=g).tolist() for n in LENGTHS]
 
 
-def run_engine(model_dir, prompts, max_batch, step_tokens, new=NEW, pack_weights=None):
-    runner = ModelRunner(model_dir, EngineConfig(kv_budget_bytes=1 << 24, pack_weights=pack_weights), Mesh.single(),
-                         Device("cpu"))
+def run_engine(model_dir, prompts, max_batch, step_tokens, new=NEW, pack_weights=None, kv_dtype=None):
+    runner = ModelRunner(model_dir, EngineConfig(kv_budget_bytes=1 << 24, pack_weights=pack_weights, kv_dtype=kv_dtype),
+                         Mesh.single(), Device("cpu"))
     engine = Engine(runner, Tokenizer(model_dir), max_batch=max_batch, step_tokens=step_tokens)
     sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
     reqs = [Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]
@@ -53,6 +54,35 @@ def test_parity_with_transformers(arch, model_dirs):
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
         assert max(abs(a - b) for a, b in zip(rc.logprobs, lps)) < 1e-4
         assert r.finish_reason == "length" and len(r.token_ids) == NEW
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bfloat16_kv_cache_under_a_float32_model(arch, model_dirs, monkeypatch):
+    """``--kv-dtype bfloat16`` with float32 weights: the engine computes in float32 over a cache rounded to bfloat16,
+    so it matches transformers with every key and value row rounded to bfloat16 as it enters its cache (MLA: the
+    latent rows, which transformers 5 caches too): tokens identical; logprobs equal to float32 noise at the median,
+    within 2e-3 at most (a K/V value within float32 noise of a bfloat16 rounding boundary may round the other way
+    than transformers', one bfloat16 ulp: seen up to 4e-4).  Rounding the reference moves its logprobs by 1e-2 or
+    more, so a float32 cache fails here.  Llama runs the torch paths as well as the C kernels."""
+    from mpiinfer import native
+    d = model_dirs(arch)
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=5)
+    ref = hf_greedy(d, prompts, NEW, kv_dtype=torch.bfloat16)
+    plain = hf_greedy(d, prompts, NEW)
+    assert max(abs(a - b) for (_, la), (_, lb) in zip(ref, plain) for a, b in zip(la, lb)) > 1e-2
+    for torch_paths in ([False, True] if arch == "llama" else [False]):
+        if torch_paths:
+            monkeypatch.setattr(native, "usable", lambda *a: False)
+        res, eng = run_engine(d, prompts, max_batch=len(prompts), step_tokens=4096, kv_dtype="bfloat16")
+        res_cb, _ = run_engine(d, prompts, max_batch=2, step_tokens=7, kv_dtype="bfloat16")
+        assert eng.runner.kv.k[0].dtype == torch.bfloat16 and eng.runner.model.dtype == torch.float32
+        if arch == "llama":                     # the C kernels with a bfloat16 cache, then the torch paths
+            assert eng.runner.model.use_native is (not torch_paths and native.available())
+        diffs = []
+        for (toks, lps), r, rc in zip(ref, res, res_cb):
+            assert r.token_ids == toks and rc.token_ids == toks
+            diffs += [abs(a - b) for x in (r, rc) for a, b in zip(x.logprobs, lps)]
+        assert max(diffs) < 2e-3 and statistics.median(diffs) < 1e-5, (max(diffs), statistics.median(diffs))
 
 
 def test_llama3_rope_scaling_and_tied_embeddings(model_dirs):
