@@ -39,6 +39,7 @@ from ..parallel.ring import (
     RingPlan,
     combine_across_ranks,
     decode_attention_partial,
+    decode_plan,
     merge_partials,
     ring_attention,
 )
@@ -192,10 +193,10 @@ class AttentionPlan:
                                                      # its cache is one run, else its rows' index tensor)
     ring: list = field(default_factory=list)         # (sequence index, RingPlan, its rows' index tensor when its
                                                      # cache is in several runs, else None) of CP prompts
-    cp_decode: list = field(default_factory=list)    # sequence indices of CP decodes
-    cp_tails: dict = field(default_factory=dict)     # of those, the ones in several runs: index -> (its longest
-                                                     # run's start, rows and first token; the other rows' pool
-                                                     # rows (tensor) and token indices (array))
+    cp_decode: list = field(default_factory=list)    # CP decodes: (sequence index, its shard's longest run of
+                                                     # pool rows (start, rows) and its DecodePlan, and for the
+                                                     # other rows when it has several runs (their pool rows
+                                                     # (tensor), their DecodePlan), else None)
     native: native_kernels.DecodeRuns | None = None  # CPU: every other local decode, in one C kernel call
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
@@ -245,15 +246,20 @@ class AttentionPlan:
                                                     span.window, chunk=span.chunk),
                                   None if batch.contiguous(i) else torch.from_numpy(batch.rows(i)).to(device)))
             elif mode == MODE_CP_DECODE:
-                plan.cp_decode.append(i)
-                if not batch.contiguous(i):
-                    ext = batch.extents(i)
-                    m = max(range(len(ext)), key=lambda j: ext[j][1])
-                    off = sum(n for _, n in ext[:m])
+                # planned here once for every layer of the span (rectangles and masks from the positions)
+                qs, ql = batch.q_start[i], batch.q_len[i]
+                qpos, kv_pos = batch.positions[qs:qs + ql], batch.kv_positions(i)
+                ext = batch.extents(i)
+                m = max(range(len(ext)), key=lambda j: ext[j][1])
+                off = sum(n for _, n in ext[:m])
+                main = decode_plan(qpos, kv_pos[off:off + ext[m][1]], span.window, span.chunk, device)
+                tail = None
+                if len(ext) > 1:
                     allrows = batch.rows(i)
                     rest = np.r_[0:off, off + ext[m][1]:len(allrows)]
-                    plan.cp_tails[i] = (ext[m][0], ext[m][1], off, torch.from_numpy(allrows[rest]).to(device),
-                                        torch.from_numpy(rest))
+                    tail = (torch.from_numpy(allrows[rest]).to(device),
+                            decode_plan(qpos, kv_pos[torch.from_numpy(rest)], span.window, span.chunk, device))
+                plan.cp_decode.append((i, ext[m][0], ext[m][1], main, tail))
         return plan
 
 
@@ -367,7 +373,7 @@ class Attention(nn.Module):
                 return_lse=True)
             out[qs:qs + ql] = self._sunk(o, lse)
         if plan.cp_decode:
-            self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode, plan.cp_tails)
+            self._attend_cp_decodes(q, k_cache, v_cache, out, b, plan.cp_decode)
         return out
 
     def _sink_state(self, n: int):
@@ -526,28 +532,21 @@ class Attention(nn.Module):
         o = torch.matmul(p, V)                                           # (n_kv, B, group, hd)
         out[rows] = o.transpose(0, 1).reshape(B, self.n_q, self.head_dim)
 
-    def _attend_cp_decodes(self, q, k_cache, v_cache, out, b: StepBatch, seqs: list, tails: dict):
+    def _attend_cp_decodes(self, q, k_cache, v_cache, out, b: StepBatch, seqs: list):
         """CP decodes: each sequence's new token against this rank's cache shard, then one merge of every
         sequence's partials across the CP ranks (one ``Allgather`` over ``cp_comm``).  A shard in several runs of
-        blocks (``tails``): its longest run (usually the prompt's rows) read where it is, the other rows gathered,
-        the two partials merged: two calls whatever the number of runs."""
+        blocks: its longest run (usually the prompt's rows) read where it is, the other rows gathered, the two
+        partials merged: two calls whatever the number of runs.  ``seqs``: the plan's ``cp_decode``."""
         parts = []                                                      # (rows, partial out, partial lse)
-        for i in seqs:
+        for i, start, n, main, tail in seqs:
             qs, ql = b.q_start[i], b.q_len[i]
-            kv_pos = b.kv_positions(i)
-            if i in tails:
-                start, n, off, rows, rest = tails[i]
-            else:
-                (start, n), off = b.extents(i)[0], 0
             o, lse = decode_attention_partial(q[qs:qs + ql], k_cache[:, start:start + n].transpose(0, 1),
-                                              v_cache[:, start:start + n].transpose(0, 1), self.scale,
-                                              b.positions[qs:qs + ql], kv_pos[off:off + n], self.window,
-                                              self.span.chunk)
-            if i in tails:
+                                              v_cache[:, start:start + n].transpose(0, 1), self.scale, plan=main)
+            if tail is not None:
+                rows, tail_plan = tail
                 o2, lse2 = decode_attention_partial(q[qs:qs + ql], k_cache.index_select(1, rows).transpose(0, 1),
                                                     v_cache.index_select(1, rows).transpose(0, 1), self.scale,
-                                                    b.positions[qs:qs + ql], kv_pos[rest], self.window,
-                                                    self.span.chunk)
+                                                    plan=tail_plan)
                 o, lse = merge_partials([o, o2], [lse, lse2])
             parts.append((qs, ql, o, lse))
         merged, lse = combine_across_ranks(torch.cat([c[2] for c in parts]), torch.cat([c[3] for c in parts]),

@@ -30,6 +30,7 @@ import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -432,17 +433,36 @@ def ring_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, q_pos, kv_
 
 # --------------------------------------------------------------------------- decode: sharded KV
 
+class DecodePlan(NamedTuple):
+    """What ``decode_attention_partial`` computes from the positions, made once per step and span
+    (``decode_plan``) rather than once per layer: the rectangles, the positions as tensors, and the
+    window and chunk that mask the rectangles on the diagonal."""
+    rects: list
+    q_pos: torch.Tensor
+    kv_pos: torch.Tensor
+    window: int | None
+    chunk: int | None
+
+
+def decode_plan(q_pos, kv_pos, window: int | None = None, chunk: int | None = None, device=None) -> DecodePlan:
+    qp, kp = _np_pos(q_pos), _np_pos(kv_pos)
+    rects = plan_block(qp, kp, window, chunk=chunk)[0]
+    return DecodePlan(rects, torch.from_numpy(qp).to(device), torch.from_numpy(kp).to(device), window, chunk)
+
+
 def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float,
-                             q_pos=None, kv_pos=None, window: int | None = None, chunk: int | None = None):
+                             q_pos=None, kv_pos=None, window: int | None = None, chunk: int | None = None,
+                             plan: DecodePlan | None = None):
     """Attention of queries q (Tq, n_q, hd) to one rank's local K/V shard k, v (Tk, n_kv, hd).
 
     Without positions every key is visible (decode: the shard is all in the past).  With
     ``q_pos``/``kv_pos`` the causal (and window) mask is applied, so several new tokens can be
-    attended at once.  Returns the partial (out (Tq, n_q, hd), lse (Tq, n_q)), both float32;
-    an empty shard gives (0, -inf), which merges as a no-op."""
+    attended at once; ``plan`` (``decode_plan`` of those positions, window and chunk) in place of
+    all four saves planning them again.  Returns the partial (out (Tq, n_q, hd), lse (Tq, n_q)),
+    both float32; an empty shard gives (0, -inf), which merges as a no-op."""
     Tq, n_q, hd = q.shape
     Tk, n_kv = k.shape[0], k.shape[1]
-    if q_pos is None and (window is not None or chunk is not None):
+    if q_pos is None and plan is None and (window is not None or chunk is not None):
         raise ValueError("decode_attention_partial: a window or chunk needs q_pos and kv_pos")
     group = n_q // n_kv
     acc_o = torch.zeros(n_kv, Tq * group, hd, dtype=torch.float32, device=q.device)
@@ -450,10 +470,10 @@ def decode_attention_partial(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, 
     if Tq and Tk:
         qg = _group_q(q, n_kv, scale)
         K, V = k.transpose(0, 1), v.transpose(0, 1)                     # (n_kv, Tk, hd), converted per rectangle
-        if q_pos is not None:
-            qp, kp = _np_pos(q_pos), _np_pos(kv_pos)
-            rects = plan_block(qp, kp, window, chunk=chunk)[0]
-            qp, kp = torch.from_numpy(qp).to(q.device), torch.from_numpy(kp).to(q.device)
+        if q_pos is not None or plan is not None:
+            if plan is None:
+                plan = decode_plan(q_pos, kv_pos, window, chunk, q.device)
+            rects, qp, kp, window, chunk = plan
         else:
             qp = kp = None
             rects = [Rect(0, Tq, 0, Tk, False)]

@@ -306,10 +306,18 @@ def test_cp_decode_over_several_runs_equals_one_run(window):
         b = StepBatch(torch.zeros(1, dtype=torch.long), torch.tensor([glen - 1]), [0], [1], [base], [kl],
                       torch.arange(1), kv_ext=kv_ext)
         b.mode, b.prompt_len, b.glen, b.write, b.cp, b.cp_rank = [MODE_CP_DECODE], [L], [glen], [0], 2, 0
-        plan = AttentionPlan.build(b, None, None, 64, group_decodes=False)
-        assert plan.cp_decode == [0] and (0 in plan.cp_tails) == (kv_ext is not None)
+        plan = AttentionPlan.build(b, None, window, 64, group_decodes=False)
+        (i, start, n, main, tail), = plan.cp_decode
+        assert main.window == window and main.rects
+        assert i == 0 and (tail is not None) == (kv_ext is not None)
         out = torch.zeros_like(q)
-        Attention._attend_cp_decodes(a, q, kc, vc, out, b, plan.cp_decode, plan.cp_tails)
+        Attention._attend_cp_decodes(a, q, kc, vc, out, b, plan.cp_decode)
         outs.append(out)
-    assert plan.cp_tails[0][:3] == (10, kl - 8, 5)
+    assert (start, n, len(tail[0])) == (10, kl - 8, 8)
+    # the plan carries the span's window (planned once for every layer): the result is that of the window
+    from mpiinfer.parallel.ring import decode_attention_partial
+    want, _ = decode_attention_partial(q, kc[:, 300:300 + kl].transpose(0, 1), vc[:, 300:300 + kl].transpose(0, 1),
+                                       a.scale, torch.tensor([glen - 1]), b.kv_positions(0), window)
+    assert torch.allclose(outs[0], want, atol=1e-6)
+    assert tail[1].kv_pos.tolist() == b.kv_positions(0)[list(range(5)) + list(range(kl - 3, kl))].tolist()
     assert torch.allclose(outs[0], outs[1], atol=1e-6)
