@@ -75,7 +75,8 @@ def main():
               envvar=_env("KV_DTYPE"), show_envvar=True,
               help="KV cache dtype (auto: the model's). bfloat16 under a float32 model halves the cache per token "
                    "(about twice the sequences at once in the same --kv-budget); results are then those of a "
-                   "cache rounded to bfloat16, no longer token-exact against float32.")
+                   "cache rounded to bfloat16, no longer token-exact against float32. float16 on the CPU: the "
+                   "slower torch paths (the C kernels take float32 and bfloat16).")
 @click.option("--device", default="auto", envvar=_env("DEVICE"), show_envvar=True,
               help="auto, cpu, cuda or cuda:N (auto picks CUDA when a GPU is visible).")
 @click.option("--max-batch", type=click.IntRange(min=1), default=64, envvar=_env("MAX_BATCH"), show_envvar=True,

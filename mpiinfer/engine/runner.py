@@ -47,6 +47,9 @@ class ModelRunner:
             torch.set_num_threads(engine_cfg.threads)
         t0 = time.perf_counter()
         self.model = self._load(index)
+        if device.torch.type == "cpu" and self.kv_dtype not in (torch.float32, torch.bfloat16):
+            log.warning("--kv-dtype %s: the CPU's C kernels take float32 and bfloat16 caches; attention takes the "
+                        "slower torch paths", str(self.kv_dtype).replace("torch.", ""))
         self.load_seconds = time.perf_counter() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.packed = self._pack(index)

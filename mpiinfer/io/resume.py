@@ -83,7 +83,9 @@ def result_options(cfg: RunConfig, out_fmt: str) -> dict:
     """The options that change what a record's result is (a resumed job must use the same)."""
     d = cfg.defaults
     names = {"served_model_names": sorted(cfg.served_model_names)} if cfg.served_model_names else {}
-    return names | {
+    # only when given: manifests from before --kv-dtype (and jobs without it) resume as they did
+    kv = {"kv_dtype": cfg.engine.kv_dtype} if cfg.engine.kv_dtype else {}
+    return names | kv | {
         "model": os.path.abspath(cfg.model) if cfg.engine.kind == "model" else f"<{cfg.engine.kind} engine>",
         "dtype": cfg.engine.dtype or "auto",
         "max_tokens": d.max_tokens, "temperature": d.temperature, "top_p": d.top_p, "top_k": d.top_k,

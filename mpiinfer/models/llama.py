@@ -139,9 +139,11 @@ class CausalLM(nn.Module):
         ropes = {r: rotary.tables(pos, self.dtype) for r, rotary in self.rotary.items()}
         attn = self.layers[0].attn
         # the same spans in the same order on every rank: the CP ring plans inside are collectives
-        plans = {s: AttentionPlan.build(batch, self.mesh.cp_comm, s,
-                                        row_bytes=kv.k[0].element_size() * attn.n_kv * attn.head_dim,
-                                        group_decodes=kv.k[0].device.type != "cpu" or kv.k[0].dtype != torch.float32,
+        # the decode group gathers the rows in the cache's dtype and, a cache of another (--kv-dtype), converts them
+        k0 = kv.k[0]
+        row = (k0.element_size() + (self.dtype.itemsize if k0.dtype != self.dtype else 0)) * attn.n_kv * attn.head_dim
+        plans = {s: AttentionPlan.build(batch, self.mesh.cp_comm, s, row_bytes=row,
+                                        group_decodes=k0.device.type != "cpu" or self.dtype != torch.float32,
                                         device=dev, use_native=self.use_native)
                  for s in self.spans}
         x = self.embed(ids)                                              # (T, hidden)

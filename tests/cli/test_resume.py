@@ -66,7 +66,8 @@ def test_a_short_input_against_a_long_output_is_refused(tiny, tmp_path):
 
 
 @pytest.mark.parametrize("flag,value,name", [("--max-tokens", "4", "max_tokens"), ("--seed", "9", "seed"),
-                                             ("--temperature", "0.5", "temperature")])
+                                             ("--temperature", "0.5", "temperature"),
+                                             ("--kv-dtype", "bfloat16", "kv_dtype")])
 def test_other_options_are_refused(tiny, tmp_path, flag, value, name):
     inp, out = write_input(tmp_path / "a.jsonl", 4), str(tmp_path / "out.jsonl")
     code, text = run_cli(["-m", tiny, "-i", inp, "-o", out, "--max-tokens", "3"])

@@ -21,22 +21,26 @@ def _batch(lengths, qlens=None, gap=5):
                      list(lengths), torch.arange(len(lengths)))
 
 
-@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-6), (torch.bfloat16, 1e-2)])
-def test_grouped_decodes_equal_per_sequence(dtype, tol):
+@pytest.mark.parametrize("dtype,tol,kv_dtype", [(torch.float32, 1e-6, None), (torch.bfloat16, 1e-2, None),
+                                                (torch.float32, 1e-6, torch.bfloat16),   # --kv-dtype
+                                                (torch.bfloat16, 1e-2, torch.float32)])
+def test_grouped_decodes_equal_per_sequence(dtype, tol, kv_dtype):
+    """``kv_dtype``: a cache of another dtype than the queries, against the per-sequence path over the same rows
+    in the queries' dtype."""
     g = torch.Generator().manual_seed(0)
     a = _Heads()
     lengths = [7, 1, 30, 12, 19]
     b = _batch(lengths)
     pool = sum(lengths) + 5 * len(lengths)
-    kc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(dtype)
-    vc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(dtype)
+    kc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(kv_dtype or dtype)
+    vc = torch.randn(a.n_kv, pool, a.head_dim, generator=g).to(kv_dtype or dtype)
     q = torch.randn(len(lengths), a.n_q, a.head_dim, generator=g).to(dtype)
     group = decode_group(b, None, kc.element_size() * a.n_kv * a.head_dim)
     assert group is not None and group[0] == set(range(len(lengths)))
     got = torch.full((len(lengths), a.n_q, a.head_dim), float("nan"), dtype=dtype)
     Attention._attend_decodes(a, q, kc, vc, got, *group[1:])
     for i, (base, kl) in enumerate(zip(b.kv_base, b.kv_len)):
-        want = Attention._attend(a, q[i:i + 1], kc[:, base:base + kl], vc[:, base:base + kl], kl)
+        want = Attention._attend(a, q[i:i + 1], kc[:, base:base + kl].to(dtype), vc[:, base:base + kl].to(dtype), kl)
         assert torch.allclose(got[i:i + 1].float(), want.float(), atol=tol, rtol=tol), i
     # the padding really is masked: poisoning rows outside every sequence changes nothing
     kc2, vc2 = kc.clone(), vc.clone()

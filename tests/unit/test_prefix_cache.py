@@ -144,15 +144,17 @@ def test_grouped_decodes_read_paged_rows():
     assert again.kv_ext == ext and again.write_index.tolist() == [b.rows(i)[-1] for i in range(4)]
 
 
-def test_shared_prefix_decodes_read_the_common_rows_once():
+@pytest.mark.parametrize("kv_dtype", [torch.float32, torch.bfloat16])
+def test_shared_prefix_decodes_read_the_common_rows_once(kv_dtype):
     """Decodes whose caches start with the same run are one SharedGroup (the shortest first run is the common
     part; a sequence whose own rows continue it gets the rest as its tail, one whose cache is all common rows
-    none); attended together they equal each one attended alone.  A lone or too short start is no group."""
+    none); attended together they equal each one attended alone.  A lone or too short start is no group.
+    ``kv_dtype`` bfloat16: a cache of another dtype than the float32 queries (``--kv-dtype``)."""
     from mpiinfer.models.attention import SHARED_MIN_ROWS, shared_groups
     g = torch.Generator().manual_seed(3)
     a = _Heads()
-    kc = torch.randn(a.n_kv, 500, a.head_dim, generator=g)
-    vc = torch.randn(a.n_kv, 500, a.head_dim, generator=g)
+    kc = torch.randn(a.n_kv, 500, a.head_dim, generator=g).to(kv_dtype)
+    vc = torch.randn(a.n_kv, 500, a.head_dim, generator=g).to(kv_dtype)
     ext = [[(0, 300), (400, 5)], [(0, 305)], [(0, 300), (420, 16), (450, 2)], [(0, 300)], [(310, 30)],
            [(340, 8), (470, 1)], [(340, 8), (480, 3)], [(0, 250), (490, 2)]]
     kl = [sum(n for _, n in e) for e in ext]
@@ -174,7 +176,7 @@ def test_shared_prefix_decodes_read_the_common_rows_once():
     Attention._attend_shared(a, q, kc, vc, got, sg)
     for i in sg.seqs:
         r = torch.from_numpy(b.rows(i))
-        want = Attention._attend(a, q[i:i + 1], kc[:, r], vc[:, r], kl[i])
+        want = Attention._attend(a, q[i:i + 1], kc[:, r].float(), vc[:, r].float(), kl[i])
         assert torch.allclose(got[i:i + 1], want, atol=1e-5), i
     plan = AttentionPlan.build(b, None, None, 64, group_decodes=False)
     assert [x.seqs for x in plan.shared] == [[0, 1, 2, 3]] and plan.local == []
