@@ -218,9 +218,10 @@ def shared_prefix_prompts(vocab, seed=0):
 
 
 def run(model_dir, prompts, prefix_cache=True, kv_budget=1 << 24, max_batch=3, step_tokens=24, new=NEW,
-        min_blocks=1):
+        min_blocks=1, kv_dtype=None):
     # min_blocks=1: every hit is taken, so that prefixes of every length are shared (the default takes 4+)
-    ec = EngineConfig(kv_budget_bytes=kv_budget, prefix_cache=prefix_cache, prefix_min_blocks=min_blocks)
+    ec = EngineConfig(kv_budget_bytes=kv_budget, prefix_cache=prefix_cache, prefix_min_blocks=min_blocks,
+                      kv_dtype=kv_dtype)
     runner = ModelRunner(model_dir, ec, Mesh.single(), Device("cpu"))
     engine = Engine(runner, Tokenizer(model_dir), max_batch=max_batch, step_tokens=step_tokens)
     sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
@@ -258,6 +259,31 @@ def test_prefix_caching_matches_transformers(arch, overrides, model_dirs):
     off, eng_off = run(d, prompts, prefix_cache=False)
     assert_matches(ref, off)
     assert sum(r.cached_tokens for r in off) == 0 and eng_off.sched.pools[0].hits == 0
+
+
+@pytest.mark.parametrize("arch,overrides", [("llama", {}), ("mistral", {"sliding_window": 20})])
+def test_bfloat16_kv_cache_shares_prefixes_and_survives_preemption(arch, overrides, model_dirs):
+    """``--kv-dtype bfloat16`` under float32 weights with prefixes of every length shared and with preemption
+    forced by a cache of 8 blocks: every run matches transformers with its cache rounded to bfloat16, as in
+    test_parity.py::test_bfloat16_kv_cache_under_a_float32_model (tokens identical; logprobs at float32 noise at
+    the median, within 2e-3 at most)."""
+    import statistics
+    d = model_dirs(arch, **overrides)
+    prompts = shared_prefix_prompts(Tokenizer(d).vocab_size, seed=7)[:6]
+    ref = hf_greedy(d, prompts, 30, kv_dtype=torch.bfloat16)
+    probe = ModelRunner(d, EngineConfig(kv_budget_bytes=1 << 20, kv_dtype="bfloat16"), Mesh.single(), Device("cpu"))
+    tiny = 8 * 16 * probe.kv_bytes_per_token
+    for prefix_cache, budget in ((True, 1 << 24), (False, 1 << 24), (True, tiny), (False, tiny)):
+        res, eng = run(d, prompts, prefix_cache=prefix_cache, kv_budget=budget, max_batch=5, new=30,
+                       kv_dtype="bfloat16")
+        assert eng.runner.kv.k[0].dtype == torch.bfloat16
+        assert (sum(r.cached_tokens for r in res) > 50) == prefix_cache
+        assert (eng.sched.preemptions > 0) == (budget == tiny)
+        diffs = []
+        for i, ((toks, lps), r) in enumerate(zip(ref, res)):
+            assert r.token_ids == toks, (prefix_cache, budget, i)
+            diffs += [abs(a - b) for a, b in zip(r.logprobs, lps)]
+        assert max(diffs) < 2e-3 and statistics.median(diffs) < 1e-5, (max(diffs), statistics.median(diffs))
 
 
 def test_preemption_under_a_tiny_kv_budget_matches_transformers(model_dirs):
