@@ -19,7 +19,8 @@ buffers, the HBM bound) is reported ``skipped``.  A test (tests/cli/test_gpu_che
 
 Tolerances (README, "GPU"): float32 greedy tokens identical to transformers' and per-token log-probabilities
 within 1e-4; bfloat16 is compared teacher-forced (transformers scores the tokens mpiinfer chose), every
-log-probability within ``BF16_TOL``, since two bfloat16 implementations legitimately diverge in greedy choices.
+log-probability within ``BF16_TOL``, since two bfloat16 implementations legitimately diverge in greedy choices;
+so is float32 over a bfloat16 KV cache (``--kv-dtype bfloat16``), against transformers in float32.
 """
 from __future__ import annotations
 
@@ -155,9 +156,12 @@ def vocab_of(model):
         return json.load(f)["vocab_size"]
 
 
-def compare(ctx, model, inp, out, dtype, what):
-    """mpiinfer's output ``out`` against transformers on the same device: (detail, figures); Failed when off."""
-    if dtype == "float32":            # greedy tokens depend on the input alone: one reference for every layout
+def compare(ctx, model, inp, out, dtype, what, forced=None):
+    """mpiinfer's output ``out`` against transformers on the same device: (detail, figures); Failed when off.
+    ``forced`` (default: any dtype but float32): teacher-forced on mpiinfer's tokens, within BF16_TOL, rather
+    than tokens identical (float32 weights over a bfloat16 KV cache, too)."""
+    exact = dtype == "float32" if forced is None else not forced
+    if exact:                         # greedy tokens depend on the input alone: one reference for every layout
         key = (model, inp)
         if key not in ctx.refs:
             ctx.refs[key] = ctx.worker("hf", model, ctx.device, dtype, inp, "-", timeout=300)
@@ -172,7 +176,7 @@ def compare(ctx, model, inp, out, dtype, what):
     worst = 0.0
     for r in ref["records"]:
         o = ours[r["id"]]
-        if dtype == "float32":
+        if exact:
             if o["token_ids"] != r["tokens"]:
                 k = next(i for i, (a, b) in enumerate(zip(o["token_ids"] + [None], r["tokens"])) if a != b)
                 raise Failed(f"{what}: record {r['id']} differs from transformers at new token {k}")
@@ -182,13 +186,13 @@ def compare(ctx, model, inp, out, dtype, what):
             pairs = list(zip(o["token_ids"], r["tokens"]))
             same += sum(a == b for a, b in pairs)
             diff += sum(a != b for a, b in pairs)
-    tol = FP32_TOL if dtype == "float32" else BF16_TOL
+    tol = FP32_TOL if exact else BF16_TOL
     figures = {"max_logprob_diff": worst, "records": len(ref["records"])}
-    if dtype != "float32":
+    if not exact:
         figures["greedy_match_frac"] = same / max(1, same + diff)
     if worst > tol:
         raise Failed(f"{what}: a log-probability {worst:.2e} off transformers' (tolerance {tol:g})")
-    detail = (f"tokens identical, logprobs within {worst:.1e}" if dtype == "float32" else
+    detail = (f"tokens identical, logprobs within {worst:.1e}" if exact else
               f"teacher-forced logprobs within {worst:.3f}, greedy tokens {figures['greedy_match_frac']:.0%} equal")
     return detail, figures
 
@@ -205,13 +209,17 @@ def check_env(ctx):
             f"copy bandwidth {f['bandwidth_gbs']:.0f} GB/s"), f
 
 
-def parity(arch, dtype):
+def parity(arch, dtype, kv_dtype=None):
+    """One process against transformers; ``kv_dtype``: a KV cache of that dtype (``--kv-dtype``), compared
+    teacher-forced (the rounded cache may change tokens)."""
     def check(ctx):
         model = ctx.model(arch, arch)
         inp = write_jsonl(os.path.join(ctx.work, f"{arch}.in.jsonl"), token_prompts(vocab_of(model)))
-        out = os.path.join(ctx.work, f"{arch}.{dtype}.out.jsonl")
-        ctx.mpiinfer(ctx.run_args(model, inp, out, dtype, ["--max-batch", "4", "--step-tokens", "24"]))
-        return compare(ctx, model, inp, out, dtype, f"{arch} {dtype}")
+        out = os.path.join(ctx.work, f"{arch}.{dtype}.{kv_dtype or 'kv'}.out.jsonl")
+        kv = ["--kv-dtype", kv_dtype] if kv_dtype else []
+        ctx.mpiinfer(ctx.run_args(model, inp, out, dtype, ["--max-batch", "4", "--step-tokens", "24"] + kv))
+        return compare(ctx, model, inp, out, dtype, f"{arch} {dtype}" + (f" KV {kv_dtype}" if kv_dtype else ""),
+                       forced=True if kv_dtype else None)
     return check
 
 
@@ -379,6 +387,7 @@ CHECKS = [
     ("env", check_env),
     ("parity_llama_fp32", parity("llama", "float32")),
     ("parity_llama_bf16", parity("llama", "bfloat16")),
+    ("parity_llama_fp32_kvbf16", parity("llama", "float32", "bfloat16")),
     ("parity_mixtral_fp32", parity("mixtral", "float32")),
     ("sampling", check_sampling),
     ("tp2_dda", layout("llama", 2, ["--tp", "2", "--allreduce", "dda"], "the CuPy IPC allreduce")),

@@ -9,8 +9,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPT = os.path.join(ROOT, "jobs", "gpu_check.sh")
-EVERY = ["env", "parity_llama_fp32", "parity_llama_bf16", "parity_mixtral_fp32", "sampling", "tp2_dda", "tp2_mpi",
-         "ep2", "cp2_4k", "demo_model", "comm_bench", "decode_1b", "bulk_job"]
+EVERY = ["env", "parity_llama_fp32", "parity_llama_bf16", "parity_llama_fp32_kvbf16", "parity_mixtral_fp32", "sampling",
+         "tp2_dda", "tp2_mpi", "ep2", "cp2_4k", "demo_model", "comm_bench", "decode_1b", "bulk_job"]
 
 
 def dry_run(tmp_path, *args, timeout=420):
@@ -33,7 +33,8 @@ def test_dry_run_every_check(tmp_path):
     # the figures behind each ok: measured against transformers, within the tolerances
     for name in ("parity_llama_fp32", "parity_mixtral_fp32", "tp2_dda", "tp2_mpi", "ep2", "cp2_4k", "demo_model"):
         assert by[name]["figures"]["max_logprob_diff"] < doc["tolerances"]["float32"], name
-    assert by["parity_llama_bf16"]["figures"]["max_logprob_diff"] < doc["tolerances"]["bfloat16_teacher_forced"]
+    for name in ("parity_llama_bf16", "parity_llama_fp32_kvbf16"):
+        assert by[name]["figures"]["max_logprob_diff"] < doc["tolerances"]["bfloat16_teacher_forced"], name
     rows = by["comm_bench"]["figures"]["rows"]
     assert {r["algo"] for r in rows} >= {"dda", "mpi"} and all(r["latency_us"] > 0 for r in rows)
     assert [b["batch"] for b in by["decode_1b"]["figures"]["batches"]] == [1, 4]
