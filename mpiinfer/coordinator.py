@@ -23,6 +23,7 @@ import time
 from .config import ConfigError, RunConfig
 from .io.resume import Journal, ResumePlan, Spilled, journal_path
 from .messages import TAG, Bye, Done, Drain, Drained, ErrorInfo, Lockstep, Result, Stop, Want, Work
+from .replica import wanted
 
 log = logging.getLogger("mpiinfer")
 
@@ -331,6 +332,7 @@ class Coordinator:
         self.engine, self.token_str = make_engine(cfg, runner)
         self.lock = mesh.wide_ep          # replicas step together
         self.wants = {r: 0 for r in self.leaders}
+        self.last_results = 0             # results of the local engine's last step (its queue: replica.wanted)
         self.signals = signals            # job.Signals: stop requests (None: only the input's end stops)
         self.stop_signal = None           # the signal that stopped this run
         self.drain_until = 0.0            # while stopping: finish running sequences until then
@@ -452,18 +454,18 @@ class Coordinator:
                 step, self.lock_draining = Lockstep.go_on(result, self.lock_draining)
                 if not step:
                     return
-                self._write_all(engine.step())
+                self._step()
                 continue
             if src.stopped:
                 if not self._draining():
                     return
                 if engine.has_work():
-                    self._write_all(engine.step())
+                    self._step()
                 else:
                     self._collect(block=True, until=self.drain_until)
                 continue
             if engine.has_work():
-                self._write_all(engine.step())
+                self._step()
             elif src.in_flight > 0:
                 self._collect(block=True)   # the rest is on other replicas: wait for a leader's message
             elif src.exhausted:
@@ -506,6 +508,12 @@ class Coordinator:
         from mpi4py import MPI
         return MPI
 
+    def _step(self) -> None:
+        """One step of the local engine; its results written."""
+        results = self.engine.step()
+        self.last_results = len(results)
+        self._write_all(results)
+
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
         """Hand records to the leaders that asked for work, then to the local engine's free slots.  Records
@@ -520,7 +528,7 @@ class Coordinator:
                         self.world.send(Work(requests), dest=r, tag=TAG)
                     # a parse error consumed a slot this leader asked for: it still has that room
                     self.wants[r] += len(items) - len(requests)
-        for item in self._requests(self.src.take(self.engine.free_capacity())):
+        for item in self._requests(self.src.take(wanted(self.engine, last=self.last_results))):
             err = self.engine.add(item)
             if err is not None:
                 self._write(err)

@@ -70,3 +70,35 @@ def test_affine_source_hands_out_a_replicas_own_records_first_and_errors_to_anyo
     assert src.owner[prefix_key(reqs[0])] == {0, 1}
     src.stopped = True
     assert src.take(5) == [] and src.exhausted
+
+
+class _Held:
+    """What ``replica.wanted`` reads of an engine."""
+
+    def __init__(self, max_batch, running, waiting):
+        self.max_batch, self.running, self.waiting = max_batch, [0] * running, [0] * waiting
+
+
+def test_a_replica_queues_little_beyond_its_batch():
+    """``replica.wanted``: free batch slots, but at most QUEUE_MIN requests waiting (or twice the last step's
+    results, for an engine that finishes its whole batch each step), less what was asked for already.  A
+    replica queueing a whole batch took all of a job shorter than its batch, and ended the job still holding
+    a batch of queued requests while the other replicas had finished."""
+    from mpiinfer.replica import QUEUE_MIN, wanted
+    assert wanted(_Held(256, 0, 0)) == QUEUE_MIN                        # a fresh replica: a queue, not a batch
+    assert wanted(_Held(256, 0, 0), asked=10) == QUEUE_MIN - 10
+    assert wanted(_Held(256, 250, 0)) == QUEUE_MIN                      # the free slots plus the queue, at most
+    assert wanted(_Held(256, 256, 20)) == QUEUE_MIN - 20
+    assert wanted(_Held(256, 256, QUEUE_MIN)) == wanted(_Held(256, 40, 50)) == 0
+    assert wanted(_Held(8, 0, 0)) == min(8 + QUEUE_MIN, QUEUE_MIN)      # a small batch: the batch and its queue
+    # an engine that finishes 64 a step (the null engine's whole batch) keeps 128 queued
+    assert wanted(_Held(64, 0, 0), last=64) == 128
+    # a job shorter than two replicas' batches is split: each takes its queue in turn, never the whole job
+    src, got = Source(iter(_reqs(300)), window=1024), {0: 0, 1: 0}
+    held = {r: _Held(256, 0, 0) for r in got}
+    while not src.exhausted:
+        for r in got:
+            n = len(src.take(wanted(held[r]), replica=r))
+            got[r] += n
+            held[r].running += [0] * n                                  # started at once, none finishes yet
+    assert sum(got.values()) == 300 and abs(got[0] - got[1]) <= QUEUE_MIN, got      # 160 / 140
