@@ -23,7 +23,7 @@ import time
 from .config import ConfigError, RunConfig
 from .io.resume import Journal, ResumePlan, Spilled, journal_path
 from .messages import TAG, Bye, Done, Drain, Drained, ErrorInfo, Lockstep, Result, Stop, Want, Work
-from .replica import wanted
+from .replica import finished, wanted
 
 log = logging.getLogger("mpiinfer")
 
@@ -332,7 +332,7 @@ class Coordinator:
         self.engine, self.token_str = make_engine(cfg, runner)
         self.lock = mesh.wide_ep          # replicas step together
         self.wants = {r: 0 for r in self.leaders}
-        self.last_results = 0             # results of the local engine's last step (its queue: replica.wanted)
+        self.last_results = 0             # sequences the local engine's last step finished (replica.wanted)
         self.signals = signals            # job.Signals: stop requests (None: only the input's end stops)
         self.stop_signal = None           # the signal that stopped this run
         self.drain_until = 0.0            # while stopping: finish running sequences until then
@@ -511,13 +511,13 @@ class Coordinator:
     def _step(self) -> None:
         """One step of the local engine; its results written."""
         results = self.engine.step()
-        self.last_results = len(results)
+        self.last_results = finished(results)
         self._write_all(results)
 
     # ------------------------------------------------------------------ dispatch
     def _dispatch(self) -> None:
-        """Hand records to the leaders that asked for work, then to the local engine's free slots.  Records
-        that failed to parse are written at once."""
+        """Hand records to the leaders that asked for work, then to the local engine as ``replica.wanted`` allows
+        (its free slots and a short queue).  Records that failed to parse are written at once."""
         for r in self.leaders:
             if self.wants[r] > 0:
                 items = self.src.take(self.wants[r], replica=r)

@@ -248,10 +248,6 @@ class Engine:
     def has_work(self) -> bool:
         return self.sched.has_work()
 
-    def free_capacity(self) -> int:
-        """Sequences that could still start now (for pull-based work distribution)."""
-        return self.sched.free_capacity()
-
     def drop_waiting(self) -> None:
         """Forget the requests not started yet (a stop: they are computed on resume).  A request whose samples
         have not all started is dropped whole: its running samples finish, but give no result."""

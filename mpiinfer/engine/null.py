@@ -1,6 +1,6 @@
 """An engine without a model (``mpiinfer run --engine null``): measures what the job layer around it can carry.
 
-Owns: the ``Engine`` interface (``add`` / ``step`` / ``has_work`` / ``free_capacity`` / ``drop_waiting``,
+Owns: the ``Engine`` interface (``add`` / ``step`` / ``has_work`` / ``drop_waiting``,
 ``max_batch``, ``running``, ``waiting``) answered at once: each step finishes up to ``max_batch`` queued
 requests, each with the record's ``max_tokens`` tokens (so ``--max-tokens`` fixes the size of every result).
 The token ids cycle through ``NULL_VOCAB`` letters; ``decode`` spells them.  Nothing is tokenized: the
@@ -35,9 +35,6 @@ class NullEngine:
 
     def has_work(self) -> bool:
         return bool(self.waiting)
-
-    def free_capacity(self) -> int:
-        return max(0, self.max_batch - len(self.waiting))
 
     def drop_waiting(self) -> None:
         self.waiting.clear()

@@ -152,10 +152,6 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def free_capacity(self) -> int:
-        """Sequences that could still start now (for pull-based work distribution)."""
-        return max(0, self.max_batch - len(self.running) - len(self.waiting))
-
     def blocks_needed(self, prompt_len: int, max_new: int, use_cp: bool) -> list:
         """Blocks a sequence can ever hold on each CP rank it spans (one entry when not CP)."""
         return [-(-n // self.bs) for n in rows_needed(prompt_len, max_new, self.cp, use_cp)]

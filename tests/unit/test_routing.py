@@ -80,8 +80,9 @@ class _Held:
 
 
 def test_a_replica_queues_little_beyond_its_batch():
-    """``replica.wanted``: free batch slots, but at most QUEUE_MIN requests waiting (or twice the last step's
-    results, for an engine that finishes its whole batch each step), less what was asked for already.  A
+    """``replica.wanted``: free batch slots, but at most QUEUE_MIN sequences waiting (a batch, if smaller; twice
+    the sequences the last step finished, if more: an engine that finishes its whole batch each step), less what
+    was asked for already.  A
     replica queueing a whole batch took all of a job shorter than its batch, and ended the job still holding
     a batch of queued requests while the other replicas had finished."""
     from mpiinfer.replica import QUEUE_MIN, wanted
@@ -90,9 +91,14 @@ def test_a_replica_queues_little_beyond_its_batch():
     assert wanted(_Held(256, 250, 0)) == QUEUE_MIN                      # the free slots plus the queue, at most
     assert wanted(_Held(256, 256, 20)) == QUEUE_MIN - 20
     assert wanted(_Held(256, 256, QUEUE_MIN)) == wanted(_Held(256, 40, 50)) == 0
-    assert wanted(_Held(8, 0, 0)) == min(8 + QUEUE_MIN, QUEUE_MIN)      # a small batch: the batch and its queue
+    assert wanted(_Held(8, 0, 0)) == 8 and wanted(_Held(8, 8, 3)) == 5   # a small batch: a queue of one batch
     # an engine that finishes 64 a step (the null engine's whole batch) keeps 128 queued
     assert wanted(_Held(64, 0, 0), last=64) == 128
+    # the sequences behind a step's results: n samples, embedding inputs
+    from mpiinfer.messages import Choice
+    from mpiinfer.replica import finished
+    one, four = Result(0, 0), Result(1, 1, choices=[Choice("", [], "length")] * 4)
+    assert finished([one, four, Result(2, 2, embeddings=[[0.0], [1.0], [2.0]])]) == 1 + 4 + 3
     # a job shorter than two replicas' batches is split: each takes its queue in turn, never the whole job
     src, got = Source(iter(_reqs(300)), window=1024), {0: 0, 1: 0}
     held = {r: _Held(256, 0, 0) for r in got}
