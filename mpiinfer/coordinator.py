@@ -12,7 +12,6 @@ sent anywhere.  With wide EP the replicas step together: one MAX-allreduce of a 
 """
 from __future__ import annotations
 
-import collections
 import itertools
 import logging
 import os
@@ -239,35 +238,38 @@ class Source:
             return out
         while len(self.ahead) < self.lookahead and (item := self._next()) is not None:
             self.ahead.append((prefix_key(item), item))
-        pick = self._mine(n, replica)
-        while len(pick) < n:
-            # not enough of its own: it takes the oldest key nobody has, else joins the key with the most
-            # records waiting (a busy prefix ends up on several replicas, each computing it once), so that no
-            # replica idles while records wait
-            rest = [k for j, (k, _) in enumerate(self.ahead) if j not in pick]
-            if not rest:
-                break
-            new = next((k for k in rest if k not in self.owner), None)
-            if new is not None:
-                self.owner[new] = {replica}
+        # one pass over the records read ahead (oldest first), not one per key claimed: its own keys' records and
+        # error results, and where those are not enough, its positions by key for the keys it may claim
+        pick, others = [], {}
+        for j, (key, _) in enumerate(self.ahead):
+            if key is None or replica in self.owner.get(key, ()):
+                if len(pick) < n:
+                    pick.append(j)
             else:
-                self.owner[collections.Counter(rest).most_common(1)[0][0]].add(replica)
-            pick |= self._mine(n - len(pick), replica, skip=pick)
-        out = [self.ahead[j][1] for j in sorted(pick)]
-        self.ahead = [x for j, x in enumerate(self.ahead) if j not in pick]
+                others.setdefault(key, []).append(j)
+        if len(pick) < n:
+            # not enough of its own: it takes the oldest keys nobody has, one at a time, else joins the keys with
+            # the most records waiting (a busy prefix ends up on several replicas, each computing it once), so
+            # that no replica idles while records wait
+            for key, js in others.items():               # in the order of their oldest record
+                if len(pick) >= n:
+                    break
+                if key not in self.owner:
+                    self.owner[key] = {replica}
+                    pick += js[:n - len(pick)]
+            if len(pick) < n:                            # every key has an owner now
+                busiest = sorted((k for k in others if replica not in self.owner[k]), key=lambda k: -len(others[k]))
+                for key in busiest:                      # ties: the older key first (sorted is stable)
+                    if len(pick) >= n:
+                        break
+                    self.owner[key].add(replica)
+                    pick += others[key][:n - len(pick)]
+        taken = set(pick)
+        out = [self.ahead[j][1] for j in sorted(taken)]
+        if taken:
+            self.ahead = [x for j, x in enumerate(self.ahead) if j not in taken]
         self.in_flight += len(out)
         return out
-
-    def _mine(self, n: int, replica: int, skip=frozenset()) -> set:
-        """Up to ``n`` positions in ``ahead``, oldest first, of records for ``replica``: of keys it has, and error
-        results."""
-        pick = set()
-        for j, (key, _) in enumerate(self.ahead):
-            if len(pick) >= n:
-                break
-            if j not in skip and (key is None or replica in self.owner.get(key, ())):
-                pick.add(j)
-        return pick
 
 
 def count_records(cfg: RunConfig):
