@@ -243,8 +243,9 @@ class Source:
         pick, others = [], {}
         for j, (key, _) in enumerate(self.ahead):
             if key is None or replica in self.owner.get(key, ()):
-                if len(pick) < n:
-                    pick.append(j)
+                pick.append(j)
+                if len(pick) >= n:                       # enough of its own: ``others`` is not needed
+                    break
             else:
                 others.setdefault(key, []).append(j)
         if len(pick) < n:
