@@ -59,8 +59,9 @@ void rope_store(void *q, int64_t q_stride, int n_q, void *k, int64_t k_stride, c
                     const int h = hh - n_q;
                     const int64_t crow = ((int64_t)h * pool + widx[t]) * hd;
                     const int64_t voff = t * v_stride + (int64_t)h * hd;
-                    /* the row as stored in k (rounded to bfloat16 when k is), in the cache's type */
-                    store_row(kc, crow, bf16 ? row_f32(base, off, hd, 1, x) : y, hd, kv_bf16);
+                    /* the row as stored in k, in the cache's type: a float32 cache under bfloat16 k takes k's
+                     * rounded values (same types: y, rounded by store_row as k was) */
+                    store_row(kc, crow, bf16 && !kv_bf16 ? row_f32(base, off, hd, 1, x) : y, hd, kv_bf16);
                     if (kv_bf16 == bf16) {
                         memcpy((char *)vc + crow * esz, (const char *)v + voff * esz, (size_t)(hd * esz));
                     } else {                 /* a cache of another type: each value rounded as torch's .to() */
