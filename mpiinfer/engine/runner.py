@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .. import kernels
+from .. import kernels, native
 from ..comm.mesh import Mesh
 from ..config import ConfigError, EngineConfig, ModelConfig
 from ..device import Device, parse_dtype
@@ -47,10 +47,10 @@ class ModelRunner:
             torch.set_num_threads(engine_cfg.threads)
         t0 = time.perf_counter()
         self.model = self._load(index)
-        if device.torch.type == "cpu" and self.kv_dtype not in (torch.float32, torch.bfloat16):
+        self.load_seconds = time.perf_counter() - t0
+        if native.usable(device.torch, self.dtype) and not native.usable(device.torch, self.dtype, self.kv_dtype):
             log.warning("--kv-dtype %s: the CPU's C kernels take float32 and bfloat16 caches; attention takes the "
                         "slower torch paths", str(self.kv_dtype).replace("torch.", ""))
-        self.load_seconds = time.perf_counter() - t0
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.model.parameters())
         self.packed = self._pack(index)
         self.kv_bytes_per_token = kv_bytes_per_token(self.cfg, self.kv_dtype.itemsize, mesh.tp, mesh.tp_rank)

@@ -175,8 +175,9 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
                      out: torch.Tensor, n_q: int, init=None) -> None:
     """Write the attention of each decode's ``n_q`` query heads (at ``q[d.q_rows]``, heads ordered KV head by KV
     head) over its cache runs into ``out[d.q_rows]``.  q, out: (T, >= n_q * hd) with contiguous rows; caches:
-    (n_kv, pool, hd) contiguous, of q's dtype or the other one (a bfloat16 cache under a float32 model).  ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode
-    and query head ((B, n_q), (B, n_q), (B, n_q, hd)), to continue from."""
+    (n_kv, pool, hd) contiguous, of q's dtype or the other one (a bfloat16 cache under a float32 model).
+    ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode and query head ((B, n_q),
+    (B, n_q), (B, n_q, hd)), to continue from."""
     if d.n == 0:
         return
     n_kv, pool, hd = k_cache.shape
