@@ -9,6 +9,8 @@ attention shapes by default (3 KV heads of 64, 3 query heads per KV head).  Time
   kernel     this tree's C kernel (built as the engine builds it)
   --old-lib  another build of the kernels (e.g. the previous commit's .so from ~/.cache/mpiinfer/native), the
              same call: the before/after of a kernel change within one run, alternating
+  --old-src  another tree's kernel sources (its mpiinfer/native directory, e.g. a git worktree of the previous
+             commit), built here with the same flags as this tree's
   torch      the torch path's arithmetic as one batched call: gather every sequence's rows padded to the longest,
              two matmuls and a masked softmax (what the grouped decode does on CUDA)
 
@@ -17,17 +19,23 @@ other (max abs difference).
 
     python benchmarks/bench_decode.py
     python benchmarks/bench_decode.py --old-lib ~/.cache/mpiinfer/native/kernels-OLD.so --threads 2
+    python benchmarks/bench_decode.py --isa avx2 --old-src /tmp/old/mpiinfer/native   # as on an AVX2-only CPU
+
+``--isa avx2`` / ``--isa rows`` build the kernels as a CPU without AVX-512 (or without AVX2) runs them
+(``native.ISA_FLAGS``), on this CPU.
 
 Writes a table to stdout and JSON to benchmarks/results/decode.json (``--json``).
 """
 from __future__ import annotations
 
 import argparse
-import ctypes
+import atexit
 import json
 import os
+import shutil
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -47,7 +55,11 @@ def parse_args(argv=None):
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--repeat", type=int, default=30)
     ap.add_argument("--rounds", type=int, default=3, help="alternating rounds of the implementations")
-    ap.add_argument("--old-lib", default=None, help="another build of the kernels to time beside this one")
+    old = ap.add_mutually_exclusive_group()
+    old.add_argument("--old-lib", default=None, help="another build of the kernels to time beside this one")
+    old.add_argument("--old-src", default=None, help="another tree's mpiinfer/native, built and timed beside this one")
+    ap.add_argument("--isa", default="native", choices=["native", "avx2", "rows"],
+                    help="build the kernels as a CPU with these extensions runs them")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "decode.json"))
     return ap.parse_args(argv)
 
@@ -93,11 +105,17 @@ def main(a):
         sys.exit("the native kernels are not available (no C compiler?)")
     torch.set_num_threads(a.threads)
     new_lib = native._lib()
+    build = Path(tempfile.mkdtemp(prefix="bench_decode_"))      # the builds below; removed at exit
+    atexit.register(shutil.rmtree, build, ignore_errors=True)
+    if a.isa != "native":
+        native.build_library(build / "new.so", native.ISA_FLAGS[a.isa])
+        new_lib = native.load_library(build / "new.so")
     old_lib = None
     if a.old_lib:
-        old_lib = ctypes.CDLL(os.path.expanduser(a.old_lib))
-        old_lib.decode_attention.restype = None
-        old_lib.decode_attention.argtypes = new_lib.decode_attention.argtypes
+        old_lib = native.load_library(Path(os.path.expanduser(a.old_lib)))
+    elif a.old_src:
+        native.build_library(build / "old.so", native.ISA_FLAGS[a.isa], source_dir=Path(a.old_src))
+        old_lib = native.load_library(build / "old.so")
     g = torch.Generator().manual_seed(0)
     runs, pool, lengths = layout(a, g)
     n_q = a.n_kv * a.grp
@@ -149,7 +167,7 @@ def main(a):
                              vs_torch=statistics.median(times["torch"]) / t,
                              max_abs_diff=float((outs[k].double() - ref).abs().max())))
     print(f"{a.seqs} sequences x ~{a.rows} rows in {a.runs} runs, {a.n_kv} KV heads x {a.grp} query heads, "
-          f"hd {a.hd}, {a.threads} threads")
+          f"hd {a.hd}, {a.threads} threads, kernels built for: {a.isa}")
     print(f"{'dtype':9} {'implementation':15} {'ms':>8} {'GB/s':>7} {'vs torch':>9} {'max |diff|':>11}")
     for r in rows:
         print(f"{r['dtype']:9} {r['impl']:15} {r['ms']:8.3f} {r['gb_s']:7.1f} {r['vs_torch']:8.2f}x "

@@ -6,7 +6,8 @@ nodes of another CPU type sharing a home directory build their own), loading it 
 contiguous CPU tensors of float32 or bfloat16:
 
 * ``decode_attention``: one-token decode attention of many sequences over a paged KV cache, reading each cache
-  run where it lies (no gather, no Python loop over sequences): one OpenMP item per (sequence, KV head);
+  run where it lies (no gather, no Python loop over sequences): one OpenMP item per (sequence, KV head), in tiles
+  of 16 rows with AVX-512, 8 with AVX2 + FMA, else a row at a time (whatever ``-march=native`` gives);
 * ``rope_store``: rotary embedding of q and k in place and the step's K/V rows written into the cache (what
   ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit).
 
@@ -37,6 +38,9 @@ HERE = Path(__file__).parent
 SOURCES = (("kernels.c", ["-ffp-contract=fast"]), ("rope.c", ["-ffp-contract=off"]))
 HEADERS = ("common.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
+# builds for CPUs with fewer vector extensions than this one (x86), for the tests and bench_decode.py --isa: the
+# AVX2 + FMA tiles, and the row-at-a-time kernel (no AVX2: an old x86, or a CPU of another ISA)
+ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "rows": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 MAX_GROUP = 64          # query heads per KV head the decode kernel holds (kernels.c's l[64])
 
 _LIB: list = []          # [ctypes.CDLL or None], once tried
@@ -60,7 +64,7 @@ def _cache_dir() -> Path:
 
 
 def _build() -> Path | None:
-    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+    cc = _compiler()
     if cc is None:
         log.info("native kernels off: no C compiler (cc / gcc / $CC) found; using the torch paths")
         return None
@@ -75,23 +79,57 @@ def _build() -> Path | None:
     out = _cache_dir() / f"kernels-{key.hexdigest()[:16]}.so"
     if out.exists():
         return out
+    try:
+        build_library(out, cc=cc)
+        return out
+    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
+        log.warning("native kernels off: building them with %s failed (%s)", cc, e)
+        return None
+
+
+def _compiler() -> str | None:
+    return os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc")
+
+
+def build_library(out: Path, extra_flags=(), source_dir: Path = HERE, cc: str | None = None) -> None:
+    """Compile the kernels into the shared library ``out`` (renamed into place: another rank building the same
+    file is harmless).  ``extra_flags`` come after FLAGS: e.g. ``-mno-avx512f`` builds what a CPU without AVX-512
+    runs (the tests and ``bench_decode.py --isa``); ``source_dir``: another tree's sources (the benchmark's
+    before/after)."""
+    cc = cc or _compiler()
+    if cc is None:
+        raise RuntimeError("no C compiler (cc / gcc / $CC)")
+    out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmpdir = tempfile.mkdtemp(dir=out.parent)
     try:
         objs = []
         for name, flags in SOURCES:
             obj = os.path.join(tmpdir, name + ".o")
-            _compile([cc, *FLAGS, *flags, "-c", str(HERE / name), "-o", obj])
+            _compile([cc, *FLAGS, *extra_flags, *flags, "-c", str(Path(source_dir) / name), "-o", obj])
             objs.append(obj)
         tmp = os.path.join(tmpdir, "kernels.so")
         _compile([cc, "-shared", "-fopenmp", *objs, "-o", tmp, "-lm"])
-        os.replace(tmp, out)           # atomic: another rank building the same file is harmless
-        return out
-    except (OSError, subprocess.SubprocessError, RuntimeError) as e:
-        log.warning("native kernels off: building them with %s failed (%s)", cc, e)
-        return None
+        os.replace(tmp, out)           # atomic
     finally:
         shutil.rmtree(tmpdir, ignore_errors=True)
+
+
+def load_library(path: Path):
+    """The ctypes library at ``path`` with the kernels' signatures declared."""
+    lib = ctypes.CDLL(str(path))
+    lib.decode_attention.restype = None
+    lib.decode_attention.argtypes = [
+        _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _P, _P, _I64, _F32, _P, _I64,
+        _P, _P, _P, _INT, _INT, _INT]
+    if hasattr(lib, "decode_tile_width"):          # not in builds of older sources (bench_decode.py --old-src)
+        lib.decode_tile_width.restype = _INT
+        lib.decode_tile_width.argtypes = []
+    lib.rope_store.restype = None
+    lib.rope_store.argtypes = [
+        _P, _I64, _INT, _P, _I64, _P, _I64, _INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P,
+        _INT, _INT, _INT]
+    return lib
 
 
 def _compile(cmd: list) -> None:
@@ -107,15 +145,7 @@ def _lib():
             so = _build()
             if so is not None:
                 try:
-                    lib = ctypes.CDLL(str(so))
-                    lib.decode_attention.restype = None
-                    lib.decode_attention.argtypes = [
-                        _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _P, _P, _I64, _F32, _P, _I64,
-                        _P, _P, _P, _INT, _INT, _INT]
-                    lib.rope_store.restype = None
-                    lib.rope_store.argtypes = [
-                        _P, _I64, _INT, _P, _I64, _P, _I64, _INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P,
-                        _INT, _INT, _INT]
+                    lib = load_library(so)
                 except OSError as e:
                     log.warning("native kernels off: loading %s failed (%s)", so, e)
                     lib = None
@@ -126,6 +156,13 @@ def _lib():
 def available() -> bool:
     """The kernels are built and loaded (False: no compiler, a failed build, or MPIINFER_NATIVE=0)."""
     return _lib() is not None
+
+
+def tile_width() -> int:
+    """Cache rows per tile of this build's decode attention: 16 (AVX-512), 8 (AVX2 + FMA), 0 (a row at a time);
+    0 without the kernels."""
+    lib = _lib()
+    return lib.decode_tile_width() if lib is not None else 0
 
 
 def usable(device: torch.device, dtype: torch.dtype, kv_dtype: torch.dtype | None = None) -> bool:

@@ -9,7 +9,7 @@
  * (`bf16`) and the queries' and outputs' (`q_bf16`) are separate: a bfloat16 cache under a float32 model.
  */
 #include "common.h"
-#if defined(__AVX512F__)
+#if defined(__AVX512F__) || (defined(__AVX2__) && defined(__FMA__))
 #include <immintrin.h>
 #endif
 
@@ -130,15 +130,34 @@ static inline __attribute__((always_inline)) void attend_item(
     }
 }
 
+/* The same item in tiles of VW rows with VW-float vectors: AVX-512 (VW 16) or AVX2 with FMA (VW 8), whichever the
+ * build's -march=native gives; hd 16, 32, 64 or 128, and 256 with AVX-512 over a bfloat16 cache (the caller's
+ * dispatch).  Pass 1: each row's q.k as one vector of partial sums, the tile's VW vectors reduced together into
+ * one vector of VW scores (a reduction per row costs ~8 operations per row: the row-at-a-time kernel spent most of
+ * its time there).  Pass 2: the weighted sums of several query heads at a time held in registers across a tile's
+ * rows (ACC_REGS accumulators; a head wider than that, AVX2's 128, in column chunks).  bfloat16 rows are widened
+ * once per tile into `tile`.  The vector operations below are the only ISA-specific code. */
 #if defined(__AVX512F__)
-/* The same item with AVX-512, for hd 16, 32, 64 or 128 (the caller's dispatch), in tiles of TILE rows.  Pass 1: each row's
- * q.k as one vector of partial sums, the tile's TILE vectors reduced together into one vector of TILE scores
- * (15 adds and 30 shuffles per tile, where a reduction per row costs ~8 operations per row: the scalar kernel
- * spent most of its time there).  Pass 2: the weighted sums of GV query heads at a time held in registers across
- * a tile's rows.  bfloat16 rows are widened once per tile into `tile`. */
-#define TILE 16
-
-static inline __m512 hsum16(const __m512 *v) {
+#define VW 16
+#define ACC_REGS 16      /* accumulators of pass 2 (a power of 2: it splits a head's vectors evenly) */
+typedef __m512 vf;
+static inline vf v_load(const float *p) { return _mm512_loadu_ps(p); }
+static inline void v_store(float *p, vf x) { _mm512_storeu_ps(p, x); }
+static inline vf v_set1(float x) { return _mm512_set1_ps(x); }
+static inline vf v_zero(void) { return _mm512_setzero_ps(); }
+static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }        /* a * b + c */
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }      /* c - a * b */
+static inline float v_reduce_max(vf x) { return _mm512_reduce_max_ps(x); }
+static inline float v_reduce_add(vf x) { return _mm512_reduce_add_ps(x); }
+static inline vf v_widen_bf16(const uint16_t *s) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
+}
+/* one vector of the sums of each of v[0] .. v[15] */
+static inline vf v_hsum(const vf *v) {
     __m512 w[8], x[4];
     for (int i = 0; i < 8; i++)          /* per 128-bit lane: v[2i], v[2i+1] partial sums, interleaved */
         w[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
@@ -150,51 +169,96 @@ static inline __m512 hsum16(const __m512 *v) {
     const __m512 y1 = _mm512_add_ps(_mm512_shuffle_f32x4(x[2], x[3], 0x88), _mm512_shuffle_f32x4(x[2], x[3], 0xDD));
     return _mm512_add_ps(_mm512_shuffle_f32x4(y0, y1, 0x88), _mm512_shuffle_f32x4(y0, y1, 0xDD));
 }
-
-/* exp_nonpos on 16 lanes (the same steps; gcc leaves the scalar loop unvectorised) */
-static inline __m512 exp_nonpos16(__m512 x) {
-    const __m512 z = _mm512_roundscale_ps(_mm512_fmadd_ps(x, _mm512_set1_ps(1.44269504088896341f),
-                                                          _mm512_set1_ps(0.5f)),
-                                          _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC);
-    __m512 r = _mm512_fnmadd_ps(z, _mm512_set1_ps(0.693359375f), x);
-    r = _mm512_fnmadd_ps(z, _mm512_set1_ps(-2.12194440e-4f), r);
-    __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-    p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-    p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+static inline vf v_floor(vf x) { return _mm512_roundscale_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2i(vf z) {     /* 2^z for whole z, clamped below at 2^-126 */
     __m512i e = _mm512_add_epi32(_mm512_cvttps_epi32(z), _mm512_set1_epi32(127));
-    e = _mm512_max_epi32(e, _mm512_set1_epi32(1));
-    const __m512 scale = _mm512_castsi512_ps(_mm512_slli_epi32(e, 23));
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_max_epi32(e, _mm512_set1_epi32(1)), 23));
+}
+static inline vf v_keep_nlt(vf x, float lo, vf y) {     /* y where x is not below lo (NaN kept), else 0 */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), y);
+}
+#elif defined(__AVX2__) && defined(__FMA__)
+#define VW 8
+#define ACC_REGS 8
+typedef __m256 vf;
+static inline vf v_load(const float *p) { return _mm256_loadu_ps(p); }
+static inline void v_store(float *p, vf x) { _mm256_storeu_ps(p, x); }
+static inline vf v_set1(float x) { return _mm256_set1_ps(x); }
+static inline vf v_zero(void) { return _mm256_setzero_ps(); }
+static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
+static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
+static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
+static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
+static inline vf v_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
+static inline float v_reduce_max(vf x) {
+    __m128 s = _mm_max_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_max_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_max_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline float v_reduce_add(vf x) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(x), _mm256_extractf128_ps(x, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    return _mm_cvtss_f32(_mm_add_ss(s, _mm_shuffle_ps(s, s, 1)));
+}
+static inline vf v_widen_bf16(const uint16_t *s) {
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)s)), 16));
+}
+/* one vector of the sums of each of v[0] .. v[7]: per 128-bit lane, hadd twice gives the lane's partial sums of
+ * four vectors; the two lanes' halves then add across */
+static inline vf v_hsum(const vf *v) {
+    const __m256 s = _mm256_hadd_ps(_mm256_hadd_ps(v[0], v[1]), _mm256_hadd_ps(v[2], v[3]));
+    const __m256 t = _mm256_hadd_ps(_mm256_hadd_ps(v[4], v[5]), _mm256_hadd_ps(v[6], v[7]));
+    return _mm256_add_ps(_mm256_permute2f128_ps(s, t, 0x20), _mm256_permute2f128_ps(s, t, 0x31));
+}
+static inline vf v_floor(vf x) { return _mm256_round_ps(x, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC); }
+static inline vf v_pow2i(vf z) {
+    __m256i e = _mm256_add_epi32(_mm256_cvttps_epi32(z), _mm256_set1_epi32(127));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_max_epi32(e, _mm256_set1_epi32(1)), 23));
+}
+static inline vf v_keep_nlt(vf x, float lo, vf y) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ), y);
+}
+#endif
+
+#ifdef VW
+/* exp_nonpos on VW lanes (the same steps; gcc leaves the scalar loop unvectorised) */
+static inline vf v_exp_nonpos(vf x) {
+    const vf z = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
+    vf r = v_fnma(z, v_set1(0.693359375f), x);
+    r = v_fnma(z, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(v_mul(p, r), r, v_add(r, v_set1(1.0f)));
     /* not below the cutoff: a NaN stays NaN, as in the scalar path */
-    const __mmask16 keep = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.3f), _CMP_NLT_UQ);
-    return _mm512_maskz_mul_ps(keep, p, scale);
+    return v_keep_nlt(x, -87.3f, v_mul(p, v_pow2i(z)));
 }
 
-/* softmax_start with AVX-512: the max, the exponentials and their sum 16 scores at a time */
-static inline __attribute__((always_inline)) void softmax_start16(
+/* softmax_start over whole vectors: the scores of each query head are padded with -inf up to a multiple of VW
+ * (pass 1 wrote the last tile's lanes past `rows`; the row stride leaves room), so the max, the exponentials
+ * and their sum run unmasked; a padded lane's exponential is 0 */
+static inline __attribute__((always_inline)) void softmax_start_v(
     int grp, const int hd, int64_t rows, int64_t stride, float *sc, float *acc, float *l, const float *im,
     const float *il, const float *ia) {
+    const int64_t padded = (rows + VW - 1) / VW * VW;
     for (int g = 0; g < grp; g++) {
         float *sg = sc + g * stride;
-        __m512 vmx = _mm512_set1_ps(im ? im[g] : -INFINITY);
-        for (int64_t i = 0; i < rows; i += 16) {
-            const __mmask16 m = rows - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rows - i)) - 1u);
-            vmx = _mm512_mask_max_ps(vmx, m, vmx, _mm512_maskz_loadu_ps(m, sg + i));
+        for (int64_t i = rows; i < padded; i++) sg[i] = -INFINITY;
+        vf vmx = v_set1(im ? im[g] : -INFINITY);
+        for (int64_t i = 0; i < padded; i += VW) vmx = v_max(vmx, v_load(sg + i));
+        const float mx = v_reduce_max(vmx);
+        const vf vm = v_set1(mx);
+        vf vs = v_zero();
+        for (int64_t i = 0; i < padded; i += VW) {
+            const vf e = v_exp_nonpos(v_sub(v_load(sg + i), vm));
+            v_store(sg + i, e);
+            vs = v_add(vs, e);
         }
-        const float mx = _mm512_reduce_max_ps(vmx);
-        const __m512 vm = _mm512_set1_ps(mx);
-        __m512 vs = _mm512_setzero_ps();
-        for (int64_t i = 0; i < rows; i += 16) {
-            const __mmask16 m = rows - i >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (rows - i)) - 1u);
-            const __m512 e = _mm512_maskz_mov_ps(m, exp_nonpos16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, sg + i), vm)));
-            _mm512_mask_storeu_ps(sg + i, m, e);
-            vs = _mm512_add_ps(vs, e);
-        }
-        float sum = _mm512_reduce_add_ps(vs);
-        start_state(g, hd, mx, sum, acc, l, im, il, ia);
+        start_state(g, hd, mx, v_reduce_add(vs), acc, l, im, il, ia);
     }
 }
 
@@ -209,10 +273,7 @@ static inline __attribute__((always_inline)) void tile_rows(
         } else {
             const uint16_t *src = (const uint16_t *)cache + off;
             float *dst = tile + (int64_t)jj * hd;
-            for (int d = 0; d < hd; d += 16) {
-                const __m256i hv = _mm256_loadu_si256((const __m256i *)(src + d));
-                _mm512_storeu_ps(dst + d, _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(hv), 16)));
-            }
+            for (int d = 0; d < hd; d += VW) v_store(dst + d, v_widen_bf16(src + d));
             out[jj] = dst;
         }
     }
@@ -233,82 +294,94 @@ static inline __attribute__((always_inline)) void prefetch_rows(
     }
 }
 
-/* acc[g] (hd) += sum over the tile's n rows of p[g][jj] * V[jj], for gv query heads g0 .. g0 + gv - 1 */
+/* acc[g] (hd) += sum over the tile's n rows of p[g][jj] * V[jj], for gv query heads g0 .. g0 + gv - 1 and the
+ * ncc vectors of columns from vector c0 */
 static inline __attribute__((always_inline)) void weigh_tile(
-    const float **vr, int n, const int hd, const int gv, int g0, const float *sc, int64_t stride, int64_t j0,
-    float *acc) {
-    __m512 a[16];
-    const int nc = hd / 16;
+    const float **vr, int n, const int hd, const int gv, int g0, const int c0, const int ncc, const float *sc,
+    int64_t stride, int64_t j0, float *acc) {
+    vf a[ACC_REGS];
     for (int g = 0; g < gv; g++)
-        for (int cc = 0; cc < nc; cc++) a[g * nc + cc] = _mm512_loadu_ps(acc + (int64_t)(g0 + g) * hd + cc * 16);
+        for (int cc = 0; cc < ncc; cc++) a[g * ncc + cc] = v_load(acc + (int64_t)(g0 + g) * hd + (c0 + cc) * VW);
     for (int jj = 0; jj < n; jj++) {
         for (int g = 0; g < gv; g++) {
-            const __m512 p = _mm512_set1_ps(sc[(int64_t)(g0 + g) * stride + j0 + jj]);
-            for (int cc = 0; cc < nc; cc++)
-                a[g * nc + cc] = _mm512_fmadd_ps(p, _mm512_loadu_ps(vr[jj] + cc * 16), a[g * nc + cc]);
+            const vf p = v_set1(sc[(int64_t)(g0 + g) * stride + j0 + jj]);
+            for (int cc = 0; cc < ncc; cc++) a[g * ncc + cc] = v_fma(p, v_load(vr[jj] + (c0 + cc) * VW), a[g * ncc + cc]);
         }
     }
     for (int g = 0; g < gv; g++)
-        for (int cc = 0; cc < nc; cc++) _mm512_storeu_ps(acc + (int64_t)(g0 + g) * hd + cc * 16, a[g * nc + cc]);
+        for (int cc = 0; cc < ncc; cc++) v_store(acc + (int64_t)(g0 + g) * hd + (c0 + cc) * VW, a[g * ncc + cc]);
 }
 
-static inline __attribute__((always_inline)) void attend_item_avx512(
+static inline __attribute__((always_inline)) void attend_item_tiled(
     const cache_t *c, int h, int grp, const int hd, const int64_t *idx, int64_t rows, int64_t stride,
     const float *qf, float *sc, float *acc, float *tile, float *l, const float *im, const float *il,
     const float *ia) {
     const int64_t base = (int64_t)h * c->pool;
-    const int nc = hd / 16;
-    const float *kr[TILE];
+    const int nc = hd / VW;
+    const float *kr[VW];
     /* pass 1: scores, (grp, stride) */
     const int esz = c->bf16 ? 2 : 4;
-    for (int64_t j0 = 0; j0 < rows; j0 += TILE) {
-        const int n = rows - j0 < TILE ? (int)(rows - j0) : TILE;
-        const int64_t j1 = j0 + TILE;
-        prefetch_rows(c->kc, base, idx + j1, rows - j1 < TILE ? (int)(rows > j1 ? rows - j1 : 0) : TILE, hd, esz, 0);
+    for (int64_t j0 = 0; j0 < rows; j0 += VW) {
+        const int n = rows - j0 < VW ? (int)(rows - j0) : VW;
+        const int64_t j1 = j0 + VW;
+        prefetch_rows(c->kc, base, idx + j1, rows - j1 < VW ? (int)(rows > j1 ? rows - j1 : 0) : VW, hd, esz, 0);
         prefetch_rows(c->vc, base, idx + j0, n, hd, esz, 1);      /* for pass 2 */
         tile_rows(c->kc, base, idx + j0, n, hd, c->bf16, tile, kr);
         for (int g = 0; g < grp; g++) {
-            __m512 qv[8], v[TILE];
-            for (int cc = 0; cc < nc; cc++) qv[cc] = _mm512_loadu_ps(qf + g * hd + cc * 16);
-            for (int jj = 0; jj < TILE; jj++) {
+            vf qv[256 / VW], v[VW];
+            for (int cc = 0; cc < nc; cc++) qv[cc] = v_load(qf + g * hd + cc * VW);
+            for (int jj = 0; jj < VW; jj++) {
                 if (jj < n) {
-                    __m512 p = _mm512_mul_ps(_mm512_loadu_ps(kr[jj]), qv[0]);
-                    for (int cc = 1; cc < nc; cc++) p = _mm512_fmadd_ps(_mm512_loadu_ps(kr[jj] + cc * 16), qv[cc], p);
+                    vf p = v_mul(v_load(kr[jj]), qv[0]);
+                    for (int cc = 1; cc < nc; cc++) p = v_fma(v_load(kr[jj] + cc * VW), qv[cc], p);
                     v[jj] = p;
                 } else {
-                    v[jj] = _mm512_setzero_ps();
+                    v[jj] = v_zero();
                 }
             }
-            _mm512_mask_storeu_ps(sc + g * stride + j0, (__mmask16)((1u << n) - 1u), hsum16(v));
+            v_store(sc + g * stride + j0, v_hsum(v));      /* lanes past rows: 0, then -inf (softmax_start_v) */
         }
     }
-    softmax_start16(grp, hd, rows, stride, sc, acc, l, im, il, ia);
-    /* pass 2: weighted values, GV query heads at a time in 16 registers */
-    const int GV = 16 / nc;
-    for (int64_t j0 = 0; j0 < rows; j0 += TILE) {
-        const int n = rows - j0 < TILE ? (int)(rows - j0) : TILE;
-        const int64_t j1 = j0 + TILE;
-        prefetch_rows(c->vc, base, idx + j1, rows - j1 < TILE ? (int)(rows > j1 ? rows - j1 : 0) : TILE, hd, esz, 0);
+    softmax_start_v(grp, hd, rows, stride, sc, acc, l, im, il, ia);
+    /* pass 2: weighted values, GV query heads x CH vectors of columns at a time in ACC_REGS registers */
+    const int CH = nc < ACC_REGS ? nc : ACC_REGS;
+    const int GV = ACC_REGS / CH;
+    for (int64_t j0 = 0; j0 < rows; j0 += VW) {
+        const int n = rows - j0 < VW ? (int)(rows - j0) : VW;
+        const int64_t j1 = j0 + VW;
+        prefetch_rows(c->vc, base, idx + j1, rows - j1 < VW ? (int)(rows > j1 ? rows - j1 : 0) : VW, hd, esz, 0);
         tile_rows(c->vc, base, idx + j0, n, hd, c->bf16, tile, kr);
-        int g0 = 0;
-        for (; g0 + GV <= grp; g0 += GV) weigh_tile(kr, n, hd, GV, g0, sc, stride, j0, acc);
-        /* the rest (fewer than GV) in one pass over the tile's rows, a constant count each */
+        for (int ci = 0; ci < nc / CH; ci++) {         /* nc / CH: 1 but for AVX2's heads of 128 */
+            const int c0 = ci * CH;
+            int g0 = 0;
+            for (; g0 + GV <= grp; g0 += GV) weigh_tile(kr, n, hd, GV, g0, c0, CH, sc, stride, j0, acc);
+            /* the rest (fewer than GV) in one pass over the tile's rows, a constant count each */
 #define WEIGH_REST(k)                                                                                            \
     case k:                                                                                                      \
-        if ((k) < GV) weigh_tile(kr, n, hd, (k) < GV ? (k) : 1, g0, sc, stride, j0, acc);                        \
+        if ((k) < GV) weigh_tile(kr, n, hd, (k) < GV ? (k) : 1, g0, c0, CH, sc, stride, j0, acc);                \
         break;
-        switch (grp - g0) {
-            WEIGH_REST(1) WEIGH_REST(2) WEIGH_REST(3) WEIGH_REST(4) WEIGH_REST(5) WEIGH_REST(6) WEIGH_REST(7)
-            default:
-                for (; g0 < grp; g0++) weigh_tile(kr, n, hd, 1, g0, sc, stride, j0, acc);
-        }
+            switch (grp - g0) {
+                WEIGH_REST(1) WEIGH_REST(2) WEIGH_REST(3) WEIGH_REST(4) WEIGH_REST(5) WEIGH_REST(6) WEIGH_REST(7)
+                default:
+                    for (; g0 < grp; g0++) weigh_tile(kr, n, hd, 1, g0, c0, CH, sc, stride, j0, acc);
+            }
 #undef WEIGH_REST
+        }
     }
 }
-#define HAVE_AVX512_ITEM 1
+#define HAVE_TILED_ITEM 1
 #else
-#define HAVE_AVX512_ITEM 0
+#define HAVE_TILED_ITEM 0
 #endif
+
+/* rows per tile of the decode attention in this build: 16 (AVX-512), 8 (AVX2 + FMA), 0 (a row at a time) */
+int decode_tile_width(void) {
+#if HAVE_TILED_ITEM
+    return VW;
+#else
+    return 0;
+#endif
+}
 
 void decode_attention(const void *q, int64_t q_stride, const void *kc, const void *vc, int64_t pool, int n_kv,
                       int grp, int hd, int64_t nseq, const int64_t *q_rows, const int64_t *run_off,
@@ -347,15 +420,18 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
             const int64_t hq = s * (int64_t)n_kv * grp + (int64_t)h * grp;
             const float *im = init_m ? init_m + hq : NULL, *il = init_l ? init_l + hq : NULL;
             const float *ia = init_acc ? init_acc + hq * hd : NULL;
-#if HAVE_AVX512_ITEM
+#if HAVE_TILED_ITEM
             if (hd == 64)
-                attend_item_avx512(&c, h, grp, 64, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
+                attend_item_tiled(&c, h, grp, 64, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
             else if (hd == 128)
-                attend_item_avx512(&c, h, grp, 128, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
+                attend_item_tiled(&c, h, grp, 128, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
             else if (hd == 32)
-                attend_item_avx512(&c, h, grp, 32, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
+                attend_item_tiled(&c, h, grp, 32, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
             else if (hd == 16)
-                attend_item_avx512(&c, h, grp, 16, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
+                attend_item_tiled(&c, h, grp, 16, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
+            else if (hd == 256 && VW == 16 && bf16)   /* float32 rows of 256, or AVX2: a row at a time is as */
+                                                        /* fast or faster (measured) */
+                attend_item_tiled(&c, h, grp, 256, idx, rows, stride, qf, sc, acc, tile, l, im, il, ia);
             else
 #endif
             if (hd == 64)
