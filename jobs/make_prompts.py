@@ -2,9 +2,9 @@
 
     python jobs/make_prompts.py N OUT.jsonl [--openai]
 """
+import argparse
 import json
 import random
-import sys
 
 TOPICS = ["the ocean", "a city at night", "how bread is made", "the history of maps", "a friendly robot",
           "photosynthesis", "the moon landing", "a mountain village", "prime numbers", "a thunderstorm",
@@ -15,11 +15,18 @@ ASKS = ["Write a short poem about {t}.", "Explain {t} to a child.", "Give three 
 
 
 def main():
-    n, out = int(sys.argv[1]), sys.argv[2]
-    openai = "--openai" in sys.argv
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("n", type=int, help="how many prompts")
+    ap.add_argument("out", help="the JSONL file to write")
+    ap.add_argument("--openai", action="store_true", help="OpenAI batch requests (/v1/chat/completions) instead of "
+                                                          "mpiinfer's chat records")
+    a = ap.parse_args()
+    if a.n < 0:
+        ap.error("N must be 0 or more")
+    openai = a.openai
     rng = random.Random(0)
-    with open(out, "w") as f:
-        for i in range(n):
+    with open(a.out, "w") as f:
+        for i in range(a.n):
             q = rng.choice(ASKS).format(t=rng.choice(TOPICS))
             if rng.random() < 0.3:
                 q = ("Context: " + " ".join(rng.choice(TOPICS) for _ in range(rng.randint(10, 120))) + "\n" + q)
