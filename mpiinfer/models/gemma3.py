@@ -40,5 +40,6 @@ class Gemma3DecoderLayer(nn.Module):
 
     def forward(self, x, plan: AttentionPlan, rope, k_cache, v_cache, write_index):
         # x: (T, hidden); the norms after attention and MLP act on their (TP-reduced) outputs
-        x = x + self.post_attn_norm(self.attn(self.input_norm(x), plan, rope, k_cache, v_cache, write_index))
-        return x + self.post_ff_norm(self.mlp(self.pre_ff_norm(x)))
+        a = self.post_attn_norm(self.attn(self.input_norm(x), plan, rope, k_cache, v_cache, write_index))
+        x, h = self.pre_ff_norm.add_forward(x, a)                  # x + a and its norm (one pass on CPU)
+        return x + self.post_ff_norm(self.mlp(h))

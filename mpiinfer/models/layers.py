@@ -2,7 +2,9 @@
 
 Owns: ``RMSNorm`` (float32 statistics, as Hugging Face computes them), ``rope_inv_freq`` / ``Rotary``
 (default, linear and llama3 scaling; cos/sin tables grown on demand) and ``MLP`` (column-parallel fused
-gate/up, row-parallel down: its allreduce over ``mesh.tp_reduce`` is the one in ``MLP.forward``).
+gate/up, row-parallel down: its allreduce over ``mesh.tp_reduce`` is the one in ``MLP.forward``).  On CPU the
+norms (with a residual add before one) and SwiGLU's activation run as the C kernels ``native.rms_norm`` /
+``native.silu_mul`` where the model sets ``use_native``; the torch ops stay, for CUDA and as their reference.
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .. import native
 from ..comm.mesh import Mesh
 from ..config import ModelConfig, RopeConfig
 from ..parallel.linear import ColumnParallelLinear, Part, RowParallelLinear
@@ -32,6 +35,8 @@ class RMSNorm(nn.Module):
         self.f32 = plus_one or f32_weight
         self.weight = None if name is None else nn.Parameter(torch.empty(size, dtype=dtype), requires_grad=False)
         self.scale = None          # f32: (1 +) weight in float32, made by ``load``
+        self.use_native = False    # the C kernel (set by the model on CPU; the torch ops stay the reference)
+        self.mode = native.NORM_F32_SCALE if self.f32 else native.NORM_NONE if name is None else native.NORM_WEIGHT
 
     def load(self, src) -> None:
         if self.weight is None:
@@ -41,12 +46,26 @@ class RMSNorm(nn.Module):
             self.scale = self.weight.float() + (1.0 if self.plus_one else 0.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.use_native:
+            out = native.rms_norm(x, self.mode, self.weight, self.scale, self.eps)
+            if out is not None:
+                return out
         dt = x.dtype
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
         if self.f32:
             return (xf * self.scale).to(dt)
         return xf.to(dt) if self.weight is None else self.weight * xf.to(dt)
+
+    def add_forward(self, x: torch.Tensor, a: torch.Tensor) -> tuple:
+        """(x + a, its norm): the residual add and the norm after it.  With the C kernel in one pass, x's rows
+        becoming x + a in place (x is the residual stream, read by nothing else)."""
+        if self.use_native:
+            out = native.rms_norm(x, self.mode, self.weight, self.scale, self.eps, add=a)
+            if out is not None:
+                return x, out
+        x = x + a
+        return x, self(x)
 
 
 def norm(cfg: ModelConfig, name: str, size: int, dtype: torch.dtype) -> RMSNorm:
@@ -135,6 +154,8 @@ class MLP(nn.Module):
                  reduce=True, act: str = "silu"):
         super().__init__()
         self.act = F.silu if act == "silu" else partial(F.gelu, approximate="tanh")   # gelu_pytorch_tanh
+        self.silu = act == "silu"
+        self.use_native = False        # the C kernel for SiLU * up (set by the model on CPU, for SiLU only)
         gate, up, down = names
         a, b = balanced_range(inter, mesh.tp_rank, mesh.tp)
         self.inter_local = b - a
@@ -153,5 +174,9 @@ class MLP(nn.Module):
 
     def forward(self, x):
         gu = self.gate_up(x)                                        # (T, 2 * inter_local)
+        if self.use_native:                                         # SiLU * up in one pass
+            h = native.silu_mul(gu, self.inter_local)
+            if h is not None:
+                return self.down(h)
         g, u = gu[:, :self.inter_local], gu[:, self.inter_local:]
         return self.down(self.act(g) * u)

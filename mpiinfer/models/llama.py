@@ -32,7 +32,7 @@ from . import registry
 from .attention import Attention, AttentionPlan
 from .deepseek import LatentAttention
 from .gemma3 import Gemma3DecoderLayer
-from .layers import MLP, Rotary, norm
+from .layers import MLP, RMSNorm, Rotary, norm
 from .moe import SparseMoeBlock
 from .step import StepBatch
 
@@ -55,8 +55,9 @@ class DecoderLayer(nn.Module):
             m.load(src)
 
     def forward(self, x, plan: AttentionPlan, rope, k_cache, v_cache, write_index):
-        x = x + self.attn(self.input_norm(x), plan, rope, k_cache, v_cache, write_index)
-        return x + self.mlp(self.post_norm(x))
+        x, h = self.post_norm.add_forward(x, self.attn(self.input_norm(x), plan, rope, k_cache, v_cache,
+                                                       write_index))
+        return x + self.mlp(h)
 
 
 # the decoder layer of each family that does not use ``DecoderLayer``
@@ -93,6 +94,13 @@ class CausalLM(nn.Module):
         # the CPU kernels for RoPE + cache write and decode attention (models.attention), where they are built
         self.use_native = native.usable(torch.device(device), dtype, kv_dtype) and \
             self.layers[0].attn.group <= native.MAX_GROUP
+        # the C kernels for the norms (with the residual add before one) and SiLU * up, on any CPU model they take
+        elementwise = native.usable(torch.device(device), dtype)
+        for m in self.modules():
+            if isinstance(m, RMSNorm):
+                m.use_native = elementwise
+            elif isinstance(m, MLP):
+                m.use_native = elementwise and m.silu
         self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
         self._head_out = None        # their output side by side, reused step to step
         self.hidden = None           # the last step's final hidden states of ``batch.hidden_rows`` (embeddings)

@@ -2,14 +2,17 @@
 
 Owns: building ``kernels.c`` and ``rope.c`` once per machine type into a shared library (``cc -O3 -march=native
 -fopenmp``, cached under ``$MPIINFER_CACHE`` or ``~/.cache/mpiinfer``, keyed by the source, the compiler and the CPU's flags:
-nodes of another CPU type sharing a home directory build their own), loading it with ctypes, and two calls on
+nodes of another CPU type sharing a home directory build their own), loading it with ctypes, and calls on
 contiguous CPU tensors of float32 or bfloat16:
 
 * ``decode_attention``: one-token decode attention of many sequences over a paged KV cache, reading each cache
   run where it lies (no gather, no Python loop over sequences): one OpenMP item per (sequence, KV head), in tiles
   of 16 rows with AVX-512, 8 with AVX2 + FMA, else a row at a time (whatever ``-march=native`` gives);
 * ``rope_store``: rotary embedding of q and k in place and the step's K/V rows written into the cache (what
-  ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit).
+  ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit);
+* ``rms_norm`` (with the residual add before it, in place) and ``silu_mul`` (SwiGLU's activation): one pass each
+  instead of 4-8 torch ops that each allocate a temporary; within rounding of the torch ops (the sum of squares
+  and the exponential in another order / formula).
 
 Why: at batch 200+ the decode attention as a loop of torch calls cost as much as all the matmuls of a step (2
 bmm + softmax per sequence and layer, ~10 us each; SmolLM2-135M at 222 sequences: ~200 ms a step of ~400).
@@ -122,6 +125,11 @@ def load_library(path: Path):
     lib.decode_attention.argtypes = [
         _P, _I64, _P, _P, _I64, _INT, _INT, _INT, _I64, _P, _P, _P, _P, _I64, _F32, _P, _I64,
         _P, _P, _P, _INT, _INT, _INT]
+    if hasattr(lib, "rms_norm"):                   # not in builds of older sources either
+        lib.rms_norm.restype = None
+        lib.rms_norm.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _INT, _INT, _P, _P, _F32, _INT, _INT, _INT]
+        lib.silu_mul.restype = None
+        lib.silu_mul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _INT, _INT]
     if hasattr(lib, "decode_tile_width"):          # not in builds of older sources (bench_decode.py --old-src)
         lib.decode_tile_width.restype = _INT
         lib.decode_tile_width.argtypes = []
@@ -259,3 +267,61 @@ def rope_store(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: tor
                       _rows(v, n_kv * hd), n_kv, hd, T, pos.data_ptr(), cos.data_ptr(), sin.data_ptr(),
                       k_cache.data_ptr(), v_cache.data_ptr(), pool, widx.data_ptr(), bf, kvbf,
                       torch.get_num_threads())
+
+
+def _rows3(t: torch.Tensor) -> tuple | None:
+    """(T, H, n, row stride) of a (T, n) or (T, H, n) view whose rows of n are contiguous and, within a row of
+    the first dimension, adjacent; None for other layouts."""
+    if t.dim() == 2 and t.stride(1) == 1:
+        return t.shape[0], 1, t.shape[1], t.stride(0)
+    if t.dim() == 3 and t.stride(2) == 1 and t.stride(1) == t.shape[2]:
+        return t.shape[0], t.shape[1], t.shape[2], t.stride(0)
+    return None
+
+
+NORM_WEIGHT, NORM_F32_SCALE, NORM_NONE = 0, 1, 2
+
+
+def rms_norm(x: torch.Tensor, mode: int, weight: torch.Tensor | None, scale: torch.Tensor | None, eps: float,
+             add: torch.Tensor | None = None) -> torch.Tensor | None:
+    """``models.layers.RMSNorm`` of x's rows ((T, n) or (T, H, n), rows contiguous) in one pass, as a new
+    contiguous tensor; with ``add`` (laid out as x): x's rows become ``x + add`` in place first (the residual
+    add before a norm).  ``mode``: NORM_WEIGHT (weight * norm, in x's dtype), NORM_F32_SCALE (norm * the float32
+    ``scale``, then rounded), NORM_NONE.  None when the layout is not one the kernel takes (the caller then runs
+    the torch ops)."""
+    shape = _rows3(x)
+    if shape is None or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    T, H, n, xs = shape
+    ashape = _rows3(add) if add is not None else None
+    if add is not None and (ashape is None or add.shape != x.shape or add.dtype != x.dtype
+                            or (T > 1 and xs < H * n)):            # rows written in place must not overlap
+        return None
+    if mode == NORM_WEIGHT and not (weight is not None and weight.dtype == x.dtype and weight.is_contiguous()
+                                    and weight.numel() == n):
+        return None
+    if mode == NORM_F32_SCALE and not (scale is not None and scale.dtype == torch.float32
+                                       and scale.is_contiguous() and scale.numel() == n):
+        return None
+    out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
+    if T == 0:
+        return out
+    w = weight.data_ptr() if mode == NORM_WEIGHT else None
+    sc = scale.data_ptr() if mode == NORM_F32_SCALE else None
+    _lib().rms_norm(x.data_ptr(), xs, add.data_ptr() if add is not None else None,
+                    ashape[3] if add is not None else 0, out.data_ptr(), H * n, T, H, n, w, sc, eps, mode,
+                    _bf16(x), torch.get_num_threads())
+    return out
+
+
+def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor | None:
+    """``F.silu(gu[:, :n]) * gu[:, n:2n]`` of a (T, >= 2n) CPU view with contiguous rows, in one pass (a new
+    (T, n) tensor); None for another layout or dtype (the caller then runs the torch ops)."""
+    if gu.dim() != 2 or gu.stride(1) != 1 or gu.shape[1] < 2 * n or gu.device.type != "cpu" or \
+            gu.dtype not in (torch.float32, torch.bfloat16):
+        return None
+    T = gu.shape[0]
+    out = torch.empty(T, n, dtype=gu.dtype, device=gu.device)
+    if T:
+        _lib().silu_mul(gu.data_ptr(), gu.stride(0), T, n, out.data_ptr(), n, _bf16(gu), torch.get_num_threads())
+    return out

@@ -148,6 +148,8 @@ static inline vf v_zero(void) { return _mm512_setzero_ps(); }
 static inline vf v_add(vf a, vf b) { return _mm512_add_ps(a, b); }
 static inline vf v_sub(vf a, vf b) { return _mm512_sub_ps(a, b); }
 static inline vf v_max(vf a, vf b) { return _mm512_max_ps(a, b); }
+static inline vf v_min(vf a, vf b) { return _mm512_min_ps(a, b); }       /* b where either is NaN */
+static inline vf v_div(vf a, vf b) { return _mm512_div_ps(a, b); }
 static inline vf v_mul(vf a, vf b) { return _mm512_mul_ps(a, b); }
 static inline vf v_fma(vf a, vf b, vf c) { return _mm512_fmadd_ps(a, b, c); }        /* a * b + c */
 static inline vf v_fnma(vf a, vf b, vf c) { return _mm512_fnmadd_ps(a, b, c); }      /* c - a * b */
@@ -155,6 +157,18 @@ static inline float v_reduce_max(vf x) { return _mm512_reduce_max_ps(x); }
 static inline float v_reduce_add(vf x) { return _mm512_reduce_add_ps(x); }
 static inline vf v_widen_bf16(const uint16_t *s) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)s)), 16));
+}
+/* x rounded to bfloat16 as f2bf rounds (nearest even; a NaN stays a quiet NaN), as float32 */
+static inline vf v_round_bf16(vf x) {
+    const __m512i u = _mm512_castps_si512(x), hi = _mm512_set1_epi32((int)0xffff0000u);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    const __m512i r = _mm512_and_si512(_mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), odd)), hi);
+    const __m512i q = _mm512_or_si512(_mm512_and_si512(u, hi), _mm512_set1_epi32(0x400000));
+    return _mm512_castsi512_ps(_mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(x, x, _CMP_UNORD_Q), q));
+}
+static inline void v_store_bf16(uint16_t *d, vf x) {
+    _mm256_storeu_si256((__m256i *)d,
+                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(v_round_bf16(x)), 16)));
 }
 /* one vector of the sums of each of v[0] .. v[15] */
 static inline vf v_hsum(const vf *v) {
@@ -177,6 +191,9 @@ static inline vf v_pow2i(vf z) {     /* 2^z for whole z, clamped below at 2^-126
 static inline vf v_keep_nlt(vf x, float lo, vf y) {     /* y where x is not below lo (NaN kept), else 0 */
     return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(lo), _CMP_NLT_UQ), y);
 }
+static inline vf v_keep_gt(vf x, float hi, vf y) {       /* y where x is above hi, else 0 */
+    return _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(x, _mm512_set1_ps(hi), _CMP_GT_OQ), y);
+}
 #elif defined(__AVX2__) && defined(__FMA__)
 #define VW 8
 #define ACC_REGS 8
@@ -188,6 +205,8 @@ static inline vf v_zero(void) { return _mm256_setzero_ps(); }
 static inline vf v_add(vf a, vf b) { return _mm256_add_ps(a, b); }
 static inline vf v_sub(vf a, vf b) { return _mm256_sub_ps(a, b); }
 static inline vf v_max(vf a, vf b) { return _mm256_max_ps(a, b); }
+static inline vf v_min(vf a, vf b) { return _mm256_min_ps(a, b); }
+static inline vf v_div(vf a, vf b) { return _mm256_div_ps(a, b); }
 static inline vf v_mul(vf a, vf b) { return _mm256_mul_ps(a, b); }
 static inline vf v_fma(vf a, vf b, vf c) { return _mm256_fmadd_ps(a, b, c); }
 static inline vf v_fnma(vf a, vf b, vf c) { return _mm256_fnmadd_ps(a, b, c); }
@@ -204,6 +223,17 @@ static inline float v_reduce_add(vf x) {
 static inline vf v_widen_bf16(const uint16_t *s) {
     return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)s)), 16));
 }
+static inline vf v_round_bf16(vf x) {
+    const __m256i u = _mm256_castps_si256(x), hi = _mm256_set1_epi32((int)0xffff0000u);
+    const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+    const __m256i r = _mm256_and_si256(_mm256_add_epi32(u, _mm256_add_epi32(_mm256_set1_epi32(0x7fff), odd)), hi);
+    const __m256i q = _mm256_or_si256(_mm256_and_si256(u, hi), _mm256_set1_epi32(0x400000));
+    return _mm256_castsi256_ps(_mm256_blendv_epi8(r, q, _mm256_castps_si256(_mm256_cmp_ps(x, x, _CMP_UNORD_Q))));
+}
+static inline void v_store_bf16(uint16_t *d, vf x) {
+    const __m256i r = _mm256_srli_epi32(_mm256_castps_si256(v_round_bf16(x)), 16);
+    _mm_storeu_si128((__m128i *)d, _mm_packus_epi32(_mm256_castsi256_si128(r), _mm256_extracti128_si256(r, 1)));
+}
 /* one vector of the sums of each of v[0] .. v[7]: per 128-bit lane, hadd twice gives the lane's partial sums of
  * four vectors; the two lanes' halves then add across */
 static inline vf v_hsum(const vf *v) {
@@ -218,6 +248,9 @@ static inline vf v_pow2i(vf z) {
 }
 static inline vf v_keep_nlt(vf x, float lo, vf y) {
     return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(lo), _CMP_NLT_UQ), y);
+}
+static inline vf v_keep_gt(vf x, float hi, vf y) {
+    return _mm256_and_ps(_mm256_cmp_ps(x, _mm256_set1_ps(hi), _CMP_GT_OQ), y);
 }
 #endif
 
@@ -451,5 +484,147 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
         free(idx);
         free(tile);
         free(buf);
+    }
+}
+
+/* ---- the elementwise steps between the matmuls: RMSNorm (with the residual add before it) and SiLU * up ----
+ *
+ * Each as torch computes it in the element type (bfloat16: every op in float32, its result rounded), in one pass
+ * over the rows instead of 4-8 torch ops each allocating a (T, n) temporary; to torch's results within rounding
+ * (the sum of squares and the exponential are not summed / computed in torch's exact order or formula). */
+
+#ifdef VW
+static inline vf v_load_any(const void *p, int64_t i, int bf16) {
+    return bf16 ? v_widen_bf16((const uint16_t *)p + i) : v_load((const float *)p + i);
+}
+static inline void v_store_any(void *p, int64_t i, vf x, int bf16) {
+    if (bf16)
+        v_store_bf16((uint16_t *)p + i, x);
+    else
+        v_store((float *)p + i, x);
+}
+/* x rounded to the element type (bfloat16: to nearest even), as float32 */
+static inline vf v_round_to(vf x, int bf16) { return bf16 ? v_round_bf16(x) : x; }
+/* exp(x) for any x: exp_nonpos's steps on x clamped to 88.72, inf above ln(FLT_MAX) (as torch's exp); 2^z
+ * applied as 2^min(z, 127) times 2^max(z - 127, 0), since z reaches 128 below that bound (exponent bits 255
+ * would be inf) */
+static inline vf v_exp(vf x0) {
+    const vf x = v_min(v_set1(88.72f), x0);
+    const vf z = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
+    vf r = v_fnma(z, v_set1(0.693359375f), x);
+    r = v_fnma(z, v_set1(-2.12194440e-4f), r);
+    vf p = v_set1(1.9875691500e-4f);
+    p = v_fma(p, r, v_set1(1.3981999507e-3f));
+    p = v_fma(p, r, v_set1(8.3334519073e-3f));
+    p = v_fma(p, r, v_set1(4.1665795894e-2f));
+    p = v_fma(p, r, v_set1(1.6666665459e-1f));
+    p = v_fma(p, r, v_set1(5.0000001201e-1f));
+    p = v_fma(v_mul(p, r), r, v_add(r, v_set1(1.0f)));
+    const vf big = v_set1(127.0f);
+    p = v_mul(v_mul(p, v_pow2i(v_min(z, big))), v_pow2i(v_max(v_sub(z, big), v_zero())));
+    /* max's second operand is its result where either is NaN: a NaN x stays NaN */
+    return v_max(v_keep_gt(x0, 88.7228394f, v_set1(INFINITY)), v_keep_nlt(x, -87.3f, p));
+}
+#endif
+
+static inline float ld(const void *p, int64_t i, int bf16) {
+    return bf16 ? bf2f(((const uint16_t *)p)[i]) : ((const float *)p)[i];
+}
+static inline void st(void *p, int64_t i, float x, int bf16) {
+    if (bf16)
+        ((uint16_t *)p)[i] = f2bf(x);
+    else
+        ((float *)p)[i] = x;
+}
+static inline float rnd(float x, int bf16) { return bf16 ? bf2f(f2bf(x)) : x; }
+
+/* RMSNorm of the rows of x, with the residual added first when `add` is given.
+ *
+ * x:    (T, H, n) elements: row (t, h) at x + t * x_stride + h * n (H > 1: per-head norms, e.g. q/k norms)
+ * add:  NULL, or rows laid out as x's (add_stride): x's rows become round(x + add), in place, before the norm
+ * out:  the norms, row (t, h) at out + t * out_stride + h * n
+ * y = x * (1 / sqrt(mean(x^2) + eps)) in float32, then by mode as models.layers.RMSNorm does:
+ *   0: round(w * round(y)), w (n,) of x's type;  1: round(y * scale), scale (n,) float32;  2: round(y) */
+void rms_norm(void *x, int64_t x_stride, const void *add, int64_t add_stride, void *out, int64_t out_stride,
+              int64_t T, int H, int n, const void *w, const float *scale, float eps, int mode, int bf16,
+              int nthreads) {
+    const int64_t rows = T * H;
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (rows * n >= 65536)
+    for (int64_t it = 0; it < rows; it++) {
+        const int64_t t = it / H, h = it % H;
+        const int64_t xo = t * x_stride + h * n, ao = t * add_stride + h * n, oo = t * out_stride + h * n;
+        float ss = 0.f;
+        int i = 0;
+#ifdef VW
+        vf acc = v_zero();
+        for (; i + VW <= n; i += VW) {
+            vf v = v_load_any(x, xo + i, bf16);
+            if (add) {
+                v = v_round_to(v_add(v, v_load_any(add, ao + i, bf16)), bf16);
+                v_store_any(x, xo + i, v, bf16);
+            }
+            acc = v_add(acc, v_mul(v, v));
+        }
+        ss = v_reduce_add(acc);
+#endif
+        for (; i < n; i++) {
+            float v = ld(x, xo + i, bf16);
+            if (add) {
+                v = rnd(v + ld(add, ao + i, bf16), bf16);
+                st(x, xo + i, v, bf16);
+            }
+            ss += v * v;
+        }
+        const float r = 1.0f / sqrtf(ss / (float)n + eps);
+        i = 0;
+#ifdef VW
+        const vf vr = v_set1(r);
+        for (; i + VW <= n; i += VW) {
+            vf y = v_mul(v_load_any(x, xo + i, bf16), vr);
+            if (mode == 0)
+                y = v_mul(v_load_any(w, i, bf16), v_round_to(y, bf16));
+            else if (mode == 1)
+                y = v_mul(y, v_load(scale + i));
+            v_store_any(out, oo + i, y, bf16);
+        }
+#endif
+        for (; i < n; i++) {
+            float y = ld(x, xo + i, bf16) * r;
+            if (mode == 0)
+                y = ld(w, i, bf16) * rnd(y, bf16);
+            else if (mode == 1)
+                y = y * scale[i];
+            st(out, oo + i, y, bf16);
+        }
+    }
+}
+
+/* SwiGLU's activation: out (T, n) = round(round(silu(g)) * u), silu(g) = g / (1 + exp(-g)) in float32, for the
+ * gate g and up u halves of each row of gu ((T, gu_stride) with g at 0 .. n and u at n .. 2 n) */
+static inline __attribute__((always_inline)) void silu_mul_row(const void *gu, int64_t go, int n, void *out,
+                                                                 int64_t oo, const int bf16) {
+    int i = 0;
+#ifdef VW
+    const vf one = v_set1(1.0f);
+    for (; i + VW <= n; i += VW) {
+        const vf g = v_load_any(gu, go + i, bf16);
+        const vf a = v_div(g, v_add(one, v_exp(v_sub(v_zero(), g))));
+        v_store_any(out, oo + i, v_mul(v_round_to(a, bf16), v_load_any(gu, go + n + i, bf16)), bf16);
+    }
+#endif
+    for (; i < n; i++) {
+        const float g = ld(gu, go + i, bf16);
+        st(out, oo + i, rnd(g / (1.0f + expf(-g)), bf16) * ld(gu, go + n + i, bf16), bf16);
+    }
+}
+
+void silu_mul(const void *gu, int64_t gu_stride, int64_t T, int n, void *out, int64_t out_stride, int bf16,
+              int nthreads) {
+#pragma omp parallel for schedule(static) num_threads(nthreads) if (T * n >= 32768)
+    for (int64_t t = 0; t < T; t++) {
+        if (bf16)                                   /* each element type's loop compiled apart */
+            silu_mul_row(gu, t * gu_stride, n, out, t * out_stride, 1);
+        else
+            silu_mul_row(gu, t * gu_stride, n, out, t * out_stride, 0);
     }
 }

@@ -2,6 +2,7 @@
 transformers (with shared-prefix groups, sliding windows, q/k norms and bfloat16), and without them."""
 import pytest
 import torch
+import torch.nn.functional as F
 
 from mpiinfer import native
 from mpiinfer.comm.mesh import Mesh
@@ -12,7 +13,7 @@ from mpiinfer.engine.runner import ModelRunner
 from mpiinfer.messages import Request
 from mpiinfer.models import attention
 from mpiinfer.models.attention import Attention
-from mpiinfer.models.layers import Rotary
+from mpiinfer.models.layers import MLP, RMSNorm, Rotary
 from mpiinfer.tokenizer import Tokenizer
 
 from ..reference import hf_greedy
@@ -166,6 +167,91 @@ def test_decode_attention_continues_a_shared_prefix_state(dtype, tol, hd):
         assert torch.allclose(out[i].view(n_q, hd).double(), _reference(q[i], kc, vc, rows, 0.25), atol=tol), i
 
 
+def _ulps(got: torch.Tensor, want: torch.Tensor) -> int:
+    """The largest relative distance between two tensors in units of ``want``'s dtype's eps (1 to 2 ulp each;
+    NaNs and infinities where both have them)."""
+    assert torch.equal(torch.isnan(got), torch.isnan(want))
+    g, w = got.float()[~torch.isnan(want)], want.float()[~torch.isnan(want)]
+    eps = torch.finfo(want.dtype).eps
+    scale = torch.maximum(w.abs(), torch.full_like(w, torch.finfo(want.dtype).tiny)) * eps
+    d = torch.where(g == w, torch.zeros_like(w), (g - w).abs())     # equal infinities: 0 apart
+    return int((d / scale).max().ceil()) if g.numel() else 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode", ["weight", "f32_scale", "none"])
+@pytest.mark.parametrize("T,H,n", [(1, 1, 576), (7, 1, 100), (40, 1, 2048), (5, 4, 64), (3, 2, 24)])
+def test_rms_norm_matches_the_torch_path(dtype, mode, T, H, n):
+    """``native.rms_norm`` against ``RMSNorm``'s torch ops (the weight in the model dtype, Gemma's / gpt-oss's
+    float32 scale, none), on rows with a stride (a slice of a wider tensor) and per-head rows (q/k norms); the
+    residual add before it, in place, bit for bit as ``x + a``.  The norm itself within rounding: the sum of
+    squares is added in another order than torch's (float32: a few ulp; bfloat16: at most one)."""
+    g = torch.Generator().manual_seed(T * 100 + n)
+    norm = RMSNorm(None if mode == "none" else "w", n, 1e-6, dtype, f32_weight=mode == "f32_scale")
+    if norm.weight is not None:
+        norm.weight.copy_(torch.randn(n, generator=g))
+        norm.scale = norm.weight.float() if norm.f32 else None
+    for with_add in (False, True):
+        wide = (torch.randn(T, H * n + 8, generator=g) * 3).to(dtype)
+        beside = wide[:, H * n:].clone()
+        x = wide[:, :H * n] if H == 1 else wide[:, :H * n].view(T, H, n)
+        a = (torch.randn(T, H * n, generator=g) * 2).to(dtype).view(x.shape)
+        summed = x + a
+        want = norm(summed if with_add else x)                 # use_native off: the torch ops
+        got = native.rms_norm(x, norm.mode, norm.weight, norm.scale, norm.eps, add=a if with_add else None)
+        assert got.shape == want.shape and got.dtype == dtype
+        if with_add:
+            assert torch.equal(x, summed)                         # x's rows are x + a now, exactly
+        assert _ulps(got, want) <= (4 if dtype == torch.float32 else 1), with_add
+        assert torch.equal(wide[:, H * n:], beside)               # the slice's neighbours are not written
+
+
+def test_elementwise_kernels_decline_what_they_do_not_take():
+    """Layouts, dtypes and weights the kernels cannot read give None (the caller runs the torch ops)."""
+    x = torch.randn(6, 8)
+    assert native.rms_norm(x.t(), native.NORM_NONE, None, None, 1e-6) is None          # columns, not rows
+    assert native.rms_norm(x, native.NORM_NONE, None, None, 1e-6, add=torch.randn(6, 4)) is None
+    assert native.rms_norm(x.half(), native.NORM_NONE, None, None, 1e-6) is None
+    assert native.rms_norm(x, native.NORM_WEIGHT, torch.randn(8).bfloat16(), None, 1e-6) is None
+    assert native.rms_norm(x, native.NORM_WEIGHT, torch.randn(7), None, 1e-6) is None
+    assert native.rms_norm(x, native.NORM_F32_SCALE, None, torch.randn(8).double(), 1e-6) is None
+    shared = torch.randn(1, 8).expand(6, 8)                       # rows in place that overlap
+    assert native.rms_norm(shared, native.NORM_NONE, None, None, 1e-6, add=torch.randn(6, 8)) is None
+    assert native.silu_mul(torch.randn(4, 10).t(), 2) is None
+    assert native.silu_mul(torch.randn(4, 10).half(), 5) is None
+
+
+def test_silu_of_large_negative_gates_underflows_as_torch():
+    """exp(-g) near float32's overflow (88.4-88.7: 2^z with z = 128) is finite, as in torch."""
+    gu = torch.tensor([[-88.0, -88.5, -88.7, -89.0, 1.0, 1.0, 1.0, 1.0] * 2 + [1.0] * 16])
+    want = F.silu(gu[:, :16]) * gu[:, 16:]
+    got = native.silu_mul(gu, 16)
+    assert _ulps(got, want) <= 4 and (got[0, :3] != 0).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("T,n", [(1, 1536), (33, 1536), (9, 100)])
+def test_silu_mul_matches_torch(dtype, T, n):
+    """``silu(gate) * up`` of a fused gate/up output in one pass: float32 within 4 eps relative (another exp than
+    torch's: Cephes' within 2 ulp, where silu(g) of a negative g carries it whole), bfloat16 within 1 (each op
+    rounded as torch rounds it); 0, +-100, inf and NaN gates included."""
+    g = torch.Generator().manual_seed(T + n)
+    gu = (torch.randn(T, 2 * n + 4, generator=g) * 4).to(dtype)[:, :2 * n]
+    gu[0, :6] = torch.tensor([0.0, -100.0, 100.0, float("nan"), float("inf"), -float("inf")]).to(dtype)
+    want = F.silu(gu[:, :n]) * gu[:, n:]
+    got = native.silu_mul(gu, n)
+    assert _ulps(got, want) <= (4 if dtype == torch.float32 else 1)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_elementwise_kernels_on_other_cpus(dtype, other_isa):
+    for mode in ("weight", "f32_scale", "none"):
+        test_rms_norm_matches_the_torch_path(dtype, mode, 7, 1, 100)
+        test_rms_norm_matches_the_torch_path(dtype, mode, 5, 4, 64)
+    test_silu_mul_matches_torch(dtype, 33, 1536)
+    test_silu_mul_matches_torch(dtype, 9, 100)
+
+
 @pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_rope_store_is_bit_identical_to_the_torch_path(dtype, kv_dtype):
@@ -219,7 +305,12 @@ def _engine_run(d, prompts, dtype="float32", new=24):
     sp = SamplingParams(max_tokens=new, logprobs=True, ignore_eos=True)
     res = sorted(eng.generate([Request(i, i, sp, prompt_token_ids=p) for i, p in enumerate(prompts)]),
                  key=lambda r: r.index)
-    return res, runner.model.use_native
+    # the attention kernels and the elementwise ones (norms, SiLU * up) on or off together
+    model = runner.model
+    elementwise = [m.use_native for m in model.modules() if isinstance(m, RMSNorm) or
+                   (isinstance(m, MLP) and m.silu)]
+    assert elementwise and all(e == native.usable(torch.device("cpu"), model.dtype) for e in elementwise)
+    return res, model.use_native
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("qwen3", {}), ("mistral", {"sliding_window": 40}),
