@@ -256,17 +256,23 @@ static inline vf v_keep_gt(vf x, float hi, vf y) {
 
 #ifdef VW
 /* exp_nonpos on VW lanes (the same steps; gcc leaves the scalar loop unvectorised) */
-static inline vf v_exp_nonpos(vf x) {
-    const vf z = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
-    vf r = v_fnma(z, v_set1(0.693359375f), x);
-    r = v_fnma(z, v_set1(-2.12194440e-4f), r);
+/* exp(x) = p * 2^z: z = round(x / ln 2) and p = exp(x - z ln 2) by Cephes' polynomial (the steps of exp_nonpos) */
+static inline vf v_exp_parts(vf x, vf *z) {
+    *z = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
+    vf r = v_fnma(*z, v_set1(0.693359375f), x);
+    r = v_fnma(*z, v_set1(-2.12194440e-4f), r);
     vf p = v_set1(1.9875691500e-4f);
     p = v_fma(p, r, v_set1(1.3981999507e-3f));
     p = v_fma(p, r, v_set1(8.3334519073e-3f));
     p = v_fma(p, r, v_set1(4.1665795894e-2f));
     p = v_fma(p, r, v_set1(1.6666665459e-1f));
     p = v_fma(p, r, v_set1(5.0000001201e-1f));
-    p = v_fma(v_mul(p, r), r, v_add(r, v_set1(1.0f)));
+    return v_fma(v_mul(p, r), r, v_add(r, v_set1(1.0f)));
+}
+
+static inline vf v_exp_nonpos(vf x) {
+    vf z;
+    const vf p = v_exp_parts(x, &z);
     /* not below the cutoff: a NaN stays NaN, as in the scalar path */
     return v_keep_nlt(x, -87.3f, v_mul(p, v_pow2i(z)));
 }
@@ -510,16 +516,8 @@ static inline vf v_round_to(vf x, int bf16) { return bf16 ? v_round_bf16(x) : x;
  * would be inf) */
 static inline vf v_exp(vf x0) {
     const vf x = v_min(v_set1(88.72f), x0);
-    const vf z = v_floor(v_fma(x, v_set1(1.44269504088896341f), v_set1(0.5f)));
-    vf r = v_fnma(z, v_set1(0.693359375f), x);
-    r = v_fnma(z, v_set1(-2.12194440e-4f), r);
-    vf p = v_set1(1.9875691500e-4f);
-    p = v_fma(p, r, v_set1(1.3981999507e-3f));
-    p = v_fma(p, r, v_set1(8.3334519073e-3f));
-    p = v_fma(p, r, v_set1(4.1665795894e-2f));
-    p = v_fma(p, r, v_set1(1.6666665459e-1f));
-    p = v_fma(p, r, v_set1(5.0000001201e-1f));
-    p = v_fma(v_mul(p, r), r, v_add(r, v_set1(1.0f)));
+    vf z;
+    vf p = v_exp_parts(x, &z);
     const vf big = v_set1(127.0f);
     p = v_mul(v_mul(p, v_pow2i(v_min(z, big))), v_pow2i(v_max(v_sub(z, big), v_zero())));
     /* max's second operand is its result where either is NaN: a NaN x stays NaN */
