@@ -21,7 +21,7 @@ import time
 
 from .config import ConfigError, RunConfig
 from .io.resume import Journal, ResumePlan, Spilled, journal_path
-from .messages import TAG, Bye, Done, Drain, Drained, ErrorInfo, Lockstep, Result, Stop, Want, Work
+from .messages import TAG, Bye, Done, Drain, Drained, ErrorInfo, Lockstep, Outbox, Result, Stop, Want, Work
 from .replica import finished, wanted
 
 log = logging.getLogger("mpiinfer")
@@ -331,6 +331,7 @@ class Coordinator:
     def __init__(self, cfg: RunConfig, mesh, runner, plan: ResumePlan, signals=None):
         from .replica import make_engine
         self.cfg, self.mesh, self.world, self.plan = cfg, mesh, mesh.world_comm, plan
+        self.outbox = Outbox(self.world)     # to the leaders: never a blocking send (see Outbox)
         self.leaders = [mesh.layout.replica_leader(d) for d in range(1, mesh.dp)]
         self.engine, self.token_str = make_engine(cfg, runner)
         self.lock = mesh.wide_ep          # replicas step together
@@ -446,6 +447,9 @@ class Coordinator:
             self._check_signals()
             self._collect(block=False)
             self._dispatch()
+            # Work just posted to a leader: a moment for the handshake before this rank computes, where the
+            # transport needs the sender to move the data (an idle leader would otherwise wait for our step)
+            self.outbox.flush(timeout=0.003, keep=False)
             if self.lock:
                 if not src.stopped:
                     code = Lockstep.mine(engine.has_work() or not src.exhausted or src.in_flight > 0, False)
@@ -490,7 +494,7 @@ class Coordinator:
                         signal.Signals(self.stop_signal).name, drain)
             self.engine.drop_waiting()             # not started: computed on resume
             for r in [] if self.lock else self.leaders:     # in lockstep the leaders learn it from the code
-                self.world.send(Drain(), dest=r, tag=TAG)
+                self.outbox.send(Drain(), r)
         else:
             self.drained = set(self.leaders)
 
@@ -528,7 +532,7 @@ class Coordinator:
                     self.wants[r] -= len(items)
                     requests = self._requests(items)
                     if requests:
-                        self.world.send(Work(requests), dest=r, tag=TAG)
+                        self.outbox.send(Work(requests), r)
                     # a parse error consumed a slot this leader asked for: it still has that room
                     self.wants[r] += len(items) - len(requests)
         for item in self._requests(self.src.take(wanted(self.engine, last=self.last_results))):
@@ -557,7 +561,9 @@ class Coordinator:
         MPI = self._mpi()
         status = MPI.Status()
         world = self.world
+        self.outbox.poll()
         while block and not world.iprobe(source=MPI.ANY_SOURCE, tag=TAG):
+            self.outbox.poll()
             new_signal = self.signals is not None and self.signals.received and self.stop_signal is None
             if (wake_on_signal and new_signal) or (until is not None and time.monotonic() >= until):
                 return
@@ -638,13 +644,17 @@ class Coordinator:
             self.mesh.dp_comm.allreduce(int(Lockstep.STOP), op=self._mpi().MAX)
         elif not self.lock:
             for r in self.leaders:
-                self.world.send(Stop(abandon=abandon), dest=r, tag=TAG)
+                self.outbox.send(Stop(abandon=abandon), r)
         deadline = time.monotonic() + BYE_TIMEOUT_S
         while not self.byes >= set(self.leaders) and time.monotonic() < deadline:
             self._collect(block=True, until=deadline, wake_on_signal=False)
         left = set(self.leaders) - self.byes
         if left:
             log.warning("replica leaders %s did not say goodbye within %.0f s", sorted(left), BYE_TIMEOUT_S)
+        # every leader received all it was sent before its Bye (in lockstep a leader that stopped may not have
+        # taken the last Work: short); bounded all the same
+        if not self.outbox.flush(timeout=2.0 if self.lock else max(1.0, deadline - time.monotonic())):
+            log.warning("%d messages to replica leaders were not received", len(self.outbox.pending))
 
     def _close(self, failed: bool) -> None:
         abandon = self.stop_signal is not None or failed

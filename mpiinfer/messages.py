@@ -133,8 +133,56 @@ def prompt_scores(lps: list) -> dict:
 
 
 # ----------------------------------------------------------------- coordinator <-> replica leaders
-# Sent with mpi4py's lowercase (pickle) API on the world communicator, tag TAG.
+# Sent with mpi4py's lowercase (pickle) API on the world communicator, tag TAG, through an ``Outbox``.
 TAG = 77
+
+
+class Outbox:
+    """Non-blocking sends of the coordinator <-> leader messages on ``comm``.
+
+    Both sides send while the other may be sending too: the coordinator hands a leader ``Work`` while that
+    leader, after a step, sends its ``Done``.  A blocking MPI_Send of a message above the eager limit (Open MPI's
+    shared-memory default: 4 KiB) waits until the receiver posts its receive, so two such sends crossing each
+    other wait forever (seen: a 1,000-prompt job under ``mpiexec -n 2`` stopped writing after 20 s; every DP job
+    under Open MPI with chat-sized records).  Here each message is an ``isend``; its request is kept until
+    it completes (``poll`` drops the finished ones, the loop calls it while receiving) and ``flush`` waits for
+    the rest before MPI finalizes.  MPI keeps the order of messages between two ranks, so the protocol's order
+    (``Work`` before ``Stop``, ``Done`` before ``Bye``) holds.  ``MPIINFER_SYNC_SENDS=1`` (tests): synchronous
+    sends (``issend``: complete only once received), the worst an MPI may do with any message."""
+
+    def __init__(self, comm):
+        import os
+        self.comm = comm
+        self.pending: list = []
+        self._isend = comm.issend if os.environ.get("MPIINFER_SYNC_SENDS") == "1" else comm.isend
+
+    def send(self, msg, dest: int, tag: int = TAG) -> None:
+        self.pending.append(self._isend(msg, dest=dest, tag=tag))
+        self.poll()
+
+    def poll(self) -> None:
+        """Forget the sends that have completed (and let MPI progress the others)."""
+        if self.pending:
+            self.pending = [r for r in self.pending if not r.Test()]
+
+    def flush(self, timeout: float | None = None, keep: bool = True) -> bool:
+        """Wait for every send to complete (the receiver keeps receiving meanwhile); False if ``timeout``
+        seconds pass first.  ``keep``: sends still pending then stay referenced until the process exits (MPI
+        may still read their buffers; a dropped request would free them)."""
+        import time
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.pending:
+            self.poll()
+            if deadline is not None and time.monotonic() > deadline:
+                if keep:
+                    _UNFINISHED.extend(self.pending)
+                return False
+            if self.pending:
+                time.sleep(1e-4)
+        return True
+
+
+_UNFINISHED: list = []    # sends an Outbox gave up waiting for (see Outbox.flush)
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Owns: ``lead``, the leader of a replica other than world rank 0's: the leader side of the coordinator
 protocol (``messages.Want`` / ``Work`` / ``Done`` / ``Stop`` on the world communicator, tag
-``messages.TAG``).  It asks for as many requests as it has free batch slots plus a short queue (``wanted``),
+``messages.TAG``, sent without blocking through a ``messages.Outbox``).  It asks for as many requests as it has free batch slots plus a short queue (``wanted``),
 so long and short prompts balance across replicas by pull, and sends each step's finished results at once.
 With wide EP every leader steps in lockstep with the others (one MAX-allreduce of a ``Lockstep`` code over
 ``mesh.dp_comm`` per step).  And ``follow``, the loop of every rank that is not a replica leader: run the
@@ -10,8 +10,10 @@ steps its leader sends over ``mesh.replica_comm`` until the leader says there ar
 """
 from __future__ import annotations
 
+import logging
+
 from .config import RunConfig
-from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Stop, Want, Work
+from .messages import TAG, Bye, Done, Drain, Drained, Lockstep, Outbox, Stop, Want, Work
 
 
 def make_engine(cfg: RunConfig, runner):
@@ -26,7 +28,9 @@ def make_engine(cfg: RunConfig, runner):
     return Engine(runner, tok, default_seed=cfg.seed), lambda t: tok.decode([t], skip_special_tokens=False)
 
 
+log = logging.getLogger("mpiinfer")
 POLL_S = 2e-4    # an idle leader's wait between probes for the coordinator's next message
+FLUSH_S = 60.0   # how long a leader waits, at its end, for the coordinator to receive what it sent
 
 # A replica's queue (sequences it holds that have not started: n per request of n samples): QUEUE_MIN (at most its
 # batch), or twice the sequences its last step finished where that is more (the null engine finishes its whole batch
@@ -50,12 +54,14 @@ def finished(results: list) -> int:
     return sum(len(r.choices) if r.choices else len(r.embeddings) if r.embeddings else 1 for r in results)
 
 
-def _recv(world):
+def _recv(world, outbox: Outbox):
     """The coordinator's next message, waited for by probing with short sleeps: a blocking receive spins a core
-    (MPICH, Open MPI) that an oversubscribed node's ranks need, e.g. a rank that computes.  Costs at most
-    POLL_S of latency per message."""
+    (MPICH, Open MPI) that an oversubscribed node's ranks need, e.g. a rank that computes.  Costs POLL_S of
+    latency per message (more where the transport needs the coordinator to move a large message's data and it
+    is computing).  The leader's own sends progress meanwhile."""
     import time
     while not world.iprobe(source=0, tag=TAG):
+        outbox.poll()
         time.sleep(POLL_S)
     return world.recv(source=0, tag=TAG)
 
@@ -72,12 +78,16 @@ def follow(runner) -> None:
 def lead(cfg: RunConfig, mesh, runner) -> int:
     """Leader of a replica other than world rank 0's: pull work from the coordinator, run it, send results;
     its last message is ``Bye`` (the coordinator receives everything before finalizing)."""
-    rc = _lead(cfg, mesh, runner)
-    mesh.world_comm.send(Bye(), dest=0, tag=TAG)
+    outbox = Outbox(mesh.world_comm)       # never a blocking send: the coordinator may be sending us Work
+    rc = _lead(cfg, mesh, runner, outbox)
+    outbox.send(Bye(), 0)
+    # the coordinator receives until every Bye (bounded by its own BYE_TIMEOUT_S)
+    if not outbox.flush(timeout=FLUSH_S):
+        log.warning("%d messages to the coordinator were not received", len(outbox.pending))
     return rc
 
 
-def _lead(cfg: RunConfig, mesh, runner) -> int:
+def _lead(cfg: RunConfig, mesh, runner, outbox: Outbox) -> int:
     from mpi4py import MPI
     world = mesh.world_comm
     engine, _ = make_engine(cfg, runner)
@@ -89,11 +99,11 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
     while True:
         room = wanted(engine, asked, last)
         if not finishing and room > 0:
-            world.send(Want(room), dest=0, tag=TAG)
+            outbox.send(Want(room), 0)
             asked += room
         # wait for a message only when there is nothing to compute (never in lockstep)
         while world.iprobe(source=0, tag=TAG) or not (engine.has_work() or finishing or lock):
-            msg = _recv(world)
+            msg = _recv(world, outbox)
             if isinstance(msg, Stop):
                 if msg.abandon:
                     return 0
@@ -105,10 +115,12 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
                 asked -= len(msg.items)
                 errors = [err for err in map(engine.add, msg.items) if err is not None]
                 if errors:
-                    world.send(Done(errors), dest=0, tag=TAG)
+                    outbox.send(Done(errors), 0)
+        # results just posted: a moment for the handshake before this rank computes (see Coordinator._loop)
+        outbox.flush(timeout=0.003, keep=False)
         if draining and not lock and not engine.has_work():
-            world.send(Drained(), dest=0, tag=TAG)
-            while not isinstance(msg := _recv(world), Stop):
+            outbox.send(Drained(), 0)
+            while not isinstance(msg := _recv(world, outbox), Stop):
                 pass                                   # work sent before the drain: dropped
             return 0
         if lock:
@@ -122,12 +134,12 @@ def _lead(cfg: RunConfig, mesh, runner) -> int:
             results = engine.step()
             last = finished(results)
             if results:
-                world.send(Done(results), dest=0, tag=TAG)
+                outbox.send(Done(results), 0)
             continue
         if engine.has_work():
             results = engine.step()
             last = finished(results)
             if results:
-                world.send(Done(results), dest=0, tag=TAG)
+                outbox.send(Done(results), 0)
         elif finishing:
             return 0
