@@ -200,7 +200,8 @@ def main(argv=None):
     }
     plan = [] if a.skip_throughput else [(SYSTEMS[k], runs[k]) for k in a.systems]
     for i, (name, fn) in enumerate(plan):
-        if fn is None:
+        if fn is None:                          # vLLM without --vllm-venv: said, not silently left out
+            print(f"{name}: skipped (give --vllm-venv to run it)", flush=True)
             continue
         out = os.path.join(a.workdir, f"out_{i}.jsonl")
         if os.path.exists(out):
