@@ -9,6 +9,8 @@ with its stop (``Drain`` / ``Drained``), and the wide-EP lockstep codes (``Locks
 from __future__ import annotations
 
 import math
+import os
+import time
 from dataclasses import dataclass, field
 from enum import IntEnum
 from typing import Any
@@ -151,7 +153,6 @@ class Outbox:
     sends (``issend``: complete only once received), the worst an MPI may do with any message."""
 
     def __init__(self, comm):
-        import os
         self.comm = comm
         self.pending: list = []
         self._isend = comm.issend if os.environ.get("MPIINFER_SYNC_SENDS") == "1" else comm.isend
@@ -169,7 +170,6 @@ class Outbox:
         """Wait for every send to complete (the receiver keeps receiving meanwhile); False if ``timeout``
         seconds pass first.  ``keep``: sends still pending then stay referenced until the process exits (MPI
         may still read their buffers; a dropped request would free them)."""
-        import time
         deadline = None if timeout is None else time.monotonic() + timeout
         while self.pending:
             self.poll()

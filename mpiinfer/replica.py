@@ -2,8 +2,9 @@
 
 Owns: ``lead``, the leader of a replica other than world rank 0's: the leader side of the coordinator
 protocol (``messages.Want`` / ``Work`` / ``Done`` / ``Stop`` on the world communicator, tag
-``messages.TAG``, sent without blocking through a ``messages.Outbox``).  It asks for as many requests as it has free batch slots plus a short queue (``wanted``),
-so long and short prompts balance across replicas by pull, and sends each step's finished results at once.
+``messages.TAG``, sent without blocking through a ``messages.Outbox``).  It asks for as many requests as it has
+free batch slots plus a short queue (``wanted``), so long and short prompts balance across replicas by pull, and
+sends each step's finished results at once.
 With wide EP every leader steps in lockstep with the others (one MAX-allreduce of a ``Lockstep`` code over
 ``mesh.dp_comm`` per step).  And ``follow``, the loop of every rank that is not a replica leader: run the
 steps its leader sends over ``mesh.replica_comm`` until the leader says there are no more.
