@@ -11,6 +11,12 @@
    ``--kv-budget`` and ``--max-batch 256``: how many sequences the cache holds at once (``peak_running_sequences``
    of the summary), which reserving prompt + max_tokens per sequence limits.
 
+3. **prefixes in turn** (with ``--cycle K``): K prefixes of ``--cycle-prefix-tokens`` (512), each followed by
+   ``--cycle-rounds`` (4) questions of 24 tokens, asked round-robin (prefix 0, 1, ..., K-1, 0, 1, ...), 8 new tokens,
+   under ``--cycle-kv-budget`` (256 MiB), on this tree and on ``--baseline``: how much of the prefixes survives
+   between their turns when the cache holds a little less than all of them (the LRU's order of eviction within a
+   prompt).  Run after the chat workload.
+
 With ``--cp N`` the shared-prefix workload runs under ``mpiexec -n N`` with ``--cp N`` (one thread per rank) and
 every prompt split over the CP ranks (``--cp-min-tokens`` = the prefix length): CP documents share their full groups
 of 2 x N units (``parallel.shard.cp_groups``) through the prefix cache; the tail after the last full group is
@@ -61,6 +67,16 @@ def shared_prefix_input(path, n, prefix, question, new, vocab, seed=0):
                     + "\n")
 
 
+def cycle_input(path, k, rounds, prefix, question, vocab, seed=1):
+    """``rounds`` questions to each of ``k`` prefixes, round-robin: every prefix comes back after the other k - 1."""
+    rng = random.Random(seed)
+    heads = [[rng.randrange(vocab) for _ in range(prefix)] for _ in range(k)]
+    with open(path, "w") as f:
+        for i in range(rounds * k):
+            ids = heads[i % k] + [rng.randrange(vocab) for _ in range(question)]
+            f.write(json.dumps({"id": i, "prompt_token_ids": ids, "max_tokens": 8, "ignore_eos": True}) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=os.path.join(ROOT, "models", "smollm2-135m-instruct"))
@@ -76,6 +92,11 @@ def main(argv=None) -> int:
     ap.add_argument("--chat", type=int, default=0, help="also the chat workload with this many prompts")
     ap.add_argument("--chat-kv-budget", default="256MiB")
     ap.add_argument("--baseline", default=None, help="a checkout whose engine runs the chat workload too")
+    ap.add_argument("--cycle", type=int, default=0, help="also the prefixes-in-turn workload with this many "
+                    "prefixes (e.g. 11: SmolLM2-135M float32's 256 MiB holds 10.7 of 536 tokens)")
+    ap.add_argument("--cycle-prefix-tokens", type=int, default=512)
+    ap.add_argument("--cycle-rounds", type=int, default=4)
+    ap.add_argument("--cycle-kv-budget", default="256MiB")
     ap.add_argument("--quick", action="store_true", help="smoke test: a tiny model, few requests")
     ap.add_argument("--json", default=os.path.join(ROOT, "benchmarks", "results", "prefix.json"))
     a = ap.parse_args(argv)
@@ -122,6 +143,17 @@ def main(argv=None) -> int:
             res["runs"][name] = r
             print(f"  {name}: {r['records_per_s']:.2f} rec/s, {r['generated_tokens_per_s']:.1f} tok/s, "
                   f"peak running {r['peak_running']}, preemptions {r['preemptions']}", flush=True)
+    if a.cycle:
+        cyc_in = os.path.join(work, "cycle.jsonl")
+        cycle_input(cyc_in, a.cycle, a.cycle_rounds, a.cycle_prefix_tokens, 24, vocab)
+        cflags = ["--max-batch", str(a.max_batch), "--kv-budget", a.cycle_kv_budget]
+        for name, pp in (("cycle", None), ("cycle_baseline", a.baseline)):
+            if name == "cycle_baseline" and not pp:
+                continue
+            r = run_job(cyc_in, os.path.join(work, name + ".out.jsonl"), a.model, cflags, a.threads, pythonpath=pp)
+            res["runs"][name] = r
+            print(f"  {name}: {r['records_per_s']:.2f} rec/s, {r['prompt_tokens_cached']} of {r['prompt_tokens']} "
+                  "prompt tokens cached", flush=True)
     print(f"\nshared prefix ({a.prefix_tokens} + {a.question_tokens} tokens, {a.new} new, --max-batch {a.max_batch}"
           f"{f', --cp {a.cp}' if a.cp > 1 else ''}):")
     print("| run | records | records/s | generated tok/s | prompt tokens cached |")
@@ -140,6 +172,15 @@ def main(argv=None) -> int:
                 r = res["runs"][name]
                 print(f"| {name} | {r['records_per_s']:.2f} | {r['generated_tokens_per_s']:.1f} | "
                       f"{r['peak_running']} | {r['preemptions']} |")
+    if "cycle" in res["runs"]:
+        print(f"\nprefixes in turn ({a.cycle} x {a.cycle_prefix_tokens} + 24 tokens, {a.cycle_rounds} rounds, 8 new, "
+              f"--kv-budget {a.cycle_kv_budget}):")
+        print("| engine | records/s | prompt tokens cached | of prompt tokens |")
+        print("|---|---:|---:|---:|")
+        for name in ("cycle", "cycle_baseline"):
+            if name in res["runs"]:
+                r = res["runs"][name]
+                print(f"| {name} | {r['records_per_s']:.2f} | {r['prompt_tokens_cached']} | {r['prompt_tokens']} |")
     os.makedirs(os.path.dirname(a.json), exist_ok=True)
     with open(a.json, "w") as f:
         json.dump(res, f, indent=1)

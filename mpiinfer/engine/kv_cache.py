@@ -211,8 +211,13 @@ class BlockPool:
     registered full prompt blocks; those nobody uses wait in ``lru``, evicted oldest first when blocks run
     short).  Every block is exactly one of: free, in use (``ref > 0``), cached and unused (in ``lru``)."""
 
-    def __init__(self, num_blocks: int, block_size: int = KV_BLOCK, prefix_cache: bool = True):
+    def __init__(self, num_blocks: int, block_size: int = KV_BLOCK, prefix_cache: bool = True,
+                 grow_evicts: bool = True):
         self.num_blocks, self.block_size, self.prefix_cache = num_blocks, block_size, prefix_cache
+        # a sequence growing into a cached, unused block evicts it to stay in one run (the torch paths pay for
+        # every run, see MIN_SHARED_BLOCKS); False (the CPU kernels, which read runs where they lie): it takes
+        # free blocks elsewhere and the cache keeps its LRU order
+        self.grow_evicts = grow_evicts
         self.free = FreeRuns(num_blocks)
         self.ref = [0] * num_blocks
         self.hash_of: dict = {}                    # block -> its key (registered blocks)
@@ -232,15 +237,17 @@ class BlockPool:
             self.free.give(b)
 
     def allocate(self, n: int, after: int | None = None) -> list | None:
-        """``n`` blocks (reference 1), continuing after block ``after`` where those are free or cached and unused
-        (such a block is evicted: a sequence in one run is worth more than a cached block, see
-        MIN_SHARED_BLOCKS); None if the pool cannot give them."""
+        """``n`` blocks (reference 1), continuing after block ``after`` where those are free, or cached and unused
+        when ``grow_evicts`` (such a block is evicted: on the torch paths a sequence in one run is worth more than
+        a cached block, see MIN_SHARED_BLOCKS); None if the pool cannot give them."""
         if self.available < n:
             return None
         out = []
         nxt = None if after is None else after + 1
         while nxt is not None and len(out) < n and nxt < self.num_blocks:
             if nxt in self.lru:
+                if not self.grow_evicts:
+                    break
                 del self.lru[nxt]
                 del self.block_of[self.hash_of.pop(nxt)]
                 self.free.give(nxt)
@@ -278,9 +285,12 @@ class BlockPool:
             self.hash_of[b] = key
 
     def release(self, blocks) -> None:
-        """Drop a reference on each of ``blocks``: a block nobody uses any more is freed, or, when it is in the
-        prefix cache, kept there (most recently used)."""
-        for b in blocks:
+        """Drop a reference on each of ``blocks`` (one sequence's, in token order): a block nobody uses any more is
+        freed, or, when it is in the prefix cache, kept there (most recently used).  The last block enters the
+        LRU first, so a cached prompt is evicted from its tail: a lookup follows the hash chain from the first
+        block, and evicting that first would leave the rest cached but unreachable (as vLLM frees a request's
+        blocks in reverse)."""
+        for b in reversed(blocks):
             self.ref[b] -= 1
             assert self.ref[b] >= 0, f"block {b} released more often than taken"
             if self.ref[b] == 0:

@@ -66,7 +66,7 @@ class Sequence:
     text: str | None = None
     new_generator: object = None       # () -> a fresh generator (sampled sequences start over with it)
     preemptions: int = 0               # times it lost its blocks and started over
-    cached_tokens: int = 0             # prompt tokens found in the prefix cache (the last admission)
+    cached_tokens: int = 0             # prompt tokens found in the prefix cache at its first admission
     sample: int = 0                    # which of the request's n samples
     matcher: object = None             # structured output: its llguidance matcher (engine/structured.py)
     prompt_top: list | None = None     # echo with prompt_logprobs and top_logprobs: alternatives per prompt position
@@ -88,6 +88,12 @@ class Sequence:
         """Whether its prompt may start from cached blocks: not when every prompt row's output is wanted (scoring,
         mean pooling)."""
         return self.prompt_logprobs is None and self.pooling != "mean"
+
+    def note_cached(self) -> None:
+        """At an admission: its prompt tokens found in the prefix cache count (``cached_tokens``) at the first one
+        only; after a preemption it finds its own earlier blocks, which this request computed."""
+        if not self.preemptions:
+            self.cached_tokens = self.n_cached
 
     def restart(self) -> None:
         """Forget everything computed (after a preemption): it runs again from its prompt, identically."""
@@ -141,7 +147,8 @@ class Scheduler:
         self.scratch_row = pool_tokens - 1 if cp > 1 else -1
         num_blocks = usable_blocks(pool_tokens, cp, block_size)
         self.usable_rows = num_blocks * block_size
-        self.pools = [BlockPool(num_blocks, block_size, prefix_cache) for _ in range(cp)]
+        self.pools = [BlockPool(num_blocks, block_size, prefix_cache, grow_evicts=min_shared_blocks > 1)
+                      for _ in range(cp)]
         self.waiting: collections.deque = collections.deque()
         self.running: list = []
         self.preemptions = 0
@@ -201,7 +208,8 @@ class Scheduler:
         if cacheable:                                        # its groups' keys: registered once computed
             seq.keys = keys + cp_group_keys(seq.chunks, cp, units[len(prefix):], keys[-1] if keys else None,
                                             sum(prefix) // CP_UNIT)
-        seq.n_cached = seq.cached_tokens = 2 * cp * sum(prefix)
+        seq.n_cached = 2 * cp * sum(prefix)
+        seq.note_cached()
         seq.registered = len(prefix)
         for k in (seq.keys or [])[len(prefix):]:
             self.pending.setdefault((-1, k), seq)
@@ -281,7 +289,8 @@ class Scheduler:
                 continue
             seq.home = r
             seq.blocks = hits + pool.allocate(need, after=hits[-1] if hits else None)
-            seq.n_cached = seq.cached_tokens = len(hits) * bs
+            seq.n_cached = len(hits) * bs
+            seq.note_cached()
             seq.registered = len(hits)
             if pool.prefix_cache:
                 for k in seq.keys[len(hits):]:

@@ -96,6 +96,66 @@ def test_a_shared_prefix_is_found_and_kept_until_evicted():
     pool.check()
 
 
+def test_a_cached_prompt_is_evicted_from_its_tail():
+    """A released sequence's blocks enter the LRU last block first: pressure evicts the tail of a cached prompt,
+    and its head (which every lookup starts from) stays found."""
+    pool = BlockPool(8, block_size=4)
+    keys = block_hashes(list(range(16)), 4)
+    blocks = pool.allocate(4)
+    for b, k in zip(blocks, keys):
+        pool.register(b, k)
+    pool.release(blocks)
+    pool.allocate(5)                                   # the 4 free blocks and one cached
+    assert keys[3] not in pool.block_of and all(k in pool.block_of for k in keys[:3])
+    assert pool.lookup(keys) == blocks[:3]
+    pool.check()
+
+
+@pytest.mark.parametrize("grow_evicts", [True, False])
+def test_growing_into_a_cached_block(grow_evicts):
+    """A sequence growing into the block after its last one when that block is cached and unused: the torch
+    paths' pool evicts it (one run); the CPU kernels' keeps it cached and takes a free block elsewhere, and
+    evicts only when free blocks run out (least recently used first)."""
+    pool = BlockPool(10, block_size=4, grow_evicts=grow_evicts)
+    seq = pool.allocate(2)                             # blocks 0, 1
+    other = pool.allocate(2, after=1)                  # blocks 2, 3: a prompt, cached once released
+    assert seq == [0, 1] and other == [2, 3]
+    keys = block_hashes(list(range(8)), 4)
+    for b, k in zip(other, keys):
+        pool.register(b, k)
+    pool.release(other)
+    got = pool.allocate(1, after=1)
+    if grow_evicts:
+        assert got == [2] and keys[0] not in pool.block_of
+    else:
+        assert got[0] not in (2, 3) and all(k in pool.block_of for k in keys)
+        pool.allocate(5)                                # the last 5 free blocks: no eviction yet
+        assert all(k in pool.block_of for k in keys)
+        pool.allocate(1)                                # now one cached block goes, the prompt's tail
+        assert keys[1] not in pool.block_of and keys[0] in pool.block_of
+    pool.check()
+
+
+def test_cached_tokens_count_the_first_admission_only():
+    """A preempted sequence re-admitted finds its own prompt blocks in the prefix cache: this request computed
+    them, so its ``cached_tokens`` stay what its first admission found."""
+    from mpiinfer.engine.scheduler import Scheduler, Sequence
+    sched = Scheduler(1, 64 * 16, 4, 256, min_shared_blocks=1)
+    prompt = list(range(40))
+    first = Sequence(Request(0, "a", SamplingParams(), prompt_token_ids=prompt), prompt, 8, frozenset(), None)
+    sched.waiting.append(first)
+    sched.admit()
+    assert first in sched.running and first.cached_tokens == 0
+    sched.advance([(first, len(prompt))])              # its prompt computed: two full blocks registered
+    sched.preempt(first)
+    sched.admit()
+    assert first.n_cached == 32 and first.cached_tokens == 0 and first.preemptions == 1
+    second = Sequence(Request(1, "b", SamplingParams(), prompt_token_ids=prompt), prompt, 8, frozenset(), None)
+    sched.waiting.append(second)
+    sched.admit()
+    assert second.cached_tokens == 32                  # another request's blocks: cached for this one
+
+
 def test_extents_join_consecutive_blocks():
     assert extents([3, 4, 9, 10, 11, 2], 4, 21) == [(12, 8), (36, 12), (8, 1)]
     assert extents([5], 4, 3) == [(20, 3)]
