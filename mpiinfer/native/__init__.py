@@ -5,8 +5,9 @@ Owns: building ``kernels.c`` and ``rope.c`` once per machine type into a shared 
 nodes of another CPU type sharing a home directory build their own), loading it with ctypes, and calls on
 contiguous CPU tensors of float32 or bfloat16:
 
-* ``decode_attention``: one-token decode attention of many sequences over a paged KV cache, reading each cache
-  run where it lies (no gather, no Python loop over sequences): one OpenMP item per (sequence, KV head), in tiles
+* ``decode_attention``: attention of many query rows, each over its own runs of a paged KV cache, read where they
+  lie (no gather, no Python loop over sequences): the one-token decodes, and each row of a prompt chunk over the
+  rows up to its position (``models.attention.native_items``); one OpenMP item per (query row, KV head), in tiles
   of 16 rows with AVX-512, 8 with AVX2 + FMA, else a row at a time (whatever ``-march=native`` gives);
 * ``rope_store``: rotary embedding of q and k in place and the step's K/V rows written into the cache (what
   ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit);
@@ -32,6 +33,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 log = logging.getLogger("mpiinfer")
@@ -214,6 +216,28 @@ class DecodeRuns:
         self.skip = None if skip is None or not any(skip) else torch.tensor(skip, dtype=torch.int64)
         lengths = [sum(n for _, n in runs) - (skip[i] if skip else 0) for i, runs in enumerate(run_lists)]
         self.max_rows = max(lengths, default=0)
+
+    @classmethod
+    def from_arrays(cls, q_rows: np.ndarray, counts: np.ndarray, runs: np.ndarray,
+                    skip: np.ndarray | None) -> DecodeRuns:
+        """The same from arrays: each item's query row (B,), its number of runs (B,), the runs (R, 2) of start, rows
+        in item order, and the rows its window leaves out (B,) or None."""
+        d = cls.__new__(cls)
+        d.n = len(q_rows)
+        d.q_rows = torch.from_numpy(np.ascontiguousarray(q_rows, dtype=np.int64))
+        off = np.zeros(d.n + 1, dtype=np.int64)
+        np.cumsum(counts, out=off[1:])
+        d.run_off = torch.from_numpy(off)
+        runs = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
+        d.runs = torch.from_numpy(runs.reshape(-1))
+        rows = np.add.reduceat(runs[:, 1], off[:-1]) if d.n else np.zeros(0, dtype=np.int64)
+        if skip is not None and skip.any():
+            rows = rows - skip
+            d.skip = torch.from_numpy(np.ascontiguousarray(skip, dtype=np.int64))
+        else:
+            d.skip = None
+        d.max_rows = int(rows.max()) if d.n else 0
+        return d
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeRuns, scale: float,

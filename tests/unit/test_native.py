@@ -72,6 +72,40 @@ def test_decode_attention_over_paged_runs(dtype, tol, grp, hd, kv_dtype=None):
     assert torch.isnan(out[untouched].float()).all()          # only the decodes' rows are written
 
 
+@pytest.mark.parametrize("span", [attention.Span(), attention.Span(window=6), attention.Span(chunk=8)])
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-6), (torch.bfloat16, 1e-2)])
+def test_prompt_chunks_attend_through_the_kernel(span, dtype, tol):
+    """``attention.native_items``: prompt chunks (one in 3 runs after a cached prefix, one whole prompt in one
+    run) and decodes in one kernel call, each query row over the rows up to its own position less what the window
+    or chunk leaves out; against the torch path (``_attend`` over the gathered rows, masked) in float64."""
+    from mpiinfer.models.step import StepBatch
+    g = torch.Generator().manual_seed(5)
+    n_kv, grp, hd, pool = 2, 3, 32, 200
+    n_q = n_kv * grp
+    kc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    vc = torch.randn(n_kv, pool, hd, generator=g).to(dtype)
+    ext = [[(40, 7), (100, 16), (10, 3)], [(150, 9)], [(60, 1), (120, 12)]]     # 26, 9 and 13 rows
+    q_len = [5, 9, 1]
+    kl = [sum(n for _, n in e) for e in ext]
+    q_start = [0, 5, 14]
+    T = 15
+    b = StepBatch(torch.zeros(T, dtype=torch.long), torch.zeros(T, dtype=torch.long), q_start, q_len,
+                  [e[0][0] for e in ext], kl, torch.arange(3), kv_ext=ext)
+    d = attention.native_items(b, [0, 1, 2], span)
+    assert d.n == T
+    q = torch.randn(T, n_q * hd, generator=g).to(dtype)
+    out = torch.full((T, n_q * hd), float("nan"), dtype=dtype)
+    native.decode_attention(q, kc, vc, d, 0.3, out, n_q)
+    for i in range(3):
+        rows = torch.from_numpy(b.rows(i))
+        for j in range(q_len[i]):
+            p = kl[i] - q_len[i] + j                                      # this query's position
+            first = int(span.first(p))
+            want = _reference(q[q_start[i] + j], kc, vc, rows[first:p + 1], 0.3)
+            got = out[q_start[i] + j].view(n_q, hd).double()
+            assert torch.allclose(got, want, atol=tol, rtol=tol), (i, j)
+
+
 @pytest.mark.parametrize("dtype,kv_dtype,tol", [
     (torch.float32, torch.bfloat16, 2e-6),     # float32 arithmetic over the cache's exact bfloat16 values
     (torch.bfloat16, torch.float32, 1e-2)])
@@ -317,24 +351,31 @@ def _engine_run(d, prompts, dtype="float32", new=24):
                                             ("gemma3", {"sliding_window": 40}), ("llama4", {"attention_chunk_size": 40}),
                                             ("gpt_oss", {"sliding_window": 40}), ("deepseek_v3", {})])
 def test_engine_on_the_kernels_matches_transformers(arch, overrides, model_dirs, monkeypatch):
-    """Shared-prefix groups formed (their threshold lowered to 16 rows), paged runs, windows; then the same with
-    the kernels off (the torch paths CUDA takes): both exactly transformers' tokens, logprobs within 1e-4."""
+    """Shared-prefix groups formed (their threshold lowered to 16 rows), paged runs, windows, prompt chunks in the
+    kernel; then with prompt chunks on torch's attention (as beyond NATIVE_PREFILL_BYTES); then with the kernels
+    off (the torch paths CUDA takes): each exactly transformers' tokens, logprobs within 1e-4."""
     d = model_dirs(arch, **overrides)
     prompts = shared_prefix_prompts(Tokenizer(d).vocab_size, seed=5)
     ref = hf_greedy(d, prompts, 24)
     monkeypatch.setattr(attention, "SHARED_MIN_ROWS", 16)
-    groups = []
-    real = Attention._attend_shared
+    groups, torch_prompts = [], []
+    real, real_attend = Attention._attend_shared, Attention._attend
     monkeypatch.setattr(Attention, "_attend_shared", lambda self, *a: groups.append(a[4]) or real(self, *a))
-    for use in (True, False):
-        if not use:
+    monkeypatch.setattr(Attention, "_attend", lambda self, q, *a: torch_prompts.append(q.shape[0] > 1) or
+                        real_attend(self, q, *a))
+    for mode in ("kernels", "torch prompts", "off"):
+        if mode == "torch prompts":
+            monkeypatch.setattr(attention, "NATIVE_PREFILL_BYTES", 0)
+        if mode == "off":
             monkeypatch.setattr(native, "usable", lambda *a: False)
         groups.clear()
+        torch_prompts.clear()
         res, used = _engine_run(d, prompts)
-        assert used is use and groups, (use, groups)
+        assert used is (mode != "off") and groups, (mode, groups)
+        assert any(torch_prompts) is (mode != "kernels"), mode
         for i, ((toks, lps), r) in enumerate(zip(ref, res)):
-            assert r.token_ids == toks, (use, i)
-            assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4, (use, i)
+            assert r.token_ids == toks, (mode, i)
+            assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4, (mode, i)
 
 
 @pytest.mark.parametrize("arch,overrides", [("llama", {}), ("llama", {"head_dim": 128}),
