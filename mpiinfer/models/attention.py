@@ -55,9 +55,9 @@ from .step import MODE_CP_DECODE, MODE_CP_PREFILL, MODE_LOCAL, StepBatch
 # The gather moves 2 x B x L x row_bytes, so the padded length L is capped at DECODE_GATHER_BYTES per sequence.
 DECODE_GROUP_MIN = 4
 DECODE_GATHER_BYTES = 1 << 20
-# A prompt chunk goes to the CPU kernel (``native_items``: each query row reads every row before it) while its
-# sequence's K and V take at most this many bytes (2 x kv_len x row_bytes); beyond, torch's attention (blocked
-# matmuls) reads them fewer times.  Measured, 512-row chunks, float32, 2 threads, 32 MiB L3, torch over kernel:
+# A prompt chunk goes to the CPU kernel (``native_items``: each query row reads every row before it) while the K
+# and V its rows attend (all its cache, or a window's or chunk's worth: ``Span.rows_read``) take at most this many
+# bytes; beyond, torch's attention (blocked matmuls) reads them fewer times.  Measured, 512-row chunks, float32, 2 threads, 32 MiB L3, torch over kernel:
 # 8 KV heads of 128 (8 KiB of K+V a row) 1.17x at 2,048 rows, 0.66x at 4,096; 3 heads of 64 (1.5 KiB) 1.03x at
 # 16,384 rows, 0.62x at 32,768.
 NATIVE_PREFILL_BYTES = 16 << 20
@@ -101,6 +101,14 @@ class Span(NamedTuple):
         if self.chunk is not None:
             return pos // self.chunk * self.chunk
         return pos * 0
+
+    def rows_read(self, q_len: int, kv_len: int) -> int:
+        """Most cache rows the last ``q_len`` queries of ``kv_len`` attend together (a window or chunk bounds them)."""
+        if self.window is not None:
+            return min(kv_len, self.window + q_len - 1)
+        if self.chunk is not None:
+            return min(kv_len, self.chunk + q_len - 1)
+        return kv_len
 
     def whole(self, kv_len: int) -> bool:
         """A one-token decode at ``kv_len`` rows attends all of them."""
@@ -236,23 +244,27 @@ class AttentionPlan:
                                                      # pool rows (start, rows) and its DecodePlan, and for the
                                                      # other rows when it has several runs (their pool rows
                                                      # (tensor), their DecodePlan), else None)
-    native: native_kernels.DecodeRuns | None = None  # CPU: every other local decode, in one C kernel call
+    native: native_kernels.DecodeRuns | None = None  # CPU: the other local query rows, in one C kernel call
     use_native: bool = False                         # CPU kernels for RoPE + cache write and decodes
 
     @staticmethod
     def build(batch: StepBatch, cp_comm, span, row_bytes: int,
-              group_decodes: bool, device=None, use_native: bool = False) -> AttentionPlan:
+              group_decodes: bool, device=None, use_native: bool = False,
+              cache_row_bytes: int | None = None) -> AttentionPlan:
         """Collective over ``cp_comm`` when the batch holds CP prompts (each one's ``RingPlan.build``).
         ``use_native``: the CPU kernels (``mpiinfer.native``) rotate and store K/V and attend every local query row
         (one-token decodes not in a shared-prefix group, and every row of a prompt chunk whose cache is at most
         NATIVE_PREFILL_BYTES: ``native_items``; sliding windows and chunks included), in place of the decode group
-        and loop and of ``_attend`` per prompt.  ``span``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
+        and loop and of ``_attend`` per prompt.  ``cache_row_bytes``: the bytes of K and V one cached token takes
+        in this layer (default 2 x ``row_bytes``).  ``span``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
         span = Span.of(span)
         shared = shared_groups(batch, span) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)
         if use_native:
+            kv_row = cache_row_bytes if cache_row_bytes is not None else 2 * row_bytes
             local = [i for i in range(len(batch.q_len)) if batch.seq_mode(i) == MODE_LOCAL and
-                     (batch.q_len[i] == 1 or 2 * batch.kv_len[i] * row_bytes <= NATIVE_PREFILL_BYTES)]
+                     (batch.q_len[i] == 1 or span.rows_read(batch.q_len[i], batch.kv_len[i]) * kv_row <=
+                      NATIVE_PREFILL_BYTES)]
             native = native_items(batch, [i for i in local if i not in taken], span)
             taken = taken | frozenset(local)
             group_decodes = False
@@ -415,12 +427,12 @@ class Attention(nn.Module):
         return out
 
     def _sink_state(self, n: int):
-        """The sinks as the running softmax state every native decode starts from: max = sink, sum = 1 (its
-        exp(sink - max)), values 0; (n, n_q) / (n, n_q, hd) float32.  None without sinks."""
+        """The sinks as the running softmax state every native item starts from: max = sink, sum = 1 (its
+        exp(sink - max)), values 0 (None: the kernel starts from zeros); (n, n_q) float32.  None without sinks."""
         if self.sink is None or n == 0:
             return None
         m = self.sink.reshape(1, self.n_q).expand(n, self.n_q)
-        return m, torch.ones_like(m), torch.zeros(n, self.n_q, self.head_dim, device=m.device)
+        return m, torch.ones_like(m), None
 
     def _sunk(self, o, lse):
         """An attention output (T, n_q, hd) and its log-sum-exp (T, n_q) with the sinks joined:

@@ -150,9 +150,10 @@ class CausalLM(nn.Module):
         # the decode group gathers the rows in the cache's dtype and, a cache of another (--kv-dtype), converts them
         k0 = kv.k[0]
         row = (k0.element_size() + (self.dtype.itemsize if k0.dtype != self.dtype else 0)) * attn.n_kv * attn.head_dim
+        cache_row = k0.shape[0] * k0.shape[2] * k0.element_size() * (1 if kv.v is kv.k else 2)
         plans = {s: AttentionPlan.build(batch, self.mesh.cp_comm, s, row_bytes=row,
                                         group_decodes=k0.device.type != "cpu" or self.dtype != torch.float32,
-                                        device=dev, use_native=self.use_native)
+                                        device=dev, use_native=self.use_native, cache_row_bytes=cache_row)
                  for s in self.spans}
         x = self.embed(ids)                                              # (T, hidden)
         if self.embed_scale is not None:

@@ -199,8 +199,8 @@ def _rows(t: torch.Tensor, width: int) -> int:
 
 
 class DecodeRuns:
-    """The one-token decodes a step attends with ``decode_attention``, as the kernel reads them: packed query
-    rows (B,), each sequence's cache runs (``run_off`` (B + 1,), ``runs`` (R, 2) of start, rows), the rows a
+    """The query rows a step attends with ``decode_attention`` (one-token decodes, and prompt-chunk rows each over
+    the rows up to its position), as the kernel reads them: packed query rows (B,), each sequence's cache runs (``run_off`` (B + 1,), ``runs`` (R, 2) of start, rows), the rows a
     sliding window leaves out at the start (``skip`` (B,) or None) and the longest attended length."""
 
     def __init__(self, q_rows: list, run_lists: list, skip: list | None):
@@ -246,7 +246,7 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     head) over its cache runs into ``out[d.q_rows]``.  q, out: (T, >= n_q * hd) with contiguous rows; caches:
     (n_kv, pool, hd) contiguous, of q's dtype or the other one (a bfloat16 cache under a float32 model).
     ``init``: (m, l, acc) float32 state of a prefix attended elsewhere, per decode and query head ((B, n_q),
-    (B, n_q), (B, n_q, hd)), to continue from."""
+    (B, n_q), (B, n_q, hd) or None for zeros), to continue from."""
     if d.n == 0:
         return
     n_kv, pool, hd = k_cache.shape
@@ -260,8 +260,8 @@ def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tens
     qs, os_ = _rows(q, n_q * hd), _rows(out, n_q * hd)
     im = il = ia = None
     if init is not None:
-        m, l, acc = (t.contiguous() for t in init)
-        im, il, ia = m.data_ptr(), l.data_ptr(), acc.data_ptr()
+        m, l, acc = (t if t is None else t.contiguous() for t in init)
+        im, il, ia = m.data_ptr(), l.data_ptr(), None if acc is None else acc.data_ptr()
     _lib().decode_attention(
         q.data_ptr(), qs, k_cache.data_ptr(), v_cache.data_ptr(), pool, n_kv, grp, hd, d.n, d.q_rows.data_ptr(),
         d.run_off.data_ptr(), d.runs.data_ptr(), d.skip.data_ptr() if d.skip is not None else None, d.max_rows,

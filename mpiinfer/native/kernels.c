@@ -22,7 +22,7 @@
  * out:   (T, out_stride); sequence s's result is written at out + q_rows[s] * out_stride
  * init:  optional (may be NULL) running state to continue from, for a prefix attended elsewhere: per sequence and
  *        query head (nseq, n_kv * grp): init_m (its scores' max), init_l (sum of exp(score - max)) and
- *        init_acc (nseq, n_kv * grp, hd) (sum of exp(score - max) * v), all float32
+ *        init_acc (nseq, n_kv * grp, hd) (sum of exp(score - max) * v; NULL: zeros), all float32
  * Work: one item per (sequence, KV head); the grp query heads of a KV head read each K/V row once: scores of all
  * rows (pass 1), their exponentials (vectorised), then the weighted sum of the V rows (pass 2). */
 
@@ -63,7 +63,10 @@ static inline __attribute__((always_inline)) void start_state(
     if (im) {
         const float cs = expf(im[g] - mx);
         sum += il[g] * cs;
-        for (int d = 0; d < hd; d++) ag[d] = ia[(int64_t)g * hd + d] * cs;
+        if (ia)
+            for (int d = 0; d < hd; d++) ag[d] = ia[(int64_t)g * hd + d] * cs;
+        else                                                /* a state with no values (attention sinks) */
+            for (int d = 0; d < hd; d++) ag[d] = 0.f;
     } else {
         for (int d = 0; d < hd; d++) ag[d] = 0.f;
     }

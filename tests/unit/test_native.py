@@ -106,6 +106,25 @@ def test_prompt_chunks_attend_through_the_kernel(span, dtype, tol):
             assert torch.allclose(got, want, atol=tol, rtol=tol), (i, j)
 
 
+def test_long_prompt_chunks_keep_torchs_attention(monkeypatch):
+    """Prompt chunks whose attended K/V exceed NATIVE_PREFILL_BYTES stay on torch's attention; a window or chunk
+    bounds the rows counted (``Span.rows_read``), decodes always take the kernel."""
+    from mpiinfer.models.attention import AttentionPlan, Span
+    from mpiinfer.models.step import StepBatch
+    assert [Span().rows_read(8, 100), Span(window=10).rows_read(8, 100), Span(chunk=16).rows_read(8, 100),
+            Span(window=10).rows_read(8, 12)] == [100, 17, 23, 12]
+    monkeypatch.setattr(attention, "NATIVE_PREFILL_BYTES", 50 * 64)       # 50 rows of 64 bytes
+    q_len, kv_len = [8, 8, 1], [100, 40, 300]
+    q_start = [0, 8, 16]
+    b = StepBatch(torch.zeros(17, dtype=torch.long), torch.zeros(17, dtype=torch.long), q_start, q_len,
+                  [0, 1000, 2000], kv_len, torch.arange(3))
+    for span, torch_prompts in ((Span(), [0]), (Span(window=10), [])):
+        plan = AttentionPlan.build(b, None, span, row_bytes=32, group_decodes=False, use_native=True,
+                                   cache_row_bytes=64)
+        assert plan.local == torch_prompts
+        assert plan.native.n == 17 - 8 * len(torch_prompts)
+
+
 @pytest.mark.parametrize("dtype,kv_dtype,tol", [
     (torch.float32, torch.bfloat16, 2e-6),     # float32 arithmetic over the cache's exact bfloat16 values
     (torch.bfloat16, torch.float32, 1e-2)])
