@@ -179,7 +179,8 @@ class Engine:
         """Queue a request; returns an error Result right away when it cannot run.  With ``n`` > 1 and sampling,
         ``n`` sequences queue together: the prefix cache gives the later ones the first one's prompt blocks (one
         prefill; with ``--cp`` "spread", one per CP rank the samples land on: sending them all to the rank computing
-        the prompt measured no faster, as waiting for its blocks stalls admission); greedy ``n`` runs once and its result is repeated."""
+        the prompt measured no faster, as waiting for its blocks stalls admission); greedy ``n`` runs once and its
+        result is repeated."""
         if req.inputs is not None:
             return self._add_embedding(req)
         seq = self.prepare(req)

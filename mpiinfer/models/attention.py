@@ -57,9 +57,11 @@ DECODE_GROUP_MIN = 4
 DECODE_GATHER_BYTES = 1 << 20
 # A prompt chunk goes to the CPU kernel (``native_items``: each query row reads every row before it) while the K
 # and V its rows attend (all its cache, or a window's or chunk's worth: ``Span.rows_read``) take at most this many
-# bytes; beyond, torch's attention (blocked matmuls) reads them fewer times.  Measured, 512-row chunks, float32, 2 threads, 32 MiB L3, torch over kernel:
-# 8 KV heads of 128 (8 KiB of K+V a row) 1.17x at 2,048 rows, 0.66x at 4,096; 3 heads of 64 (1.5 KiB) 1.03x at
-# 16,384 rows, 0.62x at 32,768.
+# bytes; beyond, torch's attention (blocked matmuls) reads them fewer times.  Measured on a 2-core CPU with 32 MiB
+# of L3, float32, 2 threads, torch's time over the kernel's: below the bound the kernel wins (SmolLM2-135M's 3 KV
+# heads of 64: 70 x 100 rows 2.5x, 512 x 1,024 1.3x, 2,048 x 2,048 1.17x; 8 heads of 128: 2.3x, 1.6x, 1.15x);
+# past it torch does (512-row chunks: 8 KV heads of 128, 8 KiB of K+V a row, 1.17x at 2,048 rows, 0.66x at
+# 4,096; 3 heads of 64, 1.5 KiB, 1.03x at 16,384 rows, 0.62x at 32,768).
 NATIVE_PREFILL_BYTES = 16 << 20
 
 
@@ -198,34 +200,35 @@ def decode_group(batch: StepBatch, span, row_bytes: int, taken=frozenset()) -> D
 def native_items(batch: StepBatch, seqs: list, span: Span) -> native_kernels.DecodeRuns:
     """Every query row of the local sequences ``seqs`` as one item of ``native.decode_attention``: a decode's row
     over its cache runs, each prompt-chunk row over the runs of the rows up to its own position (the causal mask
-    by construction), less what ``span`` leaves out.  Prompt chunks go to the kernel too: on this 2-core CPU it
-    measured 1.2-2.4x faster than ``scaled_dot_product_attention`` over the gathered rows with a mask, and
-    1.13x faster even than its causal path (SmolLM2-135M's heads, float32, 2 threads: 16 x 100 rows 53 against
-    126 us, 70 x 100 140 / 316, 512 x 600 3.6 / 7.3 ms, 2,048 x 2,048 in one run 39 / 44 ms)."""
-    q_rows, counts, runs, last = [], [], [], []
+    by construction), less what ``span`` leaves out.  Prompt chunks go to the kernel while they are small enough
+    (``NATIVE_PREFILL_BYTES``, where the measurements are)."""
+    q_rows, counts, last, runs = [], [], [], []          # decodes: ints and their runs; prompt rows: arrays
+    p_rows, p_counts, p_last, p_runs = [], [], [], []
     for i in seqs:
         qs, ql, kl = batch.q_start[i], batch.q_len[i], batch.kv_len[i]
-        ext = np.asarray(batch.extents(i), dtype=np.int64).reshape(-1, 2)
+        ext = batch.extents(i)
         if ql == 1:
-            q_rows.append(np.array([qs]))
-            counts.append(np.array([len(ext)]))
-            runs.append(ext)
-            last.append(np.array([kl - 1]))
+            q_rows.append(qs)
+            counts.append(len(ext))
+            last.append(kl - 1)
+            runs += ext
             continue
+        ext = np.asarray(ext, dtype=np.int64).reshape(-1, 2)
         upto = np.arange(kl - ql + 1, kl + 1)                        # rows each query attends: up to its own
         begins = np.cumsum(ext[:, 1]) - ext[:, 1]                    # each run's first row in token order
         used = upto[:, None] > begins[None, :]                       # (ql, runs): the runs each query reads
         lens = np.minimum(ext[None, :, 1], upto[:, None] - begins[None, :])
-        q_rows.append(np.arange(qs, qs + ql))
-        counts.append(used.sum(1))
-        runs.append(np.stack((np.broadcast_to(ext[None, :, 0], lens.shape), lens), axis=-1)[used])
-        last.append(upto - 1)
-    if not seqs:
-        return native_kernels.DecodeRuns([], [], None)
-    pos = np.concatenate(last)
+        p_rows.append(np.arange(qs, qs + ql))
+        p_counts.append(used.sum(1))
+        p_runs.append(np.stack((np.broadcast_to(ext[None, :, 0], lens.shape), lens), axis=-1)[used])
+        p_last.append(upto - 1)
+
+    def cat(ints, arrays, shape=(-1,)):                          # the decodes' then the prompt rows'
+        return np.concatenate([np.asarray(ints, dtype=np.int64).reshape(shape), *arrays])
+    pos = cat(last, p_last)
     skip = span.first(torch.from_numpy(pos)).numpy() if span.limited else None
-    return native_kernels.DecodeRuns.from_arrays(np.concatenate(q_rows), np.concatenate(counts),
-                                                 np.concatenate(runs), skip)
+    return native_kernels.DecodeRuns.from_arrays(cat(q_rows, p_rows), cat(counts, p_counts),
+                                                 cat(runs, p_runs, (-1, 2)), skip)
 
 
 @dataclass
@@ -256,7 +259,8 @@ class AttentionPlan:
         (one-token decodes not in a shared-prefix group, and every row of a prompt chunk whose cache is at most
         NATIVE_PREFILL_BYTES: ``native_items``; sliding windows and chunks included), in place of the decode group
         and loop and of ``_attend`` per prompt.  ``cache_row_bytes``: the bytes of K and V one cached token takes
-        in this layer (default 2 x ``row_bytes``).  ``span``: the ``Span`` of the layers this plan serves (or a window size, or None)."""
+        in this layer (default 2 x ``row_bytes``).  ``span``: the ``Span`` of the layers this plan serves (or a
+        window size, or None)."""
         span = Span.of(span)
         shared = shared_groups(batch, span) if batch.kv_ext is not None else []
         taken = frozenset(i for g in shared for i in g.seqs)

@@ -200,22 +200,14 @@ def _rows(t: torch.Tensor, width: int) -> int:
 
 class DecodeRuns:
     """The query rows a step attends with ``decode_attention`` (one-token decodes, and prompt-chunk rows each over
-    the rows up to its position), as the kernel reads them: packed query rows (B,), each sequence's cache runs (``run_off`` (B + 1,), ``runs`` (R, 2) of start, rows), the rows a
-    sliding window leaves out at the start (``skip`` (B,) or None) and the longest attended length."""
+    the rows up to its position), as the kernel reads them: packed query rows (B,), each item's cache runs
+    (``run_off`` (B + 1,), ``runs`` (R, 2) of start, rows), the rows a sliding window leaves out at the start
+    (``skip`` (B,) or None) and the longest attended length."""
 
     def __init__(self, q_rows: list, run_lists: list, skip: list | None):
-        self.n = len(q_rows)
-        self.q_rows = torch.tensor(q_rows, dtype=torch.int64)
-        off, flat = [0], []
-        for runs in run_lists:
-            for a, n in runs:
-                flat += (a, n)
-            off.append(len(flat) // 2)
-        self.run_off = torch.tensor(off, dtype=torch.int64)
-        self.runs = torch.tensor(flat, dtype=torch.int64)
-        self.skip = None if skip is None or not any(skip) else torch.tensor(skip, dtype=torch.int64)
-        lengths = [sum(n for _, n in runs) - (skip[i] if skip else 0) for i, runs in enumerate(run_lists)]
-        self.max_rows = max(lengths, default=0)
+        self._set(np.asarray(q_rows, dtype=np.int64), np.array([len(r) for r in run_lists], dtype=np.int64),
+                  np.array([x for r in run_lists for x in r], dtype=np.int64),
+                  None if skip is None else np.asarray(skip, dtype=np.int64))
 
     @classmethod
     def from_arrays(cls, q_rows: np.ndarray, counts: np.ndarray, runs: np.ndarray,
@@ -223,21 +215,25 @@ class DecodeRuns:
         """The same from arrays: each item's query row (B,), its number of runs (B,), the runs (R, 2) of start, rows
         in item order, and the rows its window leaves out (B,) or None."""
         d = cls.__new__(cls)
-        d.n = len(q_rows)
-        d.q_rows = torch.from_numpy(np.ascontiguousarray(q_rows, dtype=np.int64))
-        off = np.zeros(d.n + 1, dtype=np.int64)
+        d._set(q_rows, counts, runs, skip)
+        return d
+
+    def _set(self, q_rows, counts, runs, skip) -> None:
+        self.n = len(q_rows)
+        self.q_rows = torch.from_numpy(np.ascontiguousarray(q_rows, dtype=np.int64))
+        off = np.zeros(self.n + 1, dtype=np.int64)
         np.cumsum(counts, out=off[1:])
-        d.run_off = torch.from_numpy(off)
+        self.run_off = torch.from_numpy(off)
         runs = np.ascontiguousarray(runs, dtype=np.int64).reshape(-1, 2)
-        d.runs = torch.from_numpy(runs.reshape(-1))
-        rows = np.add.reduceat(runs[:, 1], off[:-1]) if d.n else np.zeros(0, dtype=np.int64)
+        self.runs = torch.from_numpy(runs.reshape(-1))
+        upto = np.zeros(len(runs) + 1, dtype=np.int64)       # rows of the runs before each, so items of no runs
+        np.cumsum(runs[:, 1], out=upto[1:])                  # (an empty shared-prefix tail) count 0 rows
+        rows = upto[off[1:]] - upto[off[:-1]]
+        self.skip = None
         if skip is not None and skip.any():
             rows = rows - skip
-            d.skip = torch.from_numpy(np.ascontiguousarray(skip, dtype=np.int64))
-        else:
-            d.skip = None
-        d.max_rows = int(rows.max()) if d.n else 0
-        return d
+            self.skip = torch.from_numpy(np.ascontiguousarray(skip, dtype=np.int64))
+        self.max_rows = int(rows.max()) if self.n else 0
 
 
 def decode_attention(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, d: DecodeRuns, scale: float,
