@@ -131,27 +131,27 @@ def main(argv=None) -> int:
               f"{r['generated_tokens_per_s']:.1f} tok/s, {r['prompt_tokens_cached']} prompt tokens cached", flush=True)
     on, off = res["runs"]["shared_on"], res["runs"]["shared_off"]
     res["shared_prefix_speedup"] = on["records_per_s"] / off["records_per_s"]
+
+    def both_trees(name, inp, flags):
+        """Run ``inp`` on this tree, then on ``--baseline`` when given: (run name, result) as each ends."""
+        for run, pp in ((name, None), (name + "_baseline", a.baseline)):
+            if run == name or pp:
+                res["runs"][run] = run_job(inp, os.path.join(work, run + ".out.jsonl"), a.model, flags, a.threads,
+                                           pythonpath=pp)
+                yield run, res["runs"][run]
+
     if a.chat:
         chat_in = os.path.join(work, "chat.jsonl")
         subprocess.run([sys.executable, os.path.join(ROOT, "jobs", "make_prompts.py"), str(a.chat), chat_in],
                        check=True)
-        cflags = ["--max-batch", "256", "--kv-budget", a.chat_kv_budget]
-        for name, pp in (("chat", None), ("chat_baseline", a.baseline)):
-            if name == "chat_baseline" and not pp:
-                continue
-            r = run_job(chat_in, os.path.join(work, name + ".out.jsonl"), a.model, cflags, a.threads, pythonpath=pp)
-            res["runs"][name] = r
+        for name, r in both_trees("chat", chat_in, ["--max-batch", "256", "--kv-budget", a.chat_kv_budget]):
             print(f"  {name}: {r['records_per_s']:.2f} rec/s, {r['generated_tokens_per_s']:.1f} tok/s, "
                   f"peak running {r['peak_running']}, preemptions {r['preemptions']}", flush=True)
     if a.cycle:
         cyc_in = os.path.join(work, "cycle.jsonl")
         cycle_input(cyc_in, a.cycle, a.cycle_rounds, a.cycle_prefix_tokens, 24, vocab)
-        cflags = ["--max-batch", str(a.max_batch), "--kv-budget", a.cycle_kv_budget]
-        for name, pp in (("cycle", None), ("cycle_baseline", a.baseline)):
-            if name == "cycle_baseline" and not pp:
-                continue
-            r = run_job(cyc_in, os.path.join(work, name + ".out.jsonl"), a.model, cflags, a.threads, pythonpath=pp)
-            res["runs"][name] = r
+        for name, r in both_trees("cycle", cyc_in, ["--max-batch", str(a.max_batch), "--kv-budget",
+                                                    a.cycle_kv_budget]):
             print(f"  {name}: {r['records_per_s']:.2f} rec/s, {r['prompt_tokens_cached']} of {r['prompt_tokens']} "
                   "prompt tokens cached", flush=True)
     print(f"\nshared prefix ({a.prefix_tokens} + {a.question_tokens} tokens, {a.new} new, --max-batch {a.max_batch}"
