@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import torch
 
+from .. import native
+
 
 def make_generator(seed: int, device) -> torch.Generator:
     g = torch.Generator(device=device)
@@ -69,18 +71,16 @@ def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: 
     their logits before anything else (the logprobs stay the model's own)."""
     S = logits.shape[0]
     masked = {}
-    if allowed is None or not len(allowed[0]):
-        tokens = torch.argmax(logits, dim=-1)           # greedy for every row, overwritten below
-    else:
+    # greedy for every row (overwritten below where a row samples or is constrained); on CPU one pass in C that
+    # also gives the log-softmax normalisers where logprobs are wanted (torch.argmax and log_softmax over a
+    # (256, 49152) step took 7.4 and 17.7 ms on 2 threads, the kernel 1.5 / 2.5 ms)
+    stats = native.logit_stats(logits, norms=any(want_logprobs))
+    tokens = stats.tokens if stats is not None else torch.argmax(logits, dim=-1)
+    if allowed is not None and len(allowed[0]):
         idx, bias = allowed
         dev = logits.device
         rows = logits[torch.tensor(idx, device=dev)] + bias
         masked = dict(zip(idx, rows))
-        tokens = torch.zeros(S, dtype=torch.int64, device=dev)
-        free = [i for i in range(S) if i not in masked]
-        if free:
-            free_t = torch.tensor(free, device=dev)
-            tokens[free_t] = torch.argmax(logits[free_t], dim=-1)
         plain = [j for j, i in enumerate(idx) if params[i].temperature <= 0 and not params[i].processes_logits]
         if plain:                                       # greedy rows with nothing else to do: one argmax
             tokens[torch.tensor([idx[j] for j in plain], device=dev)] = torch.argmax(rows[plain], dim=-1)
@@ -102,13 +102,21 @@ def sample(logits: torch.Tensor, params: list, generators: list, want_logprobs: 
     rows = [i for i in range(S) if want_logprobs[i]]
     if rows:
         r = torch.tensor(rows, device=logits.device)
-        logp = torch.log_softmax(logits[r], dim=-1)
-        chosen = logp.gather(1, tokens[r][:, None])[:, 0]
+        k = max(params[i].top_logprobs for i in rows)
+        if stats is not None:           # log_softmax's (x - max) - log(sum(exp(x - max))), only where wanted
+            mx, ls = stats.mx[r], stats.ls[r]
+            chosen = (logits[r, tokens[r]].float() - mx) - ls
+            if k:
+                vals, ids = torch.topk(logits[r].float(), k, dim=-1)
+                vals = (vals - mx[:, None]) - ls[:, None]
+        else:
+            logp = torch.log_softmax(logits[r].float(), dim=-1)
+            chosen = logp.gather(1, tokens[r][:, None])[:, 0]
+            if k:
+                vals, ids = torch.topk(logp, k, dim=-1)
         for j, v in zip(rows, chosen.tolist()):
             lp[j] = v
-        k = max(params[i].top_logprobs for i in rows)
         if k:
-            vals, ids = torch.topk(logp, k, dim=-1)
             vals, ids = vals.tolist(), ids.tolist()
             for n, j in enumerate(rows):
                 kj = params[j].top_logprobs

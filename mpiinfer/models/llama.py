@@ -62,7 +62,7 @@ class DecoderLayer(nn.Module):
 
 # the decoder layer of each family that does not use ``DecoderLayer``
 DECODER_LAYERS = {"gemma3": Gemma3DecoderLayer}
-TIED_HEAD_BLOCKS = 8   # a packed tied LM head is built (and applied) in this many row blocks
+HEAD_BLOCKS = 8   # a packed LM head is built (and applied) in this many row blocks
 
 
 class CausalLM(nn.Module):
@@ -101,8 +101,9 @@ class CausalLM(nn.Module):
                 m.use_native = elementwise
             elif isinstance(m, MLP):
                 m.use_native = elementwise and m.silu
-        self.tied_head = None        # the tied embedding packed in row blocks (``pack``)
+        self.head_blocks = None      # the LM head (or tied embedding) packed in row blocks (``pack``)
         self._head_out = None        # their output side by side, reused step to step
+        self._logits = None          # the logits as float32 (a model of another dtype), reused step to step
         self.hidden = None           # the last step's final hidden states of ``batch.hidden_rows`` (embeddings)
 
     def load(self, src):
@@ -121,20 +122,23 @@ class CausalLM(nn.Module):
             layer.attn.pack()
             layer.mlp.pack()
         if self.lm_head is not None:
-            self.lm_head.pack()
+            w, n = self.lm_head.weight, self.lm_head.weight.shape[0]
+            self.lm_head.weight = None
+            step = -(-n // HEAD_BLOCKS)
+            self.head_blocks = [kernels.pack(w[a:a + step]) for a in range(0, n, step)]
         elif embedding_rows is not None:
             # drop the table first, then pack it back from the file block by block: the peak stays at the
             # loaded weights plus one block (one packed copy of the whole table would need both at once)
             self.embed.read_from_file(embedding_rows)
             n = embedding_rows.rows
-            step = -(-n // TIED_HEAD_BLOCKS)
-            self.tied_head = [kernels.pack(embedding_rows.block(a, min(n, a + step))) for a in range(0, n, step)]
+            step = -(-n // HEAD_BLOCKS)
+            self.head_blocks = [kernels.pack(embedding_rows.block(a, min(n, a + step))) for a in range(0, n, step)]
 
     def head_weights(self) -> list:
-        """The LM head's weight(s) as ``linear`` takes them: the packed row blocks of a tied head, else the one
-        (lm_head or tied embedding) matrix; their outputs side by side are this rank's vocab columns."""
-        if self.tied_head is not None:
-            return self.tied_head
+        """The LM head's weight(s) as ``linear`` takes them: its packed row blocks, else the one (lm_head or tied
+        embedding) matrix; their outputs side by side are this rank's vocab columns."""
+        if self.head_blocks is not None:
+            return self.head_blocks
         return [self.embed.weight if self.lm_head is None else self.lm_head.weight]
 
     @torch.inference_mode()
@@ -176,10 +180,14 @@ class CausalLM(nn.Module):
             if self._head_out is None or self._head_out.shape[0] < S:
                 self._head_out = torch.empty(S, cols, dtype=x.dtype, device=dev)
             y = torch.cat([linear(x, w) for w in ws], dim=1, out=self._head_out[:S])
-        logits = y.float()                                               # (S, vocab_local)
+        if y.dtype == torch.float32:
+            logits = y                                                   # (S, vocab_local)
+        else:                                                            # into a buffer kept across steps, as above
+            if self._logits is None or self._logits.shape[0] < y.shape[0]:
+                self._logits = torch.empty(y.shape, dtype=torch.float32, device=dev)
+            logits = self._logits[:y.shape[0]].copy_(y)
         if self.cfg.final_logit_softcapping is not None:                # Gemma: cap * tanh(logits / cap)
-            cap = self.cfg.final_logit_softcapping
-            logits = torch.tanh(logits / cap) * cap
+            logits.div_(self.cfg.final_logit_softcapping).tanh_().mul_(self.cfg.final_logit_softcapping)
         if self.mesh.tp == 1:
             return logits
         per = vocab_part(self.cfg.vocab_size, self.mesh.tp)             # equal parts for the gather

@@ -11,6 +11,9 @@ contiguous CPU tensors of float32 or bfloat16:
   of 16 rows with AVX-512, 8 with AVX2 + FMA, else a row at a time (whatever ``-march=native`` gives);
 * ``rope_store``: rotary embedding of q and k in place and the step's K/V rows written into the cache (what
   ``Rotary.apply`` twice and two ``index_copy_`` did, bit for bit);
+* ``logit_stats``: each row's first maximum (greedy tokens, as ``torch.argmax``) and, when asked, its maximum and
+  log-sum-exp (logprobs by torch's log_softmax formula), in one pass per row chunk; a row's results do not depend
+  on the rows beside it;
 * ``rms_norm`` (with the residual add before it, in place) and ``silu_mul`` (SwiGLU's activation): one pass each
   instead of 4-8 torch ops that each allocate a temporary; within rounding of the torch ops (the sum of squares
   and the exponential in another order / formula).
@@ -32,6 +35,7 @@ import shutil
 import subprocess
 import tempfile
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -132,6 +136,9 @@ def load_library(path: Path):
         lib.rms_norm.argtypes = [_P, _I64, _P, _I64, _P, _I64, _I64, _INT, _INT, _P, _P, _F32, _INT, _INT, _INT]
         lib.silu_mul.restype = None
         lib.silu_mul.argtypes = [_P, _I64, _I64, _INT, _P, _I64, _INT, _INT]
+    if hasattr(lib, "logit_stats"):                # not in builds of older sources
+        lib.logit_stats.restype = None
+        lib.logit_stats.argtypes = [_P, _I64, _I64, _I64, _INT, _P, _P, _P, _INT]
     if hasattr(lib, "decode_tile_width"):          # not in builds of older sources (bench_decode.py --old-src)
         lib.decode_tile_width.restype = _INT
         lib.decode_tile_width.argtypes = []
@@ -345,3 +352,32 @@ def silu_mul(gu: torch.Tensor, n: int) -> torch.Tensor | None:
     if T:
         _lib().silu_mul(gu.data_ptr(), gu.stride(0), T, n, out.data_ptr(), n, _bf16(gu), torch.get_num_threads())
     return out
+
+
+class LogitStats(NamedTuple):
+    """Per row of a step's logits: ``tokens`` (S,) int64, each row's first maximum; with norms, ``mx`` and ``ls``
+    (S,) float32, its maximum and log(sum(exp(x - mx))): a token's logprob is (x - mx) - ls."""
+    tokens: torch.Tensor
+    mx: torch.Tensor | None
+    ls: torch.Tensor | None
+
+
+def logit_stats(x: torch.Tensor, norms: bool = False) -> LogitStats | None:
+    """``logit_stats`` of the rows of a (S, V) CPU float32 / bfloat16 view with contiguous rows; None where the
+    kernels do not take it (another device, dtype or layout: the caller then uses torch)."""
+    if x.dim() != 2 or x.device.type != "cpu" or x.dtype not in (torch.float32, torch.bfloat16) or \
+            (x.shape[1] > 1 and x.stride(1) != 1):
+        return None
+    lib = _lib()
+    if lib is None or not hasattr(lib, "logit_stats"):
+        return None
+    S, V = x.shape
+    tokens = torch.empty(S, dtype=torch.int64)
+    mx = torch.empty(S, dtype=torch.float32) if norms else None
+    ls = torch.empty(S, dtype=torch.float32) if norms else None
+    if S and V:
+        lib.logit_stats(x.data_ptr(), x.stride(0), S, V, _bf16(x), tokens.data_ptr(),
+                        mx.data_ptr() if norms else None, ls.data_ptr() if norms else None, torch.get_num_threads())
+    elif S:
+        return None                                  # no columns: torch's error, not ours
+    return LogitStats(tokens, mx, ls)

@@ -305,6 +305,41 @@ def test_elementwise_kernels_on_other_cpus(dtype, other_isa):
     test_silu_mul_matches_torch(dtype, 9, 100)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_stats_match_torchs_argmax_and_log_softmax(dtype):
+    """Greedy tokens exactly as torch.argmax (first maximum, ties across the kernel's 8,192-value chunks, a NaN
+    as the maximum, an all -inf row), the log-softmax normaliser within rounding, and a row's results the same
+    whatever rows it is batched with."""
+    g = torch.Generator().manual_seed(3)
+    for S, V in ((1, 49152), (7, 100), (33, 3 * 8192 + 5), (4, 15)):
+        x = (torch.randn(S, V, generator=g) * 6).to(dtype)
+        m = x[0].max()
+        x[0, V - 1], x[0, V // 2] = m, m                          # ties: the first one wins
+        if S > 3:
+            x[1, V // 3], x[1, V - 2] = float("nan"), float("nan")
+            x[2] = float("-inf")
+            x[3, 1], x[3, V - 1] = float("inf"), float("inf")
+        st = native.logit_stats(x, norms=True)
+        assert torch.equal(st.tokens, torch.argmax(x, dim=-1))
+        ok = torch.isfinite(x.float()).all(dim=1)
+        lp = (x.float() - st.mx[:, None]) - st.ls[:, None]
+        torch.testing.assert_close(lp[ok], torch.log_softmax(x.float(), dim=-1)[ok], atol=2e-5, rtol=1e-6)
+        assert torch.equal(native.logit_stats(x).tokens, st.tokens)
+        for r in range(min(S, 3)):                                 # alone, and in a batch: the same bits
+            one = native.logit_stats(x[r:r + 1], norms=True)
+            assert torch.equal(one.tokens, st.tokens[r:r + 1])
+            assert torch.equal(one.mx, st.mx[r:r + 1]) or torch.isnan(one.mx).all()
+            assert torch.equal(one.ls, st.ls[r:r + 1]) or torch.isnan(one.ls).all()
+    cols = (torch.randn(5, 300, generator=g)).to(dtype)[:, 10:290]   # a view: rows at a stride
+    assert torch.equal(native.logit_stats(cols).tokens, torch.argmax(cols, dim=-1))
+    assert native.logit_stats(cols.t()) is None                       # columns not contiguous: torch's path
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logit_stats_on_other_cpus(dtype, other_isa):
+    test_logit_stats_match_torchs_argmax_and_log_softmax(dtype)
+
+
 @pytest.mark.parametrize("dtype,kv_dtype", [(torch.float32, None), (torch.bfloat16, None),
                                             (torch.float32, torch.bfloat16), (torch.bfloat16, torch.float32)])
 def test_rope_store_is_bit_identical_to_the_torch_path(dtype, kv_dtype):

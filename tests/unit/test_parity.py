@@ -95,9 +95,9 @@ def test_llama3_rope_scaling_and_tied_embeddings(model_dirs):
     res, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=True)
     model = eng.runner.model
     # packed: the tied head is a packed copy, the embedding reads its rows from the checkpoint file
-    assert all(b.is_mkldnn for b in model.tied_head) and model.embed.weight is None and model.embed.rows is not None
+    assert all(b.is_mkldnn for b in model.head_blocks) and model.embed.weight is None and model.embed.rows is not None
     res_plain, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=False)
-    assert eng.runner.model.embed.weight is not None and eng.runner.model.tied_head is None
+    assert eng.runner.model.embed.weight is not None and eng.runner.model.head_blocks is None
     for (toks, lps), r, rp in zip(ref, res, res_plain):
         assert rp.token_ids == toks
         assert r.token_ids == toks
