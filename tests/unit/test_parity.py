@@ -85,6 +85,22 @@ def test_bfloat16_kv_cache_under_a_float32_model(arch, model_dirs, monkeypatch):
         assert max(diffs) < 2e-3 and statistics.median(diffs) < 1e-5, (max(diffs), statistics.median(diffs))
 
 
+def test_packed_untied_head_runs_in_row_blocks(model_dirs):
+    """An untied LM head packed for oneDNN is split into row blocks like a tied one (their outputs in a buffer
+    kept across steps): same tokens and logprobs as transformers, and as the unpacked head."""
+    d = model_dirs("llama", tie_word_embeddings=False)
+    prompts = prompts_for(Tokenizer(d).vocab_size, seed=2)
+    ref = hf_greedy(d, prompts, NEW)
+    res, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=True)
+    model = eng.runner.model
+    assert model.lm_head.weight is None and len(model.head_blocks) > 1 and all(b.is_mkldnn for b in model.head_blocks)
+    res_plain, eng = run_engine(d, prompts, max_batch=3, step_tokens=16, pack_weights=False)
+    assert eng.runner.model.head_blocks is None and eng.runner.model.lm_head.weight is not None
+    for (toks, lps), r, rp in zip(ref, res, res_plain):
+        assert r.token_ids == toks and rp.token_ids == toks
+        assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
+
+
 def test_llama3_rope_scaling_and_tied_embeddings(model_dirs):
     d = model_dirs("llama", tie_word_embeddings=True,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
