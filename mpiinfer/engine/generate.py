@@ -13,6 +13,8 @@ Typical use::
 """
 from __future__ import annotations
 
+import collections
+
 import time
 from collections.abc import Iterable, Iterator
 
@@ -72,7 +74,8 @@ class Engine:
         self.steps = 0
         self.tokens_generated = 0
         self.peak_running = 0          # most sequences holding KV cache at once
-        self._samples: dict = {}       # request index -> its finished samples so far (sampled, n > 1)
+        self._samples: dict = {}       # request index -> its finished samples so far (sampled, n > 1), or the
+        #                                count of those still running once the request is dropped (``_left``)
         # wide EP: every replica runs every step (an idle one with zero tokens) for the expert all-to-alls
         self.lockstep = runner.mesh.wide_ep
         self._grammars = None          # structured outputs: made with the first constrained request
@@ -253,10 +256,23 @@ class Engine:
     def drop_waiting(self) -> None:
         """Forget the requests not started yet (a stop: they are computed on resume).  A request whose samples
         have not all started is dropped whole: its running samples finish, but give no result."""
-        for seq in self.sched.waiting:
-            if seq.req.index in self._samples:
-                self._samples[seq.req.index] = None
+        queued = collections.Counter(seq.req.index for seq in self.sched.waiting if seq.req.index in self._samples)
+        for index, k in queued.items():                # dropped: the count of its parts still running
+            self._left(index, self._unfinished(index) - k)
         self.sched.waiting.clear()
+
+    def _unfinished(self, index: int) -> int:
+        """The parts (samples, embedding inputs) of a request in ``_samples`` not finished yet."""
+        got = self._samples[index]
+        return got if isinstance(got, int) else sum(g is None for g in got)
+
+    def _left(self, index: int, k: int) -> None:
+        """A dropped request (its result given up) has k parts still to finish: kept as that count, so that they
+        are recognised and give nothing, and forgotten with the last of them."""
+        if k > 0:
+            self._samples[index] = k
+        else:
+            del self._samples[index]
 
     # -------------------------------------------------------------- stepping
     def step(self) -> list:
@@ -358,10 +374,9 @@ class Engine:
                 r.choices = [choice] * n
             return r
         if r.error is not None:                      # one failed sample fails the request (the others are dropped)
-            if self._samples[seq.req.index] is None:
-                return None
-            self._samples[seq.req.index] = None
-            return r
+            dropped = isinstance(self._samples[seq.req.index], int)
+            self._left(seq.req.index, self._unfinished(seq.req.index) - 1)
+            return None if dropped else r
         got = self._collect(seq, (choice, r))
         if got is None:
             return None
@@ -395,7 +410,8 @@ class Engine:
         sequences; all its parts in order once the last is in, else None (also when a stop dropped the request:
         it is computed again on resume)."""
         got = self._samples[seq.req.index]
-        if got is None:
+        if isinstance(got, int):                     # dropped: one part fewer to wait for
+            self._left(seq.req.index, got - 1)
             return None
         got[seq.sample] = part
         if any(g is None for g in got):

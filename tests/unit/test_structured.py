@@ -310,6 +310,38 @@ def test_a_failed_matcher_is_an_error_record_not_a_stop(model_dirs):
     assert res["ok"].error is None and res["ok"].text in ("red", "green")
 
 
+def test_a_failed_sample_drops_its_request_and_leaves_nothing_behind(model_dirs):
+    """One of n sampled answers failing fails the request once: its other samples finish without a result, and
+    the engine forgets the request after the last of them (no entry kept per failed request).  The same after a
+    stop drops a request whose samples have not all started."""
+    d = model_dirs("llama")
+    tok = Tokenizer(d)
+    c = ("choice", json.dumps(["red", "green"]))
+    sp = SamplingParams(max_tokens=20, temperature=1.0, seed=4, structured=c, n=3)
+    eng = engine(d)
+    assert eng.add(Request(0, "x", sp, prompt_token_ids=[5, 6])) is None
+    bad = [s for s in eng.waiting if s.req.id == "x"][1]            # the second sample's matcher breaks
+    assert not bad.matcher.consume_token(tok.encode("z", add_special_tokens=False)[0]) and bad.matcher.is_error()
+    res = []
+    while eng.has_work():
+        res += eng.step()
+    assert [r.error.type for r in res] == ["structured_output_error"]
+    assert eng._samples == {}
+    # a stop while samples wait: the running ones finish without a result, the request is forgotten
+    eng = engine(d, max_batch=2)
+    long = sp.replace(structured=("json", json.dumps(PERSON)), max_tokens=12)   # not done in one step
+    for i in range(2):
+        assert eng.add(Request(i, f"r{i}", long, prompt_token_ids=[5, 6 + i])) is None
+    eng.step()
+    assert len(eng.sched.running) == 2 and len(eng.waiting) == 4
+    eng.drop_waiting()
+    assert eng._samples == {0: 2}                                   # request 0's two running samples
+    res = []
+    while eng.has_work():
+        res += eng.step()
+    assert res == [] and eng._samples == {}
+
+
 def test_models_the_grammar_engine_cannot_take(model_dirs, tmp_path):
     """No end-of-sequence token anywhere: constrained records are error records (the job goes on); only the
     tokenizer's eos_token: it is used.  A tokenizer larger than the logits: masks are as wide as the logits."""
