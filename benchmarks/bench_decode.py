@@ -21,7 +21,8 @@ other (max abs difference).
     python benchmarks/bench_decode.py --old-lib ~/.cache/mpiinfer/native/kernels-OLD.so --threads 2
     python benchmarks/bench_decode.py --isa avx2 --old-src /tmp/old/mpiinfer/native   # as on an AVX2-only CPU
 
-``--isa avx2`` / ``--isa rows`` build the kernels as a CPU without AVX-512 (or without AVX2) runs them
+``--isa avx512`` / ``--isa avx2`` / ``--isa rows`` build the kernels as a CPU without AVX512-BF16 (without AVX-512,
+without AVX2) runs them
 (``native.ISA_FLAGS``), on this CPU.
 
 Writes a table to stdout and JSON to benchmarks/results/decode.json (``--json``).
@@ -58,7 +59,7 @@ def parse_args(argv=None):
     old = ap.add_mutually_exclusive_group()
     old.add_argument("--old-lib", default=None, help="another build of the kernels to time beside this one")
     old.add_argument("--old-src", default=None, help="another tree's mpiinfer/native, built and timed beside this one")
-    ap.add_argument("--isa", default="native", choices=["native", "avx2", "rows"],
+    ap.add_argument("--isa", default="native", choices=["native", "avx512", "avx2", "rows"],
                     help="build the kernels as a CPU with these extensions runs them")
     ap.add_argument("--json", default=str(REPO / "benchmarks" / "results" / "decode.json"))
     return ap.parse_args(argv)

@@ -63,6 +63,10 @@ class DecoderLayer(nn.Module):
 # the decoder layer of each family that does not use ``DecoderLayer``
 DECODER_LAYERS = {"gemma3": Gemma3DecoderLayer}
 HEAD_BLOCKS = 8   # a packed LM head is built (and applied) in this many row blocks
+# the LM head's output (and a bfloat16 model's float32 logits) go into buffers kept across steps while these stay
+# under this size; a larger step (prompt logprobs over a long chunk) allocates its own, so that one such request
+# does not hold hundreds of MB for the rest of the job
+HEAD_BUFFER_BYTES = 256 << 20
 
 
 class CausalLM(nn.Module):
@@ -141,6 +145,17 @@ class CausalLM(nn.Module):
             return self.head_blocks
         return [self.embed.weight if self.lm_head is None else self.lm_head.weight]
 
+    def _buffer(self, name: str, rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
+        """A (rows, cols) tensor from the buffer kept across steps in attribute ``name`` (grown as needed while it
+        stays under HEAD_BUFFER_BYTES), else a fresh one.  Its contents are used before the next step."""
+        buf = getattr(self, name)
+        if buf is not None and buf.shape[0] >= rows:
+            return buf[:rows]
+        out = torch.empty(rows, cols, dtype=dtype, device=self.device)
+        if rows * cols * dtype.itemsize <= HEAD_BUFFER_BYTES:
+            setattr(self, name, out)
+        return out
+
     @torch.inference_mode()
     def forward(self, batch: StepBatch, kv) -> torch.Tensor | None:
         """Logits (S, vocab) in float32 for ``batch.logits_rows`` on tp rank 0; None elsewhere."""
@@ -176,16 +191,12 @@ class CausalLM(nn.Module):
         else:
             # the blocks side by side in a buffer kept across steps: a fresh (S, vocab) tensor each step is tens of
             # MB of new pages (measured 56 ms of a 240 ms step at S = 256 on the CI CPU); used before the next step
-            S, cols = x.shape[0], self.vocab_stop - self.vocab_start
-            if self._head_out is None or self._head_out.shape[0] < S:
-                self._head_out = torch.empty(S, cols, dtype=x.dtype, device=dev)
-            y = torch.cat([linear(x, w) for w in ws], dim=1, out=self._head_out[:S])
+            y = torch.cat([linear(x, w) for w in ws], dim=1,
+                          out=self._buffer("_head_out", x.shape[0], self.vocab_stop - self.vocab_start, x.dtype))
         if y.dtype == torch.float32:
             logits = y                                                   # (S, vocab_local)
         else:                                                            # into a buffer kept across steps, as above
-            if self._logits is None or self._logits.shape[0] < y.shape[0]:
-                self._logits = torch.empty(y.shape, dtype=torch.float32, device=dev)
-            logits = self._logits[:y.shape[0]].copy_(y)
+            logits = self._buffer("_logits", y.shape[0], y.shape[1], torch.float32).copy_(y)
         if self.cfg.final_logit_softcapping is not None:                # Gemma: cap * tanh(logits / cap)
             logits.div_(self.cfg.final_logit_softcapping).tanh_().mul_(self.cfg.final_logit_softcapping)
         if self.mesh.tp == 1:

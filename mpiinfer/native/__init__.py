@@ -47,9 +47,11 @@ HERE = Path(__file__).parent
 SOURCES = (("kernels.c", ["-ffp-contract=fast"]), ("rope.c", ["-ffp-contract=off"]))
 HEADERS = ("common.h",)
 FLAGS = ["-O3", "-march=native", "-fopenmp", "-fPIC", "-std=c11"]
-# builds for CPUs with fewer vector extensions than this one (x86), for the tests and bench_decode.py --isa: the
-# AVX2 + FMA tiles, and the row-at-a-time kernel (no AVX2: an old x86, or a CPU of another ISA)
-ISA_FLAGS = {"native": [], "avx2": ["-mno-avx512f"], "rows": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
+# builds for CPUs with fewer vector extensions than this one (x86), for the tests and bench_decode.py --isa:
+# AVX-512 without its bfloat16 dot products (Skylake-SP to Ice Lake), the AVX2 + FMA tiles, and the row-at-a-time
+# kernel (no AVX2: an old x86, or a CPU of another ISA)
+ISA_FLAGS = {"native": [], "avx512": ["-mno-avx512bf16"], "avx2": ["-mno-avx512f"],
+             "rows": ["-mno-avx512f", "-mno-avx2", "-mno-fma"]}
 MAX_GROUP = 64          # query heads per KV head the decode kernel holds (kernels.c's l[64])
 
 _LIB: list = []          # [ctypes.CDLL or None], once tried
@@ -142,6 +144,9 @@ def load_library(path: Path):
     if hasattr(lib, "decode_tile_width"):          # not in builds of older sources (bench_decode.py --old-src)
         lib.decode_tile_width.restype = _INT
         lib.decode_tile_width.argtypes = []
+    if hasattr(lib, "decode_bf16_dot"):
+        lib.decode_bf16_dot.restype = _INT
+        lib.decode_bf16_dot.argtypes = []
     lib.rope_store.restype = None
     lib.rope_store.argtypes = [
         _P, _I64, _INT, _P, _I64, _P, _I64, _INT, _INT, _I64, _P, _P, _P, _P, _P, _I64, _P,
@@ -378,6 +383,8 @@ def logit_stats(x: torch.Tensor, norms: bool = False) -> LogitStats | None:
     if S and V:
         lib.logit_stats(x.data_ptr(), x.stride(0), S, V, _bf16(x), tokens.data_ptr(),
                         mx.data_ptr() if norms else None, ls.data_ptr() if norms else None, torch.get_num_threads())
+        if tokens[0] < 0:
+            raise MemoryError(f"logit_stats: no memory for the statistics of {S} x {V} logits")
     elif S:
         return None                                  # no columns: torch's error, not ours
     return LogitStats(tokens, mx, ls)

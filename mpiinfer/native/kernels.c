@@ -496,6 +496,9 @@ static inline __attribute__((always_inline)) void attend_item_tiled(
 #define HAVE_TILED_ITEM 0
 #endif
 
+/* 1 where this build's decode attention takes bfloat16 queries' dot products with AVX512-BF16 */
+int decode_bf16_dot(void) { return HAVE_DPBF16; }
+
 /* rows per tile of the decode attention in this build: 16 (AVX-512), 8 (AVX2 + FMA), 0 (a row at a time) */
 int decode_tile_width(void) {
 #if HAVE_TILED_ITEM
@@ -777,6 +780,10 @@ static void chunk_stats(const void *x, int64_t a, int64_t b, int bf16, float *m_
     *m_out = m;
     *i_out = at < 0 ? a : at;          /* every value -inf... is still equal to m; a is only a guard */
     if (!s_out) return;
+    if (m == -INFINITY) {              /* a chunk of -inf only adds nothing (exp(-inf - -inf) would be NaN) */
+        *s_out = 0.f;
+        return;
+    }
     float sum = 0.f;
     j = a;
 #ifdef VW
@@ -793,8 +800,14 @@ void logit_stats(const void *x, int64_t stride, int64_t S, int64_t V, int bf16, 
     const int64_t nch = (V + LOGIT_CHUNK - 1) / LOGIT_CHUNK, items = S * nch;
     if (items == 0) return;
     float *cm = (float *)malloc(sizeof(float) * (size_t)items * 2);
-    float *cs = cm + items;
     int64_t *ci = (int64_t *)malloc(sizeof(int64_t) * (size_t)items);
+    if (!cm || !ci) {                  /* the caller sees arg[0] = -1 and says so */
+        free(cm);
+        free(ci);
+        arg[0] = -1;
+        return;
+    }
+    float *cs = cm + items;
     const int esz = bf16 ? 2 : 4;
 #pragma omp parallel for schedule(static) num_threads(nthreads) if (S * V >= 65536)
     for (int64_t it = 0; it < items; it++) {

@@ -101,6 +101,24 @@ def test_packed_untied_head_runs_in_row_blocks(model_dirs):
         assert max(abs(a - b) for a, b in zip(r.logprobs, lps)) < 1e-4
 
 
+def test_head_buffers_are_kept_only_while_small(monkeypatch):
+    """The LM head's output buffers are reused step to step, grown as needed, but not past HEAD_BUFFER_BYTES: a
+    larger step (prompt logprobs over a long chunk) gets a tensor of its own, and the buffer kept stays small."""
+    from types import SimpleNamespace
+
+    from mpiinfer.models import llama
+    monkeypatch.setattr(llama, "HEAD_BUFFER_BYTES", 100 * 10 * 4)
+    m = SimpleNamespace(_logits=None, device=torch.device("cpu"))
+    a = llama.CausalLM._buffer(m, "_logits", 50, 10, torch.float32)
+    assert m._logits is a and a.shape == (50, 10)
+    b = llama.CausalLM._buffer(m, "_logits", 20, 10, torch.float32)
+    assert b.data_ptr() == a.data_ptr() and b.shape == (20, 10)          # reused
+    c = llama.CausalLM._buffer(m, "_logits", 100, 10, torch.float32)
+    assert m._logits is c                                                 # grown, still within the bound
+    d = llama.CausalLM._buffer(m, "_logits", 101, 10, torch.float32)
+    assert d.shape == (101, 10) and m._logits is c                        # past it: its own tensor, not kept
+
+
 def test_llama3_rope_scaling_and_tied_embeddings(model_dirs):
     d = model_dirs("llama", tie_word_embeddings=True,
                    rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
