@@ -14,7 +14,6 @@ Typical use::
 from __future__ import annotations
 
 import collections
-
 import time
 from collections.abc import Iterable, Iterator
 
