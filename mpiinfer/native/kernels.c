@@ -383,6 +383,27 @@ static inline __attribute__((always_inline)) void weigh_tile_bf16(
         for (int cc = 0; cc < ncc; cc++) v_store(acc + (int64_t)(g0 + g) * hd + (c0 + cc) * VW, a[g * ncc + cc]);
 }
 
+/* pass 2 over one tile's n rows ROWS by FN (weigh_tile, or weigh_tile_bf16 on bfloat16 rows): every query head's
+ * weighted sum, GV heads x CH vectors of columns at a time (nc / CH column chunks: 1 but for AVX2's heads of 128),
+ * the rest (fewer than GV heads) in one pass over the tile's rows, a constant count each.  A macro: each kind of
+ * rows keeps its own loops, as measured (one function taking either kind changes the float32 code too) */
+#define WEIGH_REST(FN, ROWS, k)                                                                                  \
+    case k:                                                                                                      \
+        if ((k) < GV) FN(ROWS, n, hd, (k) < GV ? (k) : 1, g0, c0, CH, sc, stride, j0, acc);                      \
+        break;
+#define WEIGH_HEADS(FN, ROWS)                                                                                    \
+    for (int ci = 0; ci < nc / CH; ci++) {                                                                       \
+        const int c0 = ci * CH;                                                                                  \
+        int g0 = 0;                                                                                              \
+        for (; g0 + GV <= grp; g0 += GV) FN(ROWS, n, hd, GV, g0, c0, CH, sc, stride, j0, acc);                  \
+        switch (grp - g0) {                                                                                      \
+            WEIGH_REST(FN, ROWS, 1) WEIGH_REST(FN, ROWS, 2) WEIGH_REST(FN, ROWS, 3) WEIGH_REST(FN, ROWS, 4)      \
+            WEIGH_REST(FN, ROWS, 5) WEIGH_REST(FN, ROWS, 6) WEIGH_REST(FN, ROWS, 7)                              \
+            default:                                                                                             \
+                for (; g0 < grp; g0++) FN(ROWS, n, hd, 1, g0, c0, CH, sc, stride, j0, acc);                      \
+        }                                                                                                        \
+    }
+
 static inline __attribute__((always_inline)) void attend_item_tiled(
     const cache_t *c, int h, int grp, const int hd, const int64_t *idx, int64_t rows, int64_t stride,
     const float *qf, const uint16_t *qb, float scale, float *sc, float *acc, float *tile, float *l,
@@ -449,42 +470,15 @@ static inline __attribute__((always_inline)) void attend_item_tiled(
         if (c->bf16 && CH + ACC_REGS < VREGS) {   /* bfloat16 rows widened in registers, not through `tile` */
             const uint16_t *vr16[VW];
             for (int jj = 0; jj < n; jj++) vr16[jj] = (const uint16_t *)c->vc + (base + idx[j0 + jj]) * hd;
-            for (int ci = 0; ci < nc / CH; ci++) {
-                const int c0 = ci * CH;
-                int g0 = 0;
-                for (; g0 + GV <= grp; g0 += GV) weigh_tile_bf16(vr16, n, hd, GV, g0, c0, CH, sc, stride, j0, acc);
-#define WEIGH_REST(k)                                                                                            \
-    case k:                                                                                                      \
-        if ((k) < GV) weigh_tile_bf16(vr16, n, hd, (k) < GV ? (k) : 1, g0, c0, CH, sc, stride, j0, acc);        \
-        break;
-                switch (grp - g0) {
-                    WEIGH_REST(1) WEIGH_REST(2) WEIGH_REST(3) WEIGH_REST(4) WEIGH_REST(5) WEIGH_REST(6) WEIGH_REST(7)
-                    default:
-                        for (; g0 < grp; g0++) weigh_tile_bf16(vr16, n, hd, 1, g0, c0, CH, sc, stride, j0, acc);
-                }
-#undef WEIGH_REST
-            }
-            continue;
-        }
-        tile_rows(c->vc, base, idx + j0, n, hd, c->bf16, tile, kr);
-        for (int ci = 0; ci < nc / CH; ci++) {         /* nc / CH: 1 but for AVX2's heads of 128 */
-            const int c0 = ci * CH;
-            int g0 = 0;
-            for (; g0 + GV <= grp; g0 += GV) weigh_tile(kr, n, hd, GV, g0, c0, CH, sc, stride, j0, acc);
-            /* the rest (fewer than GV) in one pass over the tile's rows, a constant count each */
-#define WEIGH_REST(k)                                                                                            \
-    case k:                                                                                                      \
-        if ((k) < GV) weigh_tile(kr, n, hd, (k) < GV ? (k) : 1, g0, c0, CH, sc, stride, j0, acc);                \
-        break;
-            switch (grp - g0) {
-                WEIGH_REST(1) WEIGH_REST(2) WEIGH_REST(3) WEIGH_REST(4) WEIGH_REST(5) WEIGH_REST(6) WEIGH_REST(7)
-                default:
-                    for (; g0 < grp; g0++) weigh_tile(kr, n, hd, 1, g0, c0, CH, sc, stride, j0, acc);
-            }
-#undef WEIGH_REST
+            WEIGH_HEADS(weigh_tile_bf16, vr16);
+        } else {
+            tile_rows(c->vc, base, idx + j0, n, hd, c->bf16, tile, kr);
+            WEIGH_HEADS(weigh_tile, kr);
         }
     }
 }
+#undef WEIGH_HEADS
+#undef WEIGH_REST
 #define HAVE_TILED_ITEM 1
 #if defined(__AVX512BF16__) && VW == 16
 #define HAVE_DPBF16 1
