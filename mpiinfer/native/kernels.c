@@ -142,8 +142,8 @@ static inline __attribute__((always_inline)) void attend_item(
  * once per tile into `tile`, but where registers allow: pass 2 widens each V row in registers for the heads it
  * serves (weigh_tile_bf16), and with AVX512-BF16 (Zen 4, Sapphire Rapids) pass 1 of bfloat16 queries over a
  * bfloat16 cache takes the rows as they are, q.k by pairs of products (vdpbf16ps; the scale applied to the sum).
- * Measured alone (SmolLM2's heads, 256 decodes x ~156 rows, 2 threads): 1.26-1.43 -> 1.04-1.30 ms, Llama-8B-like
- * heads 11.8 -> 9.9 ms.  The vector operations below are the only ISA-specific code. */
+ * Measured alone (bench_decode.py, 2 threads): SmolLM2's heads, 256 decodes x ~156 rows, 1.32 -> 1.14 ms;
+ * Llama-8B-like heads, 64 x ~1,000 rows, 11.8 -> 9.7 ms.  The vector operations below are the only ISA-specific code. */
 #if defined(__AVX512F__)
 #define VW 16
 #define ACC_REGS 16      /* accumulators of pass 2 (a power of 2: it splits a head's vectors evenly) */
