@@ -526,14 +526,14 @@ void decode_attention(const void *q, int64_t q_stride, const void *kc, const voi
             const int64_t s = it / n_kv;
             const int h = (int)(it % n_kv);
             const int64_t qoff = q_rows[s] * q_stride + (int64_t)h * grp * hd;
-            for (int g = 0; g < grp; g++) {
+            /* bfloat16 queries over a bfloat16 cache, heads of 64 or 128: pass 1 on the raw values (AVX512-BF16),
+             * else on the scaled float32 queries qf */
+            const uint16_t *qb = HAVE_DPBF16 && bf16 && q_bf16 && (hd == 64 || hd == 128)
+                                     ? (const uint16_t *)q + qoff : NULL;
+            for (int g = 0; !qb && g < grp; g++) {
                 const float *qr = row_f32(q, qoff + (int64_t)g * hd, hd, q_bf16, tmp);
                 for (int d = 0; d < hd; d++) qf[g * hd + d] = qr[d] * scale;
             }
-            /* bfloat16 queries over a bfloat16 cache, heads of 64 or 128: pass 1 on the raw values (AVX512-BF16) */
-            const uint16_t *qb = HAVE_DPBF16 && bf16 && q_bf16 && (hd == 64 || hd == 128)
-                                     ? (const uint16_t *)q + qoff : NULL;
-            (void)qb;
             /* the pool rows attended, in token order: the runs, less the first skip[s] rows (a window) */
             const int64_t first = skip ? skip[s] : 0;
             int64_t rows = 0, t = 0;
